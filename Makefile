@@ -1,0 +1,42 @@
+# Everyday commands. Each creates .venv and installs relayq into it first if needed.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install test test-process lint proto up clean
+
+$(STAMP): pyproject.toml setup.py protos/generate.py $(wildcard protos/relayq/v1/*.proto)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+# A whole local cluster with demo traffic and a live view, until Ctrl-C: an embedded Postgres
+# under .relayq/ (or RELAYQ_DATABASE_URL), ingest, router, admin. Flags: make up ARGS='--help'.
+up: install
+	$(BIN)/relayq up $(ARGS)
+
+# The whole suite against the Postgres at RELAYQ_TEST_DATABASE_URL
+# (default postgresql://postgres@127.0.0.1:5432/postgres), or an embedded one under
+# .relayq/test-pgdata when nothing answers there.
+test: install
+	$(BIN)/python -m relayq.cli.testdb $(BIN)/pytest
+
+# Only the tests that start, kill -9 and restart service processes.
+test-process: install
+	$(BIN)/python -m relayq.cli.testdb $(BIN)/pytest -m process
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+# Regenerate relayq/v1 from protos/ (installs do it too).
+proto: install
+	$(BIN)/python protos/generate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info relayq/v1/*_pb2*
