@@ -1,0 +1,310 @@
+"""Configuration rows as operators manage them (the admin service's data layer).
+
+Every function takes `scope`: None for the operator, or the tenant_key a tenant-scoped token
+belongs to. Rows outside the scope are reported as missing (errors.NotFound), so a tenant can
+neither see nor change another tenant's objects, nor learn that they exist. Writes go through
+the tables' triggers, which NOTIFY relayq_config: running ingest and router processes reload
+within moments, without a restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection, sql
+from psycopg.types.json import Jsonb
+
+from jobsdb.errors import NotFound
+from jobsdb.keys import hash_secret, new_secret
+from jobsdb.sqlfile import query
+
+WRITE_KEY_PREFIX = "rq_wk_"
+ADMIN_TOKEN_PREFIX = "rq_at_"
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    tenant_key: int
+    id: str
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    source_key: int
+    id: str
+    tenant_key: int
+    tenant_id: str
+    name: str
+    enabled: bool
+    created_at: datetime
+    # Events per second ingest takes from this source (0: unlimited), and the burst.
+    rate_per_second: float
+    rate_burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    destination_key: int
+    id: str
+    tenant_key: int
+    tenant_id: str
+    name: str
+    type: str
+    endpoint: str
+    headers: dict[str, str]
+    min_backoff_ms: int
+    max_backoff_ms: int
+    max_attempts: int
+    max_retry_window_s: int
+    rate_per_second: float
+    rate_burst: int
+    concurrency: int
+    timeout_ms: int
+    paused: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationSettings:
+    """What an operator chooses for a destination; the columns' defaults live in the schema
+    too, but the service fills every field so that the values it validated are the ones used."""
+
+    name: str
+    type: str
+    endpoint: str
+    headers: dict[str, str] = field(default_factory=dict)
+    min_backoff_ms: int = 1000
+    max_backoff_ms: int = 300_000
+    max_attempts: int = 10
+    max_retry_window_s: int = 10_800
+    rate_per_second: float = 0.0
+    rate_burst: int = 0
+    concurrency: int = 64
+    timeout_ms: int = 30_000
+    paused: bool = False
+
+
+# The columns UpdateDestination may change (a whitelist: the SQL is built from these names).
+UPDATABLE = frozenset({
+    "name", "endpoint", "headers", "min_backoff_ms", "max_backoff_ms", "max_attempts",
+    "max_retry_window_s", "rate_per_second", "rate_burst", "concurrency", "timeout_ms", "paused",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    source_id: str
+    destination_id: str
+    enabled: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AdminToken:
+    id: str
+    tenant_id: str
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenOwner:
+    token_id: str
+    tenant_key: int
+    tenant_id: str
+
+
+Conn = AsyncConnection[Any]
+
+
+async def _one(conn: Conn, name: str, params: dict[str, Any], what: str) -> tuple[Any, ...]:
+    cur = await conn.execute(query("config.sql", name), params)
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"{what} not found")
+    return tuple(row)
+
+
+async def _all(conn: Conn, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    cur = await conn.execute(query("config.sql", name), params)
+    return [tuple(row) for row in await cur.fetchall()]
+
+
+# --- tenants -------------------------------------------------------------------------------
+
+
+async def create_tenant(conn: Conn, tenant_id: str, name: str) -> Tenant:
+    return Tenant(*await _one(conn, "create_tenant", {"id": tenant_id, "name": name}, "tenant"))
+
+
+async def get_tenant(conn: Conn, tenant_id: str, scope: int | None) -> Tenant:
+    return Tenant(*await _one(conn, "get_tenant", {"id": tenant_id, "scope": scope},
+                              f"tenant {tenant_id!r}"))
+
+
+async def list_tenants(conn: Conn, scope: int | None, after: str, limit: int) -> list[Tenant]:
+    rows = await _all(conn, "list_tenants", {"scope": scope, "after": after, "limit": limit})
+    return [Tenant(*row) for row in rows]
+
+
+# --- sources and write keys ----------------------------------------------------------------
+
+
+async def create_source(conn: Conn, tenant: Tenant, source_id: str, name: str, *,
+                        rate_per_second: float = 0.0, rate_burst: int = 0
+                        ) -> tuple[Source, str]:
+    """The new source and its write key (returned only here: we keep its hash)."""
+    row = await _one(conn, "create_source", {
+        "id": source_id, "tenant_key": tenant.tenant_key, "tenant_id": tenant.id, "name": name,
+        "rate_per_second": rate_per_second, "rate_burst": rate_burst,
+    }, "source")
+    source = Source(*row)
+    return source, await _add_write_key(conn, source.source_key)
+
+
+async def get_source(conn: Conn, source_id: str, scope: int | None) -> Source:
+    return Source(*await _one(conn, "get_source", {"id": source_id, "scope": scope},
+                              f"source {source_id!r}"))
+
+
+async def list_sources(conn: Conn, scope: int | None, tenant_id: str | None, after: str,
+                       limit: int) -> list[Source]:
+    rows = await _all(conn, "list_sources", {
+        "scope": scope, "tenant_id": tenant_id, "after": after, "limit": limit})
+    return [Source(*row) for row in rows]
+
+
+async def update_source(conn: Conn, source: Source, *, name: str | None = None,
+                        enabled: bool | None = None, rate_per_second: float | None = None,
+                        rate_burst: int | None = None) -> Source:
+    """Change what is given (None: keep). Running ingest processes see it within moments
+    (the sources trigger notifies relayq_config, which clears their route caches)."""
+    return Source(*await _one(conn, "update_source", {
+        "source_key": source.source_key, "tenant_id": source.tenant_id, "name": name,
+        "enabled": enabled, "rate_per_second": rate_per_second, "rate_burst": rate_burst,
+    }, f"source {source.id!r}"))
+
+
+async def rotate_write_key(conn: Conn, source: Source, grace_seconds: int) -> str:
+    """A new key for the source; its current keys stop working after the grace period."""
+    await conn.execute(query("config.sql", "expire_write_keys"),
+                       {"source_key": source.source_key, "grace_seconds": grace_seconds})
+    return await _add_write_key(conn, source.source_key)
+
+
+async def _add_write_key(conn: Conn, source_key: int) -> str:
+    write_key = new_secret(WRITE_KEY_PREFIX)
+    await conn.execute(query("config.sql", "add_write_key"),
+                       {"key_hash": hash_secret(write_key), "source_key": source_key})
+    return write_key
+
+
+# --- destinations --------------------------------------------------------------------------
+
+
+async def create_destination(conn: Conn, tenant: Tenant, destination_id: str,
+                             settings: DestinationSettings) -> Destination:
+    params: dict[str, Any] = {
+        name: getattr(settings, name) for name in DestinationSettings.__dataclass_fields__}
+    params.update(id=destination_id, tenant_key=tenant.tenant_key,
+                  headers=Jsonb(settings.headers))
+    await _one(conn, "create_destination", params, "destination")
+    return await get_destination(conn, destination_id, tenant.tenant_key)
+
+
+async def get_destination(conn: Conn, destination_id: str, scope: int | None) -> Destination:
+    return Destination(*await _one(conn, "get_destination", {"id": destination_id,
+                                                             "scope": scope},
+                                   f"destination {destination_id!r}"))
+
+
+async def list_destinations(conn: Conn, scope: int | None, tenant_id: str | None, after: str,
+                            limit: int) -> list[Destination]:
+    rows = await _all(conn, "list_destinations", {
+        "scope": scope, "tenant_id": tenant_id, "after": after, "limit": limit})
+    return [Destination(*row) for row in rows]
+
+
+async def update_destination(conn: Conn, destination: Destination, changes: dict[str, Any]
+                             ) -> Destination:
+    """Set the given columns (names from UPDATABLE only) and return the row as it now is."""
+    unknown = set(changes) - UPDATABLE
+    if unknown:
+        raise ValueError(f"not updatable: {sorted(unknown)}")
+    if changes:
+        values = {name: Jsonb(value) if name == "headers" else value
+                  for name, value in changes.items()}
+        statement = sql.SQL(
+            "UPDATE destinations SET {}, updated_at = now() WHERE destination_key = {}"
+        ).format(
+            sql.SQL(", ").join(
+                sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder(name))
+                for name in sorted(values)),
+            sql.Placeholder("destination_key"),
+        )
+        await conn.execute(statement, {**values, "destination_key": destination.destination_key})
+    return await get_destination(conn, destination.id, destination.tenant_key)
+
+
+# --- connections ---------------------------------------------------------------------------
+
+
+async def connect(conn: Conn, source: Source, destination: Destination) -> Connection:
+    enabled, created_at = await _one(conn, "connect", {
+        "source_key": source.source_key, "destination_key": destination.destination_key,
+    }, "connection")
+    return Connection(source.id, destination.id, enabled, created_at)
+
+
+async def disconnect(conn: Conn, source: Source, destination: Destination) -> Connection:
+    enabled, created_at = await _one(conn, "disconnect", {
+        "source_key": source.source_key, "destination_key": destination.destination_key,
+    }, f"connection {source.id!r} -> {destination.id!r}")
+    return Connection(source.id, destination.id, enabled, created_at)
+
+
+async def list_connections(conn: Conn, scope: int | None, *, tenant_id: str | None,
+                           source_id: str | None, destination_id: str | None
+                           ) -> list[Connection]:
+    rows = await _all(conn, "list_connections", {
+        "scope": scope, "tenant_id": tenant_id, "source_id": source_id,
+        "destination_id": destination_id})
+    return [Connection(*row) for row in rows]
+
+
+# --- admin tokens --------------------------------------------------------------------------
+
+
+async def create_admin_token(conn: Conn, tenant: Tenant, token_id: str, name: str
+                             ) -> tuple[AdminToken, str]:
+    secret = new_secret(ADMIN_TOKEN_PREFIX)
+    row = await _one(conn, "create_admin_token", {
+        "token_hash": hash_secret(secret), "id": token_id, "tenant_key": tenant.tenant_key,
+        "tenant_id": tenant.id, "name": name,
+    }, "admin token")
+    return AdminToken(*row), secret
+
+
+async def list_admin_tokens(conn: Conn, scope: int | None, *, tenant_id: str | None
+                            ) -> list[AdminToken]:
+    rows = await _all(conn, "list_admin_tokens", {"scope": scope, "tenant_id": tenant_id})
+    return [AdminToken(*row) for row in rows]
+
+
+async def revoke_admin_token(conn: Conn, token_id: str) -> AdminToken:
+    """Operator only (the caller checks): tokens are not scoped here."""
+    return AdminToken(*await _one(conn, "revoke_admin_token", {"id": token_id},
+                                  f"admin token {token_id!r}"))
+
+
+async def token_owner(conn: Conn, secret: str) -> TokenOwner | None:
+    cur = await conn.execute(query("config.sql", "admin_token"),
+                             {"token_hash": hash_secret(secret)})
+    row = await cur.fetchone()
+    return TokenOwner(*row) if row is not None else None

@@ -1,0 +1,85 @@
+"""The Postgres layer's own error types, and the one function that translates driver errors.
+
+Services map these to gRPC status codes (relayq.rpc); they never see psycopg exceptions.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg_pool import PoolTimeout
+
+
+class JobsDBError(Exception):
+    """Base class of every error raised by jobsdb."""
+
+
+class DatabaseUnavailable(JobsDBError):
+    """Postgres cannot be reached, or the pool had no connection in time. Safe to retry."""
+
+
+class Conflict(DatabaseUnavailable):
+    """Postgres rolled the transaction back to break a deadlock (or a serialization failure).
+    Nothing of it happened; running it again is the remedy Postgres documents."""
+
+
+class NotFound(JobsDBError):
+    """A row the caller named does not exist (or is not visible to the caller's tenant)."""
+
+
+class AlreadyExists(JobsDBError):
+    """A unique key is taken."""
+
+
+class InvalidReference(JobsDBError):
+    """A foreign key names a row that does not exist."""
+
+
+class ConstraintViolation(JobsDBError):
+    """A value broke a CHECK or NOT NULL constraint."""
+
+
+class MissingPartition(JobsDBError):
+    """A job id fell outside every jobs partition; create partitions and try again."""
+
+
+class QueryCanceled(JobsDBError):
+    """A statement ran past its statement_timeout or lock_timeout."""
+
+
+def translate(exc: BaseException) -> JobsDBError:
+    """Map a driver or pool exception to a jobsdb error. The only place that inspects them."""
+    if isinstance(exc, JobsDBError):
+        return exc
+    if isinstance(exc, PoolTimeout):
+        return DatabaseUnavailable(f"no database connection available: {exc}")
+    if isinstance(exc, pgerrors.UniqueViolation):
+        return AlreadyExists(_detail(exc))
+    if isinstance(exc, pgerrors.ForeignKeyViolation):
+        return InvalidReference(_detail(exc))
+    if isinstance(exc, pgerrors.CheckViolation) and "no partition of relation" in str(exc):
+        return MissingPartition(_detail(exc))
+    if isinstance(exc, pgerrors.IntegrityError | pgerrors.DataError):
+        return ConstraintViolation(_detail(exc))
+    if isinstance(exc, pgerrors.DeadlockDetected | pgerrors.SerializationFailure):
+        # Not the server's text: it names backend pids, transactions and relations.
+        return Conflict(f"the transaction was rolled back to break a lock conflict"
+                        f" ({exc.sqlstate}); nothing of it happened, try again")
+    if isinstance(exc, pgerrors.QueryCanceled | pgerrors.LockNotAvailable):
+        return QueryCanceled(_detail(exc))
+    if isinstance(
+        exc,
+        psycopg.OperationalError
+        | pgerrors.AdminShutdown
+        | pgerrors.CannotConnectNow
+        | pgerrors.ConnectionException,
+    ):
+        return DatabaseUnavailable(f"database unavailable: {exc}")
+    if isinstance(exc, psycopg.InterfaceError):
+        return DatabaseUnavailable(f"database connection lost: {exc}")
+    return JobsDBError(f"{type(exc).__name__}: {exc}")
+
+
+def _detail(exc: psycopg.Error) -> str:
+    diag = exc.diag
+    return diag.message_detail or diag.message_primary or str(exc)

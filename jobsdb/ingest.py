@@ -1,0 +1,110 @@
+"""The write path: de-duplicate, fan out one job per destination, wake the routers.
+
+The caller commits; nothing here is acknowledged until it does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from psycopg import AsyncConnection
+
+from jobsdb import locks
+from jobsdb.ordering import partition_of
+from jobsdb.sqlfile import query
+
+# A NOTIFY payload must stay under 8000 bytes.
+_NOTIFY_LIMIT = 7000
+# Text travels to Postgres joined by this: valid JSON never contains it, ingest refuses it in ids.
+_SEPARATOR = "\x1f"
+
+
+class NewEvent(NamedTuple):
+    """One validated event. A NamedTuple, not a dataclass: ingest makes one per event and a
+    frozen dataclass costs four times as much to build."""
+
+    source_key: int
+    tenant_key: int
+    message_id: str
+    # The ordering key's user part.
+    user_id: str
+    # The event document (JSON object text) exactly as it will be delivered.
+    document: str
+    # One job per destination, in this order.
+    destination_keys: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class Stored:
+    duplicate: bool
+    job_ids: list[int] = field(default_factory=list)
+
+
+async def store_events(
+    conn: AsyncConnection[Any], events: Sequence[NewEvent], *, ordering_partitions: int
+) -> list[Stored]:
+    """Store events that were not seen before; report each one's fate, in input order.
+
+    Two statements: run it inside `conn.pipeline()` and a transaction, and a flush costs two
+    round trips (this one, then COMMIT). Two events in `events` with the same
+    (source, message_id): the first wins, the rest are duplicates, as if they had come in
+    separate transactions.
+    """
+    if not events:
+        return []
+    results: list[Stored] = []
+    unique: list[tuple[NewEvent, Stored]] = []
+    seen: set[tuple[int, str]] = set()
+    for event in events:
+        key = (event.source_key, event.message_id)
+        stored = Stored(duplicate=key in seen)
+        results.append(stored)
+        if not stored.duplicate:
+            seen.add(key)
+            unique.append((event, stored))
+
+    job_events: list[str] = []
+    job_destinations: list[str] = []
+    job_partitions: list[str] = []
+    for position, (event, _) in enumerate(unique, start=1):
+        for destination_key in event.destination_keys:
+            job_events.append(str(position))
+            job_destinations.append(str(destination_key))
+            job_partitions.append(
+                str(partition_of(destination_key, event.user_id, ordering_partitions)))
+    destinations = sorted({d for e, _ in unique for d in e.destination_keys})
+    notify = ",".join(map(str, destinations))
+    params = {
+        "message_ids": _joined([e.message_id for e, _ in unique]),
+        "source_keys": ",".join(str(e.source_key) for e, _ in unique),
+        "tenant_keys": ",".join(str(e.tenant_key) for e, _ in unique),
+        "user_ids": _joined([e.user_id for e, _ in unique]),
+        "documents": _joined([e.document for e, _ in unique]),
+        "job_events": ",".join(job_events),
+        "job_destinations": ",".join(job_destinations),
+        "job_partitions": ",".join(job_partitions),
+        "notify": notify if len(notify) <= _NOTIFY_LIMIT else "*",
+    }
+    await conn.execute(query("ingest.sql", "lock_generations"), {"lock": locks.DEDUP_GENERATIONS})
+    cur = await conn.execute(query("ingest.sql", "store_events"), params)
+    row = await cur.fetchone()
+    assert row is not None
+    duplicates, job_ids = row[0], row[1]
+
+    for position in duplicates.split(",") if duplicates else ():
+        unique[int(position) - 1][1].duplicate = True
+    ids = iter(int(j) for j in job_ids.split(",")) if job_ids else iter(())
+    for event, stored in unique:
+        if not stored.duplicate:
+            stored.job_ids.extend(next(ids) for _ in event.destination_keys)
+    return results
+
+
+def _joined(values: list[str]) -> str:
+    """Values joined by the unit separator, refusing any that contains it."""
+    text = _SEPARATOR.join(values)
+    if text.count(_SEPARATOR) != len(values) - 1:
+        raise ValueError("a value contains the \\x1f separator")
+    return text

@@ -1,0 +1,71 @@
+"""Router membership and partition leases (see migrations/0002_router.sql).
+
+Every function runs one statement; the router's membership loop (router_service.membership)
+calls them in one short transaction per heartbeat.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from jobsdb.sqlfile import query
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    live_routers: int
+    partitions: int
+    # The database's clock when the heartbeat was written.
+    at: datetime
+
+    @property
+    def fair_share(self) -> int:
+        return math.ceil(self.partitions / max(1, self.live_routers))
+
+
+async def heartbeat(conn: AsyncConnection[Any], router_id: str, lease: timedelta) -> Membership:
+    cur = await conn.execute(query("leases.sql", "heartbeat"),
+                             {"router_id": router_id, "lease": lease})
+    row = await cur.fetchone()
+    assert row is not None
+    return Membership(live_routers=int(row[0]), partitions=int(row[1]), at=row[2])
+
+
+async def renew(conn: AsyncConnection[Any], router_id: str, lease: timedelta) -> set[int]:
+    cur = await conn.execute(query("leases.sql", "renew"), {"router_id": router_id, "lease": lease})
+    return {int(r[0]) for r in await cur.fetchall()}
+
+
+async def acquire(conn: AsyncConnection[Any], router_id: str, lease: timedelta, wanted: int
+                  ) -> set[int]:
+    if wanted <= 0:
+        return set()
+    cur = await conn.execute(query("leases.sql", "acquire"),
+                             {"router_id": router_id, "lease": lease, "wanted": wanted})
+    return {int(r[0]) for r in await cur.fetchall()}
+
+
+async def release(conn: AsyncConnection[Any], router_id: str, partitions: Iterable[int]
+                  ) -> set[int]:
+    cur = await conn.execute(query("leases.sql", "release"),
+                             {"router_id": router_id, "partitions": sorted(partitions)})
+    return {int(r[0]) for r in await cur.fetchall()}
+
+
+async def leave(conn: AsyncConnection[Any], router_id: str) -> None:
+    await conn.execute(query("leases.sql", "leave"), {"router_id": router_id})
+
+
+async def forget_dead(conn: AsyncConnection[Any]) -> None:
+    await conn.execute(query("leases.sql", "forget_dead"))
+
+
+async def owners(conn: AsyncConnection[Any]) -> dict[int, str | None]:
+    cur = await conn.execute(query("leases.sql", "owners"))
+    return {int(p): o for p, o, _ in await cur.fetchall()}

@@ -1,0 +1,50 @@
+"""Read-only configuration lookups on the ingest path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from jobsdb.keys import hash_secret
+from jobsdb.sqlfile import query
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRoute:
+    source_key: int
+    source_id: str
+    tenant_key: int
+    tenant_id: str
+    enabled: bool
+    # Events per second ingest takes from the source (0: unlimited), and the burst.
+    rate_per_second: float
+    rate_burst: int
+    # Connected destinations, in destination_key order: public id -> key.
+    destinations: dict[str, int]
+    # The same keys, in the same order: every event without named destinations goes to all.
+    destination_keys: tuple[int, ...]
+
+
+async def source_for_write_key(conn: AsyncConnection[Any], write_key: str) -> SourceRoute | None:
+    """The source a write key belongs to, or None if the key is unknown, revoked or expired."""
+    cur = await conn.execute(
+        query("routing.sql", "source_for_write_key"), {"key_hash": hash_secret(write_key)}
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    (source_key, source_id, tenant_key, tenant_id, enabled, rate_per_second, rate_burst, keys,
+     ids) = row
+    return SourceRoute(
+        source_key=source_key,
+        source_id=source_id,
+        tenant_key=tenant_key,
+        tenant_id=tenant_id,
+        enabled=enabled,
+        rate_per_second=rate_per_second,
+        rate_burst=rate_burst,
+        destinations=dict(zip(ids, keys, strict=True)),
+        destination_keys=tuple(keys),
+    )

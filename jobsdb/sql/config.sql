@@ -1,0 +1,158 @@
+-- Configuration as operators see it: tenants, sources, write keys, destinations,
+-- connections, admin tokens. Every read takes %(scope)s: NULL for the operator (everything),
+-- or a tenant_key for a tenant-scoped token, which then sees only its own rows. A row outside
+-- the scope is simply not found, so another tenant's objects are never shown.
+
+-- name: create_tenant
+INSERT INTO tenants (id, name) VALUES (%(id)s, %(name)s)
+RETURNING tenant_key, id, name, created_at;
+
+-- name: get_tenant
+SELECT tenant_key, id, name, created_at
+FROM tenants
+WHERE id = %(id)s
+  AND (%(scope)s::integer IS NULL OR tenant_key = %(scope)s);
+
+-- name: list_tenants
+-- Keyset pagination by id: pages stay stable while tenants are added.
+SELECT tenant_key, id, name, created_at
+FROM tenants
+WHERE (%(scope)s::integer IS NULL OR tenant_key = %(scope)s)
+  AND id > %(after)s
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: create_source
+INSERT INTO sources (id, tenant_key, name, rate_per_second, rate_burst)
+VALUES (%(id)s, %(tenant_key)s, %(name)s, %(rate_per_second)s, %(rate_burst)s)
+RETURNING source_key, id, tenant_key, %(tenant_id)s::text, name, enabled, created_at,
+          rate_per_second, rate_burst;
+
+-- name: get_source
+SELECT s.source_key, s.id, s.tenant_key, t.id, s.name, s.enabled, s.created_at,
+       s.rate_per_second, s.rate_burst
+FROM sources s
+JOIN tenants t ON t.tenant_key = s.tenant_key
+WHERE s.id = %(id)s
+  AND (%(scope)s::integer IS NULL OR s.tenant_key = %(scope)s);
+
+-- name: list_sources
+SELECT s.source_key, s.id, s.tenant_key, t.id, s.name, s.enabled, s.created_at,
+       s.rate_per_second, s.rate_burst
+FROM sources s
+JOIN tenants t ON t.tenant_key = s.tenant_key
+WHERE (%(scope)s::integer IS NULL OR s.tenant_key = %(scope)s)
+  AND (%(tenant_id)s::text IS NULL OR t.id = %(tenant_id)s)
+  AND s.id > %(after)s
+ORDER BY s.id
+LIMIT %(limit)s;
+
+-- name: update_source
+UPDATE sources
+SET name = coalesce(%(name)s, name),
+    enabled = coalesce(%(enabled)s, enabled),
+    rate_per_second = coalesce(%(rate_per_second)s, rate_per_second),
+    rate_burst = coalesce(%(rate_burst)s, rate_burst)
+WHERE source_key = %(source_key)s
+RETURNING source_key, id, tenant_key, %(tenant_id)s::text, name, enabled, created_at,
+          rate_per_second, rate_burst;
+
+-- name: add_write_key
+INSERT INTO write_keys (key_hash, source_key) VALUES (%(key_hash)s, %(source_key)s);
+
+-- name: expire_write_keys
+-- Rotation: the source's current keys stop working after the grace period (0: at once).
+-- A key that already expires sooner keeps its earlier expiry.
+UPDATE write_keys
+SET expires_at = now() + make_interval(secs => %(grace_seconds)s)
+WHERE source_key = %(source_key)s
+  AND (expires_at IS NULL OR expires_at > now() + make_interval(secs => %(grace_seconds)s));
+
+-- name: create_destination
+INSERT INTO destinations (id, tenant_key, name, type, endpoint, headers, min_backoff_ms,
+                          max_backoff_ms, max_attempts, max_retry_window_s, rate_per_second,
+                          rate_burst, concurrency, timeout_ms, paused)
+VALUES (%(id)s, %(tenant_key)s, %(name)s, %(type)s, %(endpoint)s, %(headers)s,
+        %(min_backoff_ms)s, %(max_backoff_ms)s, %(max_attempts)s, %(max_retry_window_s)s,
+        %(rate_per_second)s, %(rate_burst)s, %(concurrency)s, %(timeout_ms)s, %(paused)s)
+RETURNING destination_key;
+
+-- name: get_destination
+SELECT d.destination_key, d.id, d.tenant_key, t.id, d.name, d.type, d.endpoint, d.headers,
+       d.min_backoff_ms, d.max_backoff_ms, d.max_attempts, d.max_retry_window_s,
+       d.rate_per_second, d.rate_burst, d.concurrency, d.timeout_ms, d.paused,
+       d.created_at, d.updated_at
+FROM destinations d
+JOIN tenants t ON t.tenant_key = d.tenant_key
+WHERE d.id = %(id)s
+  AND (%(scope)s::integer IS NULL OR d.tenant_key = %(scope)s);
+
+-- name: list_destinations
+SELECT d.destination_key, d.id, d.tenant_key, t.id, d.name, d.type, d.endpoint, d.headers,
+       d.min_backoff_ms, d.max_backoff_ms, d.max_attempts, d.max_retry_window_s,
+       d.rate_per_second, d.rate_burst, d.concurrency, d.timeout_ms, d.paused,
+       d.created_at, d.updated_at
+FROM destinations d
+JOIN tenants t ON t.tenant_key = d.tenant_key
+WHERE (%(scope)s::integer IS NULL OR d.tenant_key = %(scope)s)
+  AND (%(tenant_id)s::text IS NULL OR t.id = %(tenant_id)s)
+  AND d.id > %(after)s
+ORDER BY d.id
+LIMIT %(limit)s;
+
+-- name: connect
+-- Connecting twice is harmless; connecting a disconnected pair enables it again.
+INSERT INTO connections (source_key, destination_key)
+VALUES (%(source_key)s, %(destination_key)s)
+ON CONFLICT (source_key, destination_key) DO UPDATE SET enabled = true
+RETURNING enabled, created_at;
+
+-- name: disconnect
+UPDATE connections
+SET enabled = false
+WHERE source_key = %(source_key)s AND destination_key = %(destination_key)s
+RETURNING enabled, created_at;
+
+-- name: list_connections
+SELECT s.id, d.id, c.enabled, c.created_at
+FROM connections c
+JOIN sources s ON s.source_key = c.source_key
+JOIN destinations d ON d.destination_key = c.destination_key
+JOIN tenants t ON t.tenant_key = s.tenant_key
+WHERE (%(scope)s::integer IS NULL OR s.tenant_key = %(scope)s)
+  AND (%(tenant_id)s::text IS NULL OR t.id = %(tenant_id)s)
+  AND (%(source_id)s::text IS NULL OR s.id = %(source_id)s)
+  AND (%(destination_id)s::text IS NULL OR d.id = %(destination_id)s)
+ORDER BY s.id, d.id
+LIMIT 10000;
+
+-- name: create_admin_token
+INSERT INTO admin_tokens (token_hash, id, tenant_key, name)
+VALUES (%(token_hash)s, %(id)s, %(tenant_key)s, %(name)s)
+RETURNING id, %(tenant_id)s::text, name, created_at, revoked_at;
+
+-- name: list_admin_tokens
+SELECT a.id, t.id, a.name, a.created_at, a.revoked_at
+FROM admin_tokens a
+JOIN tenants t ON t.tenant_key = a.tenant_key
+WHERE (%(scope)s::integer IS NULL OR a.tenant_key = %(scope)s)
+  AND (%(tenant_id)s::text IS NULL OR t.id = %(tenant_id)s)
+ORDER BY t.id, a.created_at, a.id
+LIMIT 10000;
+
+-- name: revoke_admin_token
+-- coalesce keeps the first revocation's time, so revoking twice is harmless.
+UPDATE admin_tokens a
+SET revoked_at = coalesce(a.revoked_at, now())
+FROM tenants t
+WHERE a.id = %(id)s
+  AND t.tenant_key = a.tenant_key
+RETURNING a.id, t.id, a.name, a.created_at, a.revoked_at;
+
+-- name: admin_token
+-- Who a tenant-scoped token is: one index probe per admin call.
+SELECT a.id, a.tenant_key, t.id
+FROM admin_tokens a
+JOIN tenants t ON t.tenant_key = a.tenant_key
+WHERE a.token_hash = %(token_hash)s
+  AND a.revoked_at IS NULL;

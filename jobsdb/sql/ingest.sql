@@ -1,0 +1,91 @@
+-- name: lock_generations
+-- Taken first in every ingest transaction, as a statement of its own: the shared lock keeps
+-- dedup rotation out until commit, and the next statement takes its snapshot after the lock is
+-- granted, so it sees the current generation. (Reading the generation in this same statement
+-- would use a snapshot older than the lock, possibly from before a rotation just committed.)
+SELECT pg_advisory_xact_lock_shared(%(lock)s);
+
+-- name: store_events
+-- The whole write of a group commit in one statement (the caller pipelines it with BEGIN, the
+-- lock and COMMIT, so a flush costs two round trips, not seven): claim each event's
+-- (source, message_id) in the current dedup generation, insert one job per destination for the
+-- events never seen before, wake the routers. Returns the positions (1-based) of the events
+-- already seen and the new job ids in input order.
+--
+-- Inputs are strings split in SQL: binding arrays of thousands of strings costs more in the
+-- driver than everything else. Text fields are joined by the unit separator, which valid JSON
+-- never contains and ingest refuses in ids.
+--
+-- Claiming: a pair claimed by a concurrent transaction makes ON CONFLICT wait for it: if it
+-- commits the pair is a duplicate here, if it rolls back the pair is ours. Older generations
+-- are only read (the outer query cannot see the rows this statement inserts).
+--
+-- Ordering: job ids are drawn from the sequence in input order (nextval over a sorted
+-- subquery), so a batch's events keep their order for every destination.
+--
+-- One NOTIFY per transaction (it takes a global lock at commit), sent even if every event
+-- turns out a duplicate: a spurious wake-up costs one empty read.
+WITH event AS (
+    SELECT e.position, e.message_id, e.source_key::integer AS source_key,
+           e.tenant_key::integer AS tenant_key, e.user_id, e.document
+    FROM unnest(string_to_array(%(message_ids)s, E'\x1f'),
+                string_to_array(%(source_keys)s, ','),
+                string_to_array(%(tenant_keys)s, ','),
+                string_to_array(%(user_ids)s, E'\x1f'),
+                string_to_array(%(documents)s, E'\x1f'))
+         WITH ORDINALITY AS e(message_id, source_key, tenant_key, user_id, document, position)
+),
+job AS (
+    SELECT j.ordinal, j.position::bigint AS position,
+           j.destination_key::integer AS destination_key, j.partition::smallint AS partition
+    FROM unnest(string_to_array(%(job_events)s, ','),
+                string_to_array(%(job_destinations)s, ','),
+                string_to_array(%(job_partitions)s, ','))
+         WITH ORDINALITY AS j(position, destination_key, partition, ordinal)
+),
+generation AS (
+    SELECT max(generation) AS current FROM dedup_generations
+),
+claimed AS (
+    INSERT INTO dedup_keys (source_key, message_id, generation)
+    SELECT e.source_key, e.message_id, g.current
+    FROM event e CROSS JOIN generation g
+    ORDER BY e.source_key, e.message_id
+    ON CONFLICT DO NOTHING
+    RETURNING source_key, message_id
+),
+fresh AS (
+    SELECT e.position
+    FROM event e
+    JOIN claimed c ON c.source_key = e.source_key AND c.message_id = e.message_id
+    WHERE NOT EXISTS (
+        SELECT 1 FROM dedup_keys d, generation g
+        WHERE d.source_key = e.source_key
+          AND d.message_id = e.message_id
+          AND d.generation < g.current
+    )
+),
+numbered AS (
+    SELECT nextval('jobs_job_id_seq') AS job_id, ordered.*
+    FROM (
+        SELECT j.ordinal, j.destination_key, j.partition, e.tenant_key, e.source_key,
+               e.user_id, e.message_id, e.document
+        FROM job j
+        JOIN event e USING (position)
+        WHERE j.position IN (SELECT position FROM fresh)
+        ORDER BY j.ordinal
+    ) ordered
+),
+inserted AS (
+    INSERT INTO jobs (job_id, destination_key, tenant_key, source_key, ordering_partition,
+                      user_id, message_id, payload)
+    SELECT job_id, destination_key, tenant_key, source_key, partition, user_id, message_id,
+           document::jsonb
+    FROM numbered
+)
+SELECT
+    (SELECT coalesce(string_agg(position::text, ','), '')
+     FROM event WHERE position NOT IN (SELECT position FROM fresh)) AS duplicates,
+    (SELECT coalesce(string_agg(job_id::text, ',' ORDER BY ordinal), '')
+     FROM numbered) AS job_ids,
+    pg_notify('relayq_jobs', %(notify)s);

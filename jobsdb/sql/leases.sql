@@ -1,0 +1,64 @@
+-- name: heartbeat
+-- Say this router is alive, and learn how many routers are (itself included).
+WITH me AS (
+    INSERT INTO router_nodes (router_id, expires_at)
+    VALUES (%(router_id)s, now() + %(lease)s)
+    ON CONFLICT (router_id) DO UPDATE
+        SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
+    RETURNING router_id
+)
+SELECT 1 + count(*) AS live,
+       (SELECT count(*) FROM router_leases) AS partitions,
+       now() AS at
+FROM router_nodes
+WHERE expires_at > now()
+  AND router_id <> %(router_id)s;
+
+-- name: renew
+-- Extend this router's leases; returns what it still owns. A partition whose lease ran out
+-- and was taken by another router is simply not returned.
+UPDATE router_leases
+SET expires_at = now() + %(lease)s
+WHERE owner = %(router_id)s
+  AND expires_at > now()
+RETURNING partition;
+
+-- name: acquire
+-- Take up to `wanted` partitions that nobody holds (or whose holder's lease ran out). SKIP
+-- LOCKED: routers acquiring at the same moment take different partitions instead of waiting.
+UPDATE router_leases l
+SET owner = %(router_id)s, expires_at = now() + %(lease)s, acquired_at = now()
+FROM (
+    SELECT partition
+    FROM router_leases
+    WHERE owner IS NULL OR expires_at <= now()
+    ORDER BY partition
+    LIMIT %(wanted)s
+    FOR UPDATE SKIP LOCKED
+) free
+WHERE l.partition = free.partition
+RETURNING l.partition;
+
+-- name: release
+-- Give partitions back (after this router finished what it had in flight for them).
+UPDATE router_leases
+SET owner = NULL, expires_at = NULL
+WHERE owner = %(router_id)s
+  AND partition = ANY(%(partitions)s::smallint[])
+RETURNING partition;
+
+-- name: leave
+-- A clean shutdown: release everything at once and stop counting as alive.
+WITH released AS (
+    UPDATE router_leases SET owner = NULL, expires_at = NULL
+    WHERE owner = %(router_id)s
+    RETURNING partition
+)
+DELETE FROM router_nodes WHERE router_id = %(router_id)s;
+
+-- name: forget_dead
+-- Routers silent for a while are removed, so the live count stays honest.
+DELETE FROM router_nodes WHERE expires_at < now() - interval '1 minute';
+
+-- name: owners
+SELECT partition, owner, expires_at FROM router_leases ORDER BY partition;

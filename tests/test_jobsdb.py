@@ -1,0 +1,146 @@
+"""The Postgres layer on its own: migrations, partitions, de-duplication, the write path."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import AsyncConnection
+from psycopg import errors as pgerrors
+
+from jobsdb import dedupe, errors, jobs, maintenance, migrate, partitions
+from jobsdb.ingest import NewEvent, store_events
+from jobsdb.ordering import partition_of
+from tests import factories
+
+
+async def test_three_processes_migrating_at_once_apply_each_migration_once(
+    empty_database: str,
+) -> None:
+    async def one() -> list[migrate.Migration]:
+        async with await AsyncConnection.connect(empty_database, autocommit=True) as conn:
+            return await migrate.migrate(conn)
+
+    results = await asyncio.gather(one(), one(), one())
+    applied = sorted(len(r) for r in results)
+    assert applied == [0, 0, len(migrate.available())]
+    async with await AsyncConnection.connect(empty_database, autocommit=True) as conn:
+        assert await migrate.current_version(conn) == migrate.available()[-1].version
+        cur = await conn.execute("SELECT count(*) FROM relayq_migrations")
+        assert (await cur.fetchone() or [0])[0] == len(migrate.available())
+
+
+async def test_prepare_refuses_an_outdated_schema_when_told_not_to_migrate(
+    empty_database: str,
+) -> None:
+    with pytest.raises(migrate.SchemaOutdated, match="run `relayq migrate`"):
+        await migrate.prepare(empty_database, apply=False, wait_seconds=5, application_name="test")
+
+
+async def test_prepare_gives_up_on_an_unreachable_database_naming_the_wait() -> None:
+    with pytest.raises(errors.DatabaseUnavailable, match="did not answer within 1s"):
+        await migrate.prepare("postgresql://postgres@127.0.0.1:9/nothing", apply=True,
+                              wait_seconds=1, application_name="test")
+
+
+async def test_partitions_are_created_ahead_of_the_sequence(conn: AsyncConnection[Any]) -> None:
+    created = await partitions.ensure(conn, upto_job_id=3_500_000)
+    # 3,500,000 is in partition 3; two more are kept ready beyond it.
+    assert created == [
+        "jobs_p00000003", "jobs_p00000004", "jobs_p00000005",
+        "job_statuses_p00000003", "job_statuses_p00000004", "job_statuses_p00000005",
+    ]
+    assert await partitions.ensure(conn, upto_job_id=3_500_000) == []
+
+
+async def test_writing_past_the_last_partition_is_a_missing_partition_error(
+    conn: AsyncConnection[Any],
+) -> None:
+    with pytest.raises(psycopg.errors.CheckViolation) as caught:
+        await factories.insert_jobs(conn, 1, start=10_000_000)
+    assert isinstance(errors.translate(caught.value), errors.MissingPartition)
+
+
+async def test_a_key_is_a_duplicate_for_the_whole_window_and_forgotten_after(
+    conn: AsyncConnection[Any],
+) -> None:
+    tenant = await factories.tenant(conn)
+    source = await factories.source(conn, tenant)
+
+    async def accepted(message_id: str) -> bool:
+        event = NewEvent(source.key, tenant, message_id, "u", "{}", ())
+        async with conn.transaction():
+            (stored,) = await store_events(conn, [event], ordering_partitions=64)
+        return not stored.duplicate
+
+    assert await accepted("old")
+    assert await accepted("resent")
+    window = timedelta(hours=1)
+    # A quarter window later a new generation starts; both keys are still remembered.
+    await conn.execute("UPDATE dedup_generations SET started_at = now() - interval '20 minutes'")
+    assert await dedupe.rotate(conn, window=window)
+    assert not await dedupe.rotate(conn, window=window)  # too soon for another
+    assert await accepted("new")
+    # A duplicate sent again is remembered from its latest sighting (a client still retrying).
+    assert not await accepted("resent")
+    # Once the generation after the one holding "old" is older than the window, it goes.
+    await conn.execute(
+        "UPDATE dedup_generations SET started_at = now() - interval '61 minutes'"
+        " WHERE generation = 2")
+    await conn.execute(
+        "UPDATE dedup_generations SET started_at = now() - interval '80 minutes'"
+        " WHERE generation = 1")
+    assert await dedupe.rotate(conn, window=window)
+    cur = await conn.execute("SELECT generation FROM dedup_generations ORDER BY 1")
+    assert [r[0] for r in await cur.fetchall()] == [2, 3]
+    assert await accepted("old")
+    assert not await accepted("new")
+    assert not await accepted("resent")
+
+
+async def test_maintenance_runs_in_one_process_at_a_time(database: str) -> None:
+    policy = maintenance.Policy(dedupe_window=timedelta(hours=1), retention=timedelta(days=1))
+    results = await asyncio.gather(*(
+        maintenance.run_once(database, policy, application_name="test") for _ in range(4)))
+    assert results.count(True) >= 1
+    # Whoever ran, the partitions ahead exist.
+    async with await AsyncConnection.connect(database, autocommit=True) as conn:
+        assert await partitions.ensure(conn) == []
+
+
+def test_ordering_partitions_are_stable_and_spread() -> None:
+    # Fixed values: a change here would move keys between routers across an upgrade.
+    assert partition_of(1, "alice", 64) == partition_of(1, "alice", 64)
+    assert partition_of(7, "user-42", 64) == 13
+    spread = {partition_of(1, f"user-{i}", 64) for i in range(2000)}
+    assert len(spread) == 64
+
+
+async def test_old_delivery_counts_fold_into_one_row_per_destination_keeping_totals(
+        conn: AsyncConnection[Any]) -> None:
+    tenant = await factories.tenant(conn)
+    key = await factories.destination(conn, tenant, "hook")
+    await conn.execute(
+        "INSERT INTO delivery_counts (destination_key, bucket, succeeded, failed, aborted)"
+        " SELECT %s, now() - make_interval(mins => m), 10, 2, 1"
+        " FROM generate_series(0, 30) AS m", (key,))
+    await conn.commit()
+    await jobs.fold_counts(conn)
+    await jobs.fold_counts(conn)  # folding again changes nothing
+    cur = await conn.execute(
+        "SELECT count(*), sum(succeeded)::int, sum(failed)::int, sum(aborted)::int,"
+        " count(*) FILTER (WHERE bucket = '-infinity') FROM delivery_counts")
+    # Buckets of the last ten minutes stay (for recent rates); 21 older ones became one row.
+    assert await cur.fetchone() == (11, 310, 62, 31, 1)
+
+
+def test_a_deadlock_or_serialization_failure_is_a_conflict_safe_to_run_again() -> None:
+    for exc in (pgerrors.DeadlockDetected("deadlock detected"),
+                pgerrors.SerializationFailure("could not serialize access")):
+        translated = errors.translate(exc)
+        assert isinstance(translated, errors.Conflict)
+        # Still "unavailable" to anything that only knows to retry that (router flushes).
+        assert isinstance(translated, errors.DatabaseUnavailable)

@@ -1,0 +1,249 @@
+"""The delivery queue's SQL: pickup order, the ordering barrier, parking, releasing, recording."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from psycopg import AsyncConnection
+
+from jobsdb import queue
+from jobsdb.ingest import NewEvent, store_events
+from jobsdb.queue import Outcome
+from tests import factories
+
+NOW = datetime.now(UTC)
+
+
+@pytest.fixture
+async def dest(conn: AsyncConnection[Any]) -> dict[str, int]:
+    tenant = await factories.tenant(conn)
+    source = await factories.source(conn, tenant)
+    d1 = await factories.destination(conn, tenant, "d1")
+    return {"tenant": tenant, "source": source.key, "d1": d1}
+
+
+async def add(conn: AsyncConnection[Any], dest: dict[str, int], *users: str) -> list[int]:
+    """One job per user name given, in order; returns their job ids."""
+    cur = await conn.execute("SELECT count(*) FROM jobs")
+    offset = (await cur.fetchone() or [0])[0]
+    events = [
+        NewEvent(dest["source"], dest["tenant"], f"m{offset + i}", user,
+                 f'{{"i": {offset + i}}}', (dest["d1"],))
+        for i, user in enumerate(users)
+    ]
+    async with conn.transaction():
+        stored = await store_events(conn, events, ordering_partitions=64)
+    return [s.job_ids[0] for s in stored]
+
+
+def outcome(job_id: int, state: queue.State, attempt: int = 1, **kw: Any) -> Outcome:
+    return Outcome(job_id=job_id, attempt=attempt, state=state, started_at=NOW, duration_ms=3,
+                   **kw)
+
+
+async def states(conn: AsyncConnection[Any]) -> dict[int, tuple[str, int | None]]:
+    cur = await conn.execute("SELECT job_id, state::text, blocked_by FROM jobs")
+    return {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
+
+
+async def test_pickup_reads_runnable_jobs_in_job_order(
+    conn: AsyncConnection[Any], dest: dict[str, int]
+) -> None:
+    a1, b1, a2, c1 = await add(conn, dest, "a", "b", "a", "c")
+    got = await queue.pickup(conn, destination_key=dest["d1"], limit=10)
+    assert [c.job_id for c in got] == [a1, b1, a2, c1]
+    assert all(c.held_by is None for c in got)
+    assert got[0].payload == '{"i": 0}'
+    assert [c.job_id for c in await queue.pickup(
+        conn, destination_key=dest["d1"], limit=2, exclude=[a1])] == [b1, a2]
+
+
+async def test_failed_jobs_are_read_when_due_and_hold_their_user_meanwhile(
+    conn: AsyncConnection[Any], dest: dict[str, int]
+) -> None:
+    a1, b1, a2 = await add(conn, dest, "a", "b", "a")
+    later = NOW + timedelta(minutes=5)
+    await queue.record_outcomes(conn, [outcome(a1, "failed", retry_at=later)], actor="test")
+    got = await queue.pickup(conn, destination_key=dest["d1"], limit=10)
+    # a1 is backing off: not read. a2 comes after it and is held by it; b1 flows.
+    assert [(c.job_id, c.held_by) for c in got] == [(b1, None), (a2, a1)]
+
+    await conn.execute("UPDATE jobs SET retry_at = now() - interval '1 second' WHERE job_id = %s",
+                       (a1,))
+    got = await queue.pickup(conn, destination_key=dest["d1"], limit=10)
+    assert [(c.job_id, c.state, c.held_by) for c in got] == [
+        (a1, "failed", None), (b1, "pending", None), (a2, "pending", a1)]
+
+
+async def test_parked_jobs_leave_the_queue_until_their_blocker_ends(
+    conn: AsyncConnection[Any], dest: dict[str, int]
+) -> None:
+    a1, a2, a3 = await add(conn, dest, "a", "a", "a")
+    await queue.record_outcomes(conn, [outcome(a1, "failed", retry_at=NOW + timedelta(hours=1))],
+                                actor="test")
+    assert await queue.hold(conn, [(a2, a1), (a3, a1)]) == {a2, a3}
+    assert await queue.pickup(conn, destination_key=dest["d1"], limit=10) == []
+    # A later job of the same user is held by the root, through the waiting ones.
+    (a4,) = await add(conn, dest, "a")
+    (got,) = await queue.pickup(conn, destination_key=dest["d1"], limit=10)
+    assert (got.job_id, got.held_by) == (a4, a1)
+
+    recorded = await queue.record_outcomes(conn, [outcome(a1, "succeeded", attempt=2)],
+                                           actor="test")
+    assert recorded.moved == {a1}
+    assert recorded.released == 2
+    got = await queue.pickup(conn, destination_key=dest["d1"], limit=10)
+    assert [(c.job_id, c.held_by) for c in got] == [(a2, None), (a3, None), (a4, None)]
+
+
+async def test_an_aborted_job_releases_its_barrier(
+    conn: AsyncConnection[Any], dest: dict[str, int]
+) -> None:
+    a1, a2 = await add(conn, dest, "a", "a")
+    await queue.record_outcomes(conn, [outcome(a1, "failed", retry_at=NOW)], actor="test")
+    await queue.hold(conn, [(a2, a1)])
+    await queue.record_outcomes(
+        conn, [outcome(a1, "aborted", attempt=2, error_code="404", reason="not found")],
+        actor="router:r1")
+    assert (await states(conn))[a2] == ("pending", None)
+    cur = await conn.execute(
+        "SELECT attempt, state::text, error_code, reason, actor FROM job_statuses"
+        " WHERE job_id = %s ORDER BY attempt", (a1,))
+    assert await cur.fetchall() == [
+        (1, "failed", None, None, "test"), (2, "aborted", "404", "not found", "router:r1")]
+
+
+async def test_an_outcome_does_not_undo_an_operators_abort(
+    conn: AsyncConnection[Any], dest: dict[str, int]
+) -> None:
+    (a1,) = await add(conn, dest, "a")
+    await conn.execute("UPDATE jobs SET state = 'aborted' WHERE job_id = %s", (a1,))
+    recorded = await queue.record_outcomes(conn, [outcome(a1, "succeeded")], actor="test")
+    assert recorded.moved == frozenset()
+    assert (await states(conn))[a1] == ("aborted", None)
+    cur = await conn.execute("SELECT count(*) FROM job_statuses WHERE job_id = %s", (a1,))
+    assert (await cur.fetchone() or [0])[0] == 1  # the attempt happened; it is on record
+
+
+async def test_nothing_is_parked_behind_a_blocker_that_already_ended(
+    conn: AsyncConnection[Any], dest: dict[str, int]
+) -> None:
+    a1, a2 = await add(conn, dest, "a", "a")
+    await conn.execute("UPDATE jobs SET state = 'aborted' WHERE job_id = %s", (a1,))
+    assert await queue.hold(conn, [(a2, a1)]) == set()
+    assert (await states(conn))[a2] == ("pending", None)
+
+
+async def test_parking_racing_an_operators_abort_never_strands_a_job(
+    database: str, conn: AsyncConnection[Any], dest: dict[str, int]
+) -> None:
+    """The router parks a2 behind a1 while an operator aborts a1: a2 must end up runnable."""
+    a1, a2 = await add(conn, dest, "a", "a")
+    await queue.record_outcomes(conn, [outcome(a1, "failed", retry_at=NOW)], actor="test")
+    async with await AsyncConnection.connect(database) as router, \
+            await AsyncConnection.connect(database) as operator:
+        await queue.hold(router, [(a2, a1)])  # parked, not yet committed
+
+        async def abort() -> None:
+            await operator.execute(
+                "UPDATE jobs SET state = 'aborted' WHERE job_id = %s", (a1,))
+            await queue.release(operator, [a1])
+            await operator.commit()
+
+        aborting = asyncio.create_task(abort())
+        await asyncio.sleep(0.2)
+        assert not aborting.done()  # the abort waits for the parking transaction
+        await router.commit()
+        await aborting
+    assert (await states(conn))[a2] == ("pending", None)
+
+
+async def test_orphaned_waiting_jobs_are_released(
+    conn: AsyncConnection[Any], dest: dict[str, int]
+) -> None:
+    a1, a2 = await add(conn, dest, "a", "a")
+    await conn.execute(
+        "UPDATE jobs SET state = 'waiting', blocked_by = %s WHERE job_id = %s", (a1, a2))
+    assert await queue.release_orphans(conn) == set()  # a1 is pending: a2 rightly waits
+    await conn.execute("UPDATE jobs SET state = 'succeeded' WHERE job_id = %s", (a1,))
+    assert await queue.release_orphans(conn) == {a2}
+    # A blocker that is gone altogether (its partition dropped or compacted) had finished.
+    await conn.execute(
+        "UPDATE jobs SET state = 'waiting', blocked_by = 999999 WHERE job_id = %s", (a2,))
+    assert await queue.release_orphans(conn) == {a2}
+
+
+async def test_long_responses_are_cut_before_they_are_stored(
+    conn: AsyncConnection[Any], dest: dict[str, int]
+) -> None:
+    (a1,) = await add(conn, dest, "a")
+    await queue.record_outcomes(
+        conn, [outcome(a1, "failed", retry_at=NOW, response="x" * 50_000)], actor="test")
+    cur = await conn.execute("SELECT length(response) FROM job_statuses")
+    assert (await cur.fetchone() or [0])[0] < 10_100
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_a_reference_router_keeps_every_users_order_under_random_failures(
+    conn: AsyncConnection[Any], dest: dict[str, int], seed: int
+) -> None:
+    """Drive the queue the way a router does, with random outcomes, and check what a sink saw.
+
+    Each user's delivered sequence must be their jobs in job order, minus aborted ones, each
+    delivered once it succeeded; every job ends succeeded or aborted.
+    """
+    rng = random.Random(seed)
+    users = [f"u{i}" for i in range(8)]
+    ids = await add(conn, dest, *(rng.choice(users) for _ in range(120)))
+    user_of = dict(zip(ids, (await _users(conn, ids)), strict=True))
+    delivered: dict[str, list[int]] = {u: [] for u in users}
+    attempts: dict[int, int] = {}
+
+    for _ in range(500):
+        batch = await queue.pickup(conn, destination_key=dest["d1"], limit=rng.randint(1, 15))
+        if not batch:
+            cur = await conn.execute("SELECT count(*) FROM jobs WHERE state = 'failed'")
+            if not (await cur.fetchone() or [0])[0]:
+                break
+            await conn.execute("UPDATE jobs SET retry_at = now() WHERE state = 'failed'")
+            continue
+        in_batch = {c.job_id for c in batch}
+        blocked_users: set[str] = set()
+        outcomes: list[Outcome] = []
+        park: list[tuple[int, int]] = []
+        for c in batch:
+            if c.held_by is not None and c.held_by not in in_batch:
+                park.append((c.job_id, c.held_by))
+                continue
+            if c.held_by is not None or c.user_id in blocked_users:
+                continue  # behind an earlier job of this batch that did not succeed
+            attempts[c.job_id] = c.attempts + 1
+            roll = rng.random()
+            if roll < 0.6:
+                delivered[c.user_id].append(c.job_id)
+                outcomes.append(outcome(c.job_id, "succeeded", c.attempts + 1))
+            elif roll < 0.9:
+                blocked_users.add(c.user_id)
+                outcomes.append(outcome(c.job_id, "failed", c.attempts + 1,
+                                        retry_at=NOW - timedelta(seconds=1)))
+            else:
+                outcomes.append(outcome(c.job_id, "aborted", c.attempts + 1))
+        async with conn.transaction():
+            await queue.record_outcomes(conn, outcomes, actor="test")
+            await queue.hold(conn, park)
+
+    final = await states(conn)
+    assert {s for s, _ in final.values()} <= {"succeeded", "aborted"}
+    for user in users:
+        theirs = [j for j in ids if user_of[j] == user and final[j][0] == "succeeded"]
+        assert delivered[user] == theirs, user
+
+
+async def _users(conn: AsyncConnection[Any], ids: list[int]) -> list[str]:
+    cur = await conn.execute(
+        "SELECT user_id FROM jobs WHERE job_id = ANY(%s) ORDER BY job_id", (ids,))
+    return [r[0] for r in await cur.fetchall()]
