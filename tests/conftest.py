@@ -1,0 +1,101 @@
+"""Shared fixtures: a real Postgres, a migrated template database, per-test databases.
+
+The template is built once per session from the migrations; each test that needs a database
+gets its own copy (CREATE DATABASE ... TEMPLATE, about 0.1 s), so tests never see each other's
+rows or depend on what an earlier run left behind. Names carry the pid and a random suffix:
+several sessions may share the server at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from jobsdb import migrate
+
+pytest_plugins = ["tests.pipeline"]
+
+SERVER_DSN = os.environ.get(
+    "RELAYQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def dsn_for(database: str) -> str:
+    params = conninfo_to_dict(SERVER_DSN)
+    params["dbname"] = database
+    return make_conninfo(**params)
+
+
+def _admin(statement: sql.Composable) -> None:
+    with psycopg.connect(SERVER_DSN, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+def create_database(template: str | None = None) -> str:
+    name = f"relayq_t{os.getpid()}_{secrets.token_hex(4)}"
+    if template is None:
+        _admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    else:
+        _admin(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(template)))
+    return name
+
+
+def drop_database(name: str) -> None:
+    _admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """Tests that run the CLI in-process let it configure logging, which replaces the root
+    handlers with one bound to that test's captured stderr; later tests would log into the
+    closed stream ("Logging error ... I/O operation on closed file"). Put the root back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def template_database() -> Iterator[str]:
+    name = create_database()
+
+    async def build() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn_for(name), autocommit=True) as conn:
+            await migrate.migrate(conn)
+
+    asyncio.run(build())
+    yield name
+    drop_database(name)
+
+
+@pytest.fixture
+def database(template_database: str) -> Iterator[str]:
+    """A fresh, migrated database for one test; yields its DSN."""
+    name = create_database(template_database)
+    yield dsn_for(name)
+    drop_database(name)
+
+
+@pytest.fixture
+def empty_database() -> Iterator[str]:
+    """A database with no schema at all (for migration tests)."""
+    name = create_database()
+    yield dsn_for(name)
+    drop_database(name)
+
+
+@pytest.fixture
+async def conn(database: str) -> AsyncIterator[psycopg.AsyncConnection[object]]:
+    """An autocommit connection to the test's database, for setup and assertions."""
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as connection:
+        yield connection

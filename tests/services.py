@@ -1,0 +1,178 @@
+"""Starting relayq services for tests: in-process (fast) or as real processes (kill -9)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+
+from admin_service.config import AdminConfig
+from admin_service.main import AdminApp
+from ingest_service.config import IngestConfig
+from ingest_service.main import IngestApp
+from relayq.config import Env
+from relayq.ports import free_port
+from relayq.v1 import admin_pb2_grpc, ingest_pb2_grpc, router_pb2_grpc
+from router_service.config import RouterConfig
+from router_service.main import RouterApp
+
+# The operator token every test admin server is started with.
+OPERATOR_TOKEN = "test-operator-token-0123456789"
+
+
+def quiet_env(database_url: str, **extra: str) -> dict[str, str]:
+    """Settings for a service under test: loopback port 0, no metrics, no maintenance loop,
+    and a router tuned to react within a second (short leases, frequent polls)."""
+    return {
+        "RELAYQ_DATABASE_URL": database_url,
+        "RELAYQ_INGEST_ADDRESS": "127.0.0.1:0",
+        "RELAYQ_INGEST_METRICS_ADDRESS": "off",
+        "RELAYQ_ROUTER_ADDRESS": "127.0.0.1:0",
+        "RELAYQ_ROUTER_METRICS_ADDRESS": "off",
+        "RELAYQ_ADMIN_ADDRESS": "127.0.0.1:0",
+        "RELAYQ_ADMIN_METRICS_ADDRESS": "off",
+        "RELAYQ_ADMIN_TOKEN": OPERATOR_TOKEN,
+        "RELAYQ_ROUTER_LEASE_SECONDS": "3",
+        "RELAYQ_ROUTER_POLL_SECONDS": "0.5",
+        "RELAYQ_MAINTENANCE": "false",
+        "RELAYQ_SHUTDOWN_GRACE_SECONDS": "5",
+        **extra,
+    }
+
+
+@dataclass
+class Ingest:
+    app: IngestApp
+    channel: grpc.aio.Channel
+    stub: ingest_pb2_grpc.IngestStub
+
+
+@asynccontextmanager
+async def ingest(database_url: str, **extra: str) -> AsyncIterator[Ingest]:
+    app = await IngestApp.start(IngestConfig.from_env(Env(quiet_env(database_url, **extra))))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    try:
+        yield Ingest(app, channel, ingest_pb2_grpc.IngestStub(channel))
+    finally:
+        await channel.close()
+        await app.stop()
+
+
+@dataclass
+class Router:
+    app: RouterApp
+    channel: grpc.aio.Channel
+    status: router_pb2_grpc.RouterStatusStub
+
+
+@asynccontextmanager
+async def router(database_url: str, **extra: str) -> AsyncIterator[Router]:
+    app = await RouterApp.start(RouterConfig.from_env(Env(quiet_env(database_url, **extra))))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    try:
+        yield Router(app, channel, router_pb2_grpc.RouterStatusStub(channel))
+    finally:
+        await channel.close()
+        await app.stop()
+
+
+@dataclass
+class Admin:
+    app: AdminApp
+    channel: grpc.aio.Channel
+    stub: admin_pb2_grpc.AdminStub
+
+    @staticmethod
+    def auth(token: str = OPERATOR_TOKEN) -> tuple[tuple[str, str]]:
+        """Call metadata carrying an admin token (the operator's by default)."""
+        return (("authorization", f"Bearer {token}"),)
+
+
+@asynccontextmanager
+async def admin(database_url: str, **extra: str) -> AsyncIterator[Admin]:
+    app = await AdminApp.start(AdminConfig.from_env(Env(quiet_env(database_url, **extra))))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    try:
+        yield Admin(app, channel, admin_pb2_grpc.AdminStub(channel))
+    finally:
+        await channel.close()
+        await app.stop()
+
+
+class ServiceProcess:
+    """A service run as its own process with `python -m`, on a port chosen up front."""
+
+    def __init__(self, module: str, env: Mapping[str, str], port: int) -> None:
+        self.port = port
+        # A file, not a pipe: a chatty process must never block on a full pipe buffer.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", f"import {module}; {module}.main()"],
+            env={**os.environ, **env, "RELAYQ_LOG_FORMAT": "json"},
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited early: {self.stderr()}")
+            channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+            try:
+                grpc.channel_ready_future(channel).result(timeout=0.5)
+                return
+            except grpc.FutureTimeoutError:
+                pass
+            finally:
+                channel.close()
+        raise TimeoutError(f"service on port {self.port} not ready: {self.stderr()}")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def stderr(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-4000:]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.kill()
+        self._log.close()
+
+
+def router_process(database_url: str, **extra: str) -> ServiceProcess:
+    port = free_port()
+    env = quiet_env(database_url, RELAYQ_ROUTER_ADDRESS=f"127.0.0.1:{port}", **extra)
+    service = ServiceProcess("router_service.main", env, port)
+    service.wait_ready()
+    return service
+
+
+def ingest_process(database_url: str, **extra: str) -> ServiceProcess:
+    port = free_port()
+    env = quiet_env(database_url, RELAYQ_INGEST_ADDRESS=f"127.0.0.1:{port}", **extra)
+    service = ServiceProcess("ingest_service.main", env, port)
+    service.wait_ready()
+    return service
+
+
+def admin_process(database_url: str, **extra: str) -> ServiceProcess:
+    port = free_port()
+    env = quiet_env(database_url, RELAYQ_ADMIN_ADDRESS=f"127.0.0.1:{port}", **extra)
+    service = ServiceProcess("admin_service.main", env, port)
+    service.wait_ready()
+    return service

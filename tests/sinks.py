@@ -1,0 +1,181 @@
+"""Real destinations for tests: an HTTP webhook server and a relayq.v1.Destination gRPC server.
+
+Both record every delivery they receive, in arrival order, and answer as a test scripts them
+(`answer`: a function from the delivery to an outcome), so ordering, retries and aborts are
+checked against what a destination actually saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from relayq.v1 import destination_pb2, destination_pb2_grpc
+
+
+@dataclass(frozen=True)
+class Received:
+    job_id: int
+    message_id: str
+    user_id: str
+    attempt: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """200 = success; other statuses as HTTP (or mapped to RETRY/ABORT for gRPC)."""
+
+    status: int = 200
+    retry_after: float | None = None
+    delay: float = 0.0
+    body: str = ""
+
+
+OK = Answer()
+
+
+@dataclass
+class Recorder:
+    received: list[Received] = field(default_factory=list)
+    answer: Callable[[Received], Answer] = lambda _: OK
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def record(self, delivery: Received) -> Answer:
+        self.received.append(delivery)
+        self.arrived.set()
+        return self.answer(delivery)
+
+    async def wait_for(self, predicate: Callable[[], bool], within: float = 30.0) -> None:
+        """Poll-with-deadline on what has arrived (woken by each arrival)."""
+        deadline = asyncio.get_running_loop().time() + within
+        while not predicate():
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError(f"condition not met; {len(self.received)} deliveries so far")
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), min(remaining, 0.5))
+
+
+class WebhookSink(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.oks: list[Received] = []
+        # Set on stop: answers still being delayed go out at once.
+        self._release = asyncio.Event()
+        # Deliveries of each user being answered right now, and the most ever seen at once:
+        # above 1 means two deliveries of one ordering key overlapped.
+        self._open: dict[str, int] = {}
+        self.max_open_per_user = 0
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self.scheme = "http"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}/hook"
+
+    async def start(self, tls: ssl.SSLContext | None = None) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        self.scheme = "https" if tls is not None else "http"
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=tls)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        self._release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        delivery = Received(
+            job_id=int(request.headers["X-Relayq-Job-Id"]),
+            message_id=request.headers["X-Relayq-Message-Id"],
+            user_id=body.get("userId") or body.get("anonymousId", ""),
+            attempt=int(request.headers["X-Relayq-Attempt"]),
+            body=body,
+            headers=dict(request.headers),
+        )
+        answer = self.record(delivery)
+        self._open[delivery.user_id] = self._open.get(delivery.user_id, 0) + 1
+        self.max_open_per_user = max(self.max_open_per_user, self._open[delivery.user_id])
+        try:
+            if answer.delay:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._release.wait(), answer.delay)
+        finally:
+            self._open[delivery.user_id] -= 1
+        if answer.status == 200:
+            self.oks.append(delivery)
+        headers = {"Retry-After": str(int(answer.retry_after))} if answer.retry_after else {}
+        return web.Response(status=answer.status, text=answer.body, headers=headers)
+
+
+class GrpcSink(Recorder, destination_pb2_grpc.DestinationServicer):
+    """Answers per job: status 200 -> OK, 4xx other than 408/429 -> ABORT, else RETRY."""
+
+    def __init__(self) -> None:
+        Recorder.__init__(self)
+        self.oks: list[Received] = []
+        self.batches: list[list[int]] = []
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+        self.scheme = ""
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.scheme}127.0.0.1:{self.port}"
+
+    async def start(self, tls: grpc.ServerCredentials | None = None) -> None:
+        self._server = grpc.aio.server()
+        destination_pb2_grpc.add_DestinationServicer_to_server(self, self._server)
+        if tls is None:
+            self.port = self._server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.scheme = "grpcs://"
+            self.port = self._server.add_secure_port("127.0.0.1:0", tls)
+        await self._server.start()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(0)
+
+    async def Deliver(self, request: destination_pb2.DeliverRequest,
+                      context: grpc.aio.ServicerContext[Any, Any]
+                      ) -> destination_pb2.DeliverResponse:
+        self.batches.append([d.job_id for d in request.deliveries])
+        metadata = {key: str(value) for key, value in context.invocation_metadata() or ()}
+        results = []
+        delay = 0.0
+        for d in request.deliveries:
+            delivery = Received(d.job_id, d.message_id, d.user_id, d.attempt,
+                                json.loads(d.payload_json), metadata)
+            answer = self.record(delivery)
+            delay = max(delay, answer.delay)
+            if answer.status == 200:
+                outcome = destination_pb2.DeliveryResult.OK
+                self.oks.append(delivery)
+            elif 400 <= answer.status < 500 and answer.status not in (408, 429):
+                outcome = destination_pb2.DeliveryResult.ABORT
+            else:
+                outcome = destination_pb2.DeliveryResult.RETRY
+            results.append(destination_pb2.DeliveryResult(
+                job_id=d.job_id, outcome=outcome, error=answer.body,
+                retry_after_ms=int((answer.retry_after or 0) * 1000)))
+        if delay:
+            await asyncio.sleep(delay)
+        return destination_pb2.DeliverResponse(results=results)
