@@ -1,0 +1,1 @@
+"""relayq-ingest: accepts event batches over gRPC and commits them as jobs before answering."""

@@ -1,0 +1,133 @@
+"""The relayq.v1.Ingest servicer: authenticate, validate, hand to group commit, answer."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+
+from ingest_service import metrics, validate
+from ingest_service.committer import GroupCommitter
+from ingest_service.config import Limits
+from ingest_service.quota import SourceQuotas
+from ingest_service.routes import RouteCache
+from jobsdb.ingest import Stored
+from relayq.auth import bearer_token
+from relayq.rpc import (
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    handle_errors,
+)
+from relayq.v1 import ingest_pb2, ingest_pb2_grpc
+
+Status = ingest_pb2.EventResult.Status
+_ACCEPTED, _DUPLICATE, _REJECTED = Status.ACCEPTED, Status.DUPLICATE, Status.REJECTED
+_UNSET = ingest_pb2.EventResult()
+
+# How many invalid events an all-or-nothing rejection lists in its details.
+_MAX_VIOLATIONS = 50
+
+
+class IngestServicer(ingest_pb2_grpc.IngestServicer):
+    def __init__(self, routes: RouteCache, committer: GroupCommitter, limits: Limits) -> None:
+        self._routes = routes
+        self._committer = committer
+        self._limits = limits
+        self._quotas = SourceQuotas()
+
+    @handle_errors
+    async def Ingest(
+        self, request: ingest_pb2.IngestRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ingest_pb2.IngestResponse:
+        write_key = bearer_token(context)
+        if write_key is None:
+            metrics.REJECTS.labels("auth").inc()
+            raise Unauthenticated(
+                "missing write key: send metadata 'authorization: Bearer <write key>'"
+            )
+        route = await self._routes.get(write_key)
+        if route is None:
+            metrics.REJECTS.labels("auth").inc()
+            raise Unauthenticated("unknown, revoked or expired write key")
+        if not route.enabled:
+            metrics.REJECTS.labels("auth").inc()
+            raise PermissionDenied(f"source {route.source_id!r} is disabled")
+
+        received_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        try:
+            prepared = validate.prepare(request, route, self._limits, received_at)
+        except InvalidArgument:
+            metrics.REJECTS.labels("batch").inc()
+            raise
+        metrics.BATCH_EVENTS.observe(len(request.events))
+        if prepared.rejected and not request.partial_success:
+            metrics.REJECTS.labels("event").inc(len(prepared.rejected))
+            raise _all_or_nothing(prepared.rejected, len(request.events))
+
+        # Counted after validation: a refused batch must not use up the source's limit.
+        wanted = len(prepared.events)
+        wait = self._quotas.take(route.source_key, route.rate_per_second, route.rate_burst,
+                                 wanted)
+        if wait > 0:
+            metrics.REJECTS.labels("rate").inc()
+            raise ResourceExhausted(
+                f"source {route.source_id!r} is over its rate limit of"
+                f" {route.rate_per_second:g} events/s (burst {route.rate_burst}); nothing was"
+                f" stored, retry in {wait:.3f}s", retry_after=wait)
+        try:
+            stored = await self._committer.submit([e for _, e in prepared.events]) \
+                if prepared.events else []
+        except BaseException:
+            self._quotas.give_back(route.source_key, wanted)  # nothing stored: the retry may go
+            raise
+
+        response = _response(request, prepared, stored)
+        metrics.EVENTS.labels("accepted").inc(response.accepted)
+        metrics.EVENTS.labels("duplicate").inc(response.duplicates)
+        metrics.EVENTS.labels("rejected").inc(response.rejected)
+        metrics.JOBS.inc(sum(len(o.job_ids) for o in stored))
+        return response
+
+
+def _response(
+    request: ingest_pb2.IngestRequest, prepared: validate.Prepared, stored: list[Stored]
+) -> ingest_pb2.IngestResponse:
+    """One result per event in request order. Built with constructor arguments: setting fields
+    one by one on protobuf messages costs twice as much, and this runs for every event."""
+    # Every position is filled below: each event is either prepared or rejected.
+    results = [_UNSET] * len(request.events)
+    accepted = duplicates = 0
+    for (index, event), outcome in zip(prepared.events, stored, strict=True):
+        if outcome.duplicate:
+            results[index] = ingest_pb2.EventResult(
+                message_id=event.message_id, status=_DUPLICATE)
+            duplicates += 1
+        else:
+            results[index] = ingest_pb2.EventResult(
+                message_id=event.message_id, status=_ACCEPTED, job_ids=outcome.job_ids)
+            accepted += 1
+    events = request.events
+    for index, reason in prepared.rejected.items():
+        results[index] = ingest_pb2.EventResult(
+            message_id=events[index].message_id, status=_REJECTED, reason=reason)
+    return ingest_pb2.IngestResponse(
+        results=results, accepted=accepted, duplicates=duplicates,
+        rejected=len(prepared.rejected))
+
+
+def _all_or_nothing(rejected: dict[int, str], total: int) -> InvalidArgument:
+    first, reason = next(iter(rejected.items()))
+    more = len(rejected) - 1
+    message = f"events[{first}].{reason}"
+    if more:
+        message += f" (and {more} more invalid event{'s' if more > 1 else ''})"
+    message += f"; nothing of the {total} events was stored (set partial_success to store" \
+        " the valid ones)"
+    violations = [
+        (f"events[{index}].{reason.partition(':')[0]}", reason.partition(": ")[2] or reason)
+        for index, reason in list(rejected.items())[:_MAX_VIOLATIONS]
+    ]
+    return InvalidArgument(message, violations=violations)

@@ -1,0 +1,203 @@
+"""Checking an IngestRequest and turning its events into the documents that will be delivered.
+
+Pure functions: no I/O, so every rule here has a unit test. Problems with the batch as a whole
+raise InvalidArgument; problems with one event are collected per event, and the caller decides
+(all-or-nothing unless the client asked for partial success).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from google.protobuf import json_format
+
+from ingest_service.config import Limits
+from jobsdb.ingest import NewEvent
+from jobsdb.routing import SourceRoute
+from relayq.rpc import InvalidArgument
+from relayq.v1 import ingest_pb2
+
+MAX_MESSAGE_ID = 128
+MAX_USER_ID = 256
+MAX_NAME = 256
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A \u0000 escape not itself escaped: Postgres jsonb cannot store NUL characters.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+@dataclass(slots=True)
+class Prepared:
+    # Valid events, in request order, with their index in the request.
+    events: list[tuple[int, NewEvent]] = field(default_factory=list)
+    # Index in the request -> why the event was rejected.
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+class EventRejected(Exception):
+    """One event is invalid; the message says which field and why."""
+
+
+def prepare(
+    request: ingest_pb2.IngestRequest,
+    route: SourceRoute,
+    limits: Limits,
+    received_at: str,
+) -> Prepared:
+    """Validate a batch and build each valid event's document.
+
+    Raises InvalidArgument for the batch as a whole: empty, too many events, or a message_id
+    repeated within it (a client bug that would otherwise be silently half-stored).
+    """
+    events = request.events
+    if not events:
+        raise InvalidArgument("events: the batch is empty", violations=[("events", "empty")])
+    if len(events) > limits.max_batch_events:
+        raise InvalidArgument(
+            f"events: {len(events)} events exceed the limit of {limits.max_batch_events} per"
+            " batch (RELAYQ_INGEST_MAX_BATCH_EVENTS)",
+            violations=[("events", f"at most {limits.max_batch_events} events")],
+        )
+    prepared = Prepared()
+    first_seen: dict[str, int] = {}
+    for index, event in enumerate(events):
+        try:
+            built = build_event(event, route, limits, received_at)
+        except EventRejected as exc:
+            prepared.rejected[index] = str(exc)
+            continue
+        earlier = first_seen.setdefault(built.message_id, index)
+        if earlier != index:
+            raise InvalidArgument(
+                f"events[{index}].message_id {built.message_id!r} repeats events[{earlier}]",
+                violations=[(f"events[{index}].message_id", f"repeats events[{earlier}]")],
+            )
+        prepared.events.append((index, built))
+    return prepared
+
+
+def build_event(
+    event: ingest_pb2.Event, route: SourceRoute, limits: Limits, received_at: str
+) -> NewEvent:
+    # Each field is read once: every attribute read of a protobuf message builds a new object,
+    # and this runs for every event.
+    message_id = event.message_id
+    user_id = event.user_id
+    anonymous_id = event.anonymous_id
+    kind = event.type
+    name = event.event
+    if not message_id:
+        raise EventRejected("message_id: required")
+    _check_text("message_id", message_id, MAX_MESSAGE_ID)
+    if user_id:
+        _check_text("user_id", user_id, MAX_USER_ID)
+    if anonymous_id:
+        _check_text("anonymous_id", anonymous_id, MAX_USER_ID)
+    if not (user_id or anonymous_id):
+        raise EventRejected("user_id: one of user_id or anonymous_id is required")
+    if kind:
+        _check_text("type", kind, MAX_NAME)
+    if len(name) > MAX_NAME:
+        raise EventRejected(f"event: longer than {MAX_NAME} characters")
+
+    properties = _properties(event, limits)
+    envelope: dict[str, Any] = {"messageId": message_id}
+    if kind:
+        envelope["type"] = kind
+    if name:
+        envelope["event"] = name
+    if user_id:
+        envelope["userId"] = user_id
+    if anonymous_id:
+        envelope["anonymousId"] = anonymous_id
+    envelope["timestamp"] = (
+        event.timestamp.ToJsonString() if event.HasField("timestamp") else received_at
+    )
+    envelope["receivedAt"] = received_at
+    # The client's JSON text goes in as sent (Postgres's jsonb parses it exactly, big numbers
+    # included), spliced after the envelope rather than parsed and serialised again.
+    text = orjson.dumps(envelope).decode()[:-1] + ',"properties":' + properties + "}"
+    size = len(text) if text.isascii() else len(text.encode())
+    if size > limits.max_event_bytes:
+        raise EventRejected(
+            f"event: {size} bytes exceed the limit of {limits.max_event_bytes}"
+            " (RELAYQ_INGEST_MAX_EVENT_BYTES)"
+        )
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise EventRejected("payload: contains a \\u0000 character, which cannot be stored")
+
+    return NewEvent(
+        source_key=route.source_key,
+        tenant_key=route.tenant_key,
+        message_id=message_id,
+        user_id=user_id or anonymous_id,
+        document=text,
+        destination_keys=_destinations(event, route),
+    )
+
+
+def _check_text(name: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        raise EventRejected(f"{name}: longer than {limit} characters")
+    # isprintable() is a fast C check that passes almost every real id; only when it fails
+    # (a control character, or merely an unusual space) does the exact check run.
+    if not value.isprintable() and _CONTROL.search(value):
+        raise EventRejected(f"{name}: contains control characters")
+
+
+def _properties(event: ingest_pb2.Event, limits: Limits) -> str:
+    """The event's JSON object as text, checked to be an object that jsonb will take."""
+    body = event.WhichOneof("body")
+    if body == "properties":
+        return orjson.dumps(json_format.MessageToDict(event.properties)).decode()
+    if body is None:
+        return "{}"
+    text = event.payload_json
+    if len(text) > limits.max_event_bytes:
+        raise EventRejected(
+            f"payload_json: {len(text)} characters, over the limit of {limits.max_event_bytes}"
+            " bytes per event (RELAYQ_INGEST_MAX_EVENT_BYTES)"
+        )
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        value = _loads_standard(text, exc)
+    if not isinstance(value, dict):
+        raise EventRejected(
+            f"payload_json: must be a JSON object, got {type(value).__name__}"
+        )
+    return text
+
+
+def _loads_standard(text: str, error: orjson.JSONDecodeError) -> Any:
+    """orjson refuses some valid JSON (numbers beyond a double's range); the standard library
+    takes those, and is told to refuse NaN and Infinity, which are not JSON at all."""
+    try:
+        return json.loads(text, parse_constant=_not_json)
+    except ValueError:
+        raise EventRejected(f"payload_json: invalid JSON: {error}") from None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _destinations(event: ingest_pb2.Event, route: SourceRoute) -> tuple[int, ...]:
+    named = event.destination_ids
+    if not named:
+        return route.destination_keys
+    keys: list[int] = []
+    for destination_id in named:
+        key = route.destinations.get(destination_id)
+        if key is None:
+            raise EventRejected(
+                f"destination_ids: {destination_id!r} is not a destination connected to"
+                f" source {route.source_id!r}"
+            )
+        if key not in keys:
+            keys.append(key)
+    return tuple(keys)

@@ -1,0 +1,431 @@
+"""relayq-ingest against a real Postgres and a real gRPC server on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2, timestamp_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from psycopg import AsyncConnection
+
+from relayq.v1 import ingest_pb2
+from tests import factories
+from tests.services import Ingest, ingest
+
+Status = ingest_pb2.EventResult.Status
+
+
+def event(message_id: str, user: str = "u1", **properties: Any) -> ingest_pb2.Event:
+    return ingest_pb2.Event(
+        message_id=message_id,
+        user_id=user,
+        type="track",
+        event="Order Completed",
+        payload_json=json.dumps(properties or {"n": 1}),
+    )
+
+
+def auth(write_key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {write_key}"),)
+
+
+async def send(service: Ingest, write_key: str, *events: ingest_pb2.Event,
+               partial: bool = False) -> ingest_pb2.IngestResponse:
+    request = ingest_pb2.IngestRequest(events=events, partial_success=partial)
+    return await service.stub.Ingest(request, metadata=auth(write_key), timeout=10)
+
+
+async def jobs(conn: AsyncConnection[Any]) -> list[tuple[Any, ...]]:
+    cur = await conn.execute(
+        "SELECT job_id, destination_key, source_key, user_id, message_id, state, payload"
+        " FROM jobs ORDER BY job_id"
+    )
+    return await cur.fetchall()
+
+
+async def count(conn: AsyncConnection[Any], table: str) -> int:
+    cur = await conn.execute(f"SELECT count(*) FROM {table}")
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture
+async def setup(conn: AsyncConnection[Any]) -> dict[str, Any]:
+    """Tenant acme, source web connected to d1 and d2 (enabled) and d3 (disabled)."""
+    tenant = await factories.tenant(conn)
+    web = await factories.source(conn, tenant)
+    d1 = await factories.destination(conn, tenant, "d1")
+    d2 = await factories.destination(conn, tenant, "d2")
+    d3 = await factories.destination(conn, tenant, "d3")
+    await factories.connect(conn, web.key, d1)
+    await factories.connect(conn, web.key, d2)
+    await factories.connect(conn, web.key, d3, enabled=False)
+    return {"tenant": tenant, "web": web, "d1": d1, "d2": d2, "d3": d3}
+
+
+async def test_events_become_one_job_per_connected_destination(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    web = setup["web"]
+    async with ingest(database) as service:
+        response = await send(
+            service, web.write_key,
+            event("m1", "alice", revenue=12.5, items=[{"sku": "a"}], note="tab\there \\ \"q\""),
+            event("m2", "bob"),
+        )
+    assert [r.status for r in response.results] == [Status.ACCEPTED, Status.ACCEPTED]
+    assert response.accepted == 2
+    assert all(len(r.job_ids) == 2 for r in response.results)
+
+    rows = await jobs(conn)
+    assert [(r[1], r[3], r[4]) for r in rows] == [
+        (setup["d1"], "alice", "m1"), (setup["d2"], "alice", "m1"),
+        (setup["d1"], "bob", "m2"), (setup["d2"], "bob", "m2"),
+    ]
+    assert [r[0] for r in rows] == sorted(j for r in response.results for j in r.job_ids)
+    assert {r[5] for r in rows} == {"pending"}
+    document = rows[0][6]
+    assert document["properties"] == {
+        "revenue": 12.5, "items": [{"sku": "a"}], "note": "tab\there \\ \"q\""}
+    assert document["messageId"] == "m1"
+    assert document["userId"] == "alice"
+    assert document["event"] == "Order Completed"
+    assert document["type"] == "track"
+    assert document["receivedAt"].endswith("Z")
+
+
+async def test_job_ids_follow_the_order_of_events_in_a_batch(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    """Job order is delivery order for a user: a big batch must not come out shuffled."""
+    async with ingest(database) as service:
+        response = await send(service, setup["web"].write_key,
+                              *(event(f"m{i:04d}", "alice") for i in range(1000)))
+    ids = [j for r in response.results for j in r.job_ids]
+    assert ids == sorted(ids)
+    cur = await conn.execute(
+        "SELECT message_id FROM jobs WHERE destination_key = %s ORDER BY job_id", (setup["d2"],))
+    assert [r[0] for r in await cur.fetchall()] == [f"m{i:04d}" for i in range(1000)]
+
+
+async def test_destination_ids_restrict_fan_out(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    async with ingest(database) as service:
+        only_d2 = event("m1")
+        only_d2.destination_ids.append("d2")
+        response = await send(service, setup["web"].write_key, only_d2)
+    assert len(response.results[0].job_ids) == 1
+    assert [r[1] for r in await jobs(conn)] == [setup["d2"]]
+
+
+async def test_struct_properties_and_timestamp_for_grpcurl_users(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    properties = struct_pb2.Struct()
+    properties.update({"plan": "pro", "seats": 3})
+    sent = ingest_pb2.Event(
+        message_id="m1", anonymous_id="anon-7", properties=properties,
+        timestamp=timestamp_pb2.Timestamp(seconds=1_790_000_000),
+    )
+    async with ingest(database) as service:
+        await send(service, setup["web"].write_key, sent)
+    rows = await jobs(conn)
+    assert rows[0][3] == "anon-7"
+    assert rows[0][6]["properties"] == {"plan": "pro", "seats": 3}
+    assert rows[0][6]["timestamp"] == "2026-09-21T14:13:20Z"
+
+
+async def test_a_message_id_is_stored_once(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    web = setup["web"]
+    async with ingest(database) as service:
+        first = await send(service, web.write_key, event("m1"), event("m2"))
+        again = await send(service, web.write_key, event("m2"), event("m3"))
+    assert [r.status for r in first.results] == [Status.ACCEPTED, Status.ACCEPTED]
+    assert [r.status for r in again.results] == [Status.DUPLICATE, Status.ACCEPTED]
+    assert again.duplicates == 1
+    assert not again.results[0].job_ids
+    assert sorted({r[4] for r in await jobs(conn)}) == ["m1", "m2", "m3"]
+    assert await count(conn, "jobs") == 6
+
+
+async def test_concurrent_requests_share_commits(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    """Two hundred single-event requests at once commit in far fewer transactions."""
+    web = setup["web"]
+    async with ingest(database, RELAYQ_INGEST_FLUSH_DELAY_MS="5") as service:
+        cur = await conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+        before = (await cur.fetchone() or [0])[0]
+        responses = await asyncio.gather(
+            *(send(service, web.write_key, event(f"m{i}", f"u{i}")) for i in range(200)))
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        cur = await conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+        after = (await cur.fetchone() or [0])[0]
+    assert all(r.accepted == 1 for r in responses)
+    assert await count(conn, "jobs") == 400
+    # Statistics are flushed lazily, so this can undercount but never overcount commits.
+    assert after - before < 100
+
+
+async def test_same_key_in_one_group_commit_is_stored_once(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    """A client retrying while its first request still waits to be flushed."""
+    web = setup["web"]
+    async with ingest(database, RELAYQ_INGEST_FLUSH_DELAY_MS="50") as service:
+        responses = await asyncio.gather(
+            *(send(service, web.write_key, event("same")) for _ in range(5)))
+    statuses = sorted(r.results[0].status for r in responses)
+    assert statuses == [Status.ACCEPTED] + [Status.DUPLICATE] * 4
+    assert await count(conn, "jobs") == 2
+
+
+async def test_partial_success_stores_valid_events_and_reports_the_rest(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    bad = ingest_pb2.Event(message_id="m2", user_id="u", payload_json="[1, 2]")
+    async with ingest(database) as service:
+        response = await send(service, setup["web"].write_key, event("m1"), bad, event("m3"),
+                              partial=True)
+    assert [r.status for r in response.results] == [
+        Status.ACCEPTED, Status.REJECTED, Status.ACCEPTED]
+    assert response.results[1].reason == "payload_json: must be a JSON object, got list"
+    assert (response.accepted, response.rejected) == (2, 1)
+    assert sorted({r[4] for r in await jobs(conn)}) == ["m1", "m3"]
+    # A rejected event does not claim its message id: fixed and resent, it is accepted.
+    async with ingest(database) as service:
+        fixed = await send(service, setup["web"].write_key, event("m2"))
+    assert fixed.results[0].status == Status.ACCEPTED
+
+
+async def test_an_event_for_a_source_without_destinations_is_accepted_without_jobs(
+    database: str, conn: AsyncConnection[Any]
+) -> None:
+    tenant = await factories.tenant(conn)
+    lonely = await factories.source(conn, tenant, "lonely")
+    async with ingest(database) as service:
+        first = await send(service, lonely.write_key, event("m1"))
+        again = await send(service, lonely.write_key, event("m1"))
+    assert first.results[0].status == Status.ACCEPTED
+    assert not first.results[0].job_ids
+    assert again.results[0].status == Status.DUPLICATE
+    assert await count(conn, "jobs") == 0
+
+
+# --- bad input: a precise status, and nothing written -------------------------------------
+
+def _events(*events: ingest_pb2.Event) -> list[ingest_pb2.Event]:
+    return list(events)
+
+
+BAD_BATCHES: list[tuple[str, list[ingest_pb2.Event], str, str]] = [
+    ("empty batch", [], "events: the batch is empty", "events"),
+    ("too many events", [event(f"m{i}") for i in range(11)],
+     "events: 11 events exceed the limit of 10 per batch (RELAYQ_INGEST_MAX_BATCH_EVENTS)",
+     "events"),
+    ("message id twice in a batch", [event("a"), event("b"), event("a")],
+     "events[2].message_id 'a' repeats events[0]", "events[2].message_id"),
+    ("payload not JSON", [event("ok"), ingest_pb2.Event(
+        message_id="m", user_id="u", payload_json="{nope")],
+     "events[1].payload_json: invalid JSON", "events[1].payload_json"),
+    ("payload not an object", [ingest_pb2.Event(message_id="m", user_id="u", payload_json="42")],
+     "events[0].payload_json: must be a JSON object, got int", "events[0].payload_json"),
+    ("missing message id", [ingest_pb2.Event(user_id="u", payload_json="{}")],
+     "events[0].message_id: required", "events[0].message_id"),
+    ("message id too long", [ingest_pb2.Event(message_id="x" * 129, user_id="u")],
+     "events[0].message_id: longer than 128 characters", "events[0].message_id"),
+    ("message id with a newline", [ingest_pb2.Event(message_id="a\nb", user_id="u")],
+     "events[0].message_id: contains control characters", "events[0].message_id"),
+    ("no user", [ingest_pb2.Event(message_id="m", payload_json="{}")],
+     "events[0].user_id: one of user_id or anonymous_id is required", "events[0].user_id"),
+    ("user id too long", [ingest_pb2.Event(message_id="m", user_id="u" * 257)],
+     "events[0].user_id: longer than 256 characters", "events[0].user_id"),
+    ("event too large", [ingest_pb2.Event(
+        message_id="m", user_id="u", payload_json=json.dumps({"x": "y" * 5000}))],
+     "events[0].payload_json: 5009 characters, over the limit of 4096 bytes per event"
+     " (RELAYQ_INGEST_MAX_EVENT_BYTES)", "events[0].payload_json"),
+    ("NUL in payload", [ingest_pb2.Event(
+        message_id="m", user_id="u", payload_json='{"a": "\\u0000"}')],
+     "events[0].payload: contains a \\u0000 character", "events[0].payload"),
+    ("unknown destination", [ingest_pb2.Event(
+        message_id="m", user_id="u", destination_ids=["nope"])],
+     "events[0].destination_ids: 'nope' is not a destination connected to source 'web'",
+     "events[0].destination_ids"),
+    ("disabled connection named", [ingest_pb2.Event(
+        message_id="m", user_id="u", destination_ids=["d3"])],
+     "events[0].destination_ids: 'd3' is not a destination connected", "events[0].destination_ids"),
+]
+
+
+@pytest.mark.parametrize(
+    ("events", "message", "field"),
+    [pytest.param(e, m, f, id=name) for name, e, m, f in BAD_BATCHES],
+)
+async def test_bad_batches_are_invalid_argument_and_store_nothing(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any],
+    events: list[ingest_pb2.Event], message: str, field: str,
+) -> None:
+    limits = {"RELAYQ_INGEST_MAX_BATCH_EVENTS": "10", "RELAYQ_INGEST_MAX_EVENT_BYTES": "4096"}
+    async with ingest(database, **limits) as service:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await send(service, setup["web"].write_key, *events)
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (error.details() or "")
+    status = rpc_status.from_call(error)
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    assert bad_request.field_violations[0].field == field
+    assert await count(conn, "jobs") == 0
+    assert await count(conn, "dedup_keys") == 0
+
+
+async def test_an_all_or_nothing_rejection_lists_every_bad_event(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    bad = [ingest_pb2.Event(message_id=f"m{i}", user_id="u", payload_json="[]") for i in range(3)]
+    async with ingest(database) as service:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await send(service, setup["web"].write_key, event("fine"), *bad)
+    assert "(and 2 more invalid events)" in (caught.value.details() or "")
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    status.details[0].Unpack(bad_request)
+    assert [v.field for v in bad_request.field_violations] == [
+        "events[1].payload_json", "events[2].payload_json", "events[3].payload_json"]
+    assert await count(conn, "jobs") == 0
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        pytest.param((), "missing write key", id="no key"),
+        pytest.param((("authorization", "Basic abc"),), "missing write key", id="not bearer"),
+        pytest.param((("authorization", "Bearer rq_wk_nope"),), "unknown, revoked or expired",
+                     id="unknown key"),
+    ],
+)
+async def test_missing_or_unknown_write_keys_are_unauthenticated(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any],
+    metadata: tuple[tuple[str, str], ...], message: str,
+) -> None:
+    async with ingest(database) as service:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await service.stub.Ingest(
+                ingest_pb2.IngestRequest(events=[event("m1")]), metadata=metadata, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert message in (caught.value.details() or "")
+    assert await count(conn, "jobs") == 0
+
+
+async def test_a_revoked_key_stops_working_on_a_running_ingest(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    web = setup["web"]
+    async with ingest(database) as service:
+        await send(service, web.write_key, event("m1"))  # cached now
+        await conn.execute("UPDATE write_keys SET expires_at = now() WHERE source_key = %s",
+                           (web.key,))
+        refused: list[grpc.StatusCode] = []
+        for attempt in range(50):  # the NOTIFY on relayq_config clears the cache within moments
+            try:
+                await send(service, web.write_key, event(f"m{attempt + 2}"))
+            except grpc.aio.AioRpcError as exc:
+                refused.append(exc.code())
+                break
+            await asyncio.sleep(0.1)
+    assert refused == [grpc.StatusCode.UNAUTHENTICATED], "the revoked key kept working"
+    assert attempt < 20
+
+
+async def test_a_disabled_source_is_permission_denied(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    await conn.execute("UPDATE sources SET enabled = false")
+    async with ingest(database) as service:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await send(service, setup["web"].write_key, event("m1"))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await count(conn, "jobs") == 0
+
+
+async def test_a_source_over_its_rate_limit_is_resource_exhausted_and_stores_nothing(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    web = setup["web"]
+    # So slow that only lifting the limit (not the bucket refilling) can let m3 through.
+    await conn.execute("UPDATE sources SET rate_per_second = 0.001, rate_burst = 2")
+    # Routes cached for an hour: only the config NOTIFY can bring the lifted limit in time.
+    async with ingest(database, RELAYQ_INGEST_ROUTE_CACHE_SECONDS="3600") as service:
+        # A batch refused as invalid uses none of the limit.
+        with pytest.raises(grpc.aio.AioRpcError) as invalid:
+            await send(service, web.write_key, *(ingest_pb2.Event(
+                message_id=f"bad{i}", user_id="u", payload_json="[]") for i in range(5)))
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await send(service, web.write_key, event("m1"), event("m2"))  # the whole burst
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await send(service, web.write_key, event("m3"))
+        error = caught.value
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (error.details() or "").startswith(
+            "source 'web' is over its rate limit of 0.001 events/s (burst 2); nothing was stored,"
+            " retry in ")
+        status = rpc_status.from_call(error)
+        assert status is not None
+        retry = error_details_pb2.RetryInfo()
+        assert status.details[0].Unpack(retry)
+        assert 900 < retry.retry_delay.ToTimedelta().total_seconds() <= 1000  # one token
+        assert await count(conn, "jobs") == 4  # m1 and m2, two destinations each
+
+        # Lifting the limit reaches the running ingest within moments.
+        await conn.execute("UPDATE sources SET rate_per_second = 0")
+        refusals: list[grpc.StatusCode] = []
+        for _ in range(50):
+            try:
+                await send(service, web.write_key, event("m3"))
+                break
+            except grpc.aio.AioRpcError as exc:
+                refusals.append(exc.code())
+                await asyncio.sleep(0.1)
+    assert set(refusals) <= {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert len(refusals) < 50, "the lifted limit never reached the running ingest"
+    assert await count(conn, "jobs") == 6
+
+
+async def test_a_request_over_the_size_limit_is_refused(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    big = [event(f"m{i}", note="x" * 900) for i in range(4)]
+    async with ingest(database, RELAYQ_INGEST_MAX_REQUEST_BYTES="2048") as service:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await send(service, setup["web"].write_key, *big)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in (caught.value.details() or "")
+    assert await count(conn, "jobs") == 0
+
+
+async def test_ingest_creates_partitions_when_ids_outrun_them(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    """Maintenance is off here: the write itself notices the missing partition and recovers."""
+    await conn.execute("SELECT setval('jobs_job_id_seq', 7500000)")
+    async with ingest(database) as service:
+        response = await send(service, setup["web"].write_key, event("m1"))
+    assert response.accepted == 1
+    assert min(response.results[0].job_ids) > 7_500_000
+    cur = await conn.execute(
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'jobs'::regclass")
+    assert (await cur.fetchone() or [0])[0] >= 6

@@ -1,0 +1,227 @@
+"""Pure logic of ingest: validation and document building, group-commit scheduling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ingest_service.committer import GroupCommitter
+from ingest_service.config import Limits
+from ingest_service.quota import MAX_WAIT, SourceQuotas
+from ingest_service.validate import EventRejected, build_event, prepare
+from jobsdb import errors as dberrors
+from jobsdb.ingest import NewEvent, Stored
+from jobsdb.routing import SourceRoute
+from relayq.rpc import InvalidArgument
+from relayq.v1 import ingest_pb2
+
+ROUTE = SourceRoute(source_key=3, source_id="web", tenant_key=1, tenant_id="acme",
+                    enabled=True, rate_per_second=0.0, rate_burst=0,
+                    destinations={"d1": 10, "d2": 11},
+                    destination_keys=(10, 11))
+LIMITS = Limits(max_batch_events=100, max_event_bytes=2048, max_request_bytes=1 << 20)
+NOW = "2026-11-25T10:00:00.000Z"
+
+
+def build(**fields: object) -> NewEvent:
+    return build_event(ingest_pb2.Event(**fields), ROUTE, LIMITS, NOW)  # type: ignore[arg-type]
+
+
+def test_the_document_carries_the_envelope_and_the_properties() -> None:
+    event = build(message_id="m1", user_id="u1", anonymous_id="a1", type="track",
+                  event="Signed Up", payload_json='{"plan": "pro", "n": 10000000000000000000001}')
+    assert event.user_id == "u1"
+    assert event.destination_keys == (10, 11)
+    assert json.loads(event.document) == {
+        "messageId": "m1", "type": "track", "event": "Signed Up", "userId": "u1",
+        "anonymousId": "a1", "timestamp": NOW, "receivedAt": NOW,
+        "properties": {"plan": "pro", "n": 10000000000000000000001},
+    }
+
+
+def test_anonymous_id_is_the_ordering_key_without_a_user_id() -> None:
+    assert build(message_id="m", anonymous_id="anon").user_id == "anon"
+
+
+def test_valid_json_that_orjson_refuses_is_still_accepted() -> None:
+    event = build(message_id="m", user_id="u", payload_json='{"big": 1e400}')
+    assert event.document.endswith('"properties":{"big": 1e400}}')
+
+
+def test_an_event_without_a_body_has_empty_properties() -> None:
+    assert orjson.loads(build(message_id="m", user_id="u").document)["properties"] == {}
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"user_id": "u"}, "message_id: required"),
+        ({"message_id": "m"}, "user_id: one of user_id or anonymous_id is required"),
+        ({"message_id": "m", "user_id": "u\t"}, "user_id: contains control characters"),
+        ({"message_id": "m", "anonymous_id": "a" * 257}, "anonymous_id: longer than 256"),
+        ({"message_id": "m", "user_id": "u", "event": "e" * 257}, "event: longer than 256"),
+        ({"message_id": "m", "user_id": "u", "payload_json": "null"},
+         "payload_json: must be a JSON object, got NoneType"),
+        ({"message_id": "m", "user_id": "u", "payload_json": '{"a": NaN}'},
+         "payload_json: invalid JSON"),
+        ({"message_id": "m", "user_id": "u", "payload_json": '{"a": "x' + "y" * 2100 + '"}'},
+         "payload_json: 2110 characters, over the limit of 2048"),
+        ({"message_id": "m", "user_id": "u", "payload_json": '{"a": "' + "y" * 1990 + '"}'},
+         "event: 2122 bytes exceed the limit of 2048 (RELAYQ_INGEST_MAX_EVENT_BYTES)"),
+        ({"message_id": "m", "user_id": "u", "destination_ids": ["d9"]},
+         "destination_ids: 'd9' is not a destination connected to source 'web'"),
+    ],
+)
+def test_invalid_events_are_rejected_with_a_reason(fields: dict[str, object], reason: str) -> None:
+    with pytest.raises(EventRejected) as caught:
+        build(**fields)
+    assert reason in str(caught.value)
+
+
+def test_an_escaped_backslash_before_u0000_is_not_a_nul() -> None:
+    event = build(message_id="m", user_id="u", payload_json='{"path": "C:\\\\u0000"}')
+    assert orjson.loads(event.document)["properties"] == {"path": "C:\\u0000"}
+
+
+def test_named_destinations_are_deduplicated_in_order() -> None:
+    event = build(message_id="m", user_id="u", destination_ids=["d2", "d1", "d2"])
+    assert event.destination_keys == (11, 10)
+
+
+def test_prepare_collects_per_event_reasons_and_refuses_bad_batches() -> None:
+    request = ingest_pb2.IngestRequest(events=[
+        ingest_pb2.Event(message_id="a", user_id="u"),
+        ingest_pb2.Event(message_id="b"),
+    ])
+    prepared = prepare(request, ROUTE, LIMITS, NOW)
+    assert [i for i, _ in prepared.events] == [0]
+    assert prepared.rejected == {1: "user_id: one of user_id or anonymous_id is required"}
+    with pytest.raises(InvalidArgument, match="the batch is empty"):
+        prepare(ingest_pb2.IngestRequest(), ROUTE, LIMITS, NOW)
+
+
+@given(st.text(max_size=300))
+def test_any_payload_text_is_accepted_or_rejected_never_crashes(text: str) -> None:
+    try:
+        event = build(message_id="m", user_id="u", payload_json=text)
+    except EventRejected:
+        return
+    assert isinstance(json.loads(event.document)["properties"], dict)
+
+
+# --- group commit scheduling (a recording store: this tests the scheduler, not Postgres) ---
+
+def _events(n: int) -> list[NewEvent]:
+    return [NewEvent(1, 1, f"m{i}", "u", "{}", (1,)) for i in range(n)]
+
+
+async def test_requests_arriving_together_share_one_flush() -> None:
+    flushes: list[int] = []
+
+    async def store(events: Sequence[NewEvent]) -> list[Stored]:
+        flushes.append(len(events))
+        await asyncio.sleep(0.01)
+        return [Stored(duplicate=False, job_ids=[1]) for _ in events]
+
+    committer = GroupCommitter(store, delay=0.02, max_jobs=1000, concurrency=1)
+    committer.start()
+    results = await asyncio.gather(*(committer.submit(_events(2)) for _ in range(50)))
+    await committer.close()
+    assert all(len(r) == 2 for r in results)
+    assert sum(flushes) == 100
+    assert len(flushes) <= 3
+
+
+async def test_a_flush_never_takes_more_than_max_jobs() -> None:
+    flushes: list[int] = []
+
+    async def store(events: Sequence[NewEvent]) -> list[Stored]:
+        flushes.append(len(events))
+        return [Stored(duplicate=False) for _ in events]
+
+    committer = GroupCommitter(store, delay=0.05, max_jobs=10, concurrency=2)
+    committer.start()
+    await asyncio.gather(*(committer.submit(_events(3)) for _ in range(20)))
+    await committer.close()
+    assert sum(flushes) == 60
+    assert max(flushes) <= 9
+
+
+async def test_a_refused_flush_is_retried_request_by_request() -> None:
+    """One client's bad data must fail that client only, not everyone sharing the commit."""
+
+    async def store(events: Sequence[NewEvent]) -> list[Stored]:
+        if any(e.message_id == "poison" for e in events):
+            raise dberrors.ConstraintViolation("refused")
+        return [Stored(duplicate=False) for _ in events]
+
+    committer = GroupCommitter(store, delay=0.02, max_jobs=1000, concurrency=1)
+    committer.start()
+    poison = [NewEvent(1, 1, "poison", "u", "{}", (1,))]
+    results = await asyncio.gather(
+        committer.submit(_events(1)), committer.submit(poison), committer.submit(_events(1)),
+        return_exceptions=True)
+    await committer.close()
+    assert isinstance(results[1], dberrors.ConstraintViolation)
+    assert not isinstance(results[0], BaseException)
+    assert not isinstance(results[2], BaseException)
+
+
+# ---- per-source rate limits ----
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_source_gets_its_burst_then_its_rate() -> None:
+    clock = Clock()
+    quotas = SourceQuotas(clock)
+    assert quotas.take(1, 10.0, 20, 20) == 0  # the whole burst at once
+    assert quotas.take(1, 10.0, 20, 5) == pytest.approx(0.5)  # 5 tokens at 10/s
+    clock.now += 0.5
+    assert quotas.take(1, 10.0, 20, 5) == 0
+    assert quotas.take(2, 10.0, 20, 20) == 0  # another source has its own bucket
+    assert quotas.take(3, 0.0, 0, 10_000) == 0  # 0: unlimited
+
+
+def test_a_batch_larger_than_the_burst_goes_when_full_and_leaves_debt() -> None:
+    clock = Clock()
+    quotas = SourceQuotas(clock)
+    assert quotas.take(1, 10.0, 0, 100) == 0  # burst defaults to one second's worth: 10
+    # 90 tokens of debt, then 1 token needed: 9.1 s at 10/s.
+    assert quotas.take(1, 10.0, 0, 1) == pytest.approx(9.1)
+    clock.now += 9.1
+    assert quotas.take(1, 10.0, 0, 1) == 0
+
+
+def test_a_changed_limit_keeps_what_the_source_owes() -> None:
+    clock = Clock()
+    quotas = SourceQuotas(clock)
+    assert quotas.take(1, 100.0, 10, 1000) == 0  # 990 tokens of debt
+    # Lowered to 1/s: the debt is not forgiven, it is now paid at the new rate.
+    assert quotas.take(1, 1.0, 0, 1) == pytest.approx(991.0)
+    # Raised: paid off faster.
+    assert quotas.take(1, 1000.0, 10, 1) == pytest.approx(0.991)
+    clock.now += 1.0
+    assert quotas.take(1, 1000.0, 10, 1) == 0
+
+
+def test_a_refusal_never_asks_for_more_than_an_hour_and_a_failed_store_gives_back() -> None:
+    clock = Clock()
+    quotas = SourceQuotas(clock)
+    assert quotas.take(1, 1e-300, 1, 1) == 0
+    assert quotas.take(1, 1e-300, 1, 1) == MAX_WAIT
+    assert quotas.take(2, 1.0, 5, 5) == 0
+    quotas.give_back(2, 5)  # the batch was not stored
+    assert quotas.take(2, 1.0, 5, 5) == 0
