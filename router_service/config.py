@@ -1,0 +1,63 @@
+"""relayq-router's configuration, read once from RELAYQ_* variables and validated at start."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+from jobsdb import maintenance
+from relayq.config import ConfigError, Env, ServerConfig, maintenance_policy
+from router_service.engine import EngineSettings
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    database_url: str
+    server: ServerConfig
+    engine: EngineSettings
+    pool_size: int
+    migrate: bool
+    maintenance: maintenance.Policy | None
+    startup_timeout_seconds: float
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> RouterConfig:
+        env = env or Env()
+        router_id = env.text("RELAYQ_ROUTER_ID",
+                             f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}")
+        if len(router_id) > 200:
+            raise ConfigError("RELAYQ_ROUTER_ID", "longer than 200 characters")
+        batch = env.integer("RELAYQ_ROUTER_BATCH", 500, minimum=1, maximum=10_000)
+        return cls(
+            database_url=env.database_url(),
+            server=ServerConfig.from_env(env, "router", 50053, 9153),
+            engine=EngineSettings(
+                router_id=router_id,
+                lease=timedelta(seconds=env.number(
+                    "RELAYQ_ROUTER_LEASE_SECONDS", 15.0, minimum=1.0, maximum=600)),
+                batch=batch,
+                max_held=env.integer("RELAYQ_ROUTER_MAX_HELD", 4 * batch, minimum=2 * batch,
+                                     maximum=1_000_000),
+                permits=env.integer("RELAYQ_ROUTER_PERMITS", 512, minimum=1, maximum=100_000),
+                grpc_batch=env.integer("RELAYQ_ROUTER_GRPC_BATCH", 100, minimum=1,
+                                       maximum=10_000),
+                poll_seconds=env.number("RELAYQ_ROUTER_POLL_SECONDS", 2.0, minimum=0.05,
+                                        maximum=3600),
+                flush_delay=env.number("RELAYQ_ROUTER_FLUSH_DELAY_MS", 5.0, maximum=1000) / 1000,
+                flush_max=env.integer("RELAYQ_ROUTER_FLUSH_MAX", 2000, minimum=1,
+                                      maximum=100_000),
+                flush_concurrency=env.integer("RELAYQ_ROUTER_FLUSH_CONCURRENCY", 2, minimum=1,
+                                              maximum=8),
+                read_alone_above=env.integer("RELAYQ_ROUTER_READ_ALONE_ABOVE", 100, minimum=0,
+                                             maximum=1_000_000),
+                destination_ca_file=env.file("RELAYQ_DESTINATION_CA_FILE"),
+            ),
+            pool_size=env.integer("RELAYQ_ROUTER_POOL_SIZE", 8, minimum=3, maximum=1000),
+            migrate=env.flag("RELAYQ_MIGRATE", True),
+            maintenance=maintenance_policy(env),
+            startup_timeout_seconds=env.number(
+                "RELAYQ_STARTUP_TIMEOUT_SECONDS", 30.0, maximum=3600),
+        )

@@ -1,0 +1,272 @@
+"""The router's engine: destinations, their lanes, and what wakes them.
+
+Work is found three ways, cheapest first: ingest's `NOTIFY relayq_jobs` names the destinations
+that just got jobs; a lane knows when the retries it recorded come due; and a poll every few
+seconds (two loose index scans, one probe per destination with work) catches anything a lost
+notification or another router left behind. An idle cluster costs Postgres those two scans.
+Lanes exist only for destinations that had work, and are closed after a while without any, so
+ten thousand quiet destinations cost next to nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import aiohttp
+from psycopg_pool import AsyncConnectionPool
+
+from jobsdb import destinations as destinations_db
+from jobsdb import queue
+from jobsdb.config import Destination
+from jobsdb.errors import JobsDBError
+from jobsdb.pool import transaction
+from router_service import metrics
+from router_service.fairness import FairScheduler
+from router_service.grpcsink import GrpcSender
+from router_service.lane import Lane, Sender
+from router_service.membership import Membership
+from router_service.outcomes import OutcomeFlusher
+from router_service.reads import Reader
+from router_service.trust import Trust
+from router_service.webhook import WebhookSender
+
+log = logging.getLogger(__name__)
+
+# The longest a missed configuration notification can leave a router with stale settings.
+CONFIG_RELOAD_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    router_id: str
+    lease: timedelta
+    # Jobs read per pickup, and held in memory per destination at most.
+    batch: int
+    max_held: int
+    # Requests in flight at once over all destinations (shared fairly).
+    permits: int
+    grpc_batch: int
+    poll_seconds: float
+    flush_delay: float
+    # Outcomes and parkings per transaction at most, and such transactions in flight at once.
+    flush_max: int
+    flush_concurrency: int = 2
+    # A lane holding more jobs than this reads alone; the others' reads are grouped.
+    read_alone_above: int = 100
+    # Rows one grouped read may return at most, and grouped reads in flight at once.
+    read_max_rows: int = 10_000
+    read_concurrency: int = 2
+    # A lane with nothing to do for this long is closed.
+    lane_idle_seconds: float = 60.0
+    # Extra certificate authorities for https:// and grpcs:// destinations (router_service.trust).
+    destination_ca_file: Path | None = None
+
+
+class Engine:
+    def __init__(self, pool: AsyncConnectionPool, settings: EngineSettings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.trust = Trust(settings.destination_ca_file)
+        self.scheduler = FairScheduler(settings.permits)
+        self.flusher = OutcomeFlusher(pool, f"router:{settings.router_id}",
+                                      delay=settings.flush_delay, max_batch=settings.flush_max,
+                                      concurrency=settings.flush_concurrency)
+        self.reader = Reader(pool, alone_above=settings.read_alone_above,
+                             max_rows=settings.read_max_rows,
+                             concurrency=settings.read_concurrency)
+        self.membership = Membership(pool, settings.router_id, settings.lease,
+                                     on_change=self._partitions_changed, busy=self._busy)
+        self.destinations: dict[int, Destination] = {}
+        self.lanes: dict[int, Lane] = {}
+        self._idle_since: dict[int, float] = {}
+        self.stopping = False
+        # Set whenever a delivery finishes (shutdown waits on it).
+        self.settled = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._discoveries: set[asyncio.Task[None]] = set()
+        self._reload = asyncio.Event()
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True,
+                                           ssl=self.trust.ssl_context),
+            headers={"User-Agent": "relayq"},
+        )
+        await self._load_destinations()
+        self.flusher.start()
+        self.reader.start()
+        await self._first_beat()
+        for coro, name in ((self.membership.run(), "membership"), (self._poll(), "poll"),
+                           (self._watch_config(), "config")):
+            self._tasks.append(asyncio.create_task(coro, name=name))
+
+    async def stop(self, grace: float) -> None:
+        """Stop reading, let deliveries in flight finish (up to `grace`), record, let go."""
+        self.stopping = True
+        deadline = time.monotonic() + grace
+        while any(lane.in_flight for lane in self.lanes.values()):
+            self.settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.settled.wait(), deadline - time.monotonic())
+            if time.monotonic() >= deadline:
+                break
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for lane in list(self.lanes.values()):
+            await lane.close()  # cancels what is still in flight: those jobs stay pending
+        await self.reader.close()
+        await self.flusher.close()
+        await self.membership.leave()
+        if self._session is not None:
+            await self._session.close()
+
+    # --- wake-ups ------------------------------------------------------------------------
+
+    def on_jobs_notification(self, payload: str) -> None:
+        """ingest (or admin) committed jobs for these destinations ('*': possibly any)."""
+        keys = self.destinations.keys() if payload == "*" else _keys(payload)
+        for key in keys:
+            lane = self.lane(key)
+            if lane is not None:
+                lane.notify()
+
+    def on_reorder_notification(self, payload: str) -> None:
+        """An operator retried aborted jobs of these destinations: re-read in job order."""
+        keys = self.destinations.keys() if payload == "*" else _keys(payload)
+        for key in keys:
+            lane = self.lanes.get(key)
+            if lane is not None:
+                lane.reconsider()
+
+    def on_config_notification(self, _payload: str = "") -> None:
+        self._reload.set()
+
+    def lane(self, destination_key: int) -> Lane | None:
+        lane = self.lanes.get(destination_key)
+        if lane is None and not self.stopping:
+            destination = self.destinations.get(destination_key)
+            if destination is None:
+                self._reload.set()  # created after our last load: read the config again
+                return None
+            lane = self.lanes[destination_key] = Lane(self, destination, self._sender(destination))
+        self._idle_since.pop(destination_key, None)
+        return lane
+
+    # --- loops ---------------------------------------------------------------------------
+
+    async def _first_beat(self) -> None:
+        try:
+            await self.membership.beat()
+        except JobsDBError as exc:
+            log.warning("first heartbeat failed: %s", exc)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_seconds)
+            try:
+                async with transaction(self.pool) as conn:
+                    pending = await queue.destinations_with_pending(conn)
+                    retries = await queue.earliest_retries(conn)
+                    await queue.release_orphans(conn)
+            except JobsDBError as exc:
+                log.warning("poll failed: %s", exc)
+                continue
+            for key in pending:
+                lane = self.lane(key)
+                if lane is not None:
+                    lane.notify()
+            for key, when in retries.items():
+                lane = self.lane(key)
+                if lane is not None:
+                    lane.due_at(when)
+            await self._close_idle_lanes()
+
+    async def _watch_config(self) -> None:
+        while True:
+            # Notifications are hints: reload now and then even without one.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reload.wait(), CONFIG_RELOAD_SECONDS)
+            await asyncio.sleep(0.2)  # one reload for a burst of changes
+            self._reload.clear()
+            try:
+                await self._load_destinations()
+            except JobsDBError as exc:
+                log.warning("reloading destinations failed: %s", exc)
+                self._reload.set()
+                await asyncio.sleep(1)
+
+    async def _load_destinations(self) -> None:
+        async with transaction(self.pool) as conn:
+            loaded = await destinations_db.load_all(conn)
+        for key, row in loaded.items():
+            lane = self.lanes.get(key)
+            old = self.destinations.get(key)
+            if lane is not None and old is not None and row != old:
+                changed = (row.type, row.endpoint, row.headers, row.timeout_ms) != (
+                    old.type, old.endpoint, old.headers, old.timeout_ms)
+                lane.configure(row, self._sender(row) if changed else None)
+        self.destinations = loaded
+        metrics.DESTINATIONS.set(len(loaded))
+
+    async def _close_idle_lanes(self) -> None:
+        now = time.monotonic()
+        for key, lane in list(self.lanes.items()):
+            if not lane.idle:
+                self._idle_since.pop(key, None)
+                continue
+            since = self._idle_since.setdefault(key, now)
+            if now - since > self.settings.lane_idle_seconds:
+                del self.lanes[key]
+                del self._idle_since[key]
+                await lane.close()
+
+    # --- membership callbacks ------------------------------------------------------------
+
+    def _partitions_changed(self, gained: set[int], lost: set[int]) -> None:
+        for lane in self.lanes.values():
+            if lost:
+                lane.drop_partitions(lost)
+            lane.notify()
+        if gained:
+            # Jobs of newly owned partitions may wait at any destination: look at once.
+            task = asyncio.create_task(self._discover_now(), name="discover")
+            self._discoveries.add(task)
+            task.add_done_callback(self._discoveries.discard)
+
+    async def _discover_now(self) -> None:
+        with contextlib.suppress(JobsDBError):
+            async with transaction(self.pool) as conn:
+                pending = await queue.destinations_with_pending(conn)
+                retries = await queue.earliest_retries(conn)
+            for key in pending:
+                if (lane := self.lane(key)) is not None:
+                    lane.notify()
+            for key, when in retries.items():
+                if (lane := self.lane(key)) is not None:
+                    lane.due_at(when)
+
+    def _busy(self, partition: int) -> bool:
+        return any(lane.held_by_partition.get(partition, 0) > 0 for lane in self.lanes.values())
+
+    def _sender(self, destination: Destination) -> Sender:
+        if destination.type == "grpc":
+            return GrpcSender(destination, self.settings.grpc_batch,
+                              self.trust.grpc_credentials)
+        assert self._session is not None
+        return WebhookSender(self._session, destination)
+
+
+def _keys(payload: str) -> list[int]:
+    keys = []
+    for part in payload.split(","):
+        with contextlib.suppress(ValueError):
+            keys.append(int(part))
+    return keys

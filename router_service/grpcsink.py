@@ -1,0 +1,100 @@
+"""Delivery to gRPC sinks: relayq.v1.Destination/Deliver, many jobs per call.
+
+A batch never holds two jobs of one user (only the head of each user's queue is ready), so the
+sink may process a batch in any order, concurrently, and still see every user's events in order.
+
+`grpcs://` endpoints are reached over TLS (router_service.trust), and the destination's headers
+travel as call metadata: a third-party sink's credentials usually go there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import grpc
+
+from jobsdb.config import Destination
+from relayq import endpoints
+from relayq.v1 import destination_pb2, destination_pb2_grpc
+from router_service.model import Job
+from router_service.retry import Result, Verdict
+
+Outcome = destination_pb2.DeliveryResult.Outcome
+
+# A call that failed as a whole: the batch itself was refused (abort), or anything else
+# (unavailable, deadline, overloaded, a sink bug) that may pass (retry).
+_ABORT_CODES = {grpc.StatusCode.INVALID_ARGUMENT}
+
+log = logging.getLogger(__name__)
+
+
+class GrpcSender:
+    def __init__(self, destination: Destination, max_batch: int,
+                 credentials: grpc.ChannelCredentials) -> None:
+        self.max_batch = max_batch
+        self._destination_id = destination.id
+        self._timeout = destination.timeout_ms / 1000
+        # The admin service refuses endpoints and headers gRPC cannot use. A row written
+        # otherwise (before these rules, or by hand) fails its deliveries with the reason
+        # (retried: the operator can fix it) instead of the lane; headers gRPC cannot carry
+        # are left out, as all were before gRPC destinations sent any.
+        self._unusable: str | None = None
+        self._metadata, refused = endpoints.split_metadata(destination.headers)
+        for reason in refused:
+            log.warning("gRPC destination %s: %s; sent without it", destination.id, reason,
+                        extra={"destination": destination.id})
+        try:
+            endpoint = endpoints.parse_grpc(destination.endpoint)
+        except endpoints.NotForGrpc as exc:
+            self._unusable = str(exc)
+            endpoint = endpoints.GrpcEndpoint(destination.endpoint, tls=False)  # never called
+        self._channel = (grpc.aio.secure_channel(endpoint.target, credentials) if endpoint.tls
+                         else grpc.aio.insecure_channel(endpoint.target))
+        self._stub = destination_pb2_grpc.DestinationStub(self._channel)
+
+    async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
+        if self._unusable is not None:
+            return [Result(Verdict.RETRY, "config", self._unusable)] * len(jobs)
+        request = destination_pb2.DeliverRequest(
+            destination_id=self._destination_id,
+            deliveries=[
+                destination_pb2.Delivery(job_id=j.job_id, message_id=j.message_id,
+                                         user_id=j.user_id, attempt=j.attempt,
+                                         payload_json=j.payload)
+                for j in jobs
+            ],
+        )
+        try:
+            response = await self._stub.Deliver(request, timeout=self._timeout,
+                                                metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            verdict = Verdict.ABORT if code in _ABORT_CODES else Verdict.RETRY
+            return [Result(verdict, _error_code(code, details), details)] * len(jobs)
+        answers = {r.job_id: r for r in response.results}
+        return [_result(answers.get(j.job_id)) for j in jobs]
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+
+def _error_code(code: grpc.StatusCode, details: str) -> str:
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "timeout"
+    # A certificate that fails verification reaches us only as words in an UNAVAILABLE;
+    # named as the webhooks name it, it is the destination's to fix, not a network blip.
+    if code == grpc.StatusCode.UNAVAILABLE and "handshake" in details.lower():
+        return "tls"
+    return f"grpc:{code.name}"
+
+
+def _result(answer: destination_pb2.DeliveryResult | None) -> Result:
+    if answer is None:
+        return Result(Verdict.RETRY, "missing", "the sink's answer had no result for this job")
+    if answer.outcome == Outcome.OK:
+        return Result(Verdict.OK)
+    retry_after = answer.retry_after_ms / 1000 if answer.retry_after_ms else None
+    if answer.outcome == Outcome.ABORT:
+        return Result(Verdict.ABORT, "sink:abort", answer.error)
+    return Result(Verdict.RETRY, "sink:retry", answer.error, retry_after)

@@ -1,0 +1,93 @@
+"""relayq-router: process entry point and the app object tests start in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from psycopg_pool import AsyncConnectionPool
+
+from jobsdb import maintenance, migrate
+from jobsdb.listen import Listener
+from jobsdb.pool import open_pool
+from relayq import process
+from relayq.app import ServiceApp
+from relayq.server import start_server
+from relayq.v1 import router_pb2, router_pb2_grpc
+from router_service.config import RouterConfig
+from router_service.engine import Engine
+from router_service.status import RouterStatusServicer
+
+log = logging.getLogger("relayq.router")
+
+APP_NAME = "relayq-router"
+
+
+class RouterApp(ServiceApp[RouterConfig]):
+    """A running router: pool, engine (lanes, leases, flusher), listener, server."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__(config)
+        self.engine: Engine | None = None
+        self._pool: AsyncConnectionPool | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _start(self) -> None:
+        config = self.config
+        await migrate.prepare(config.database_url, apply=config.migrate,
+                              wait_seconds=config.startup_timeout_seconds,
+                              application_name=APP_NAME)
+        self._pool = await open_pool(config.database_url, application_name=APP_NAME,
+                                     min_size=2, max_size=config.pool_size)
+        engine = self.engine = Engine(self._pool, config.engine)
+        await engine.start()
+
+        def reconnected() -> None:
+            # Notifications sent while we were disconnected are lost: look everywhere.
+            engine.on_config_notification()
+            engine.on_jobs_notification("*")
+
+        listener = Listener(
+            config.database_url,
+            {"relayq_jobs": engine.on_jobs_notification,
+             "relayq_reorder": engine.on_reorder_notification,
+             "relayq_config": engine.on_config_notification},
+            application_name=APP_NAME, on_reconnect=reconnected,
+        )
+        self._tasks.append(asyncio.create_task(listener.run(), name="listener"))
+        if config.maintenance is not None:
+            self._tasks.append(asyncio.create_task(
+                maintenance.run_forever(config.database_url, config.maintenance,
+                                        application_name=APP_NAME),
+                name="maintenance"))
+        # Anything committed before we listened: look once now.
+        engine.on_jobs_notification("*")
+        servicer = RouterStatusServicer(engine)
+        self._server = await start_server(
+            config.server,
+            [(router_pb2.DESCRIPTOR.services_by_name["RouterStatus"].full_name,
+              lambda server: router_pb2_grpc.add_RouterStatusServicer_to_server(servicer, server))],
+            options=[("grpc.so_reuseport", 0)],
+        )
+
+    async def stop(self) -> None:
+        """Finish or abandon in-flight deliveries, record outcomes, release leases, close."""
+        grace = self.config.server.grace_seconds
+        if self._server is not None:
+            await self._server.health.enter_graceful_shutdown()
+        if self.engine is not None:
+            await self.engine.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._server is not None:
+            await self._server.stop(1.0)
+        if self._pool is not None:
+            await self._pool.close()
+
+
+def main() -> None:
+    process.main(APP_NAME, RouterConfig.from_env, RouterApp.start)

@@ -1,0 +1,125 @@
+"""This router's share of the ordering-key space: heartbeats, leases, rebalancing, fencing.
+
+Every heartbeat (a third of the lease) renews this router's leases, counts the live routers and
+moves toward a fair share: taking free or expired partitions when it has too few; when it has
+too many (a router joined), it first stops reading them, lets what it has in flight for them
+finish and be recorded, and only then gives them back, so their jobs never go to two routers at
+once. A router that cannot renew in time stops delivering before its leases can expire
+(`usable` turns empty a safety margin early): by the time another router may take them over,
+this one has let go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+from psycopg_pool import AsyncConnectionPool
+
+from jobsdb import leases
+from jobsdb.errors import JobsDBError
+from jobsdb.pool import transaction
+from router_service import metrics
+
+log = logging.getLogger(__name__)
+
+
+class Membership:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        router_id: str,
+        lease: timedelta,
+        *,
+        on_change: Callable[[set[int], set[int]], None],
+        busy: Callable[[int], bool],
+    ) -> None:
+        self._pool = pool
+        self.router_id = router_id
+        self.lease = lease
+        self._on_change = on_change  # (gained, lost)
+        self._busy = busy  # does this router still hold jobs of that partition?
+        self.owned: set[int] = set()
+        self.releasing: set[int] = set()
+        self.partition_count = 0
+        self.live_routers = 0
+        self._valid_until = 0.0  # monotonic
+        self.changed = asyncio.Event()
+
+    @property
+    def interval(self) -> float:
+        return self.lease.total_seconds() / 3
+
+    def usable(self) -> frozenset[int]:
+        """Partitions this router may deliver right now."""
+        if time.monotonic() >= self._valid_until:
+            return frozenset()
+        return frozenset(self.owned - self.releasing)
+
+    @property
+    def lease_remaining(self) -> float:
+        return max(0.0, self._valid_until - time.monotonic())
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.beat()
+            except JobsDBError as exc:
+                log.warning("heartbeat failed: %s", exc, extra={"router": self.router_id})
+            await asyncio.sleep(self.interval)
+
+    async def beat(self) -> None:
+        started = time.monotonic()
+        was_fenced = started >= self._valid_until
+        async with transaction(self._pool) as conn:
+            membership = await leases.heartbeat(conn, self.router_id, self.lease)
+            still = await leases.renew(conn, self.router_id, self.lease)
+            share = membership.fair_share
+            drained = {p for p in self.releasing & still if not self._busy(p)}
+            if drained:
+                await leases.release(conn, self.router_id, drained)
+                still -= drained
+            gained = set()
+            if len(still) < share:
+                gained = await leases.acquire(conn, self.router_id, self.lease, share - len(still))
+            await leases.forget_dead(conn)
+        # Fenced from when the heartbeat began, minus a margin for clocks and slow statements.
+        self._valid_until = started + self.lease.total_seconds() - self.interval / 2
+        lost = self.owned - still - drained
+        if lost:
+            log.warning("lost partitions to another router", extra={"partitions": sorted(lost)})
+        self.owned = still | gained
+        self.releasing &= self.owned
+        excess = len(self.owned) - share
+        if excess > 0:
+            # Give back the highest-numbered ones once their jobs are done.
+            self.releasing |= set(sorted(self.owned - self.releasing, reverse=True)[:excess])
+        self.partition_count = membership.partitions
+        self.live_routers = membership.live_routers
+        metrics.PARTITIONS_OWNED.set(len(self.owned - self.releasing))
+        if gained or lost or drained or excess > 0:
+            log.info("partitions", extra={"owned": len(self.owned), "gained": len(gained),
+                                          "lost": len(lost), "released": len(drained),
+                                          "routers": membership.live_routers})
+            self._on_change(gained, lost | self.releasing)
+            self.changed.set()
+        elif was_fenced and self.owned:
+            # A late heartbeat fenced us off for a while (lanes skip their work meanwhile and
+            # would otherwise sleep until the next change): the same partitions are usable
+            # again, so every lane looks again.
+            log.info("partitions usable again", extra={"owned": len(self.owned)})
+            self._on_change(set(), set())
+
+    async def leave(self) -> None:
+        """Release everything (clean shutdown, after in-flight work is recorded)."""
+        self._valid_until = 0.0
+        try:
+            async with transaction(self._pool) as conn:
+                await leases.leave(conn, self.router_id)
+        except JobsDBError as exc:
+            log.warning("could not release leases (they expire by themselves): %s", exc)
+        self.owned.clear()
+        metrics.PARTITIONS_OWNED.set(0)

@@ -1,0 +1,43 @@
+"""Prometheus metrics of relayq-router (served on RELAYQ_ROUTER_METRICS_ADDRESS).
+
+Per-destination labels only on counters: a histogram per destination would be tens of series
+per destination, too many with thousands of them.
+"""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ATTEMPTS = Counter(
+    "relayq_router_deliveries_total",
+    "Delivery attempts by destination and outcome (ok, retry, abort).",
+    ["destination", "outcome"],
+)
+DELIVERY_SECONDS = Histogram(
+    "relayq_router_delivery_seconds", "Time a destination took to answer, by destination type.",
+    ["type"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+END_TO_END_SECONDS = Histogram(
+    "relayq_router_end_to_end_seconds",
+    "From the job's creation (ingest commit) to the destination's success answer.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+)
+IN_FLIGHT = Gauge("relayq_router_in_flight", "Deliveries in flight.")
+PARTITIONS_OWNED = Gauge(
+    "relayq_router_partitions_owned", "Partitions of the ordering-key space this router holds.")
+DESTINATIONS = Gauge("relayq_router_destinations", "Destinations known to this router.")
+PICKUP_JOBS = Histogram(
+    "relayq_router_pickup_jobs", "Jobs returned by one read of a destination's queue.",
+    buckets=(0, 1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+PICKUP_STATEMENTS = Counter(
+    "relayq_router_pickup_statements_total",
+    "Statements that read runnable jobs: 'alone' for one busy destination, 'grouped' for the"
+    " waiting reads of many.", ["kind"],
+)
+FLUSH_ITEMS = Histogram(
+    "relayq_router_flush_items", "Outcomes and parkings recorded by one transaction.",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+FLUSH_SECONDS = Histogram(
+    "relayq_router_flush_seconds", "Duration of a transaction recording outcomes.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)

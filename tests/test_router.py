@@ -1,0 +1,262 @@
+"""relayq-router end to end: ingest -> Postgres -> router -> real webhook and gRPC sinks."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from relayq.v1 import router_pb2
+from tests.pipeline import World, send, states, wait_until_finished
+from tests.services import ingest, router
+from tests.sinks import OK, Answer, Received, WebhookSink
+from tests.test_ingest import event
+
+
+async def test_events_reach_a_webhook_with_their_metadata(world: World) -> None:
+    key = await world.destination("hook")
+    async with ingest(world.database) as service, router(world.database):
+        ids = await send(service, world.source, [event(f"m{i}", "alice", n=i) for i in range(5)])
+        await world.webhook.wait_for(lambda: len(world.webhook.oks) == 5)
+    got = world.webhook.oks
+    assert [r.job_id for r in got] == ids
+    assert [r.message_id for r in got] == [f"m{i}" for i in range(5)]
+    assert {r.attempt for r in got} == {1}
+    assert got[2].body["properties"] == {"n": 2}
+    assert got[2].body["event"] == "Order Completed"
+    await wait_until_finished(world.conn, 5)
+    cur = await world.conn.execute(
+        "SELECT j.state::text, j.attempts, s.attempt, s.state::text, s.actor LIKE 'router:%%'"
+        " FROM jobs j JOIN job_statuses s USING (job_id) WHERE j.destination_key = %s", (key,))
+    assert set(await cur.fetchall()) == {("succeeded", 1, 1, "succeeded", True)}
+
+
+def _schedule(seed: int, fail: float, abort: float) -> Any:
+    """A random but reproducible answer per (job, attempt)."""
+
+    def answer(delivery: Received) -> Answer:
+        roll = random.Random(f"{seed}:{delivery.job_id}:{delivery.attempt}").random()
+        if roll < abort:
+            return Answer(404, body="no such thing")
+        if roll < abort + fail:
+            return Answer(503, body="try later")
+        return OK
+
+    return answer
+
+
+def _check_order(ids_by_user: dict[str, list[int]], oks: list[Received],
+                 final: dict[int, str]) -> None:
+    """Each user's successful deliveries arrived in ingest order, each job exactly once."""
+    seen: dict[str, list[int]] = defaultdict(list)
+    for delivery in oks:
+        seen[delivery.user_id].append(delivery.job_id)
+    for user, ids in ids_by_user.items():
+        expected = [j for j in ids if final[j] == "succeeded"]
+        assert seen[user] == expected, user
+
+
+async def deliver_under_random_failures(world: World, sink: Any, seed: int, *, users: int,
+                                        events: int, **router_env: str) -> dict[str, list[int]]:
+    """Send `events` events of `users` users through a router while the sink fails at random
+    (30% retryable, 5% aborting). Checks that every job ended succeeded or aborted, that each
+    user's accepted jobs reached the sink in order, and that every attempt the sink saw is on
+    record exactly once. Returns each user's job ids in ingest order."""
+    sink.answer = _schedule(seed, fail=0.3, abort=0.05)
+    rng = random.Random(seed)
+    names = [f"user-{i}" for i in range(users)]
+    sent = [event(f"m{i}", rng.choice(names)) for i in range(events)]
+    async with ingest(world.database) as service, router(world.database, **router_env):
+        ids = await send(service, world.source, sent)
+        await wait_until_finished(world.conn, len(ids))
+    final = await states(world.conn)
+    assert set(final.values()) <= {"succeeded", "aborted"}
+    ids_by_user: dict[str, list[int]] = defaultdict(list)
+    for e, job_id in zip(sent, ids, strict=True):
+        ids_by_user[e.user_id].append(job_id)
+    _check_order(ids_by_user, sink.oks, final)
+    cur = await world.conn.execute("SELECT job_id, count(*) FROM job_statuses GROUP BY job_id")
+    recorded = {r[0]: r[1] for r in await cur.fetchall()}
+    attempts: dict[int, int] = defaultdict(int)
+    for delivery in sink.received:
+        attempts[delivery.job_id] += 1
+    assert recorded == dict(attempts)
+    return ids_by_user
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["webhook", "grpc"])
+async def test_every_users_order_holds_under_random_failures(
+    world: World, seed: int, kind: str
+) -> None:
+    """Property: many users, random 503s and 404s; what the sink accepted per user is exactly
+    that user's jobs in ingest order (minus aborted ones), every job ends succeeded or aborted,
+    and every attempt the sink saw is on record."""
+    await world.destination("d", kind=kind, max_attempts=4, max_retry_window_s=0)
+    sink = world.webhook if kind == "webhook" else world.grpc_sink
+    ids_by_user = await deliver_under_random_failures(world, sink, seed, users=25, events=400)
+    if kind == "grpc":
+        user_of = {j: u for u, ids in ids_by_user.items() for j in ids}
+        for batch in world.grpc_sink.batches:  # never two jobs of one user in a batch
+            assert len({user_of[j] for j in batch}) == len(batch)
+        assert max(len(b) for b in world.grpc_sink.batches) > 1  # and batches do form
+
+
+async def test_retry_metadata_is_kept_for_every_attempt(world: World) -> None:
+    await world.destination("hook")
+    world.webhook.answer = lambda d: Answer(503, body="busy " * 3000) if d.attempt < 3 else OK
+    async with ingest(world.database) as service, router(world.database):
+        (job_id,) = await send(service, world.source, [event("m1")])
+        await wait_until_finished(world.conn, 1)
+    cur = await world.conn.execute(
+        "SELECT attempt, state::text, error_code, length(response), duration_ms IS NOT NULL,"
+        " retry_at > started_at FROM job_statuses WHERE job_id = %s ORDER BY attempt", (job_id,))
+    rows = await cur.fetchall()
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (1, "failed", "503"), (2, "failed", "503"), (3, "succeeded", None)]
+    assert all(r[3] is None or 10_000 <= r[3] < 10_100 for r in rows)  # response cut to 10 KB
+    assert all(r[4] for r in rows)
+    assert [r[5] for r in rows[:2]] == [True, True]
+    cur = await world.conn.execute(
+        "SELECT state::text, attempts, first_attempt_at IS NOT NULL FROM jobs")
+    assert await cur.fetchone() == ("succeeded", 3, True)
+
+
+async def test_an_abort_releases_the_barrier_for_later_jobs(world: World) -> None:
+    await world.destination("hook", max_attempts=2, max_retry_window_s=0)
+    # alice's first job fails until given up; her later jobs must wait, then go in order.
+    world.webhook.answer = lambda d: Answer(500) if d.message_id == "a1" else OK
+    async with ingest(world.database) as service, router(world.database):
+        ids = await send(service, world.source, [
+            event("a1", "alice"), event("a2", "alice"), event("b1", "bob"), event("a3", "alice")])
+        await wait_until_finished(world.conn, 4)
+    final = await states(world.conn)
+    assert [final[i] for i in ids] == ["aborted", "succeeded", "succeeded", "succeeded"]
+    alice = [r.message_id for r in world.webhook.oks if r.user_id == "alice"]
+    assert alice == ["a2", "a3"]
+    cur = await world.conn.execute(
+        "SELECT reason FROM job_statuses WHERE job_id = %s AND state = 'aborted'", (ids[0],))
+    assert "gave up after 2 attempts" in (await cur.fetchone() or [""])[0]
+
+
+async def test_a_non_retryable_answer_aborts_at_once(world: World) -> None:
+    await world.destination("hook")
+    world.webhook.answer = lambda d: Answer(422, body="bad event") if d.message_id == "x" else OK
+    async with ingest(world.database) as service, router(world.database):
+        ids = await send(service, world.source, [event("x", "u"), event("y", "u")])
+        await wait_until_finished(world.conn, 2)
+    final = await states(world.conn)
+    assert [final[i] for i in ids] == ["aborted", "succeeded"]
+    cur = await world.conn.execute(
+        "SELECT attempt, error_code, response, reason FROM job_statuses WHERE job_id = %s",
+        (ids[0],))
+    assert await cur.fetchall() == [(1, "422", "bad event", "not retryable: 422")]
+
+
+async def test_retry_after_is_honoured(world: World) -> None:
+    await world.destination("hook", min_backoff_ms=1, max_backoff_ms=2)
+    world.webhook.answer = lambda d: Answer(429, retry_after=2) if d.attempt == 1 else OK
+    async with ingest(world.database) as service, router(world.database):
+        (job_id,) = await send(service, world.source, [event("m1")])
+        await wait_until_finished(world.conn, 1)
+    cur = await world.conn.execute(
+        "SELECT retry_at - started_at FROM job_statuses WHERE job_id = %s AND attempt = 1",
+        (job_id,))
+    wait = (await cur.fetchone() or [timedelta(0)])[0]
+    assert wait >= timedelta(seconds=2)
+
+
+async def test_a_hanging_destination_does_not_slow_a_healthy_one(world: World) -> None:
+    """Every delivery to `slow` hangs until its 30 s timeout; `fast` must not notice."""
+    slow = await world.destination("slow", concurrency=4, timeout_ms=30_000)
+    fast = await world.destination("fast")
+    slow_sink = WebhookSink()
+    await slow_sink.start()
+    slow_sink.answer = lambda _: Answer(delay=60)
+    await world.conn.execute("UPDATE destinations SET endpoint = %s WHERE destination_key = %s",
+                             (slow_sink.url, slow))
+    try:
+        async with ingest(world.database) as service, router(world.database):
+            await send(service, world.source, [event(f"m{i}", f"u{i % 50}") for i in range(300)])
+            await world.webhook.wait_for(lambda: len(world.webhook.oks) == 300)
+            # All of fast's jobs went through while slow never answered a single one, and slow
+            # holds no more than its 4 connections.
+            assert len(slow_sink.received) == 4
+            cur = await world.conn.execute(
+                "SELECT count(*) FROM jobs WHERE destination_key = %s AND state = 'pending'",
+                (slow,))
+            assert (await cur.fetchone() or [0])[0] == 300
+            del fast
+    finally:
+        await slow_sink.stop()
+
+
+async def test_a_paused_destination_holds_its_jobs_and_resumes_in_order(world: World) -> None:
+    key = await world.destination("hook", paused=True)
+    async with ingest(world.database) as service, router(world.database) as r:
+        ids = await send(service, world.source, [event(f"m{i}", "alice") for i in range(10)])
+        status = await r.status.GetStatus(router_pb2.GetStatusRequest(), timeout=5)
+        assert len(world.webhook.received) == 0
+        await world.conn.execute(
+            "UPDATE destinations SET paused = false WHERE destination_key = %s", (key,))
+        await world.webhook.wait_for(lambda: len(world.webhook.oks) == 10)
+    assert [d.job_id for d in world.webhook.oks] == ids
+    assert len(status.partitions) == 64
+
+
+async def test_router_status_reports_partitions_and_activity(world: World) -> None:
+    await world.destination("hook")
+    world.webhook.answer = lambda _: Answer(delay=0.5)
+    async with ingest(world.database) as service, router(world.database) as r:
+        await send(service, world.source, [event(f"m{i}", f"u{i}") for i in range(10)])
+        await world.webhook.wait_for(lambda: len(world.webhook.received) >= 1)
+        status = await r.status.GetStatus(router_pb2.GetStatusRequest(), timeout=5)
+    assert status.partition_count == 64
+    assert sorted(status.partitions) == list(range(64))
+    (activity,) = status.destinations
+    assert activity.destination_id == "hook"
+    assert activity.tenant_id == "acme"
+    assert activity.in_flight >= 1
+    assert status.lease_expires_at.seconds > 0
+
+
+async def test_an_endpoint_change_reaches_a_running_router(world: World) -> None:
+    key = await world.destination("hook")
+    other = WebhookSink()
+    await other.start()
+    try:
+        async with ingest(world.database) as service, router(world.database):
+            await send(service, world.source, [event("m1")])
+            await world.webhook.wait_for(lambda: len(world.webhook.oks) == 1)
+            await world.conn.execute(
+                "UPDATE destinations SET endpoint = %s WHERE destination_key = %s",
+                (other.url, key))
+            await asyncio.sleep(0.5)  # the NOTIFY on relayq_config is asynchronous
+            await send(service, world.source, [event("m2")])
+            await other.wait_for(lambda: len(other.oks) == 1)
+        assert [d.message_id for d in other.oks] == ["m2"]
+    finally:
+        await other.stop()
+
+
+async def test_a_rate_limited_lane_still_retries_when_the_retry_comes_due(world: World) -> None:
+    """alice's job fails and is due again in 1.5-3 s; meanwhile the rate limit makes bob's
+    jobs wait for tokens. The lane's wake-ups for tokens must not take the place of the one
+    for the retry (they once shared a timer, and the retry then waited forever)."""
+    await world.destination("d", rate_per_second=2, rate_burst=1,
+                            min_backoff_ms=3000, max_backoff_ms=3000)
+
+    def answer(delivery: Received) -> Answer:
+        return Answer(503) if delivery.message_id == "a0" and delivery.attempt == 1 else OK
+
+    world.webhook.answer = answer
+    async with ingest(world.database) as service, router(world.database):
+        await send(service, world.source, [event("a0", "alice"), event("b0", "bob"),
+                                           event("b1", "bob")])
+        await wait_until_finished(world.conn, 3, within=20)
+    assert [(r.message_id, r.attempt) for r in world.webhook.oks] == [
+        ("b0", 1), ("b1", 1), ("a0", 2)]

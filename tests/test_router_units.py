@@ -1,0 +1,237 @@
+"""Pure logic of the router: retry policy, rate limiting, fair sharing of delivery capacity."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from jobsdb.config import Destination
+from relayq import endpoints
+from router_service.fairness import FairScheduler
+from router_service.lane import Lane
+from router_service.ratelimit import FLOOR, RateLimiter
+from router_service.reads import Read
+from router_service.retry import (
+    RetryPolicy,
+    Verdict,
+    backoff_delay,
+    classify_http,
+    gives_up,
+    parse_retry_after,
+)
+
+POLICY = RetryPolicy(min_backoff=1.0, max_backoff=60.0, max_attempts=5,
+                     max_retry_window=timedelta(hours=1))
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("attempt", "base"), [(1, 1), (2, 2), (3, 4), (6, 32), (7, 60), (30, 60)])
+def test_backoff_doubles_up_to_the_maximum_with_jitter(attempt: int, base: float) -> None:
+    delays = [backoff_delay(POLICY, attempt, random.Random(seed)) for seed in range(200)]
+    assert all(base / 2 <= d <= base for d in delays)
+    assert max(delays) - min(delays) > base / 4  # jittered, not constant
+
+
+def test_a_job_is_given_up_only_past_both_limits() -> None:
+    first = NOW - timedelta(hours=2)
+    assert not gives_up(POLICY, 4, first, NOW)  # window passed, attempts not
+    assert not gives_up(POLICY, 9, NOW - timedelta(minutes=5), NOW)  # attempts passed, window not
+    assert gives_up(POLICY, 5, first, NOW)
+
+
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [(200, Verdict.OK), (204, Verdict.OK), (408, Verdict.RETRY), (429, Verdict.RETRY),
+     (500, Verdict.RETRY), (503, Verdict.RETRY), (400, Verdict.ABORT), (401, Verdict.ABORT),
+     (404, Verdict.ABORT), (422, Verdict.ABORT), (301, Verdict.ABORT)],
+)
+def test_http_statuses_are_told_apart(status: int, verdict: Verdict) -> None:
+    assert classify_http(status) is verdict
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("120", 120.0), ("0", 0.0), ("Wed, 25 Nov 2026 12:00:30 GMT", 30.0),
+     ("Wed, 25 Nov 2026 11:00:00 GMT", 0.0), ("soon", None), ("", None), (None, None)],
+)
+def test_retry_after_is_read_as_seconds_or_a_date(header: str | None, seconds: float | None
+                                                  ) -> None:
+    assert parse_retry_after(header, NOW) == seconds
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_configured_rate_is_a_token_bucket() -> None:
+    clock = Clock()
+    limiter = RateLimiter(10, 2, clock=clock)
+    assert limiter.try_take() == 0  # the burst of two
+    assert limiter.try_take() == 0
+    assert limiter.try_take() == pytest.approx(0.1)
+    clock.now += 0.1
+    assert limiter.try_take() == 0
+
+
+def test_429_halves_the_rate_then_it_recovers_step_by_step() -> None:
+    clock = Clock()
+    limiter = RateLimiter(100, 10, clock=clock)
+    limiter.too_many_requests(retry_after=2)
+    assert limiter.rate == 50
+    assert limiter.try_take() == pytest.approx(2.0)  # paused for the Retry-After
+    clock.now += 2
+    assert limiter.try_take() == 0
+    clock.now += 3
+    limiter.try_take()
+    assert limiter.rate == pytest.approx(80)
+    clock.now += 10
+    limiter.try_take()
+    assert limiter.rate == 100
+
+
+def test_429_from_an_unlimited_destination_limits_it_from_what_it_received() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock=clock)
+    for _ in range(40):
+        assert limiter.try_take() == 0
+        clock.now += 0.01
+    limiter.too_many_requests(retry_after=None)
+    assert limiter.rate == pytest.approx(20)
+    for _ in range(20):
+        limiter.too_many_requests(retry_after=None)
+    assert limiter.rate == FLOOR
+    clock.now += 1000
+    limiter.try_take()
+    assert limiter.rate is None  # unlimited again
+
+
+async def test_free_permits_go_round_robin_across_tenants_then_destinations() -> None:
+    scheduler = FairScheduler(permits=1)
+    await scheduler.acquire("a", "a1")  # the one permit, held
+    order: list[str] = []
+
+    async def want(tenant: str, destination: str) -> None:
+        await scheduler.acquire(tenant, destination)
+        order.append(destination)
+
+    # Tenant a queues many requests first; b and c ask later.
+    waiting = [asyncio.create_task(want("a", "a1")) for _ in range(3)]
+    waiting += [asyncio.create_task(want("a", "a2")),
+                asyncio.create_task(want("b", "b1")),
+                asyncio.create_task(want("c", "c1"))]
+    await asyncio.sleep(0)
+    for _ in range(len(waiting)):
+        scheduler.release()
+        await asyncio.sleep(0)
+    await asyncio.gather(*waiting)
+    # b and c are served after one of a's, not after all of a's backlog.
+    assert order[:3] == ["a1", "b1", "c1"]
+    assert order[3] == "a2"  # within a, its destinations take turns
+    assert scheduler.waiting == 0
+
+
+async def test_a_cancelled_waiter_gives_up_its_place() -> None:
+    scheduler = FairScheduler(permits=1)
+    await scheduler.acquire("a", "a1")
+    task = asyncio.create_task(scheduler.acquire("b", "b1"))
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    scheduler.release()
+    assert scheduler.in_use == 0
+    assert scheduler.waiting == 0
+
+
+# ---- the lane's wake-ups ----
+
+
+class GatedReader:
+    """Holds the lane's first read open until released; every read finds nothing more."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.release = asyncio.Event()
+
+    async def pickup(self, destination_key: int, limit: int, partitions: frozenset[int],
+                     exclude: object) -> Read:
+        self.reads += 1
+        if self.reads == 1:
+            await self.release.wait()
+        return Read([], complete=True)
+
+
+async def test_a_notification_during_a_read_makes_the_lane_read_again() -> None:
+    """The read's snapshot may predate the jobs the notification is about: a complete read
+    must not cancel it (seen: the lane slept until the next poll)."""
+    reader = GatedReader()
+    engine: Any = SimpleNamespace(
+        settings=SimpleNamespace(batch=500, max_held=2000), stopping=False,
+        membership=SimpleNamespace(usable=lambda: frozenset(range(64))), reader=reader)
+    destination = Destination(
+        destination_key=1, id="d", tenant_key=1, tenant_id="t", name="", type="grpc",
+        endpoint="h:1", headers={}, min_backoff_ms=100, max_backoff_ms=1000, max_attempts=3,
+        max_retry_window_s=60, rate_per_second=0.0, rate_burst=0, concurrency=4,
+        timeout_ms=1000, paused=False, created_at=datetime.now(UTC),
+        updated_at=datetime.now(UTC))
+    sender: Any = SimpleNamespace(max_batch=1)
+    lane = Lane(engine, destination, sender)
+    try:
+        await asyncio.sleep(0.01)
+        assert reader.reads == 1
+        lane.notify()  # ingest committed jobs while the read was running
+        reader.release.set()
+        for _ in range(100):
+            if reader.reads == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert reader.reads == 2
+        assert not lane.dirty  # and then it rests: that read found everything
+    finally:
+        lane.task.cancel()
+        await asyncio.gather(lane.task, return_exceptions=True)
+
+
+@pytest.mark.parametrize(("text", "target", "tls"), [
+    ("sink.local:7000", "sink.local:7000", False),
+    ("grpc://sink.local:7000", "sink.local:7000", False),
+    ("grpcs://sink.local:443", "sink.local:443", True),
+    ("GRPCS://10.0.0.1:443", "10.0.0.1:443", True),
+    ("grpcs://[::1]:8443", "[::1]:8443", True),
+])
+def test_grpc_endpoints_say_where_and_whether_tls(text: str, target: str, tls: bool) -> None:
+    assert endpoints.parse_grpc(text) == endpoints.GrpcEndpoint(target, tls)
+
+
+@pytest.mark.parametrize("text", ["sink.local", "https://sink:443", "grpcs://", "grpcs://h:0",
+                                  "grpc://h:70000", "grpcs://h:443/path", "h:1 "])
+def test_what_is_not_a_grpc_endpoint(text: str) -> None:
+    with pytest.raises(endpoints.NotForGrpc, match="host:port"):
+        endpoints.parse_grpc(text)
+
+
+def test_headers_become_metadata_with_lower_case_names() -> None:
+    assert endpoints.metadata({"Authorization": "Bearer k", "x-tenant": "a"}) == (
+        ("authorization", "Bearer k"), ("x-tenant", "a"))
+    for bad, reason in [({"grpc-status": "0"}, "reserved"), ({"TE": "x"}, "reserved"),
+                        ({"k-bin": "x"}, "binary"), ({"A": "1", "a": "2"}, "one metadata key"),
+                        ({"a": "\u00e9"}, "printable ASCII"), ({"a": "x\ty"}, "printable"),
+                        ({"X-Api+Key": "x"}, "metadata names are letters")]:
+        with pytest.raises(endpoints.NotForGrpc, match=reason):
+            endpoints.metadata(bad)
+
+
+def test_the_router_sends_what_grpc_can_carry_of_an_old_row() -> None:
+    usable, refused = endpoints.split_metadata(
+        {"Authorization": "k", "authorization": "k2", "grpc-status": "0", "X-Ok": "1"})
+    assert usable == (("authorization", "k"), ("x-ok", "1"))
+    assert refused == ["headers 'Authorization' and 'authorization' are one metadata key",
+                       "header 'grpc-status' is reserved by gRPC"]
