@@ -1,0 +1,1 @@
+"""relayq-admin: configuration, job queries, peek and force-retry for operators."""

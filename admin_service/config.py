@@ -1,0 +1,45 @@
+"""relayq-admin's configuration, read once from RELAYQ_* variables and validated at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relayq.config import ConfigError, Env, ServerConfig
+
+# Short operator tokens are guessable; the admin API can abort every job.
+MIN_OPERATOR_TOKEN_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    database_url: str
+    server: ServerConfig
+    # Sees and changes everything. Required: an admin port must never be open to anyone.
+    operator_token: str
+    pool_size: int
+    # Statements an operator starts (a retry by a broad filter) stop after this long.
+    statement_timeout_ms: int
+    migrate: bool
+    startup_timeout_seconds: float
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> AdminConfig:
+        env = env or Env()
+        token = env.text("RELAYQ_ADMIN_TOKEN", "")
+        if not token:
+            raise ConfigError("RELAYQ_ADMIN_TOKEN",
+                              "not set; give the operator token admin callers must present")
+        if len(token) < MIN_OPERATOR_TOKEN_LENGTH:
+            raise ConfigError("RELAYQ_ADMIN_TOKEN",
+                              f"too short; use at least {MIN_OPERATOR_TOKEN_LENGTH} characters")
+        return cls(
+            database_url=env.database_url(),
+            server=ServerConfig.from_env(env, "admin", 50052, 9152),
+            operator_token=token,
+            pool_size=env.integer("RELAYQ_ADMIN_POOL_SIZE", 4, minimum=1, maximum=100),
+            statement_timeout_ms=env.integer(
+                "RELAYQ_ADMIN_STATEMENT_TIMEOUT_MS", 30_000, minimum=100, maximum=3_600_000),
+            migrate=env.flag("RELAYQ_MIGRATE", True),
+            startup_timeout_seconds=env.number(
+                "RELAYQ_STARTUP_TIMEOUT_SECONDS", 30.0, maximum=3600),
+        )

@@ -1,0 +1,94 @@
+"""Rows from jobsdb to relayq.v1 messages. Pure functions, one per message."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import orjson
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from jobsdb import config as configdb
+from jobsdb import jobs as jobsdb
+from relayq.v1 import admin_pb2, common_pb2
+
+STATES = {
+    "pending": common_pb2.JOB_STATE_PENDING,
+    "failed": common_pb2.JOB_STATE_FAILED,
+    "waiting": common_pb2.JOB_STATE_WAITING,
+    "succeeded": common_pb2.JOB_STATE_SUCCEEDED,
+    "aborted": common_pb2.JOB_STATE_ABORTED,
+}
+
+
+def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None or value.year < 1971:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def tenant(row: configdb.Tenant) -> admin_pb2.Tenant:
+    return admin_pb2.Tenant(id=row.id, name=row.name, created_at=timestamp(row.created_at))
+
+
+def source(row: configdb.Source) -> admin_pb2.Source:
+    return admin_pb2.Source(id=row.id, tenant_id=row.tenant_id, name=row.name,
+                            enabled=row.enabled, created_at=timestamp(row.created_at),
+                            rate_limit=common_pb2.RateLimit(per_second=row.rate_per_second,
+                                                            burst=row.rate_burst))
+
+
+def destination(row: configdb.Destination) -> admin_pb2.DestinationConfig:
+    return admin_pb2.DestinationConfig(
+        id=row.id, tenant_id=row.tenant_id, name=row.name, type=row.type,
+        endpoint=row.endpoint,
+        retry_policy=common_pb2.RetryPolicy(
+            min_backoff_ms=row.min_backoff_ms, max_backoff_ms=row.max_backoff_ms,
+            max_attempts=row.max_attempts, max_retry_window_seconds=row.max_retry_window_s),
+        rate_limit=common_pb2.RateLimit(per_second=row.rate_per_second, burst=row.rate_burst),
+        concurrency=row.concurrency, timeout_ms=row.timeout_ms, paused=row.paused,
+        headers=row.headers, created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+    )
+
+
+def connection(row: configdb.Connection) -> admin_pb2.Connection:
+    return admin_pb2.Connection(source_id=row.source_id, destination_id=row.destination_id,
+                                enabled=row.enabled, created_at=timestamp(row.created_at))
+
+
+def admin_token(row: configdb.AdminToken) -> admin_pb2.AdminToken:
+    return admin_pb2.AdminToken(id=row.id, tenant_id=row.tenant_id, name=row.name,
+                                created_at=timestamp(row.created_at),
+                                revoked_at=timestamp(row.revoked_at))
+
+
+def job(row: jobsdb.JobRow, history: Sequence[jobsdb.StatusRow] = ()) -> common_pb2.Job:
+    message = common_pb2.Job(
+        job_id=row.job_id, tenant_id=row.tenant_id, source_id=row.source_id,
+        destination_id=row.destination_id, user_id=row.user_id, message_id=row.message_id,
+        state=STATES[row.state], attempts=row.attempts, retry_at=timestamp(row.retry_at),
+        blocked_by=row.blocked_by or 0, error_code=row.error_code or "",
+        created_at=timestamp(row.created_at), updated_at=timestamp(row.updated_at),
+        first_attempt_at=timestamp(row.first_attempt_at),
+        history=[status(s) for s in history],
+    )
+    if row.payload is not None:
+        message.payload.CopyFrom(payload(row.payload))
+    return message
+
+
+def payload(text: str) -> struct_pb2.Struct:
+    document = struct_pb2.Struct()
+    document.update(orjson.loads(text))
+    return document
+
+
+def status(row: jobsdb.StatusRow) -> common_pb2.JobStatus:
+    return common_pb2.JobStatus(
+        attempt=row.attempt, state=STATES[row.state], error_code=row.error_code or "",
+        response=row.response or "", started_at=timestamp(row.started_at),
+        duration_ms=row.duration_ms or 0, retry_at=timestamp(row.retry_at), actor=row.actor,
+        reason=row.reason or "")

@@ -1,0 +1,61 @@
+"""relayq-admin: process entry point and the app object tests start in-process."""
+
+from __future__ import annotations
+
+import logging
+
+from psycopg_pool import AsyncConnectionPool
+
+from admin_service.access import Authenticator
+from admin_service.config import AdminConfig
+from admin_service.service import AdminServicer
+from jobsdb import migrate
+from jobsdb.pool import open_pool
+from relayq import jobmetrics, process
+from relayq.app import ServiceApp
+from relayq.server import start_server
+from relayq.v1 import admin_pb2, admin_pb2_grpc
+
+log = logging.getLogger("relayq.admin")
+
+APP_NAME = "relayq-admin"
+
+
+class AdminApp(ServiceApp[AdminConfig]):
+    """A running admin service: a small pool and the gRPC server."""
+
+    def __init__(self, config: AdminConfig) -> None:
+        super().__init__(config)
+        self._pool: AsyncConnectionPool | None = None
+        self._job_states: jobmetrics.JobMetrics | None = None
+
+    async def _start(self) -> None:
+        config = self.config
+        await migrate.prepare(config.database_url, apply=config.migrate,
+                              wait_seconds=config.startup_timeout_seconds,
+                              application_name=APP_NAME)
+        self._pool = await open_pool(config.database_url, application_name=APP_NAME,
+                                     min_size=1, max_size=config.pool_size,
+                                     statement_timeout_ms=config.statement_timeout_ms)
+        servicer = AdminServicer(self._pool, Authenticator(self._pool, config.operator_token))
+        if config.server.metrics_address is not None:
+            self._job_states = jobmetrics.register(self._pool)
+        self._server = await start_server(
+            config.server,
+            [(admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+              lambda server: admin_pb2_grpc.add_AdminServicer_to_server(servicer, server))],
+            options=[("grpc.so_reuseport", 0)],
+        )
+
+    async def stop(self) -> None:
+        """Let in-flight calls finish, then close."""
+        if self._server is not None:
+            await self._server.stop(self.config.server.grace_seconds)
+        if self._job_states is not None:
+            jobmetrics.unregister(self._job_states)
+        if self._pool is not None:
+            await self._pool.close()
+
+
+def main() -> None:
+    process.main(APP_NAME, AdminConfig.from_env, AdminApp.start)

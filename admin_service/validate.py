@@ -1,0 +1,216 @@
+"""Checking operators' requests before anything is written, with messages that name the field.
+
+Every function raises relayq.rpc.InvalidArgument; nothing here touches the database.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+import secrets
+from urllib.parse import urlsplit
+
+from relayq import endpoints
+from relayq.rpc import InvalidArgument
+from relayq.v1 import admin_pb2, common_pb2
+
+ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")
+
+MAX_NAME = 200
+MAX_ENDPOINT = 2048
+MAX_HEADERS = 50
+MAX_HEADER_VALUE = 4096
+MAX_REASON = 1000
+MAX_PAGE = 1000
+
+DEFAULT_RETRY = common_pb2.RetryPolicy(min_backoff_ms=1000, max_backoff_ms=300_000,
+                                       max_attempts=10, max_retry_window_seconds=10_800)
+DEFAULT_CONCURRENCY = 64
+DEFAULT_TIMEOUT_MS = 30_000
+
+
+def bad(field: str, problem: str) -> InvalidArgument:
+    return InvalidArgument(f"{field}: {problem}", violations=[(field, problem)])
+
+
+def object_id(field: str, value: str) -> str:
+    if not ID.match(value):
+        raise bad(field, "must be 1 to 63 of lower-case letters, digits, '-' and '_', "
+                         f"starting with a letter or digit; got {value!r}")
+    return value
+
+
+def new_id(field: str, value: str, prefix: str) -> str:
+    """The id asked for, or a generated one when empty."""
+    return object_id(field, value) if value else f"{prefix}-{secrets.token_hex(5)}"
+
+
+def name(field: str, value: str) -> str:
+    if len(value) > MAX_NAME:
+        raise bad(field, f"longer than {MAX_NAME} characters")
+    if "\x00" in value:
+        raise bad(field, "must not contain NUL characters (Postgres text cannot hold them)")
+    return value
+
+
+def reason(value: str) -> str:
+    if len(value) > MAX_REASON:
+        raise bad("reason", f"longer than {MAX_REASON} characters")
+    return value
+
+
+def endpoint(field: str, kind: str, value: str) -> str:
+    if not value:
+        raise bad(field, "required")
+    if len(value) > MAX_ENDPOINT or any(c.isspace() for c in value):
+        raise bad(field, f"must be at most {MAX_ENDPOINT} characters without spaces")
+    if kind == "webhook":
+        parts = urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError:
+            raise bad(field, f"invalid port in {value!r}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise bad(field, f"a webhook endpoint is an http:// or https:// URL; got {value!r}")
+        if port == 0:
+            raise bad(field, f"invalid port in {value!r}")
+        return value
+    try:
+        endpoints.parse_grpc(value)
+    except endpoints.NotForGrpc as exc:
+        raise bad(field, str(exc)) from None
+    return value
+
+
+def kind(value: str) -> str:
+    if value not in ("webhook", "grpc"):
+        raise bad("type", f"must be 'webhook' or 'grpc'; got {value!r}")
+    return value
+
+
+def retry_policy(field: str, policy: common_pb2.RetryPolicy) -> common_pb2.RetryPolicy:
+    """The policy with zero fields taking their defaults, checked for sense."""
+    merged = common_pb2.RetryPolicy(
+        min_backoff_ms=policy.min_backoff_ms or DEFAULT_RETRY.min_backoff_ms,
+        max_backoff_ms=policy.max_backoff_ms or max(DEFAULT_RETRY.max_backoff_ms,
+                                                    policy.min_backoff_ms),
+        max_attempts=policy.max_attempts or DEFAULT_RETRY.max_attempts,
+        max_retry_window_seconds=policy.max_retry_window_seconds
+        or DEFAULT_RETRY.max_retry_window_seconds,
+    )
+    if merged.max_backoff_ms < merged.min_backoff_ms:
+        raise bad(f"{field}.max_backoff_ms", "must be at least min_backoff_ms")
+    if merged.max_backoff_ms > 86_400_000:
+        raise bad(f"{field}.max_backoff_ms", "at most one day (86400000)")
+    if merged.max_attempts > 1000:
+        raise bad(f"{field}.max_attempts", "at most 1000")
+    if merged.max_retry_window_seconds > 30 * 86_400:
+        raise bad(f"{field}.max_retry_window_seconds", "at most 30 days (2592000)")
+    return merged
+
+
+def rate_limit(field: str, limit: common_pb2.RateLimit) -> common_pb2.RateLimit:
+    if not math.isfinite(limit.per_second) or limit.per_second < 0:
+        raise bad(f"{field}.per_second", "must be a finite number >= 0 (0: unlimited)")
+    if limit.per_second > 1_000_000:
+        raise bad(f"{field}.per_second", "at most 1000000")
+    if limit.burst > 1_000_000:
+        raise bad(f"{field}.burst", "at most 1000000")
+    return limit
+
+
+def concurrency(field: str, value: int) -> int:
+    if value > 10_000:
+        raise bad(field, "at most 10000")
+    return value or DEFAULT_CONCURRENCY
+
+
+def timeout_ms(field: str, value: int) -> int:
+    if value > 600_000:
+        raise bad(field, "at most 600000 (10 minutes)")
+    return value or DEFAULT_TIMEOUT_MS
+
+
+def headers(field: str, kind: str, values: dict[str, str]) -> dict[str, str]:
+    """Webhooks send them as HTTP headers, gRPC destinations as call metadata (whose names
+    are lower case: they are stored lowered, as the sink will see them)."""
+    if len(values) > MAX_HEADERS:
+        raise bad(field, f"at most {MAX_HEADERS} headers")
+    for key, value in values.items():
+        if not HEADER_NAME.match(key):
+            raise bad(field, f"invalid header name {key!r}")
+        if len(value) > MAX_HEADER_VALUE or "\r" in value or "\n" in value:
+            raise bad(field, f"invalid value for header {key!r}")
+    if kind == "grpc":
+        try:
+            return dict(endpoints.metadata(values))
+        except endpoints.NotForGrpc as exc:
+            raise bad(field, str(exc)) from None
+    return dict(values)
+
+
+def headers_update(field: str, kind: str, current: dict[str, str], given: dict[str, str], *,
+                   replace: bool) -> dict[str, str]:
+    """The headers after an update: `given` in place of all, or merged over `current`. A gRPC
+    destination's stored names may predate lower-casing, so they merge by lowered name."""
+    given = headers(field, kind, given)
+    if replace:
+        return given
+    if kind == "grpc":
+        current = {name.lower(): value for name, value in current.items()}
+    return headers(field, kind, {**current, **given})
+
+
+def page_size(field: str, value: int, default: int) -> int:
+    if value > MAX_PAGE:
+        raise bad(field, f"at most {MAX_PAGE}")
+    return value or default
+
+
+# Page tokens are opaque to callers (they may change shape); inside, the last key seen.
+def page_token(kind: str, key: str) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{key}".encode()).decode()
+
+
+def read_page_token(field: str, kind: str, token: str) -> str:
+    if not token:
+        return ""
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise bad(field, "not a page token from this API") from None
+    prefix, sep, key = text.partition(":")
+    if prefix != kind or not sep:
+        raise bad(field, "not a page token from this API")
+    return key
+
+
+def job_page_token(token: str) -> int:
+    key = read_page_token("page_token", "jobs", token)
+    if not key:
+        return 0
+    if not key.isdigit():
+        raise bad("page_token", "not a page token from this API")
+    return int(key)
+
+
+def job_ids(field: str, values: list[int]) -> list[int]:
+    if len(values) > 10_000:
+        raise bad(field, "at most 10000 ids; use a filter for more")
+    if any(v <= 0 for v in values):
+        raise bad(field, "job ids are positive")
+    return sorted(set(values))
+
+
+def selector(request_selector: admin_pb2.JobSelector) -> tuple[list[int], str]:
+    ids = list(request_selector.job_ids)
+    text = request_selector.filter
+    if ids and text:
+        raise bad("selector", "give job_ids or filter, not both")
+    if not ids and not text.strip():
+        raise bad("selector", "give job_ids or a filter (to select every job, say so: "
+                              "filter \"job_id > 0\")")
+    return job_ids("selector.job_ids", ids), text

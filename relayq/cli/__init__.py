@@ -1,0 +1,58 @@
+"""The `relayq` command. Each subcommand lives in its own module and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from jobsdb import errors as dberrors
+from relayq import logs
+from relayq.cli import (
+    connections,
+    destinations,
+    jobs,
+    migrate,
+    sources,
+    stats,
+    tenants,
+    tokens,
+    up,
+)
+from relayq.config import ConfigError
+
+# Each module adds its subcommands: register(subparsers). The chosen one runs as
+# args.run(args) and returns the exit status.
+_MODULES: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    migrate.register,
+    up.register,
+    jobs.register,
+    stats.register,
+    tenants.register,
+    sources.register,
+    destinations.register,
+    connections.register,
+    tokens.register,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relayq", description="relayq: a Postgres-backed event queue.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for register in _MODULES:
+        register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logs.configure("warning", "text")
+    try:
+        sys.exit(args.run(args))
+    except ConfigError as exc:
+        print(f"relayq: bad configuration: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except dberrors.JobsDBError as exc:
+        print(f"relayq: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,209 @@
+"""relayq destinations create|list|get|update|pause|resume."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from relayq.cli import render, units
+from relayq.cli.client import Admin, admin_command, options
+from relayq.v1 import admin_pb2, common_pb2
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = options()
+    destinations = commands.add_parser("destinations",
+                                       help="create, change, pause and resume destinations")
+    sub = destinations.add_subparsers(dest="destinations_command", required=True,
+                                      metavar="command")
+
+    cmd = sub.add_parser("create", parents=[common], help="create a webhook or grpc destination")
+    cmd.add_argument("--tenant", required=True, help="the tenant that owns it")
+    cmd.add_argument("--type", required=True, choices=("webhook", "grpc"), dest="kind")
+    cmd.add_argument("--endpoint", required=True,
+                     help="webhook: an http(s) URL; grpc: host:port or grpcs://host:port"
+                          " (TLS) of a relayq.v1.Destination")
+    cmd.add_argument("--id", default="", dest="destination_id",
+                     help="default: one is generated")
+    cmd.add_argument("--paused", action="store_true", help="hold its jobs until resumed")
+    _settings(cmd)
+    cmd.set_defaults(run=admin_command(create))
+
+    cmd = sub.add_parser("list", parents=[common], help="destinations the token can see")
+    cmd.add_argument("--tenant", default="", help="only this tenant's")
+    cmd.set_defaults(run=admin_command(list_destinations))
+
+    cmd = sub.add_parser("get", parents=[common], help="one destination and its settings")
+    cmd.add_argument("destination_id", metavar="ID")
+    cmd.set_defaults(run=admin_command(get))
+
+    cmd = sub.add_parser("update", parents=[common],
+                         help="change the settings given; leave the rest as they are")
+    cmd.add_argument("destination_id", metavar="ID")
+    cmd.add_argument("--endpoint")
+    cmd.add_argument("--replace-headers", action="store_true",
+                     help="the --header options replace every header (default: add or change)")
+    _settings(cmd)
+    cmd.set_defaults(run=admin_command(update))
+
+    for name, run, what in (("pause", pause, "hold the destination's jobs"),
+                            ("resume", resume, "deliver its held jobs again, in order")):
+        cmd = sub.add_parser(name, parents=[common], help=what)
+        cmd.add_argument("destination_id", metavar="ID")
+        cmd.set_defaults(run=admin_command(run))
+
+
+def _settings(cmd: argparse.ArgumentParser) -> None:
+    """Options create and update share; None means 'not given' (server default, or unchanged)."""
+    cmd.add_argument("--name", help="a display name")
+    cmd.add_argument("--min-backoff", type=units.milliseconds, metavar="DURATION",
+                     help="first retry delay, doubling per failure (default 1s)")
+    cmd.add_argument("--max-backoff", type=units.milliseconds, metavar="DURATION",
+                     help="longest retry delay (default 5m)")
+    cmd.add_argument("--max-attempts", type=int, metavar="N",
+                     help="abort after this many attempts AND --retry-window (default 10)")
+    cmd.add_argument("--retry-window", type=units.seconds, metavar="DURATION",
+                     help="abort only once the first attempt is this old (default 3h)")
+    cmd.add_argument("--rate", type=float, metavar="PER_SECOND",
+                     help="deliveries per second, 0 for unlimited (default unlimited)")
+    cmd.add_argument("--burst", type=int, metavar="N", help="token-bucket size for --rate")
+    cmd.add_argument("--concurrency", type=int, metavar="N",
+                     help="deliveries in flight at once (default 64)")
+    cmd.add_argument("--timeout", type=units.milliseconds, metavar="DURATION",
+                     help="per-delivery timeout (default 30s)")
+    cmd.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                     type=parse_header,
+                     help="an HTTP header for webhooks, call metadata for grpc (repeatable)")
+
+
+def create(admin: Admin, args: argparse.Namespace) -> int:
+    request = admin_pb2.CreateDestinationRequest(
+        id=args.destination_id, tenant_id=args.tenant, name=args.name or "", type=args.kind,
+        endpoint=args.endpoint, concurrency=args.concurrency or 0, timeout_ms=args.timeout or 0,
+        paused=args.paused, headers=dict(args.header))
+    if _retry_given(args):
+        request.retry_policy.CopyFrom(_retry_policy(common_pb2.RetryPolicy(), args))
+    if _rate_given(args):
+        request.rate_limit.CopyFrom(rate_limit(common_pb2.RateLimit(), args))
+    return show(admin.call(admin.stub.CreateDestination, request), args)
+
+
+def update(admin: Admin, args: argparse.Namespace) -> int:
+    request = admin_pb2.UpdateDestinationRequest(
+        id=args.destination_id, headers=dict(args.header), replace_headers=args.replace_headers)
+    for field, value in (("name", args.name), ("endpoint", args.endpoint),
+                         ("concurrency", args.concurrency), ("timeout_ms", args.timeout)):
+        if value is not None:
+            setattr(request, field, value)
+    if _retry_given(args) or _rate_given(args):
+        # The policy and the limit travel whole; start from the current ones so that
+        # `--max-attempts 5` changes only that and keeps the backoffs.
+        current = admin.call(admin.stub.GetDestination,
+                             admin_pb2.GetDestinationRequest(id=args.destination_id))
+        if _retry_given(args):
+            request.retry_policy.CopyFrom(_retry_policy(current.retry_policy, args))
+        if _rate_given(args):
+            request.rate_limit.CopyFrom(rate_limit(current.rate_limit, args))
+    return show(admin.call(admin.stub.UpdateDestination, request), args)
+
+
+def pause(admin: Admin, args: argparse.Namespace) -> int:
+    return show(admin.call(admin.stub.UpdateDestination, admin_pb2.UpdateDestinationRequest(
+        id=args.destination_id, paused=True)), args)
+
+
+def resume(admin: Admin, args: argparse.Namespace) -> int:
+    return show(admin.call(admin.stub.UpdateDestination, admin_pb2.UpdateDestinationRequest(
+        id=args.destination_id, paused=False)), args)
+
+
+def get(admin: Admin, args: argparse.Namespace) -> int:
+    return show(admin.call(admin.stub.GetDestination,
+                           admin_pb2.GetDestinationRequest(id=args.destination_id)), args)
+
+
+def list_destinations(admin: Admin, args: argparse.Namespace) -> int:
+    request = admin_pb2.ListDestinationsRequest(tenant_id=args.tenant)
+    answer = admin.call(admin.stub.ListDestinations, request)
+    while answer.next_page_token:
+        request.page_token = answer.next_page_token
+        page = admin.call(admin.stub.ListDestinations, request)
+        answer.destinations.extend(page.destinations)
+        answer.next_page_token = page.next_page_token
+    if args.json:
+        render.print_json(answer)
+    elif not answer.destinations:
+        print("no destinations", file=sys.stderr)
+    else:
+        render.table(
+            ["ID", "TENANT", "NAME", "TYPE", "ENDPOINT", "PAUSED", "CONCURRENCY", "RATE",
+             "CREATED"],
+            [[d.id, d.tenant_id, d.name or render.EMPTY, d.type, d.endpoint,
+              render.yes_no(d.paused), str(d.concurrency), render.rate(d.rate_limit),
+              render.ago(d.created_at)] for d in answer.destinations])
+    return 0
+
+
+def show(destination: admin_pb2.DestinationConfig, args: argparse.Namespace) -> int:
+    if args.json:
+        render.print_json(destination)
+        return 0
+    policy = destination.retry_policy
+    render.fields([
+        ("id", destination.id),
+        ("tenant", destination.tenant_id),
+        ("name", destination.name or render.EMPTY),
+        ("type", destination.type),
+        ("endpoint", destination.endpoint),
+        ("paused", render.yes_no(destination.paused)),
+        ("concurrency", str(destination.concurrency)),
+        ("timeout", render.millis(destination.timeout_ms)),
+        ("rate limit", render.rate(destination.rate_limit)),
+        ("backoff", f"{render.millis(policy.min_backoff_ms)} to"
+                    f" {render.millis(policy.max_backoff_ms)}"),
+        ("gives up after", f"{policy.max_attempts} attempts and"
+                           f" {render.span(policy.max_retry_window_seconds)}"),
+        ("headers", render.header_names(destination.headers)),
+        ("created", render.when(destination.created_at)),
+        ("updated", render.when(destination.updated_at)),
+    ])
+    return 0
+
+
+def _retry_given(args: argparse.Namespace) -> bool:
+    return any(v is not None for v in (args.min_backoff, args.max_backoff, args.max_attempts,
+                                       args.retry_window))
+
+
+def _rate_given(args: argparse.Namespace) -> bool:
+    return args.rate is not None or args.burst is not None
+
+
+def _retry_policy(base: common_pb2.RetryPolicy, args: argparse.Namespace) -> common_pb2.RetryPolicy:
+    policy = common_pb2.RetryPolicy()
+    policy.CopyFrom(base)
+    for field, value in (("min_backoff_ms", args.min_backoff), ("max_backoff_ms", args.max_backoff),
+                         ("max_attempts", args.max_attempts),
+                         ("max_retry_window_seconds", args.retry_window)):
+        if value is not None:
+            setattr(policy, field, value)
+    return policy
+
+
+def rate_limit(base: common_pb2.RateLimit, args: argparse.Namespace) -> common_pb2.RateLimit:
+    """`base` with --rate and --burst applied, each only if given (sources use it too)."""
+    limit = common_pb2.RateLimit()
+    limit.CopyFrom(base)
+    if args.rate is not None:
+        limit.per_second = args.rate
+    if args.burst is not None:
+        limit.burst = args.burst
+    return limit
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """'Name: value' or 'Name=value'; values may themselves hold ':' or '='."""
+    cut = min((i for i in (text.find(":"), text.find("=")) if i > 0), default=-1)
+    if cut < 0:
+        raise argparse.ArgumentTypeError(f"expected NAME:VALUE, got {text!r}")
+    return text[:cut].strip(), text[cut + 1:].strip()

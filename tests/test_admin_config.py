@@ -1,0 +1,386 @@
+"""relayq-admin configuration RPCs against a real Postgres, ingest and router."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from psycopg import AsyncConnection
+
+from relayq.v1 import admin_pb2, common_pb2, ingest_pb2, ingest_pb2_grpc
+from tests.services import Admin, admin, ingest, router
+from tests.sinks import WebhookSink
+from tests.test_ingest import event
+
+AUTH = Admin.auth()
+
+
+@pytest.fixture
+async def service(database: str) -> AsyncIterator[Admin]:
+    async with admin(database) as running:
+        yield running
+
+
+async def _tenant_source(service: Admin, tenant: str = "acme") -> admin_pb2.SourceWithKey:
+    await service.stub.CreateTenant(admin_pb2.CreateTenantRequest(id=tenant, name="Acme"),
+                                    metadata=AUTH)
+    return await service.stub.CreateSource(
+        admin_pb2.CreateSourceRequest(id=f"{tenant}-web", tenant_id=tenant, name="Web"),
+        metadata=AUTH)
+
+
+async def _ingest(port: int, write_key: str, events: list[ingest_pb2.Event]
+                  ) -> ingest_pb2.IngestResponse:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = ingest_pb2_grpc.IngestStub(channel)
+        response: ingest_pb2.IngestResponse = await stub.Ingest(
+            ingest_pb2.IngestRequest(events=events),
+            metadata=(("authorization", f"Bearer {write_key}"),))
+        return response
+
+
+async def test_configuration_made_through_admin_carries_events_to_a_webhook(
+        database: str, service: Admin) -> None:
+    created = await _tenant_source(service)
+    assert created.write_key.startswith("rq_wk_")
+    assert created.source.tenant_id == "acme"
+    sink = WebhookSink()
+    await sink.start()
+    try:
+        destination = await service.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
+            id="hook", tenant_id="acme", type="webhook", endpoint=sink.url,
+            retry_policy=common_pb2.RetryPolicy(min_backoff_ms=20, max_backoff_ms=100),
+            headers={"X-Api-Key": "k1"}), metadata=AUTH)
+        assert destination.concurrency == 64
+        assert destination.timeout_ms == 30_000
+        assert destination.retry_policy.max_attempts == 10
+        connection = await service.stub.ConnectSource(
+            admin_pb2.ConnectSourceRequest(source_id="acme-web", destination_id="hook"),
+            metadata=AUTH)
+        assert connection.enabled
+        async with ingest(database) as ingest_service, router(database):
+            answer = await _ingest(ingest_service.app.port, created.write_key,
+                                   [event("m1", "alice"), event("m2", "alice")])
+            assert answer.accepted == 2
+            await sink.wait_for(lambda: len(sink.oks) == 2)
+            assert sink.oks[0].headers.get("X-Api-Key") == "k1"
+    finally:
+        await sink.stop()
+
+
+async def test_a_source_disabled_or_limited_through_admin_is_refused_by_a_running_ingest(
+        database: str, service: Admin) -> None:
+    created = await _tenant_source(service)
+    assert created.source.enabled
+    assert created.source.rate_limit.per_second == 0
+
+    async def answers(number: int) -> grpc.StatusCode:
+        try:
+            await _ingest(ingest_service.app.port, created.write_key, [event(f"m{number}", "al")])
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    async def becomes(code: grpc.StatusCode) -> None:
+        for number in range(50):  # the config NOTIFY clears ingest's cache within moments
+            if await answers(number) is code:
+                return
+            await asyncio.sleep(0.1)
+        pytest.fail(f"ingest never answered {code.name}")
+
+    # Routes cached for an hour: only the config NOTIFY can carry the changes in time.
+    async with ingest(database, RELAYQ_INGEST_ROUTE_CACHE_SECONDS="3600") as ingest_service:
+        assert await answers(0) is grpc.StatusCode.OK
+        disabled = await service.stub.UpdateSource(
+            admin_pb2.UpdateSourceRequest(id="acme-web", enabled=False), metadata=AUTH)
+        assert not disabled.enabled
+        assert disabled.name == "Web"  # only what was asked changed
+        await becomes(grpc.StatusCode.PERMISSION_DENIED)
+
+        limited = await service.stub.UpdateSource(admin_pb2.UpdateSourceRequest(
+            id="acme-web", enabled=True, name="Website",
+            rate_limit=common_pb2.RateLimit(per_second=0.01, burst=1)), metadata=AUTH)
+        assert (limited.enabled, limited.name, limited.rate_limit.per_second,
+                limited.rate_limit.burst) == (True, "Website", 0.01, 1)
+        await becomes(grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+        await service.stub.UpdateSource(admin_pb2.UpdateSourceRequest(
+            id="acme-web", rate_limit=common_pb2.RateLimit()), metadata=AUTH)
+        await becomes(grpc.StatusCode.OK)
+        got = await service.stub.GetSource(admin_pb2.GetSourceRequest(id="acme-web"),
+                                           metadata=AUTH)
+        assert (got.enabled, got.name, got.rate_limit.per_second) == (True, "Website", 0)
+
+
+async def test_a_paused_destination_holds_jobs_until_resumed_in_order(
+        database: str, service: Admin) -> None:
+    created = await _tenant_source(service)
+    sink = WebhookSink()
+    await sink.start()
+    try:
+        await service.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
+            id="hook", tenant_id="acme", type="webhook", endpoint=sink.url), metadata=AUTH)
+        await service.stub.ConnectSource(
+            admin_pb2.ConnectSourceRequest(source_id="acme-web", destination_id="hook"),
+            metadata=AUTH)
+        async with ingest(database) as ingest_service, router(database) as running:
+            paused = await service.stub.UpdateDestination(
+                admin_pb2.UpdateDestinationRequest(id="hook", paused=True), metadata=AUTH)
+            assert paused.paused
+            engine = running.app.engine
+            assert engine is not None
+            for _ in range(200):  # the router hears of the change (NOTIFY relayq_config)
+                if any(d.id == "hook" and d.paused for d in engine.destinations.values()):
+                    break
+                await asyncio.sleep(0.05)
+            await _ingest(ingest_service.app.port, created.write_key,
+                          [event(f"m{i}", "bob") for i in range(5)])
+            await asyncio.sleep(1.0)
+            assert sink.oks == []
+            await service.stub.UpdateDestination(
+                admin_pb2.UpdateDestinationRequest(id="hook", paused=False), metadata=AUTH)
+            await sink.wait_for(lambda: len(sink.oks) == 5)
+        assert [r.message_id for r in sink.oks] == [f"m{i}" for i in range(5)]
+    finally:
+        await sink.stop()
+
+
+async def test_rotating_a_write_key_retires_the_old_one(database: str, service: Admin) -> None:
+    created = await _tenant_source(service)
+    rotated = await service.stub.RotateWriteKey(
+        admin_pb2.RotateWriteKeyRequest(source_id="acme-web", grace_seconds=0), metadata=AUTH)
+    assert rotated.write_key != created.write_key
+    async with ingest(database) as ingest_service:
+        with pytest.raises(grpc.aio.AioRpcError) as old:
+            await _ingest(ingest_service.app.port, created.write_key, [event("m1", "a")])
+        assert old.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        answer = await _ingest(ingest_service.app.port, rotated.write_key, [event("m1", "a")])
+        assert answer.accepted == 1
+
+
+async def test_rotation_with_grace_keeps_the_old_key_working_for_now(
+        database: str, service: Admin) -> None:
+    created = await _tenant_source(service)
+    await service.stub.RotateWriteKey(
+        admin_pb2.RotateWriteKeyRequest(source_id="acme-web", grace_seconds=3600),
+        metadata=AUTH)
+    async with ingest(database) as ingest_service:
+        answer = await _ingest(ingest_service.app.port, created.write_key, [event("m1", "a")])
+        assert answer.accepted == 1
+
+
+async def test_get_and_list_every_kind_of_object(service: Admin) -> None:
+    await _tenant_source(service)
+    await _tenant_source(service, "beta")
+    for i in range(3):
+        await service.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
+            id=f"d{i}", tenant_id="acme", type="grpc", endpoint=f"127.0.0.1:{7000 + i}"),
+            metadata=AUTH)
+    await service.stub.ConnectSource(
+        admin_pb2.ConnectSourceRequest(source_id="acme-web", destination_id="d1"), metadata=AUTH)
+
+    tenant = await service.stub.GetTenant(admin_pb2.GetTenantRequest(id="acme"), metadata=AUTH)
+    assert tenant.name == "Acme"
+    tenants = await service.stub.ListTenants(admin_pb2.ListTenantsRequest(), metadata=AUTH)
+    assert [t.id for t in tenants.tenants] == ["acme", "beta"]
+    source = await service.stub.GetSource(admin_pb2.GetSourceRequest(id="beta-web"),
+                                          metadata=AUTH)
+    assert source.tenant_id == "beta"
+    sources = await service.stub.ListSources(admin_pb2.ListSourcesRequest(tenant_id="beta"),
+                                             metadata=AUTH)
+    assert [s.id for s in sources.sources] == ["beta-web"]
+
+    # Keyset pages: two, then one, then none.
+    first = await service.stub.ListDestinations(
+        admin_pb2.ListDestinationsRequest(page_size=2), metadata=AUTH)
+    assert [d.id for d in first.destinations] == ["d0", "d1"]
+    second = await service.stub.ListDestinations(
+        admin_pb2.ListDestinationsRequest(page_size=2, page_token=first.next_page_token),
+        metadata=AUTH)
+    assert [d.id for d in second.destinations] == ["d2"]
+    assert second.next_page_token == ""
+
+    got = await service.stub.GetDestination(admin_pb2.GetDestinationRequest(id="d2"),
+                                            metadata=AUTH)
+    assert got.endpoint == "127.0.0.1:7002"
+    connections = await service.stub.ListConnections(
+        admin_pb2.ListConnectionsRequest(source_id="acme-web"), metadata=AUTH)
+    assert [(c.source_id, c.destination_id, c.enabled) for c in connections.connections] == [
+        ("acme-web", "d1", True)]
+    off = await service.stub.DisconnectSource(
+        admin_pb2.DisconnectSourceRequest(source_id="acme-web", destination_id="d1"),
+        metadata=AUTH)
+    assert not off.enabled
+
+
+async def test_update_changes_only_what_is_set(service: Admin) -> None:
+    await _tenant_source(service)
+    await service.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
+        id="hook", tenant_id="acme", type="webhook", endpoint="https://example.com/a",
+        concurrency=8, headers={"A": "1"}), metadata=AUTH)
+    updated = await service.stub.UpdateDestination(admin_pb2.UpdateDestinationRequest(
+        id="hook", timeout_ms=5000, headers={"B": "2"},
+        rate_limit=common_pb2.RateLimit(per_second=10, burst=20)), metadata=AUTH)
+    assert updated.concurrency == 8
+    assert updated.timeout_ms == 5000
+    assert dict(updated.headers) == {"A": "1", "B": "2"}
+    assert updated.rate_limit.per_second == 10
+    replaced = await service.stub.UpdateDestination(admin_pb2.UpdateDestinationRequest(
+        id="hook", headers={"C": "3"}, replace_headers=True), metadata=AUTH)
+    assert dict(replaced.headers) == {"C": "3"}
+    assert replaced.updated_at.ToDatetime() >= updated.updated_at.ToDatetime()
+
+
+async def test_grpc_destinations_take_tls_endpoints_and_store_metadata_names_lowered(
+        service: Admin, conn: AsyncConnection[Any]) -> None:
+    await _tenant_source(service)
+    created = await service.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
+        id="sink", tenant_id="acme", type="grpc", endpoint="grpcs://sink.example.com:443",
+        headers={"Authorization": "Bearer k"}), metadata=AUTH)
+    assert created.endpoint == "grpcs://sink.example.com:443"
+    assert dict(created.headers) == {"authorization": "Bearer k"}
+    updated = await service.stub.UpdateDestination(admin_pb2.UpdateDestinationRequest(
+        id="sink", endpoint="grpc://10.0.0.7:7000", headers={"AUTHORIZATION": "Bearer k2"}),
+        metadata=AUTH)
+    assert updated.endpoint == "grpc://10.0.0.7:7000"
+    assert dict(updated.headers) == {"authorization": "Bearer k2"}
+    # A row stored before names were lowered merges with a change by the lowered name.
+    await conn.execute("""UPDATE destinations SET headers = '{"X-Tenant": "a"}' """
+                       "WHERE id = 'sink'")
+    merged = await service.stub.UpdateDestination(admin_pb2.UpdateDestinationRequest(
+        id="sink", headers={"x-tenant": "b", "x-region": "eu"}), metadata=AUTH)
+    assert dict(merged.headers) == {"x-tenant": "b", "x-region": "eu"}
+
+
+async def _counts(conn: AsyncConnection[Any]) -> tuple[Any, ...]:
+    cur = await conn.execute(
+        "SELECT (SELECT count(*) FROM tenants), (SELECT count(*) FROM sources),"
+        " (SELECT count(*) FROM destinations), (SELECT count(*) FROM connections),"
+        " (SELECT count(*) FROM write_keys), (SELECT count(*) FROM admin_tokens),"
+        " (SELECT count(revoked_at) FROM admin_tokens),"
+        " (SELECT array_agg((name, enabled, rate_per_second, rate_burst) ORDER BY id)::text"
+        "  FROM sources)")
+    row = await cur.fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+BAD_REQUESTS: list[tuple[str, str, Any, str]] = [
+    ("CreateTenant", "bad tenant id", admin_pb2.CreateTenantRequest(id="Acme!"), "id"),
+    ("CreateTenant", "empty tenant id", admin_pb2.CreateTenantRequest(id=""), "id"),
+    ("CreateTenant", "long name", admin_pb2.CreateTenantRequest(id="x", name="n" * 201), "name"),
+    ("CreateSource", "no tenant", admin_pb2.CreateSourceRequest(id="s"), "tenant_id"),
+    ("CreateSource", "bad id", admin_pb2.CreateSourceRequest(id="-s", tenant_id="acme"), "id"),
+    ("CreateDestination", "bad type", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="smtp", endpoint="x"), "type"),
+    ("CreateDestination", "ftp url", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="webhook", endpoint="ftp://example.com"), "endpoint"),
+    ("CreateDestination", "no host", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="webhook", endpoint="http://"), "endpoint"),
+    ("CreateDestination", "bad port", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="webhook", endpoint="http://h:99999/x"), "endpoint"),
+    ("CreateDestination", "grpc without port", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="sink.local"), "endpoint"),
+    ("CreateDestination", "empty endpoint", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc"), "endpoint"),
+    ("CreateDestination", "backoff upside down", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1", retry_policy=common_pb2.RetryPolicy(
+            min_backoff_ms=5000, max_backoff_ms=10)), "retry_policy.max_backoff_ms"),
+    ("CreateDestination", "negative rate", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1",
+        rate_limit=common_pb2.RateLimit(per_second=-1)), "rate_limit.per_second"),
+    ("CreateDestination", "nan rate", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1",
+        rate_limit=common_pb2.RateLimit(per_second=float("nan"))), "rate_limit.per_second"),
+    ("CreateDestination", "huge concurrency", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1", concurrency=10_001), "concurrency"),
+    ("CreateDestination", "huge timeout", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1", timeout_ms=600_001), "timeout_ms"),
+    ("CreateDestination", "header injection", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="webhook", endpoint="http://h/", headers={"A": "x\r\nB: y"}),
+     "headers"),
+    ("CreateDestination", "bad header name", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="webhook", endpoint="http://h/", headers={"A B": "x"}),
+     "headers"),
+    ("CreateDestination", "grpc with an http scheme", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="https://sink.local:443"), "endpoint"),
+    ("CreateDestination", "grpcs without port", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="grpcs://sink.local"), "endpoint"),
+    ("CreateDestination", "grpc header gRPC keeps", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1", headers={"grpc-timeout": "1S"}),
+     "headers"),
+    ("CreateDestination", "grpc content-type header", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1", headers={"Content-Type": "x"}),
+     "headers"),
+    ("CreateDestination", "grpc binary header", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1", headers={"key-bin": "x"}), "headers"),
+    ("CreateDestination", "grpc headers equal lower-cased",
+     admin_pb2.CreateDestinationRequest(tenant_id="acme", type="grpc", endpoint="h:1",
+                                        headers={"X-Key": "a", "x-key": "b"}), "headers"),
+    ("CreateDestination", "grpc header name gRPC refuses", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1", headers={"X-Api+Key": "x"}), "headers"),
+    ("CreateDestination", "grpc header not ascii", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1", headers={"x-name": "café"}),
+     "headers"),
+    ("UpdateDestination", "endpoint of wrong kind", admin_pb2.UpdateDestinationRequest(
+        id="hook", endpoint="not a url"), "endpoint"),
+    ("ListDestinations", "page too big", admin_pb2.ListDestinationsRequest(page_size=1001),
+     "page_size"),
+    ("ListSources", "forged page token", admin_pb2.ListSourcesRequest(page_token="zz!"),
+     "page_token"),
+    ("RotateWriteKey", "grace too long", admin_pb2.RotateWriteKeyRequest(
+        source_id="acme-web", grace_seconds=40 * 86400), "grace_seconds"),
+    ("CreateSource", "negative rate", admin_pb2.CreateSourceRequest(
+        tenant_id="acme", rate_limit=common_pb2.RateLimit(per_second=-1)),
+     "rate_limit.per_second"),
+    ("UpdateSource", "infinite rate beside a valid change", admin_pb2.UpdateSourceRequest(
+        id="acme-web", name="Renamed", enabled=False,
+        rate_limit=common_pb2.RateLimit(per_second=float("inf"))), "rate_limit.per_second"),
+    ("UpdateSource", "no id", admin_pb2.UpdateSourceRequest(name="x"), "id"),
+    ("UpdateSource", "NUL in the name", admin_pb2.UpdateSourceRequest(id="acme-web",
+                                                                      name="a\x00b"), "name"),
+    ("UpdateSource", "long name", admin_pb2.UpdateSourceRequest(id="acme-web", name="x" * 300),
+     "name"),
+    ("RevokeAdminToken", "no id", admin_pb2.RevokeAdminTokenRequest(), "id"),
+    ("RevokeAdminToken", "a secret, not an id", admin_pb2.RevokeAdminTokenRequest(
+        id="rq_at_AbC"), "id"),
+    ("ConnectSource", "across tenants", admin_pb2.ConnectSourceRequest(
+        source_id="acme-web", destination_id="beta-hook"), "destination_id"),
+]
+
+
+@pytest.mark.parametrize(("method", "case", "request_message", "field"), BAD_REQUESTS,
+                         ids=[case for _, case, _, _ in BAD_REQUESTS])
+async def test_bad_configuration_requests_name_the_field_and_change_nothing(
+        service: Admin, conn: AsyncConnection[Any], method: str, case: str,
+        request_message: Any, field: str) -> None:
+    await _tenant_source(service)
+    await _tenant_source(service, "beta")
+    await service.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
+        id="hook", tenant_id="acme", type="webhook", endpoint="http://h/"), metadata=AUTH)
+    await service.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
+        id="beta-hook", tenant_id="beta", type="webhook", endpoint="http://h/"), metadata=AUTH)
+    before = await _counts(conn)
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await getattr(service.stub, method)(request_message, metadata=AUTH)
+    assert failure.value.code() is grpc.StatusCode.INVALID_ARGUMENT, case
+    assert (failure.value.details() or "").startswith(f"{field}:"), failure.value.details()
+    assert await _counts(conn) == before
+
+
+async def test_duplicates_and_missing_references(service: Admin) -> None:
+    await _tenant_source(service)
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await service.stub.CreateTenant(admin_pb2.CreateTenantRequest(id="acme"), metadata=AUTH)
+    assert again.value.code() is grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await service.stub.CreateSource(
+            admin_pb2.CreateSourceRequest(tenant_id="nobody"), metadata=AUTH)
+    assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await service.stub.GetDestination(admin_pb2.GetDestinationRequest(id="nope"),
+                                          metadata=AUTH)
+    assert gone.value.code() is grpc.StatusCode.NOT_FOUND
