@@ -1,0 +1,1 @@
+"""The demo `relayq up` runs: a webhook sink, its configuration, sample traffic, a live view."""
