@@ -1,0 +1,271 @@
+"""Sustained ingest throughput through the gRPC server, against a raw COPY baseline.
+
+    .venv/bin/python bench/ingest.py [--events 300000] [--processes 2] [--clients 4]
+
+Two fresh databases, each migrated, with one source connected to one destination:
+
+- raw: one psycopg connection COPYs the very rows ingest would write (the dedup key and the
+  job of each event, documents built by ingest's own code) and commits every 100 events;
+- ingest: a relayq-ingest process; client processes each run several gRPC clients, every
+  client sending batches of 100 events (~330-byte JSON payloads) one after another, each
+  waiting for its answer, as a service sending its events would.
+
+Prints events/s for both and the ratio ingest/raw. Requests are built before the clock starts,
+so the figures measure the server and the database, not the load generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import orjson
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    SERVER,
+    add_source,
+    cpu_seconds,
+    create_database,
+    drop_database,
+    dsn_for,
+    free_port,
+    percentile,
+    wait_ready,
+)
+from ingest_service.config import Limits
+from ingest_service.validate import build_event
+from jobsdb.ordering import partition_of
+from jobsdb.routing import SourceRoute
+from relayq.v1 import ingest_pb2
+
+BATCH = 100
+
+
+def payload(i: int) -> str:
+    """A ~330-byte JSON object, varied enough not to compress to nothing."""
+    return orjson.dumps({
+        "order_id": f"ord-{i:010d}", "checkout_id": secrets.token_hex(8),
+        "revenue": round(i * 1.37 % 1000, 2), "currency": "EUR", "coupon": "SPRING",
+        "products": [
+            {"sku": f"sku-{i % 977:05d}", "name": "Merino wool sweater", "price": 89.9, "qty": 1},
+            {"sku": f"sku-{i % 131:05d}", "name": "Linen trousers", "price": 59.0, "qty": 2},
+        ],
+        "campaign": {"source": "newsletter", "medium": "email", "name": "autumn-sale"},
+    }).decode()
+
+
+def event(prefix: str, i: int) -> ingest_pb2.Event:
+    return ingest_pb2.Event(message_id=f"{prefix}-{i}", user_id=f"user-{i % 10_000}",
+                            type="track", event="Order Completed", payload_json=payload(i))
+
+
+# --- databases ---------------------------------------------------------------------------
+
+def prepared_database() -> tuple[str, str, int, int, int]:
+    """A migrated database with one source connected to one destination.
+
+    Returns (name, write key, tenant key, source key, destination key).
+    """
+    name = create_database()
+    with psycopg.connect(dsn_for(name), autocommit=True) as conn:
+        write_key, tenant, source, keys = add_source(
+            conn, "bench", "web", {"d1": ("webhook", "http://127.0.0.1:9/")})
+    return name, write_key, tenant, source, keys["d1"]
+
+
+# --- raw COPY baseline ---------------------------------------------------------------------
+
+def _copy_escape(data: bytes) -> bytes:
+    """COPY text format: backslash, tab, newline and carriage return must be escaped."""
+    data = data.replace(b"\\", b"\\\\")
+    return data.replace(b"\t", b"\\t").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+
+
+def raw_copy(events: int) -> float:
+    name, _, tenant, source, destination = prepared_database()
+    try:
+        route = SourceRoute(source, "web", tenant, "bench", True, {"d1": destination},
+                            (destination,))
+        limits = Limits(1000, 64 * 1024, 16 << 20)
+        now = "2026-11-25T10:00:00.000Z"
+        chunks: list[tuple[bytes, bytes]] = []
+        for start in range(0, events, BATCH):
+            keys, jobs = [], []
+            for i in range(start, min(start + BATCH, events)):
+                built = build_event(event("raw", i), route, limits, now)
+                keys.append(b"%d\t%s\t1\n" % (source, built.message_id.encode()))
+                jobs.append(b"%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n" % (
+                    i + 1, destination, tenant, source,
+                    partition_of(destination, built.user_id, 64),
+                    built.user_id.encode(), built.message_id.encode(),
+                    _copy_escape(built.document.encode())))
+            chunks.append((b"".join(keys), b"".join(jobs)))
+        with psycopg.connect(dsn_for(name)) as conn, conn.cursor() as cur:
+            backend = conn.info.backend_pid
+            cpu_before = cpu_seconds(backend)
+            started = time.perf_counter()
+            for keys_data, jobs_data in chunks:
+                with cur.copy("COPY dedup_keys (source_key, message_id, generation) FROM STDIN"
+                              ) as copy:
+                    copy.write(keys_data)
+                with cur.copy("COPY jobs (job_id, destination_key, tenant_key, source_key,"
+                              " ordering_partition, user_id, message_id, payload) FROM STDIN"
+                              ) as copy:
+                    copy.write(jobs_data)
+                conn.commit()
+            elapsed = time.perf_counter() - started
+            print(f"  raw COPY: its Postgres backend used"
+                  f" {(cpu_seconds(backend) - cpu_before) / events * 1e6:.0f} us of CPU per event")
+            return events / elapsed
+    finally:
+        drop_database(name)
+
+
+# --- ingest through gRPC -----------------------------------------------------------------
+
+def client_process(port: int, write_key: str, prefix: str, clients: int, batches: int,
+                   start_at: float, results: Any) -> None:
+    requests = [
+        [ingest_pb2.IngestRequest(events=[event(f"{prefix}c{c}", b * BATCH + i)
+                                          for i in range(BATCH)]).SerializeToString()
+         for b in range(batches)]
+        for c in range(clients)
+    ]
+
+    async def run() -> tuple[int, list[float]]:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        call = channel.unary_unary("/relayq.v1.Ingest/Ingest",
+                                   response_deserializer=ingest_pb2.IngestResponse.FromString)
+        metadata = (("authorization", f"Bearer {write_key}"),)
+        latencies: list[float] = []
+
+        async def one_client(mine: list[bytes]) -> int:
+            accepted = 0
+            for body in mine:
+                t0 = time.perf_counter()
+                response = await call(body, metadata=metadata, timeout=60)
+                latencies.append(time.perf_counter() - t0)
+                accepted += response.accepted
+            return accepted
+
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        counts = await asyncio.gather(*(one_client(r) for r in requests))
+        await channel.close()
+        return sum(counts), latencies
+
+    accepted, latencies = asyncio.run(run())
+    results.put((accepted, time.time(), latencies))
+
+
+def through_ingest(events: int, processes: int, clients: int, profile: str | None = None
+                   ) -> tuple[float, list[float], str]:
+    name, write_key, *_ = prepared_database()
+    port, metrics_port = free_port(), free_port()
+    env = {**os.environ, "RELAYQ_DATABASE_URL": dsn_for(name),
+           "RELAYQ_INGEST_ADDRESS": f"127.0.0.1:{port}",
+           "RELAYQ_INGEST_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
+           "RELAYQ_LOG_LEVEL": "warning", "RELAYQ_MAINTENANCE": "false"}
+    command = [sys.executable, "-c", "import ingest_service.main as m; m.main()"]
+    if profile:  # py-spy (pip install py-spy) samples the server; collapsed stacks to a file
+        command = ["py-spy", "record", "--format", "raw", "--rate", "200", "-o", profile,
+                   "--", *command]
+    proc = subprocess.Popen(command, env=env)
+    try:
+        wait_ready(port)
+        batches = events // BATCH // (processes * clients)
+        context = multiprocessing.get_context("spawn")
+        results = context.Queue()
+        start_at = time.time() + 3 + 0.5 * processes  # time for every client to build requests
+        backends = _backend_pids(name)
+        server_cpu_before = cpu_seconds(proc.pid)
+        postgres_cpu_before = sum(cpu_seconds(p) for p in backends)
+        workers = [context.Process(target=client_process,
+                                   args=(port, write_key, f"p{p}", clients, batches, start_at,
+                                         results))
+                   for p in range(processes)]
+        for w in workers:
+            w.start()
+        outcomes = [results.get(timeout=600) for _ in workers]
+        for w in workers:
+            w.join()
+        accepted = sum(o[0] for o in outcomes)
+        finished = max(o[1] for o in outcomes)
+        latencies = [x for o in outcomes for x in o[2]]
+        flushes = _flush_stats(metrics_port)
+        server_cpu = cpu_seconds(proc.pid) - server_cpu_before
+        postgres_cpu = sum(cpu_seconds(p) for p in backends) - postgres_cpu_before
+        per_event = 1e6 / max(1, accepted)
+        flushes += (f"\n  CPU per event: ingest process {server_cpu * per_event:.0f} us,"
+                    f" its Postgres backends {postgres_cpu * per_event:.0f} us")
+        expected = batches * BATCH * processes * clients
+        if accepted != expected:
+            raise SystemExit(f"accepted {accepted} of {expected} events")
+        return accepted / (finished - start_at), latencies, flushes
+    finally:
+        proc.send_signal(signal.SIGINT if profile else signal.SIGTERM)
+        proc.wait(60)
+        drop_database(name)
+
+
+def _backend_pids(database: str) -> list[int]:
+    with psycopg.connect(SERVER, autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s",
+                            (database,)).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def _flush_stats(metrics_port: int) -> str:
+    """Group commits as the server counted them: how many, how large, how long."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        for name in ("relayq_ingest_flush_jobs_count", "relayq_ingest_flush_jobs_sum",
+                     "relayq_ingest_flush_seconds_sum"):
+            if line.startswith(name + " "):
+                values[name] = float(line.split()[1])
+    count = values.get("relayq_ingest_flush_jobs_count", 0) or 1
+    jobs = values.get("relayq_ingest_flush_jobs_sum", 0) / count
+    millis = values.get("relayq_ingest_flush_seconds_sum", 0) / count * 1000
+    return f"{count:.0f} group commits, {jobs:.0f} jobs and {millis:.1f} ms each on average"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--processes", type=int, default=2, help="client processes")
+    parser.add_argument("--clients", type=int, default=4, help="gRPC clients per process")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="record the ingest server with py-spy (collapsed stacks) into FILE")
+    parser.add_argument("--skip-raw", action="store_true", help="only measure ingest")
+    args = parser.parse_args()
+
+    raw = float("nan") if args.skip_raw else raw_copy(args.events)
+    print(f"raw COPY, 1 connection, commit per {BATCH} events: {raw:,.0f} events/s")
+    rate, latencies, flushes = through_ingest(args.events, args.processes, args.clients,
+                                              args.profile)
+    p50 = statistics.median(latencies) * 1000
+    p99 = percentile(latencies, 0.99) * 1000
+    print(f"relayq-ingest, {args.processes}x{args.clients} clients, batches of {BATCH}:"
+          f" {rate:,.0f} events/s (request latency p50 {p50:.1f} ms, p99 {p99:.1f} ms)")
+    print(f"  {flushes}")
+    print(f"ratio ingest/raw: {rate / raw:.2f}")
+
+
+if __name__ == "__main__":
+    main()
