@@ -175,11 +175,17 @@ def _properties(event: ingest_pb2.Event, limits: Limits) -> str:
 
 def _loads_standard(text: str, error: orjson.JSONDecodeError) -> Any:
     """orjson refuses some valid JSON (numbers beyond a double's range); the standard library
-    takes those, and is told to refuse NaN and Infinity, which are not JSON at all."""
+    takes those, and is told to refuse NaN and Infinity, which are not JSON at all.
+
+    What orjson refused for a reason jsonb shares stays refused, with orjson's message: nesting
+    past its depth limit (the standard library runs out of stack there) and a lone surrogate
+    escape such as "\\ud800" (valid to the standard library, not text to Postgres)."""
     try:
-        return json.loads(text, parse_constant=_not_json)
-    except ValueError:
+        value = json.loads(text, parse_constant=_not_json)
+        json.dumps(value, ensure_ascii=False).encode()
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         raise EventRejected(f"payload_json: invalid JSON: {error}") from None
+    return value
 
 
 def _not_json(name: str) -> Any:

@@ -255,6 +255,12 @@ BAD_BATCHES: list[tuple[str, list[ingest_pb2.Event], str, str]] = [
         message_id="m", user_id="u", payload_json=json.dumps({"x": "y" * 5000}))],
      "events[0].payload_json: 5009 characters, over the limit of 4096 bytes per event"
      " (RELAYQ_INGEST_MAX_EVENT_BYTES)", "events[0].payload_json"),
+    ("payload nested too deep", [ingest_pb2.Event(
+        message_id="m", user_id="u", payload_json='{"a":' + "[" * 1500 + "]" * 1500 + "}")],
+     "events[0].payload_json: invalid JSON: depth limit exceeded", "events[0].payload_json"),
+    ("lone surrogate in payload", [ingest_pb2.Event(
+        message_id="m", user_id="u", payload_json='{"a": "\\ud800"}')],
+     "events[0].payload_json: invalid JSON: no low surrogate", "events[0].payload_json"),
     ("NUL in payload", [ingest_pb2.Event(
         message_id="m", user_id="u", payload_json='{"a": "\\u0000"}')],
      "events[0].payload: contains a \\u0000 character", "events[0].payload"),

@@ -70,6 +70,8 @@ def test_an_event_without_a_body_has_empty_properties() -> None:
          "payload_json: must be a JSON object, got NoneType"),
         ({"message_id": "m", "user_id": "u", "payload_json": '{"a": NaN}'},
          "payload_json: invalid JSON"),
+        ({"message_id": "m", "user_id": "u", "payload_json": '{"a": "\\udc00"}'},
+         "payload_json: invalid JSON: invalid high surrogate"),
         ({"message_id": "m", "user_id": "u", "payload_json": '{"a": "x' + "y" * 2100 + '"}'},
          "payload_json: 2110 characters, over the limit of 2048"),
         ({"message_id": "m", "user_id": "u", "payload_json": '{"a": "' + "y" * 1990 + '"}'},
@@ -82,6 +84,15 @@ def test_invalid_events_are_rejected_with_a_reason(fields: dict[str, object], re
     with pytest.raises(EventRejected) as caught:
         build(**fields)
     assert reason in str(caught.value)
+
+
+def test_a_payload_nested_past_the_depth_limit_is_rejected_not_a_crash() -> None:
+    """orjson stops at 1,024 levels; the standard library, tried next, runs out of stack."""
+    text = '{"a":' + "[" * 1100 + "]" * 1100 + "}"
+    limits = Limits(max_batch_events=1, max_event_bytes=8192, max_request_bytes=1 << 20)
+    with pytest.raises(EventRejected, match="payload_json: invalid JSON: depth limit exceeded"):
+        build_event(ingest_pb2.Event(message_id="m", user_id="u", payload_json=text),
+                    ROUTE, limits, NOW)
 
 
 def test_an_escaped_backslash_before_u0000_is_not_a_nul() -> None:
