@@ -78,7 +78,10 @@ class IngestApp(ServiceApp[IngestConfig]):
             [(ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name,
               lambda server: ingest_pb2_grpc.add_IngestServicer_to_server(servicer, server))],
             options=[
-                ("grpc.max_receive_message_length", config.limits.max_request_bytes),
+                # Requests up to twice the limit are read, so that one over it gets
+                # INVALID_ARGUMENT naming the limit (validate.prepare): gRPC's own refusal is
+                # RESOURCE_EXHAUSTED, which clients retry as if it were a rate limit.
+                ("grpc.max_receive_message_length", 2 * config.limits.max_request_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )

@@ -50,8 +50,9 @@ def prepare(
 ) -> Prepared:
     """Validate a batch and build each valid event's document.
 
-    Raises InvalidArgument for the batch as a whole: empty, too many events, or a message_id
-    repeated within it (a client bug that would otherwise be silently half-stored).
+    Raises InvalidArgument for the batch as a whole: empty, too many events, too many bytes,
+    or a message_id repeated within it (a client bug that would otherwise be silently
+    half-stored).
     """
     events = request.events
     if not events:
@@ -61,6 +62,13 @@ def prepare(
             f"events: {len(events)} events exceed the limit of {limits.max_batch_events} per"
             " batch (RELAYQ_INGEST_MAX_BATCH_EVENTS)",
             violations=[("events", f"at most {limits.max_batch_events} events")],
+        )
+    size = request.ByteSize()
+    if size > limits.max_request_bytes:
+        raise InvalidArgument(
+            f"request: {size} bytes exceed the limit of {limits.max_request_bytes}"
+            " (RELAYQ_INGEST_MAX_REQUEST_BYTES)",
+            violations=[("request", f"at most {limits.max_request_bytes} bytes")],
         )
     prepared = Prepared()
     first_seen: dict[str, int] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import grpc
@@ -414,13 +415,22 @@ async def test_a_source_over_its_rate_limit_is_resource_exhausted_and_stores_not
 async def test_a_request_over_the_size_limit_is_refused(
     database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
 ) -> None:
-    big = [event(f"m{i}", note="x" * 900) for i in range(4)]
+    """Over the limit: INVALID_ARGUMENT naming it (not retried by clients); over twice the
+    limit gRPC refuses the message unread, with its own RESOURCE_EXHAUSTED."""
+    big = [event(f"m{i}", note="x" * 900) for i in range(3)]
+    huge = [event(f"m{i}", note="x" * 900) for i in range(6)]
     async with ingest(database, RELAYQ_INGEST_MAX_REQUEST_BYTES="2048") as service:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await send(service, setup["web"].write_key, *big)
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "larger than max" in (caught.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as unread:
+            await send(service, setup["web"].write_key, *huge)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.fullmatch(r"request: \d+ bytes exceed the limit of 2048"
+                        r" \(RELAYQ_INGEST_MAX_REQUEST_BYTES\)", caught.value.details() or "")
+    assert unread.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in (unread.value.details() or "")
     assert await count(conn, "jobs") == 0
+    assert await count(conn, "dedup_keys") == 0
 
 
 async def test_ingest_creates_partitions_when_ids_outrun_them(
