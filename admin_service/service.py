@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from admin_service import convert, metrics, validate
@@ -75,7 +76,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                         ) -> admin_pb2.Tenant:
         caller = await self._auth.caller(context)
         async with transaction(self._pool) as conn:
-            return convert.tenant(await configdb.get_tenant(conn, request.id, caller.scope))
+            return convert.tenant(await configdb.get_tenant(
+                conn, validate.reference("id", request.id), caller.scope))
 
     @handle_errors
     async def ListTenants(self, request: admin_pb2.ListTenantsRequest, context: Context
@@ -115,18 +117,20 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                         ) -> admin_pb2.Source:
         caller = await self._auth.caller(context)
         async with transaction(self._pool) as conn:
-            return convert.source(await configdb.get_source(conn, request.id, caller.scope))
+            return convert.source(await configdb.get_source(
+                conn, validate.reference("id", request.id), caller.scope))
 
     @handle_errors
     async def ListSources(self, request: admin_pb2.ListSourcesRequest, context: Context
                           ) -> admin_pb2.ListSourcesResponse:
         caller = await self._auth.caller(context)
+        tenant_id = validate.optional_reference("tenant_id", request.tenant_id)
         caller.check_tenant_filter(request.tenant_id)
         limit = validate.page_size("page_size", request.page_size, DEFAULT_PAGE)
         after = validate.read_page_token("page_token", "sources", request.page_token)
         async with transaction(self._pool) as conn:
-            rows = await configdb.list_sources(conn, caller.scope, request.tenant_id or None,
-                                               after, limit)
+            await _filters_exist(conn, caller, tenant_id=tenant_id)
+            rows = await configdb.list_sources(conn, caller.scope, tenant_id, after, limit)
         return admin_pb2.ListSourcesResponse(
             sources=[convert.source(r) for r in rows],
             next_page_token=_next(rows, limit, "sources", lambda r: r.id))
@@ -135,10 +139,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def RotateWriteKey(self, request: admin_pb2.RotateWriteKeyRequest, context: Context
                              ) -> admin_pb2.SourceWithKey:
         caller = await self._auth.caller(context)
+        source_id = validate.reference("source_id", request.source_id)
         if request.grace_seconds > 30 * 86_400:
             raise validate.bad("grace_seconds", "at most 30 days (2592000)")
         async with transaction(self._pool) as conn:
-            row = await configdb.get_source(conn, request.source_id, caller.scope)
+            row = await configdb.get_source(conn, source_id, caller.scope)
             write_key = await configdb.rotate_write_key(conn, row, request.grace_seconds)
         _changed(caller, "rotated write key", tenant=row.tenant_id, source=row.id,
                  grace_seconds=request.grace_seconds)
@@ -148,7 +153,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def UpdateSource(self, request: admin_pb2.UpdateSourceRequest, context: Context
                            ) -> admin_pb2.Source:
         caller = await self._auth.caller(context)
-        source_id = validate.object_id("id", request.id)
+        source_id = validate.reference("id", request.id)
         name = validate.name("name", request.name) if request.HasField("name") else None
         limit = (validate.rate_limit("rate_limit", request.rate_limit)
                  if request.HasField("rate_limit") else None)
@@ -204,8 +209,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def UpdateDestination(self, request: admin_pb2.UpdateDestinationRequest,
                                 context: Context) -> admin_pb2.DestinationConfig:
         caller = await self._auth.caller(context)
+        destination_id = validate.reference("id", request.id)
         async with transaction(self._pool) as conn:
-            current = await configdb.get_destination(conn, request.id, caller.scope)
+            current = await configdb.get_destination(conn, destination_id, caller.scope)
             changes = _destination_changes(request, current)
             row = await configdb.update_destination(conn, current, changes)
         _changed(caller, "updated destination", tenant=row.tenant_id, destination=row.id,
@@ -217,19 +223,20 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                              ) -> admin_pb2.DestinationConfig:
         caller = await self._auth.caller(context)
         async with transaction(self._pool) as conn:
-            return convert.destination(
-                await configdb.get_destination(conn, request.id, caller.scope))
+            return convert.destination(await configdb.get_destination(
+                conn, validate.reference("id", request.id), caller.scope))
 
     @handle_errors
     async def ListDestinations(self, request: admin_pb2.ListDestinationsRequest,
                                context: Context) -> admin_pb2.ListDestinationsResponse:
         caller = await self._auth.caller(context)
+        tenant_id = validate.optional_reference("tenant_id", request.tenant_id)
         caller.check_tenant_filter(request.tenant_id)
         limit = validate.page_size("page_size", request.page_size, DEFAULT_PAGE)
         after = validate.read_page_token("page_token", "destinations", request.page_token)
         async with transaction(self._pool) as conn:
-            rows = await configdb.list_destinations(
-                conn, caller.scope, request.tenant_id or None, after, limit)
+            await _filters_exist(conn, caller, tenant_id=tenant_id)
+            rows = await configdb.list_destinations(conn, caller.scope, tenant_id, after, limit)
         return admin_pb2.ListDestinationsResponse(
             destinations=[convert.destination(r) for r in rows],
             next_page_token=_next(rows, limit, "destinations", lambda r: r.id))
@@ -240,10 +247,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ConnectSource(self, request: admin_pb2.ConnectSourceRequest, context: Context
                             ) -> admin_pb2.Connection:
         caller = await self._auth.caller(context)
+        source_id = validate.reference("source_id", request.source_id)
+        destination_id = validate.reference("destination_id", request.destination_id)
         async with transaction(self._pool) as conn:
-            source = await configdb.get_source(conn, request.source_id, caller.scope)
-            destination = await configdb.get_destination(conn, request.destination_id,
-                                                         caller.scope)
+            source = await configdb.get_source(conn, source_id, caller.scope)
+            destination = await configdb.get_destination(conn, destination_id, caller.scope)
             if source.tenant_key != destination.tenant_key:
                 raise validate.bad("destination_id",
                                    "a source connects only to destinations of its own tenant")
@@ -256,10 +264,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def DisconnectSource(self, request: admin_pb2.DisconnectSourceRequest,
                                context: Context) -> admin_pb2.Connection:
         caller = await self._auth.caller(context)
+        source_id = validate.reference("source_id", request.source_id)
+        destination_id = validate.reference("destination_id", request.destination_id)
         async with transaction(self._pool) as conn:
-            source = await configdb.get_source(conn, request.source_id, caller.scope)
-            destination = await configdb.get_destination(conn, request.destination_id,
-                                                         caller.scope)
+            source = await configdb.get_source(conn, source_id, caller.scope)
+            destination = await configdb.get_destination(conn, destination_id, caller.scope)
             row = await configdb.disconnect(conn, source, destination)
         _changed(caller, "disconnected", tenant=source.tenant_id, source=source.id,
                  destination=destination.id)
@@ -269,12 +278,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListConnections(self, request: admin_pb2.ListConnectionsRequest,
                               context: Context) -> admin_pb2.ListConnectionsResponse:
         caller = await self._auth.caller(context)
+        tenant_id = validate.optional_reference("tenant_id", request.tenant_id)
+        source_id = validate.optional_reference("source_id", request.source_id)
+        destination_id = validate.optional_reference("destination_id", request.destination_id)
         caller.check_tenant_filter(request.tenant_id)
         async with transaction(self._pool) as conn:
+            await _filters_exist(conn, caller, tenant_id=tenant_id, source_id=source_id,
+                                 destination_id=destination_id)
             rows = await configdb.list_connections(
-                conn, caller.scope, tenant_id=request.tenant_id or None,
-                source_id=request.source_id or None,
-                destination_id=request.destination_id or None)
+                conn, caller.scope, tenant_id=tenant_id, source_id=source_id,
+                destination_id=destination_id)
         return admin_pb2.ListConnectionsResponse(connections=[convert.connection(r)
                                                               for r in rows])
 
@@ -285,7 +298,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                context: Context) -> admin_pb2.AdminTokenWithSecret:
         caller = await self._auth.caller(context)
         caller.require_operator("CreateAdminToken")
-        tenant_id = validate.object_id("tenant_id", request.tenant_id)
+        tenant_id = validate.reference("tenant_id", request.tenant_id)
         name = validate.name("name", request.name)
         async with transaction(self._pool) as conn:
             tenant = await configdb.get_tenant(conn, tenant_id, None)
@@ -298,10 +311,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListAdminTokens(self, request: admin_pb2.ListAdminTokensRequest,
                               context: Context) -> admin_pb2.ListAdminTokensResponse:
         caller = await self._auth.caller(context)
+        tenant_id = validate.optional_reference("tenant_id", request.tenant_id)
         caller.check_tenant_filter(request.tenant_id)
         async with transaction(self._pool) as conn:
-            rows = await configdb.list_admin_tokens(conn, caller.scope,
-                                                    tenant_id=request.tenant_id or None)
+            await _filters_exist(conn, caller, tenant_id=tenant_id)
+            rows = await configdb.list_admin_tokens(conn, caller.scope, tenant_id=tenant_id)
         return admin_pb2.ListAdminTokensResponse(tokens=[convert.admin_token(r) for r in rows])
 
     @handle_errors
@@ -309,7 +323,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                context: Context) -> admin_pb2.AdminToken:
         caller = await self._auth.caller(context)
         caller.require_operator("RevokeAdminToken")
-        token_id = validate.object_id("id", request.id)
+        token_id = validate.reference("id", request.id)
         async with transaction(self._pool) as conn:
             row = await configdb.revoke_admin_token(conn, token_id)
         _changed(caller, "revoked admin token", tenant=row.tenant_id, token=row.id)
@@ -345,10 +359,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def PeekJobs(self, request: admin_pb2.PeekJobsRequest, context: Context
                        ) -> admin_pb2.PeekJobsResponse:
         caller = await self._auth.caller(context)
+        destination_id = validate.reference("destination_id", request.destination_id)
         limit = validate.page_size("limit", request.limit, DEFAULT_PEEK)
         async with transaction(self._pool) as conn:
-            destination = await configdb.get_destination(conn, request.destination_id,
-                                                         caller.scope)
+            destination = await configdb.get_destination(conn, destination_id, caller.scope)
             rows = await jobsdb.peek(conn, destination.destination_key, limit)
             now = await _now(conn)
         return admin_pb2.PeekJobsResponse(jobs=[
@@ -401,19 +415,33 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def GetStats(self, request: admin_pb2.GetStatsRequest, context: Context
                        ) -> admin_pb2.GetStatsResponse:
         caller = await self._auth.caller(context)
+        tenant_id = validate.optional_reference("tenant_id", request.tenant_id)
+        destination_id = validate.optional_reference("destination_id", request.destination_id)
         caller.check_tenant_filter(request.tenant_id)
         async with transaction(self._pool) as conn:
             tenant_key = caller.scope
-            if request.tenant_id:
-                tenant_key = (await configdb.get_tenant(conn, request.tenant_id,
-                                                        caller.scope)).tenant_key
+            if tenant_id:
+                tenant_key = (await configdb.get_tenant(conn, tenant_id, caller.scope)).tenant_key
             destination_key = None
-            if request.destination_id:
+            if destination_id:
                 destination_key = (await configdb.get_destination(
-                    conn, request.destination_id, caller.scope)).destination_key
+                    conn, destination_id, caller.scope)).destination_key
             rows = await jobsdb.stats(conn, tenant_key=tenant_key,
                                       destination_key=destination_key)
         return _stats(rows)
+
+
+async def _filters_exist(conn: AsyncConnection[Any], caller: Caller, *,
+                         tenant_id: str | None = None, source_id: str | None = None,
+                         destination_id: str | None = None) -> None:
+    """A List call filtered by something that does not exist is NOT_FOUND, as GetStats is,
+    rather than an empty list that reads as "none yet"."""
+    if tenant_id:
+        await configdb.get_tenant(conn, tenant_id, caller.scope)
+    if source_id:
+        await configdb.get_source(conn, source_id, caller.scope)
+    if destination_id:
+        await configdb.get_destination(conn, destination_id, caller.scope)
 
 
 def _selector(request_selector: admin_pb2.JobSelector) -> jobsdb.Selection:

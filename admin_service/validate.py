@@ -18,6 +18,8 @@ from relayq.v1 import admin_pb2, common_pb2
 
 ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")
+# Control characters other than tab: CR and LF would inject headers, NUL cannot be stored.
+_HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 MAX_NAME = 200
 MAX_ENDPOINT = 2048
@@ -43,6 +45,19 @@ def object_id(field: str, value: str) -> str:
     return value
 
 
+def reference(field: str, value: str) -> str:
+    """An id naming something that should exist: required, and shaped like every id is (so a
+    typo gets its own message, and text Postgres cannot hold never reaches it)."""
+    if not value:
+        raise bad(field, "required")
+    return object_id(field, value)
+
+
+def optional_reference(field: str, value: str) -> str | None:
+    """A filter by id: absent, or a reference."""
+    return reference(field, value) if value else None
+
+
 def new_id(field: str, value: str, prefix: str) -> str:
     """The id asked for, or a generated one when empty."""
     return object_id(field, value) if value else f"{prefix}-{secrets.token_hex(5)}"
@@ -59,16 +74,23 @@ def name(field: str, value: str) -> str:
 def reason(value: str) -> str:
     if len(value) > MAX_REASON:
         raise bad("reason", f"longer than {MAX_REASON} characters")
+    if "\x00" in value:
+        raise bad("reason", "must not contain NUL characters (Postgres text cannot hold them)")
     return value
 
 
 def endpoint(field: str, kind: str, value: str) -> str:
     if not value:
         raise bad(field, "required")
-    if len(value) > MAX_ENDPOINT or any(c.isspace() for c in value):
-        raise bad(field, f"must be at most {MAX_ENDPOINT} characters without spaces")
+    if (len(value) > MAX_ENDPOINT or not value.isprintable()
+            or any(c.isspace() for c in value)):
+        raise bad(field, f"must be at most {MAX_ENDPOINT} characters without spaces or"
+                         " control characters")
     if kind == "webhook":
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+        except ValueError as exc:  # an unclosed IPv6 bracket, for one
+            raise bad(field, f"not a URL ({exc}): {value!r}") from None
         try:
             port = parts.port
         except ValueError:
@@ -101,6 +123,8 @@ def retry_policy(field: str, policy: common_pb2.RetryPolicy) -> common_pb2.Retry
         max_retry_window_seconds=policy.max_retry_window_seconds
         or DEFAULT_RETRY.max_retry_window_seconds,
     )
+    if merged.min_backoff_ms > 86_400_000:
+        raise bad(f"{field}.min_backoff_ms", "at most one day (86400000)")
     if merged.max_backoff_ms < merged.min_backoff_ms:
         raise bad(f"{field}.max_backoff_ms", "must be at least min_backoff_ms")
     if merged.max_backoff_ms > 86_400_000:
@@ -142,7 +166,7 @@ def headers(field: str, kind: str, values: dict[str, str]) -> dict[str, str]:
     for key, value in values.items():
         if not HEADER_NAME.match(key):
             raise bad(field, f"invalid header name {key!r}")
-        if len(value) > MAX_HEADER_VALUE or "\r" in value or "\n" in value:
+        if len(value) > MAX_HEADER_VALUE or _HEADER_VALUE_FORBIDDEN.search(value):
             raise bad(field, f"invalid value for header {key!r}")
     if kind == "grpc":
         try:
@@ -183,7 +207,7 @@ def read_page_token(field: str, kind: str, token: str) -> str:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise bad(field, "not a page token from this API") from None
     prefix, sep, key = text.partition(":")
-    if prefix != kind or not sep:
+    if prefix != kind or not sep or "\x00" in key:
         raise bad(field, "not a page token from this API")
     return key
 

@@ -262,7 +262,9 @@ async def _counts(conn: AsyncConnection[Any]) -> tuple[Any, ...]:
         " (SELECT count(*) FROM write_keys), (SELECT count(*) FROM admin_tokens),"
         " (SELECT count(revoked_at) FROM admin_tokens),"
         " (SELECT array_agg((name, enabled, rate_per_second, rate_burst) ORDER BY id)::text"
-        "  FROM sources)")
+        "  FROM sources),"
+        " (SELECT array_agg(d ORDER BY d.destination_key)::text FROM destinations d),"
+        " (SELECT array_agg(w ORDER BY w.key_hash)::text FROM write_keys w)")
     row = await cur.fetchone()
     assert row is not None
     return tuple(row)
@@ -325,8 +327,67 @@ BAD_REQUESTS: list[tuple[str, str, Any, str]] = [
     ("CreateDestination", "grpc header not ascii", admin_pb2.CreateDestinationRequest(
         tenant_id="acme", type="grpc", endpoint="h:1", headers={"x-name": "café"}),
      "headers"),
+    ("CreateDestination", "unclosed IPv6 bracket", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="webhook", endpoint="http://[::1/"), "endpoint"),
+    ("CreateDestination", "NUL in the endpoint", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="webhook", endpoint="http://h/\x00"), "endpoint"),
+    ("CreateDestination", "NUL in a header value", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="webhook", endpoint="http://h/", headers={"A": "x\x00"}),
+     "headers"),
+    ("CreateDestination", "min backoff over a day", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1",
+        retry_policy=common_pb2.RetryPolicy(min_backoff_ms=100_000_000)),
+     "retry_policy.min_backoff_ms"),
+    ("CreateDestination", "max backoff over a day", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1",
+        retry_policy=common_pb2.RetryPolicy(max_backoff_ms=86_400_001)),
+     "retry_policy.max_backoff_ms"),
+    ("CreateDestination", "too many attempts", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1",
+        retry_policy=common_pb2.RetryPolicy(max_attempts=1001)), "retry_policy.max_attempts"),
+    ("CreateDestination", "retry window over 30 days", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1",
+        retry_policy=common_pb2.RetryPolicy(max_retry_window_seconds=30 * 86400 + 1)),
+     "retry_policy.max_retry_window_seconds"),
+    ("CreateDestination", "rate over a million", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1",
+        rate_limit=common_pb2.RateLimit(per_second=1_000_001)), "rate_limit.per_second"),
+    ("CreateDestination", "burst over a million", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="grpc", endpoint="h:1",
+        rate_limit=common_pb2.RateLimit(per_second=1, burst=1_000_001)), "rate_limit.burst"),
     ("UpdateDestination", "endpoint of wrong kind", admin_pb2.UpdateDestinationRequest(
         id="hook", endpoint="not a url"), "endpoint"),
+    ("UpdateDestination", "no id", admin_pb2.UpdateDestinationRequest(concurrency=2), "id"),
+    ("UpdateDestination", "huge concurrency", admin_pb2.UpdateDestinationRequest(
+        id="hook", concurrency=10_001), "concurrency"),
+    ("UpdateDestination", "huge timeout", admin_pb2.UpdateDestinationRequest(
+        id="hook", timeout_ms=600_001), "timeout_ms"),
+    ("UpdateDestination", "backoff upside down", admin_pb2.UpdateDestinationRequest(
+        id="hook", retry_policy=common_pb2.RetryPolicy(min_backoff_ms=5000, max_backoff_ms=10)),
+     "retry_policy.max_backoff_ms"),
+    ("UpdateDestination", "negative rate", admin_pb2.UpdateDestinationRequest(
+        id="hook", rate_limit=common_pb2.RateLimit(per_second=-1)), "rate_limit.per_second"),
+    ("UpdateDestination", "header injection", admin_pb2.UpdateDestinationRequest(
+        id="hook", headers={"A": "x\nB: y"}), "headers"),
+    ("GetTenant", "no id", admin_pb2.GetTenantRequest(), "id"),
+    ("GetSource", "NUL in the id", admin_pb2.GetSourceRequest(id="acme\x00web"), "id"),
+    ("GetDestination", "no id", admin_pb2.GetDestinationRequest(), "id"),
+    ("PeekJobs", "no destination", admin_pb2.PeekJobsRequest(), "destination_id"),
+    ("ConnectSource", "no source", admin_pb2.ConnectSourceRequest(destination_id="hook"),
+     "source_id"),
+    ("DisconnectSource", "no destination", admin_pb2.DisconnectSourceRequest(
+        source_id="acme-web"), "destination_id"),
+    ("ListConnections", "malformed source id", admin_pb2.ListConnectionsRequest(
+        source_id="Web!"), "source_id"),
+    ("ListSources", "a page token hiding a NUL", admin_pb2.ListSourcesRequest(
+        page_token="c291cmNlczoA"), "page_token"),
+    ("RotateWriteKey", "no source", admin_pb2.RotateWriteKeyRequest(), "source_id"),
+    ("CreateAdminToken", "no tenant", admin_pb2.CreateAdminTokenRequest(name="ci"),
+     "tenant_id"),
+    ("CreateAdminToken", "long name", admin_pb2.CreateAdminTokenRequest(
+        tenant_id="acme", name="n" * 201), "name"),
+    ("RetryJobs", "NUL in the reason", admin_pb2.RetryJobsRequest(
+        selector=admin_pb2.JobSelector(job_ids=[1]), reason="oops\x00"), "reason"),
     ("ListDestinations", "page too big", admin_pb2.ListDestinationsRequest(page_size=1001),
      "page_size"),
     ("ListSources", "forged page token", admin_pb2.ListSourcesRequest(page_token="zz!"),
@@ -384,3 +445,50 @@ async def test_duplicates_and_missing_references(service: Admin) -> None:
         await service.stub.GetDestination(admin_pb2.GetDestinationRequest(id="nope"),
                                           metadata=AUTH)
     assert gone.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+UNKNOWN_REFERENCES: list[tuple[str, Any, str]] = [
+    ("CreateDestination", admin_pb2.CreateDestinationRequest(
+        tenant_id="nobody", type="grpc", endpoint="h:1"), "tenant 'nobody' not found"),
+    ("CreateAdminToken", admin_pb2.CreateAdminTokenRequest(tenant_id="nobody"),
+     "tenant 'nobody' not found"),
+    ("ConnectSource", admin_pb2.ConnectSourceRequest(source_id="nope", destination_id="hook"),
+     "source 'nope' not found"),
+    ("ConnectSource", admin_pb2.ConnectSourceRequest(source_id="acme-web",
+                                                     destination_id="nope"),
+     "destination 'nope' not found"),
+    ("RotateWriteKey", admin_pb2.RotateWriteKeyRequest(source_id="nope"),
+     "source 'nope' not found"),
+    ("UpdateSource", admin_pb2.UpdateSourceRequest(id="nope", name="x"),
+     "source 'nope' not found"),
+    ("UpdateDestination", admin_pb2.UpdateDestinationRequest(id="nope", concurrency=1),
+     "destination 'nope' not found"),
+    ("RevokeAdminToken", admin_pb2.RevokeAdminTokenRequest(id="tok-nope"), "not found"),
+    ("ListSources", admin_pb2.ListSourcesRequest(tenant_id="nobody"),
+     "tenant 'nobody' not found"),
+    ("ListDestinations", admin_pb2.ListDestinationsRequest(tenant_id="nobody"),
+     "tenant 'nobody' not found"),
+    ("ListConnections", admin_pb2.ListConnectionsRequest(destination_id="nope"),
+     "destination 'nope' not found"),
+    ("ListAdminTokens", admin_pb2.ListAdminTokensRequest(tenant_id="nobody"),
+     "tenant 'nobody' not found"),
+    ("GetStats", admin_pb2.GetStatsRequest(tenant_id="nobody"), "tenant 'nobody' not found"),
+    ("PeekJobs", admin_pb2.PeekJobsRequest(destination_id="nope"),
+     "destination 'nope' not found"),
+]
+
+
+@pytest.mark.parametrize(("method", "request_message", "message"), UNKNOWN_REFERENCES,
+                         ids=[f"{m}: {text}" for m, _, text in UNKNOWN_REFERENCES])
+async def test_a_reference_to_nothing_is_not_found_and_changes_nothing(
+        service: Admin, conn: AsyncConnection[Any], method: str, request_message: Any,
+        message: str) -> None:
+    await _tenant_source(service)
+    await service.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
+        id="hook", tenant_id="acme", type="webhook", endpoint="http://h/"), metadata=AUTH)
+    before = await _counts(conn)
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await getattr(service.stub, method)(request_message, metadata=AUTH)
+    assert failure.value.code() is grpc.StatusCode.NOT_FOUND
+    assert message in (failure.value.details() or ""), failure.value.details()
+    assert await _counts(conn) == before
