@@ -143,12 +143,12 @@ async def record_outcomes(
             "job_ids": [o.job_id for o in rest],
             "attempts": [o.attempt for o in rest],
             "states": [o.state for o in rest],
-            "error_codes": [o.error_code for o in rest],
-            "responses": [_trim(o.response) for o in rest],
+            "error_codes": [_storable(o.error_code) for o in rest],
+            "responses": [_storable(_trim(o.response)) for o in rest],
             "started_at": [o.started_at for o in rest],
             "durations_ms": [o.duration_ms for o in rest],
             "retry_at": [o.retry_at for o in rest],
-            "reasons": [o.reason for o in rest],
+            "reasons": [_storable(o.reason) for o in rest],
             "actor": actor,
         },
         # Never a prepared statement: a generic plan guesses ten outcomes and joins them to
@@ -188,6 +188,15 @@ async def release_orphans(
         query("queue.sql", "release_orphans"), {"destination_key": destination_key}
     )
     return {int(row[0]) for row in await cur.fetchall()}
+
+
+def _storable(text: str | None) -> str | None:
+    """Text as Postgres can store it. A destination's answer may hold NUL characters (a
+    binary body, an error string from a gRPC sink), which text columns refuse; one of them
+    would fail the whole batch of outcomes on every retry and stop the router recording."""
+    if text is None or "\x00" not in text:
+        return text
+    return text.replace("\x00", "\ufffd")
 
 
 def _trim(response: str | None) -> str | None:

@@ -126,6 +126,20 @@ async def test_retry_metadata_is_kept_for_every_attempt(world: World) -> None:
     assert await cur.fetchone() == ("succeeded", 3, True)
 
 
+async def test_an_answer_holding_nul_characters_is_recorded(world: World) -> None:
+    """Postgres text refuses NUL: stored as U+FFFD, rather than failing every retry of the
+    batch of outcomes it is in (which stopped the router recording anything)."""
+    await world.destination("hook")
+    world.webhook.answer = lambda d: Answer(500, body="bin\x00ary") if d.attempt == 1 else OK
+    async with ingest(world.database) as service, router(world.database):
+        ids = await send(service, world.source, [event("m1"), event("m2", "other")])
+        await wait_until_finished(world.conn, 2)
+    cur = await world.conn.execute(
+        "SELECT attempt, error_code, response FROM job_statuses WHERE job_id = %s"
+        " ORDER BY attempt", (ids[0],))
+    assert await cur.fetchall() == [(1, "500", "bin\ufffdary"), (2, None, None)]
+
+
 async def test_an_abort_releases_the_barrier_for_later_jobs(world: World) -> None:
     await world.destination("hook", max_attempts=2, max_retry_window_s=0)
     # alice's first job fails until given up; her later jobs must wait, then go in order.
