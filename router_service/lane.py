@@ -193,7 +193,7 @@ class Lane:
             try:
                 if self._should_read():
                     await self._read(usable)
-                await self._dispatch(usable)
+                await self._dispatch()
             except JobsDBError as exc:
                 log.warning("lane read failed: %s", exc, extra={"destination": self.destination.id})
                 await asyncio.sleep(1.0)
@@ -275,8 +275,9 @@ class Lane:
         if self.dirty:
             self.wake.set()
 
-    async def _dispatch(self, usable: frozenset[int]) -> None:
+    async def _dispatch(self) -> None:
         destination = self.destination
+        membership = self.engine.membership
         while self.ready and self.in_flight < destination.concurrency:
             wait = self.rate.try_take()
             if wait > 0:
@@ -289,8 +290,8 @@ class Lane:
                 _, _, job = heapq.heappop(self.ready)
                 if job.phase is not Phase.READY:
                     continue  # forgotten meanwhile
-                if job.partition not in usable:
-                    self._forget(job)  # its partition moved to another router meanwhile
+                if not membership.may_deliver(job.partition):
+                    self._forget(job)  # its partition is going, or gone, to another router
                 elif job.user_id in self.frozen:
                     job.phase = Phase.QUEUED  # thawing drops and re-reads it
                 else:

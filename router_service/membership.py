@@ -59,6 +59,12 @@ class Membership:
             return frozenset()
         return frozenset(self.owned - self.releasing)
 
+    def may_deliver(self, partition: int) -> bool:
+        """Checked for each job as it is sent: a lane may have waited (for a read, a permit)
+        since it last looked at `usable`, and the partition may have gone meanwhile."""
+        return (partition in self.owned and partition not in self.releasing
+                and time.monotonic() < self._valid_until)
+
     @property
     def lease_remaining(self) -> float:
         return max(0.0, self._valid_until - time.monotonic())

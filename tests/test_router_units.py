@@ -175,7 +175,8 @@ async def test_a_notification_during_a_read_makes_the_lane_read_again() -> None:
     reader = GatedReader()
     engine: Any = SimpleNamespace(
         settings=SimpleNamespace(batch=500, max_held=2000), stopping=False,
-        membership=SimpleNamespace(usable=lambda: frozenset(range(64))), reader=reader)
+        membership=SimpleNamespace(usable=lambda: frozenset(range(64)),
+                                  may_deliver=lambda partition: True), reader=reader)
     destination = Destination(
         destination_key=1, id="d", tenant_key=1, tenant_id="t", name="", type="grpc",
         endpoint="h:1", headers={}, min_backoff_ms=100, max_backoff_ms=1000, max_attempts=3,
