@@ -105,19 +105,22 @@ async def pickup_many(
     return found
 
 
-async def hold(conn: AsyncConnection[Any], held: Sequence[tuple[int, int]]) -> set[int]:
-    """Park (job_id, blocker) pairs as waiting; returns the jobs actually parked."""
+async def hold(conn: AsyncConnection[Any], held: Sequence[tuple[int, int]], *,
+               owner: str | None = None) -> set[int]:
+    """Park (job_id, blocker) pairs as waiting; returns the jobs actually parked. With an
+    owner (a router id), only jobs of partitions it holds the lease on."""
     if not held:
         return set()
     cur = await conn.execute(
         query("queue.sql", "hold"),
-        {"job_ids": [j for j, _ in held], "blockers": [b for _, b in held]},
+        {"job_ids": [j for j, _ in held], "blockers": [b for _, b in held], "owner": owner},
     )
     return {int(row[0]) for row in await cur.fetchall()}
 
 
 async def record_outcomes(
-    conn: AsyncConnection[Any], outcomes: Sequence[Outcome], *, actor: str
+    conn: AsyncConnection[Any], outcomes: Sequence[Outcome], *, actor: str,
+    owner: str | None = None,
 ) -> Recorded:
     """Record a batch of attempts in one statement (see queue.sql for what it does).
 
@@ -150,6 +153,7 @@ async def record_outcomes(
             "retry_at": [o.retry_at for o in rest],
             "reasons": [_storable(o.reason) for o in rest],
             "actor": actor,
+            "owner": owner,
         },
         # Never a prepared statement: a generic plan guesses ten outcomes and joins them to
         # the jobs by a nested loop over everything, quadratic in the batch (measured: 4x

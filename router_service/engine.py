@@ -74,7 +74,7 @@ class Engine:
         self.settings = settings
         self.trust = Trust(settings.destination_ca_file)
         self.scheduler = FairScheduler(settings.permits)
-        self.flusher = OutcomeFlusher(pool, f"router:{settings.router_id}",
+        self.flusher = OutcomeFlusher(pool, settings.router_id,
                                       delay=settings.flush_delay, max_batch=settings.flush_max,
                                       concurrency=settings.flush_concurrency)
         self.reader = Reader(pool, alone_above=settings.read_alone_above,

@@ -70,10 +70,11 @@ class _Batch:
 
 
 class OutcomeFlusher:
-    def __init__(self, pool: AsyncConnectionPool, actor: str, *, delay: float,
+    def __init__(self, pool: AsyncConnectionPool, router_id: str, *, delay: float,
                  max_batch: int, concurrency: int = 2) -> None:
         self._pool = pool
-        self._actor = actor
+        self._router_id = router_id  # fences writes to the partitions it holds leases on
+        self._actor = f"router:{router_id}"
         self._delay = delay
         self._max_batch = max_batch
         self._concurrency = concurrency
@@ -168,9 +169,11 @@ class OutcomeFlusher:
             try:
                 async with transaction(self._pool) as conn, conn.pipeline(), conn.transaction():
                     recorded = await queue.record_outcomes(
-                        conn, [o for _, o in batch.outcomes], actor=self._actor)
+                        conn, [o for _, o in batch.outcomes], actor=self._actor,
+                        owner=self._router_id)
                     parked = await queue.hold(
-                        conn, [(job.job_id, blocker) for _, job, blocker in batch.parks])
+                        conn, [(job.job_id, blocker) for _, job, blocker in batch.parks],
+                        owner=self._router_id)
                 break
             except JobsDBError as exc:
                 failures += 1

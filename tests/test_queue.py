@@ -247,3 +247,69 @@ async def _users(conn: AsyncConnection[Any], ids: list[int]) -> list[str]:
     cur = await conn.execute(
         "SELECT user_id FROM jobs WHERE job_id = ANY(%s) ORDER BY job_id", (ids,))
     return [r[0] for r in await cur.fetchall()]
+
+
+# --- fencing: what a router that lost its lease writes changes nothing ------------------
+
+async def _lease(conn: AsyncConnection[Any], job_id: int, owner: str, *,
+                 expires_in: str = "1 hour") -> None:
+    await conn.execute(
+        "UPDATE router_leases SET owner = %s, expires_at = now() + %s::interval"
+        " WHERE partition = (SELECT ordering_partition FROM jobs WHERE job_id = %s)",
+        (owner, expires_in, job_id))
+
+
+async def _job_row(conn: AsyncConnection[Any], job_id: int) -> tuple[Any, ...]:
+    cur = await conn.execute(
+        "SELECT state::text, attempts, blocked_by FROM jobs WHERE job_id = %s", (job_id,))
+    row = await cur.fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+async def test_outcomes_and_parkings_move_jobs_only_under_the_writers_live_lease(
+    conn: AsyncConnection[Any], dest: dict[str, int]
+) -> None:
+    a1, a2 = await add(conn, dest, "a", "a")
+    await _lease(conn, a1, "b")  # router b took the partition over
+    recorded = await queue.record_outcomes(conn, [outcome(a1, "succeeded")], actor="router:a",
+                                           owner="a")
+    assert recorded.moved == frozenset()
+    assert await _job_row(conn, a1) == ("pending", 0, None)
+    await _lease(conn, a1, "a", expires_in="-1 second")  # a's own lease, run out
+    recorded = await queue.record_outcomes(
+        conn, [outcome(a1, "failed", retry_at=NOW + timedelta(hours=1))], actor="router:a",
+        owner="a")
+    assert recorded.moved == frozenset()
+    assert await queue.hold(conn, [(a2, a1)], owner="a") == set()
+    assert await _job_row(conn, a2) == ("pending", 0, None)
+    # Every attempt is on record all the same: it happened.
+    cur = await conn.execute("SELECT count(*) FROM job_statuses WHERE job_id = %s", (a1,))
+    assert await cur.fetchone() == (2,)
+    await _lease(conn, a1, "a")
+    recorded = await queue.record_outcomes(
+        conn, [outcome(a1, "failed", retry_at=NOW + timedelta(hours=1))], actor="router:a",
+        owner="a")
+    assert recorded.moved == {a1}
+    assert await queue.hold(conn, [(a2, a1)], owner="a") == {a2}
+    assert await _job_row(conn, a2) == ("waiting", 0, a1)
+
+
+async def test_an_attempt_older_than_the_recorded_one_moves_nothing(
+    conn: AsyncConnection[Any], dest: dict[str, int]
+) -> None:
+    """A late write (or one retried after its commit did happen) cannot set the attempt
+    count back, which would reset max_attempts, nor count a delivery twice."""
+    (a1,) = await add(conn, dest, "a")
+    later = NOW + timedelta(hours=1)
+    await queue.record_outcomes(conn, [outcome(a1, "failed", attempt=5, retry_at=later)],
+                                actor="test")
+    recorded = await queue.record_outcomes(
+        conn, [outcome(a1, "failed", attempt=1, retry_at=NOW)], actor="test")
+    assert recorded.moved == frozenset()
+    assert await _job_row(conn, a1) == ("failed", 5, None)
+    again = await queue.record_outcomes(
+        conn, [outcome(a1, "failed", attempt=5, retry_at=later)], actor="test")
+    assert again.moved == frozenset()
+    cur = await conn.execute("SELECT sum(failed) FROM delivery_counts")
+    assert await cur.fetchone() == (1,)

@@ -140,6 +140,50 @@ async def test_an_answer_holding_nul_characters_is_recorded(world: World) -> Non
     assert await cur.fetchall() == [(1, "500", "bin\ufffdary"), (2, None, None)]
 
 
+async def test_what_a_router_delivers_after_losing_its_lease_changes_nothing(
+        world: World) -> None:
+    """Fencing: a router whose partitions were taken over (it stalled past its lease) may
+    still finish deliveries it had started. Their attempts are on record, but the jobs stay
+    as they were for the new owner, and are delivered again, in order, from the top."""
+    await world.destination("hook")
+    world.webhook.answer = lambda d: Answer(200, delay=1.0) if d.message_id == "m1" else OK
+    async with ingest(world.database) as service, \
+            router(world.database, RELAYQ_ROUTER_LEASE_SECONDS="3") as relay:
+        ids = await send(service, world.source, [event("m1"), event("m2"), event("m3")])
+        await world.webhook.wait_for(lambda: len(world.webhook.received) == 1)
+        # Another router takes every partition while m1 is being answered.
+        await world.conn.execute(
+            "UPDATE router_leases SET owner = 'thief', expires_at = now() + interval '1 hour'")
+        membership = relay.app.engine.membership  # type: ignore[union-attr]
+        for _ in range(100):
+            if not membership.owned:
+                break
+            await asyncio.sleep(0.1)
+        assert not membership.owned
+        await world.webhook.wait_for(lambda: bool(world.webhook.oks))  # m1 answered
+        for _ in range(100):  # and its outcome written (or given up when the router stops)
+            cur = await world.conn.execute("SELECT count(*) FROM job_statuses")
+            if await cur.fetchone() == (len(world.webhook.oks),):
+                break
+            await asyncio.sleep(0.1)
+        first_pass = [r.message_id for r in world.webhook.oks]
+        assert first_pass
+        assert first_pass == ["m1", "m2", "m3"][:len(first_pass)]
+        cur = await world.conn.execute("SELECT count(*) FROM job_statuses")
+        assert await cur.fetchone() == (len(first_pass),)
+        cur = await world.conn.execute(
+            "SELECT array_agg(state::text || attempts ORDER BY job_id) FROM jobs")
+        assert await cur.fetchone() == (["pending0"] * 3,)
+        # The partitions come free: delivered again from the top, in order.
+        await world.conn.execute("UPDATE router_leases SET owner = NULL, expires_at = NULL")
+        await wait_until_finished(world.conn, 3)
+    assert [r.message_id for r in world.webhook.oks] == [*first_pass, "m1", "m2", "m3"]
+    assert list((await states(world.conn)).values()) == ["succeeded"] * 3
+    cur = await world.conn.execute(
+        "SELECT job_id, count(*) FROM job_statuses GROUP BY job_id ORDER BY job_id")
+    assert [r[0] for r in await cur.fetchall()] == ids
+
+
 async def test_an_abort_releases_the_barrier_for_later_jobs(world: World) -> None:
     await world.destination("hook", max_attempts=2, max_retry_window_s=0)
     # alice's first job fails until given up; her later jobs must wait, then go in order.

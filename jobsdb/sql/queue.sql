@@ -82,8 +82,14 @@ ORDER BY c.destination_key, c.job_id;
 -- is still unfinished, whose row this statement share-locks: an operator aborting it must
 -- update that row, so the abort waits for this transaction to end and its release (a later
 -- statement) then sees these jobs waiting. A blocker that finished in the meantime parks
--- nothing; the job stays runnable and is read again.
-WITH wanted AS (
+-- nothing; the job stays runnable and is read again. Fenced like record_outcomes.
+WITH leased AS (
+    SELECT partition
+    FROM router_leases
+    WHERE owner = %(owner)s AND expires_at > now()
+    FOR SHARE
+),
+wanted AS (
     SELECT job_id, blocker
     FROM unnest(%(job_ids)s::bigint[], %(blockers)s::bigint[]) AS w(job_id, blocker)
 ),
@@ -104,6 +110,7 @@ WHERE j.job_id = w.job_id
   -- Never a cycle: not behind itself, nor behind a job that waits for this one.
   AND w.blocker <> j.job_id
   AND live.blocked_by IS DISTINCT FROM j.job_id
+  AND (%(owner)s::text IS NULL OR j.ordering_partition IN (SELECT partition FROM leased))
 RETURNING j.job_id;
 
 -- name: record_outcomes
@@ -116,7 +123,20 @@ RETURNING j.job_id;
 -- attempts, start times as epoch seconds, durations): the driver dumps a string at once, but
 -- an array element by element, and that was most of the router's cost of a flush. Failures
 -- and aborts, which carry errors, responses and retry times, come as arrays.
-WITH outcome AS (
+--
+-- Fencing: a job moves only if its partition's lease is still this router's (`owner`; NULL
+-- for callers outside a router) and the attempt is later than any recorded. A router that
+-- stalled past its lease may still finish deliveries it had started; their attempts are
+-- logged but change nothing, and the partition's new owner delivers those jobs again. The
+-- lease rows are share-locked, so no router can take one over until this commits, and a
+-- write retried after a commit that did in fact happen moves nothing twice.
+WITH leased AS (
+    SELECT partition
+    FROM router_leases
+    WHERE owner = %(owner)s AND expires_at > now()
+    FOR SHARE
+),
+outcome AS (
     SELECT o.job_id, o.attempt, 'succeeded'::job_state AS state, NULL::text AS error_code,
            NULL::text AS response, to_timestamp(o.started_epoch) AS started_at, o.duration_ms,
            NULL::timestamptz AS retry_at, NULL::text AS reason
@@ -148,6 +168,8 @@ moved AS (
       AND j.job_id = ANY(string_to_array(%(ok_job_ids)s::text, ',')::bigint[]
                          || %(job_ids)s::bigint[])
       AND j.state IN ('pending', 'failed')
+      AND j.attempts < o.attempt
+      AND (%(owner)s::text IS NULL OR j.ordering_partition IN (SELECT partition FROM leased))
     RETURNING j.job_id, j.state, j.destination_key
 ),
 counted AS (
