@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from psycopg import AsyncConnection
 
-from jobsdb import queue
+from jobsdb import leases, queue
 from jobsdb.ingest import NewEvent, store_events
 from jobsdb.queue import Outcome
 from tests import factories
@@ -313,3 +313,25 @@ async def test_an_attempt_older_than_the_recorded_one_moves_nothing(
     assert again.moved == frozenset()
     cur = await conn.execute("SELECT sum(failed) FROM delivery_counts")
     assert await cur.fetchone() == (1,)
+
+
+async def test_a_fenced_write_keeps_its_leases_from_other_routers_not_from_its_own(
+    database: str, conn: AsyncConnection[Any], dest: dict[str, int]
+) -> None:
+    """Until an outcome write commits, no other router can take the lease it was checked
+    against (else that router could read the job before the write and send it again); the
+    writer's own renewals must not wait for it, or overlapping flushes could starve them."""
+    (a1,) = await add(conn, dest, "a")
+    await _lease(conn, a1, "a")
+    cur = await conn.execute("SELECT ordering_partition FROM jobs WHERE job_id = %s", (a1,))
+    partition = (await cur.fetchone() or [0])[0]
+    async with await AsyncConnection.connect(database) as writer, \
+            await AsyncConnection.connect(database, autocommit=True) as other:
+        await queue.record_outcomes(writer, [outcome(a1, "succeeded")], actor="router:a",
+                                    owner="a")  # not yet committed
+        await other.execute("SET lock_timeout = '2s'")
+        assert partition in await leases.renew(other, "a", timedelta(seconds=-1))  # ran out
+        assert partition not in await leases.acquire(other, "b", timedelta(minutes=1), 64)
+        await writer.commit()
+        assert partition in await leases.acquire(other, "b", timedelta(minutes=1), 64)
+    assert await _job_row(conn, a1) == ("succeeded", 1, None)

@@ -87,7 +87,7 @@ WITH leased AS (
     SELECT partition
     FROM router_leases
     WHERE owner = %(owner)s AND expires_at > now()
-    FOR SHARE
+    FOR KEY SHARE
 ),
 wanted AS (
     SELECT job_id, blocker
@@ -128,13 +128,16 @@ RETURNING j.job_id;
 -- for callers outside a router) and the attempt is later than any recorded. A router that
 -- stalled past its lease may still finish deliveries it had started; their attempts are
 -- logged but change nothing, and the partition's new owner delivers those jobs again. The
--- lease rows are share-locked, so no router can take one over until this commits, and a
--- write retried after a commit that did in fact happen moves nothing twice.
+-- lease rows are locked FOR KEY SHARE until this commits: enough to make another router's
+-- acquire (FOR UPDATE SKIP LOCKED) pass them by, while this router's own renewals and
+-- releases (updates of other columns) go on; FOR SHARE would queue a renewal behind every
+-- flush in flight, and with flushes overlapping it might never get through. A write retried
+-- after a commit that did in fact happen moves nothing twice.
 WITH leased AS (
     SELECT partition
     FROM router_leases
     WHERE owner = %(owner)s AND expires_at > now()
-    FOR SHARE
+    FOR KEY SHARE
 ),
 outcome AS (
     SELECT o.job_id, o.attempt, 'succeeded'::job_state AS state, NULL::text AS error_code,
