@@ -230,6 +230,12 @@ def _events(*events: ingest_pb2.Event) -> list[ingest_pb2.Event]:
     return list(events)
 
 
+def _struct(**fields: Any) -> struct_pb2.Struct:
+    value = struct_pb2.Struct()
+    value.update(fields)
+    return value
+
+
 BAD_BATCHES: list[tuple[str, list[ingest_pb2.Event], str, str]] = [
     ("empty batch", [], "events: the batch is empty", "events"),
     ("too many events", [event(f"m{i}") for i in range(11)],
@@ -256,6 +262,9 @@ BAD_BATCHES: list[tuple[str, list[ingest_pb2.Event], str, str]] = [
         message_id="m", user_id="u", payload_json=json.dumps({"x": "y" * 5000}))],
      "events[0].payload_json: 5009 characters, over the limit of 4096 bytes per event"
      " (RELAYQ_INGEST_MAX_EVENT_BYTES)", "events[0].payload_json"),
+    ("event too large as a Struct", [ingest_pb2.Event(
+        message_id="m", user_id="u", properties=_struct(x="y" * 5000))],
+     "bytes exceed the limit of 4096 (RELAYQ_INGEST_MAX_EVENT_BYTES)", "events[0].event"),
     ("payload nested too deep", [ingest_pb2.Event(
         message_id="m", user_id="u", payload_json='{"a":' + "[" * 1500 + "]" * 1500 + "}")],
      "events[0].payload_json: invalid JSON: depth limit exceeded", "events[0].payload_json"),
@@ -336,6 +345,7 @@ async def test_missing_or_unknown_write_keys_are_unauthenticated(
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert message in (caught.value.details() or "")
     assert await count(conn, "jobs") == 0
+    assert await count(conn, "dedup_keys") == 0
 
 
 async def test_a_revoked_key_stops_working_on_a_running_ingest(
@@ -346,16 +356,23 @@ async def test_a_revoked_key_stops_working_on_a_running_ingest(
         await send(service, web.write_key, event("m1"))  # cached now
         await conn.execute("UPDATE write_keys SET expires_at = now() WHERE source_key = %s",
                            (web.key,))
-        refused: list[grpc.StatusCode] = []
+        refused: list[grpc.aio.AioRpcError] = []
         for attempt in range(50):  # the NOTIFY on relayq_config clears the cache within moments
             try:
                 await send(service, web.write_key, event(f"m{attempt + 2}"))
             except grpc.aio.AioRpcError as exc:
-                refused.append(exc.code())
+                refused.append(exc)
                 break
             await asyncio.sleep(0.1)
-    assert refused == [grpc.StatusCode.UNAUTHENTICATED], "the revoked key kept working"
+    assert [e.code() for e in refused] == [grpc.StatusCode.UNAUTHENTICATED], \
+        "the revoked key kept working"
+    assert "unknown, revoked or expired" in (refused[0].details() or "")
     assert attempt < 20
+    # Everything before the refusal stored, nothing of the refused batch.
+    cur = await conn.execute("SELECT count(*) FROM jobs WHERE message_id = %s",
+                             (f"m{attempt + 2}",))
+    assert await cur.fetchone() == (0,)
+    assert await count(conn, "dedup_keys") == attempt + 1
 
 
 async def test_a_disabled_source_is_permission_denied(
@@ -366,7 +383,9 @@ async def test_a_disabled_source_is_permission_denied(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await send(service, setup["web"].write_key, event("m1"))
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "source 'web' is disabled" in (caught.value.details() or "")
     assert await count(conn, "jobs") == 0
+    assert await count(conn, "dedup_keys") == 0
 
 
 async def test_a_source_over_its_rate_limit_is_resource_exhausted_and_stores_nothing(
