@@ -22,6 +22,7 @@ from jobsdb.pool import connection, open_pool, transaction
 from relayq import process
 from relayq.app import ServiceApp
 from relayq.server import start_server
+from relayq.tasks import cancel_and_wait
 from relayq.v1 import ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger("relayq.ingest")
@@ -92,11 +93,7 @@ class IngestApp(ServiceApp[IngestConfig]):
             await self._server.stop(self.config.server.grace_seconds)
         if self._committer is not None:
             await self._committer.close()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         if self._ensuring is not None:
             with contextlib.suppress(Exception):
                 await self._ensuring

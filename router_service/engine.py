@@ -26,6 +26,7 @@ from jobsdb import queue
 from jobsdb.config import Destination
 from jobsdb.errors import JobsDBError
 from jobsdb.pool import transaction
+from relayq.tasks import cancel_and_wait
 from router_service import metrics
 from router_service.fairness import FairScheduler
 from router_service.grpcsink import GrpcSender
@@ -69,7 +70,8 @@ class EngineSettings:
 
 
 class Engine:
-    def __init__(self, pool: AsyncConnectionPool, settings: EngineSettings) -> None:
+    def __init__(self, pool: AsyncConnectionPool, settings: EngineSettings, *,
+                 lease_pool: AsyncConnectionPool | None = None) -> None:
         self.pool = pool
         self.settings = settings
         self.trust = Trust(settings.destination_ca_file)
@@ -80,7 +82,7 @@ class Engine:
         self.reader = Reader(pool, alone_above=settings.read_alone_above,
                              max_rows=settings.read_max_rows,
                              concurrency=settings.read_concurrency)
-        self.membership = Membership(pool, settings.router_id, settings.lease,
+        self.membership = Membership(lease_pool or pool, settings.router_id, settings.lease,
                                      on_change=self._partitions_changed, busy=self._busy)
         self.destinations: dict[int, Destination] = {}
         self.lanes: dict[int, Lane] = {}
@@ -117,9 +119,7 @@ class Engine:
                 await asyncio.wait_for(self.settled.wait(), deadline - time.monotonic())
             if time.monotonic() >= deadline:
                 break
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         for lane in list(self.lanes.values()):
             await lane.close()  # cancels what is still in flight: those jobs stay pending
         await self.reader.close()

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from jobsdb.config import Destination
 from jobsdb.errors import JobsDBError
 from jobsdb.queue import Outcome
+from relayq.tasks import cancel_and_wait
 from router_service import metrics
 from router_service.model import Job, Phase
 from router_service.ratelimit import RateLimiter
@@ -170,13 +171,10 @@ class Lane:
         return len(self.held) - self.in_flight
 
     async def close(self) -> None:
-        self.task.cancel()
         for timer in (self._due_timer, self._rate_timer):
             if timer is not None:
                 timer.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(self.task, *self._tasks, return_exceptions=True)
+        await cancel_and_wait([self.task, *self._tasks])
         await self.sender.close()
 
     # --- the loop ------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from psycopg_pool import AsyncConnectionPool
@@ -14,6 +13,7 @@ from jobsdb.pool import open_pool
 from relayq import process
 from relayq.app import ServiceApp
 from relayq.server import start_server
+from relayq.tasks import cancel_and_wait
 from relayq.v1 import router_pb2, router_pb2_grpc
 from router_service.config import RouterConfig
 from router_service.engine import Engine
@@ -31,6 +31,7 @@ class RouterApp(ServiceApp[RouterConfig]):
         super().__init__(config)
         self.engine: Engine | None = None
         self._pool: AsyncConnectionPool | None = None
+        self._lease_pool: AsyncConnectionPool | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def _start(self) -> None:
@@ -40,7 +41,12 @@ class RouterApp(ServiceApp[RouterConfig]):
                               application_name=APP_NAME)
         self._pool = await open_pool(config.database_url, application_name=APP_NAME,
                                      min_size=2, max_size=config.pool_size)
-        engine = self.engine = Engine(self._pool, config.engine)
+        # Heartbeats get a connection of their own: waiting for one behind busy lanes' reads
+        # could run the lease out, and a router that loses it has its outcome writes fenced
+        # off and its in-flight work delivered again by the next owner.
+        self._lease_pool = await open_pool(config.database_url, application_name=APP_NAME,
+                                           min_size=1, max_size=1)
+        engine = self.engine = Engine(self._pool, config.engine, lease_pool=self._lease_pool)
         await engine.start()
 
         def reconnected() -> None:
@@ -78,15 +84,12 @@ class RouterApp(ServiceApp[RouterConfig]):
             await self._server.health.enter_graceful_shutdown()
         if self.engine is not None:
             await self.engine.stop(grace)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         if self._server is not None:
             await self._server.stop(1.0)
-        if self._pool is not None:
-            await self._pool.close()
+        for pool in (self._pool, self._lease_pool):
+            if pool is not None:
+                await pool.close()
 
 
 def main() -> None:

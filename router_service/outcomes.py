@@ -19,7 +19,6 @@ not see them (it reads a snapshot taken before they were parked).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict, deque
@@ -33,6 +32,7 @@ from jobsdb import queue
 from jobsdb.errors import JobsDBError
 from jobsdb.pool import transaction
 from jobsdb.queue import Outcome
+from relayq.tasks import cancel_and_wait
 from router_service import metrics
 from router_service.model import Job
 
@@ -108,9 +108,7 @@ class OutcomeFlusher:
     async def close(self) -> None:
         await self.drain()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
 
     def _append(self, entry: _Entry) -> None:
         self._entries.append(entry)

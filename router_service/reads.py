@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 from jobsdb import queue
 from jobsdb.pool import transaction
 from jobsdb.queue import Candidate, Wanted
+from relayq.tasks import cancel_and_wait
 from router_service import metrics
 
 
@@ -66,9 +67,7 @@ class Reader:
     async def close(self) -> None:
         """Stop; reads waiting or running are cancelled (the engine closes lanes first)."""
         self._closed = True
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await cancel_and_wait(self._workers)
         for request in self._waiting:
             request.future.cancel()
         self._waiting.clear()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from jobsdb.pool import open_pool
 from router_service.membership import Membership
+from tests.services import router
 
 
 async def test_a_router_fenced_by_a_late_heartbeat_wakes_its_lanes_when_usable_again(
@@ -31,3 +33,26 @@ async def test_a_router_fenced_by_a_late_heartbeat_wakes_its_lanes_when_usable_a
         assert membership.usable() == frozenset(range(64))
     finally:
         await pool.close()
+
+
+async def test_heartbeats_keep_the_lease_while_every_pooled_connection_is_busy(
+        database: str) -> None:
+    """Busy lanes can take every connection of the router's pool; its heartbeats have their
+    own, so the lease (and with it the right to record outcomes) is not lost meanwhile."""
+    async with router(database, RELAYQ_ROUTER_LEASE_SECONDS="2",
+                      RELAYQ_ROUTER_POOL_SIZE="3") as relay:
+        engine = relay.app.engine
+        assert engine is not None
+        for _ in range(50):
+            if engine.membership.usable():
+                break
+            await asyncio.sleep(0.1)
+        owned = engine.membership.usable()
+        assert owned
+        taken = [await engine.pool.getconn() for _ in range(3)]
+        try:
+            await asyncio.sleep(3.0)  # more than a lease
+            assert engine.membership.usable() == owned
+        finally:
+            for conn in taken:
+                await engine.pool.putconn(conn)
