@@ -71,7 +71,7 @@ class EngineSettings:
 
 class Engine:
     def __init__(self, pool: AsyncConnectionPool, settings: EngineSettings, *,
-                 lease_pool: AsyncConnectionPool | None = None) -> None:
+                 lease_pool: AsyncConnectionPool) -> None:
         self.pool = pool
         self.settings = settings
         self.trust = Trust(settings.destination_ca_file)
@@ -82,7 +82,7 @@ class Engine:
         self.reader = Reader(pool, alone_above=settings.read_alone_above,
                              max_rows=settings.read_max_rows,
                              concurrency=settings.read_concurrency)
-        self.membership = Membership(lease_pool or pool, settings.router_id, settings.lease,
+        self.membership = Membership(lease_pool, settings.router_id, settings.lease,
                                      on_change=self._partitions_changed, busy=self._busy)
         self.destinations: dict[int, Destination] = {}
         self.lanes: dict[int, Lane] = {}
