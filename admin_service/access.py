@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from psycopg_pool import AsyncConnectionPool
 
-from jobsdb import config as configdb
+from jobsdb import catalog
 from jobsdb.pool import transaction
 from relayq.auth import bearer_token
 from relayq.rpc import PermissionDenied, Unauthenticated
@@ -71,7 +71,7 @@ class Authenticator:
         if hmac.compare_digest(token.encode(), self._operator):
             return OPERATOR
         async with transaction(self._pool) as conn:
-            owner = await configdb.token_owner(conn, token)
+            owner = await catalog.token_owner(conn, token)
         if owner is None:
             raise Unauthenticated("unknown or revoked admin token")
         return Caller(f"admin:{owner.token_id}", owner.tenant_key, owner.tenant_id)

@@ -8,7 +8,7 @@ from datetime import datetime
 import orjson
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from jobsdb import config as configdb
+from jobsdb import catalog
 from jobsdb import jobs as jobsdb
 from relayq.v1 import admin_pb2, common_pb2
 
@@ -29,18 +29,18 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     return stamp
 
 
-def tenant(row: configdb.Tenant) -> admin_pb2.Tenant:
+def tenant(row: catalog.Tenant) -> admin_pb2.Tenant:
     return admin_pb2.Tenant(id=row.id, name=row.name, created_at=timestamp(row.created_at))
 
 
-def source(row: configdb.Source) -> admin_pb2.Source:
+def source(row: catalog.Source) -> admin_pb2.Source:
     return admin_pb2.Source(id=row.id, tenant_id=row.tenant_id, name=row.name,
                             enabled=row.enabled, created_at=timestamp(row.created_at),
                             rate_limit=common_pb2.RateLimit(per_second=row.rate_per_second,
                                                             burst=row.rate_burst))
 
 
-def destination(row: configdb.Destination) -> admin_pb2.DestinationConfig:
+def destination(row: catalog.Destination) -> admin_pb2.DestinationConfig:
     return admin_pb2.DestinationConfig(
         id=row.id, tenant_id=row.tenant_id, name=row.name, type=row.type,
         endpoint=row.endpoint,
@@ -54,12 +54,12 @@ def destination(row: configdb.Destination) -> admin_pb2.DestinationConfig:
     )
 
 
-def connection(row: configdb.Connection) -> admin_pb2.Connection:
+def connection(row: catalog.Connection) -> admin_pb2.Connection:
     return admin_pb2.Connection(source_id=row.source_id, destination_id=row.destination_id,
                                 enabled=row.enabled, created_at=timestamp(row.created_at))
 
 
-def admin_token(row: configdb.AdminToken) -> admin_pb2.AdminToken:
+def admin_token(row: catalog.AdminToken) -> admin_pb2.AdminToken:
     return admin_pb2.AdminToken(id=row.id, tenant_id=row.tenant_id, name=row.name,
                                 created_at=timestamp(row.created_at),
                                 revoked_at=timestamp(row.revoked_at))

@@ -21,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from admin_service import convert, metrics, validate
 from admin_service.access import Authenticator, Caller
-from jobsdb import config as configdb
+from jobsdb import catalog
 from jobsdb import errors as dberrors
 from jobsdb import jobs as jobsdb
 from jobsdb.filters import FilterError, compile_filter
@@ -67,7 +67,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         tenant_id = validate.object_id("id", request.id)
         name = validate.name("name", request.name)
         async with transaction(self._pool) as conn:
-            row = await configdb.create_tenant(conn, tenant_id, name)
+            row = await catalog.create_tenant(conn, tenant_id, name)
         _changed(caller, "created tenant", tenant=row.id)
         return convert.tenant(row)
 
@@ -76,7 +76,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                         ) -> admin_pb2.Tenant:
         caller = await self._auth.caller(context)
         async with transaction(self._pool) as conn:
-            return convert.tenant(await configdb.get_tenant(
+            return convert.tenant(await catalog.get_tenant(
                 conn, validate.reference("id", request.id), caller.scope))
 
     @handle_errors
@@ -86,7 +86,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         limit = validate.page_size("page_size", request.page_size, DEFAULT_PAGE)
         after = validate.read_page_token("page_token", "tenants", request.page_token)
         async with transaction(self._pool) as conn:
-            rows = await configdb.list_tenants(conn, caller.scope, after, limit)
+            rows = await catalog.list_tenants(conn, caller.scope, after, limit)
         return admin_pb2.ListTenantsResponse(
             tenants=[convert.tenant(r) for r in rows],
             next_page_token=_next(rows, limit, "tenants", lambda r: r.id))
@@ -105,8 +105,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if limit.per_second:
             caller.require_operator("a source's rate_limit")
         async with transaction(self._pool) as conn:
-            tenant = await configdb.get_tenant(conn, tenant_id, caller.scope)
-            row, write_key = await configdb.create_source(
+            tenant = await catalog.get_tenant(conn, tenant_id, caller.scope)
+            row, write_key = await catalog.create_source(
                 conn, tenant, source_id, name, rate_per_second=limit.per_second,
                 rate_burst=limit.burst)
         _changed(caller, "created source", tenant=row.tenant_id, source=row.id)
@@ -117,7 +117,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                         ) -> admin_pb2.Source:
         caller = await self._auth.caller(context)
         async with transaction(self._pool) as conn:
-            return convert.source(await configdb.get_source(
+            return convert.source(await catalog.get_source(
                 conn, validate.reference("id", request.id), caller.scope))
 
     @handle_errors
@@ -130,7 +130,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         after = validate.read_page_token("page_token", "sources", request.page_token)
         async with transaction(self._pool) as conn:
             await _filters_exist(conn, caller, tenant_id=tenant_id)
-            rows = await configdb.list_sources(conn, caller.scope, tenant_id, after, limit)
+            rows = await catalog.list_sources(conn, caller.scope, tenant_id, after, limit)
         return admin_pb2.ListSourcesResponse(
             sources=[convert.source(r) for r in rows],
             next_page_token=_next(rows, limit, "sources", lambda r: r.id))
@@ -143,8 +143,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if request.grace_seconds > 30 * 86_400:
             raise validate.bad("grace_seconds", "at most 30 days (2592000)")
         async with transaction(self._pool) as conn:
-            row = await configdb.get_source(conn, source_id, caller.scope)
-            write_key = await configdb.rotate_write_key(conn, row, request.grace_seconds)
+            row = await catalog.get_source(conn, source_id, caller.scope)
+            write_key = await catalog.rotate_write_key(conn, row, request.grace_seconds)
         _changed(caller, "rotated write key", tenant=row.tenant_id, source=row.id,
                  grace_seconds=request.grace_seconds)
         return admin_pb2.SourceWithKey(source=convert.source(row), write_key=write_key)
@@ -163,8 +163,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             # (which may be the compromised part) must not be able to lift them.
             caller.require_operator("changing a source's enabled or rate_limit")
         async with transaction(self._pool) as conn:
-            current = await configdb.get_source(conn, source_id, caller.scope)
-            row = await configdb.update_source(
+            current = await catalog.get_source(conn, source_id, caller.scope)
+            row = await catalog.update_source(
                 conn, current, name=name, enabled=enabled,
                 rate_per_second=limit.per_second if limit is not None else None,
                 rate_burst=limit.burst if limit is not None else None)
@@ -184,7 +184,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         kind = validate.kind(request.type)
         policy = validate.retry_policy("retry_policy", request.retry_policy)
         rate = validate.rate_limit("rate_limit", request.rate_limit)
-        settings = configdb.DestinationSettings(
+        settings = catalog.DestinationSettings(
             name=validate.name("name", request.name),
             type=kind,
             endpoint=validate.endpoint("endpoint", kind, request.endpoint),
@@ -200,8 +200,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             paused=request.paused,
         )
         async with transaction(self._pool) as conn:
-            tenant = await configdb.get_tenant(conn, tenant_id, caller.scope)
-            row = await configdb.create_destination(conn, tenant, destination_id, settings)
+            tenant = await catalog.get_tenant(conn, tenant_id, caller.scope)
+            row = await catalog.create_destination(conn, tenant, destination_id, settings)
         _changed(caller, "created destination", tenant=row.tenant_id, destination=row.id)
         return convert.destination(row)
 
@@ -211,9 +211,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         caller = await self._auth.caller(context)
         destination_id = validate.reference("id", request.id)
         async with transaction(self._pool) as conn:
-            current = await configdb.get_destination(conn, destination_id, caller.scope)
+            current = await catalog.get_destination(conn, destination_id, caller.scope)
             changes = _destination_changes(request, current)
-            row = await configdb.update_destination(conn, current, changes)
+            row = await catalog.update_destination(conn, current, changes)
         _changed(caller, "updated destination", tenant=row.tenant_id, destination=row.id,
                  fields=sorted(changes))
         return convert.destination(row)
@@ -223,7 +223,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                              ) -> admin_pb2.DestinationConfig:
         caller = await self._auth.caller(context)
         async with transaction(self._pool) as conn:
-            return convert.destination(await configdb.get_destination(
+            return convert.destination(await catalog.get_destination(
                 conn, validate.reference("id", request.id), caller.scope))
 
     @handle_errors
@@ -236,7 +236,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         after = validate.read_page_token("page_token", "destinations", request.page_token)
         async with transaction(self._pool) as conn:
             await _filters_exist(conn, caller, tenant_id=tenant_id)
-            rows = await configdb.list_destinations(conn, caller.scope, tenant_id, after, limit)
+            rows = await catalog.list_destinations(conn, caller.scope, tenant_id, after, limit)
         return admin_pb2.ListDestinationsResponse(
             destinations=[convert.destination(r) for r in rows],
             next_page_token=_next(rows, limit, "destinations", lambda r: r.id))
@@ -250,12 +250,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         source_id = validate.reference("source_id", request.source_id)
         destination_id = validate.reference("destination_id", request.destination_id)
         async with transaction(self._pool) as conn:
-            source = await configdb.get_source(conn, source_id, caller.scope)
-            destination = await configdb.get_destination(conn, destination_id, caller.scope)
+            source = await catalog.get_source(conn, source_id, caller.scope)
+            destination = await catalog.get_destination(conn, destination_id, caller.scope)
             if source.tenant_key != destination.tenant_key:
                 raise validate.bad("destination_id",
                                    "a source connects only to destinations of its own tenant")
-            row = await configdb.connect(conn, source, destination)
+            row = await catalog.connect(conn, source, destination)
         _changed(caller, "connected", tenant=source.tenant_id, source=source.id,
                  destination=destination.id)
         return convert.connection(row)
@@ -267,9 +267,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         source_id = validate.reference("source_id", request.source_id)
         destination_id = validate.reference("destination_id", request.destination_id)
         async with transaction(self._pool) as conn:
-            source = await configdb.get_source(conn, source_id, caller.scope)
-            destination = await configdb.get_destination(conn, destination_id, caller.scope)
-            row = await configdb.disconnect(conn, source, destination)
+            source = await catalog.get_source(conn, source_id, caller.scope)
+            destination = await catalog.get_destination(conn, destination_id, caller.scope)
+            row = await catalog.disconnect(conn, source, destination)
         _changed(caller, "disconnected", tenant=source.tenant_id, source=source.id,
                  destination=destination.id)
         return convert.connection(row)
@@ -285,7 +285,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         async with transaction(self._pool) as conn:
             await _filters_exist(conn, caller, tenant_id=tenant_id, source_id=source_id,
                                  destination_id=destination_id)
-            rows = await configdb.list_connections(
+            rows = await catalog.list_connections(
                 conn, caller.scope, tenant_id=tenant_id, source_id=source_id,
                 destination_id=destination_id)
         return admin_pb2.ListConnectionsResponse(connections=[convert.connection(r)
@@ -301,8 +301,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         tenant_id = validate.reference("tenant_id", request.tenant_id)
         name = validate.name("name", request.name)
         async with transaction(self._pool) as conn:
-            tenant = await configdb.get_tenant(conn, tenant_id, None)
-            row, secret = await configdb.create_admin_token(
+            tenant = await catalog.get_tenant(conn, tenant_id, None)
+            row, secret = await catalog.create_admin_token(
                 conn, tenant, validate.new_id("id", "", "tok"), name)
         _changed(caller, "created admin token", tenant=row.tenant_id, token=row.id)
         return admin_pb2.AdminTokenWithSecret(token=convert.admin_token(row), secret=secret)
@@ -315,7 +315,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         caller.check_tenant_filter(request.tenant_id)
         async with transaction(self._pool) as conn:
             await _filters_exist(conn, caller, tenant_id=tenant_id)
-            rows = await configdb.list_admin_tokens(conn, caller.scope, tenant_id=tenant_id)
+            rows = await catalog.list_admin_tokens(conn, caller.scope, tenant_id=tenant_id)
         return admin_pb2.ListAdminTokensResponse(tokens=[convert.admin_token(r) for r in rows])
 
     @handle_errors
@@ -325,7 +325,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         caller.require_operator("RevokeAdminToken")
         token_id = validate.reference("id", request.id)
         async with transaction(self._pool) as conn:
-            row = await configdb.revoke_admin_token(conn, token_id)
+            row = await catalog.revoke_admin_token(conn, token_id)
         _changed(caller, "revoked admin token", tenant=row.tenant_id, token=row.id)
         return convert.admin_token(row)
 
@@ -362,7 +362,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         destination_id = validate.reference("destination_id", request.destination_id)
         limit = validate.page_size("limit", request.limit, DEFAULT_PEEK)
         async with transaction(self._pool) as conn:
-            destination = await configdb.get_destination(conn, destination_id, caller.scope)
+            destination = await catalog.get_destination(conn, destination_id, caller.scope)
             rows = await jobsdb.peek(conn, destination.destination_key, limit)
             now = await _now(conn)
         return admin_pb2.PeekJobsResponse(jobs=[
@@ -421,10 +421,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         async with transaction(self._pool) as conn:
             tenant_key = caller.scope
             if tenant_id:
-                tenant_key = (await configdb.get_tenant(conn, tenant_id, caller.scope)).tenant_key
+                tenant_key = (await catalog.get_tenant(conn, tenant_id, caller.scope)).tenant_key
             destination_key = None
             if destination_id:
-                destination_key = (await configdb.get_destination(
+                destination_key = (await catalog.get_destination(
                     conn, destination_id, caller.scope)).destination_key
             rows = await jobsdb.stats(conn, tenant_key=tenant_key,
                                       destination_key=destination_key)
@@ -437,11 +437,11 @@ async def _filters_exist(conn: AsyncConnection[Any], caller: Caller, *,
     """A List call filtered by something that does not exist is NOT_FOUND, as GetStats is,
     rather than an empty list that reads as "none yet"."""
     if tenant_id:
-        await configdb.get_tenant(conn, tenant_id, caller.scope)
+        await catalog.get_tenant(conn, tenant_id, caller.scope)
     if source_id:
-        await configdb.get_source(conn, source_id, caller.scope)
+        await catalog.get_source(conn, source_id, caller.scope)
     if destination_id:
-        await configdb.get_destination(conn, destination_id, caller.scope)
+        await catalog.get_destination(conn, destination_id, caller.scope)
 
 
 def _selector(request_selector: admin_pb2.JobSelector) -> jobsdb.Selection:
@@ -450,7 +450,7 @@ def _selector(request_selector: admin_pb2.JobSelector) -> jobsdb.Selection:
 
 
 def _destination_changes(request: admin_pb2.UpdateDestinationRequest,
-                         current: configdb.Destination) -> dict[str, Any]:
+                         current: catalog.Destination) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     if request.HasField("name"):
         changes["name"] = validate.name("name", request.name)

@@ -49,8 +49,8 @@ from bench.common import (
 )
 from ingest_service.config import Limits
 from ingest_service.validate import build_event
-from jobsdb.ordering import partition_of
-from jobsdb.routing import SourceRoute
+from jobsdb.keyspace import partition_of
+from jobsdb.write_keys import SourceRoute
 from relayq.v1 import ingest_pb2
 
 BATCH = 100

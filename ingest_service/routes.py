@@ -11,9 +11,9 @@ import time
 
 from psycopg_pool import AsyncConnectionPool
 
-from jobsdb import routing
+from jobsdb import write_keys
 from jobsdb.pool import transaction
-from jobsdb.routing import SourceRoute
+from jobsdb.write_keys import SourceRoute
 
 # Unknown keys are remembered briefly too (a misconfigured client retrying in a loop should
 # not cost a query per request), but a bounded number of them.
@@ -43,7 +43,7 @@ class RouteCache:
         generation = self._generation
         try:
             async with transaction(self._pool) as conn:
-                route = await routing.source_for_write_key(conn, write_key)
+                route = await write_keys.source_for_write_key(conn, write_key)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody logs "never retrieved"

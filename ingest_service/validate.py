@@ -17,7 +17,7 @@ from google.protobuf import json_format
 
 from ingest_service.config import Limits
 from jobsdb.ingest import NewEvent
-from jobsdb.routing import SourceRoute
+from jobsdb.write_keys import SourceRoute
 from relayq.rpc import InvalidArgument
 from relayq.v1 import ingest_pb2
 

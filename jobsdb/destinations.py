@@ -1,5 +1,5 @@
 """Every destination at once, as the router loads them on start and on each configuration
-change (ten thousand rows are one quick query). The rows are jobsdb.config.Destination, as the
+change (ten thousand rows are one quick query). The rows are jobsdb.catalog.Destination, as the
 admin service reads them one at a time."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from jobsdb.config import Destination
+from jobsdb.catalog import Destination
 from jobsdb.sqlfile import query
 
 

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from psycopg import AsyncConnection
 
 from jobsdb import locks
-from jobsdb.ordering import partition_of
+from jobsdb.keyspace import partition_of
 from jobsdb.sqlfile import query
 
 # A NOTIFY payload must stay under 8000 bytes.

@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from jobsdb import destinations as destinations_db
 from jobsdb import queue
-from jobsdb.config import Destination
+from jobsdb.catalog import Destination
 from jobsdb.errors import JobsDBError
 from jobsdb.pool import transaction
 from relayq.tasks import cancel_and_wait

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from jobsdb.config import Destination
+from jobsdb.catalog import Destination
 from relayq import endpoints
 from relayq.v1 import destination_pb2, destination_pb2_grpc
 from router_service.model import Job

@@ -29,7 +29,7 @@ from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from jobsdb.config import Destination
+from jobsdb.catalog import Destination
 from jobsdb.errors import JobsDBError
 from jobsdb.queue import Outcome
 from relayq.tasks import cancel_and_wait

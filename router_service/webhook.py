@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import aiohttp
 
-from jobsdb.config import Destination
+from jobsdb.catalog import Destination
 from jobsdb.queue import RESPONSE_LIMIT
 from router_service.model import Job
 from router_service.retry import Result, Verdict, classify_http, parse_retry_after

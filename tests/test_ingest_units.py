@@ -17,7 +17,7 @@ from ingest_service.quota import MAX_WAIT, SourceQuotas
 from ingest_service.validate import EventRejected, build_event, prepare
 from jobsdb import errors as dberrors
 from jobsdb.ingest import NewEvent, Stored
-from jobsdb.routing import SourceRoute
+from jobsdb.write_keys import SourceRoute
 from relayq.rpc import InvalidArgument
 from relayq.v1 import ingest_pb2
 

@@ -13,7 +13,7 @@ from psycopg import errors as pgerrors
 
 from jobsdb import dedupe, errors, jobs, maintenance, migrate, partitions
 from jobsdb.ingest import NewEvent, store_events
-from jobsdb.ordering import partition_of
+from jobsdb.keyspace import partition_of
 from tests import factories
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from jobsdb.config import Destination
+from jobsdb.catalog import Destination
 from relayq import endpoints
 from router_service.fairness import FairScheduler
 from router_service.lane import Lane

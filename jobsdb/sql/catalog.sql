@@ -1,4 +1,4 @@
--- Configuration as operators see it: tenants, sources, write keys, destinations,
+-- The catalog as operators see it: tenants, sources, write keys, destinations,
 -- connections, admin tokens. Every read takes %(scope)s: NULL for the operator (everything),
 -- or a tenant_key for a tenant-scoped token, which then sees only its own rows. A row outside
 -- the scope is simply not found, so another tenant's objects are never shown.

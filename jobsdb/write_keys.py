@@ -1,4 +1,5 @@
-"""Read-only configuration lookups on the ingest path."""
+"""The write-key lookup on the ingest path: which source a key belongs to, and where that
+source's events go."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class SourceRoute:
 async def source_for_write_key(conn: AsyncConnection[Any], write_key: str) -> SourceRoute | None:
     """The source a write key belongs to, or None if the key is unknown, revoked or expired."""
     cur = await conn.execute(
-        query("routing.sql", "source_for_write_key"), {"key_hash": hash_secret(write_key)}
+        query("write_keys.sql", "source_for_write_key"), {"key_hash": hash_secret(write_key)}
     )
     row = await cur.fetchone()
     if row is None:

@@ -1,4 +1,5 @@
-"""Configuration rows as operators manage them (the admin service's data layer).
+"""The catalog: tenants, sources and their write keys, destinations, connections and admin
+tokens, as operators manage them (the admin service's data layer).
 
 Every function takes `scope`: None for the operator, or the tenant_key a tenant-scoped token
 belongs to. Rows outside the scope are reported as missing (errors.NotFound), so a tenant can
@@ -124,7 +125,7 @@ Conn = AsyncConnection[Any]
 
 
 async def _one(conn: Conn, name: str, params: dict[str, Any], what: str) -> tuple[Any, ...]:
-    cur = await conn.execute(query("config.sql", name), params)
+    cur = await conn.execute(query("catalog.sql", name), params)
     row = await cur.fetchone()
     if row is None:
         raise NotFound(f"{what} not found")
@@ -132,7 +133,7 @@ async def _one(conn: Conn, name: str, params: dict[str, Any], what: str) -> tupl
 
 
 async def _all(conn: Conn, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-    cur = await conn.execute(query("config.sql", name), params)
+    cur = await conn.execute(query("catalog.sql", name), params)
     return [tuple(row) for row in await cur.fetchall()]
 
 
@@ -193,14 +194,14 @@ async def update_source(conn: Conn, source: Source, *, name: str | None = None,
 
 async def rotate_write_key(conn: Conn, source: Source, grace_seconds: int) -> str:
     """A new key for the source; its current keys stop working after the grace period."""
-    await conn.execute(query("config.sql", "expire_write_keys"),
+    await conn.execute(query("catalog.sql", "expire_write_keys"),
                        {"source_key": source.source_key, "grace_seconds": grace_seconds})
     return await _add_write_key(conn, source.source_key)
 
 
 async def _add_write_key(conn: Conn, source_key: int) -> str:
     write_key = new_secret(WRITE_KEY_PREFIX)
-    await conn.execute(query("config.sql", "add_write_key"),
+    await conn.execute(query("catalog.sql", "add_write_key"),
                        {"key_hash": hash_secret(write_key), "source_key": source_key})
     return write_key
 
@@ -304,7 +305,7 @@ async def revoke_admin_token(conn: Conn, token_id: str) -> AdminToken:
 
 
 async def token_owner(conn: Conn, secret: str) -> TokenOwner | None:
-    cur = await conn.execute(query("config.sql", "admin_token"),
+    cur = await conn.execute(query("catalog.sql", "admin_token"),
                              {"token_hash": hash_secret(secret)})
     row = await cur.fetchone()
     return TokenOwner(*row) if row is not None else None
