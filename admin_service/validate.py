@@ -10,9 +10,8 @@ import binascii
 import math
 import re
 import secrets
-from urllib.parse import urlsplit
 
-from relayq import endpoints
+from relayq import destination_types
 from relayq.rpc import InvalidArgument
 from relayq.v1 import admin_pb2, common_pb2
 
@@ -86,30 +85,16 @@ def endpoint(field: str, kind: str, value: str) -> str:
             or any(c.isspace() for c in value)):
         raise bad(field, f"must be at most {MAX_ENDPOINT} characters without spaces or"
                          " control characters")
-    if kind == "webhook":
-        try:
-            parts = urlsplit(value)
-        except ValueError as exc:  # an unclosed IPv6 bracket, for one
-            raise bad(field, f"not a URL ({exc}): {value!r}") from None
-        try:
-            port = parts.port
-        except ValueError:
-            raise bad(field, f"invalid port in {value!r}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise bad(field, f"a webhook endpoint is an http:// or https:// URL; got {value!r}")
-        if port == 0:
-            raise bad(field, f"invalid port in {value!r}")
-        return value
     try:
-        endpoints.parse_grpc(value)
-    except endpoints.NotForGrpc as exc:
+        destination_types.TYPES[kind].check_endpoint(value)
+    except destination_types.Unusable as exc:
         raise bad(field, str(exc)) from None
     return value
 
 
 def kind(value: str) -> str:
-    if value not in ("webhook", "grpc"):
-        raise bad("type", f"must be 'webhook' or 'grpc'; got {value!r}")
+    if value not in destination_types.TYPES:
+        raise bad("type", f"must be {destination_types.names()}; got {value!r}")
     return value
 
 
@@ -160,7 +145,7 @@ def timeout_ms(field: str, value: int) -> int:
 
 def headers(field: str, kind: str, values: dict[str, str]) -> dict[str, str]:
     """Webhooks send them as HTTP headers, gRPC destinations as call metadata (whose names
-    are lower case: they are stored lowered, as the sink will see them)."""
+    are lower case: they are stored lowered, as the sink will see them); each type says."""
     if len(values) > MAX_HEADERS:
         raise bad(field, f"at most {MAX_HEADERS} headers")
     for key, value in values.items():
@@ -168,22 +153,20 @@ def headers(field: str, kind: str, values: dict[str, str]) -> dict[str, str]:
             raise bad(field, f"invalid header name {key!r}")
         if len(value) > MAX_HEADER_VALUE or _HEADER_VALUE_FORBIDDEN.search(value):
             raise bad(field, f"invalid value for header {key!r}")
-    if kind == "grpc":
-        try:
-            return dict(endpoints.metadata(values))
-        except endpoints.NotForGrpc as exc:
-            raise bad(field, str(exc)) from None
-    return dict(values)
+    try:
+        return destination_types.TYPES[kind].normalise_headers(dict(values))
+    except destination_types.Unusable as exc:
+        raise bad(field, str(exc)) from None
 
 
 def headers_update(field: str, kind: str, current: dict[str, str], given: dict[str, str], *,
                    replace: bool) -> dict[str, str]:
     """The headers after an update: `given` in place of all, or merged over `current`. A gRPC
-    destination's stored names may predate lower-casing, so they merge by lowered name."""
+    destination's stored names may predate lower-casing, so such types merge by lowered name."""
     given = headers(field, kind, given)
     if replace:
         return given
-    if kind == "grpc":
+    if destination_types.TYPES[kind].lowercase_headers:
         current = {name.lower(): value for name, value in current.items()}
     return headers(field, kind, {**current, **given})
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from psycopg import AsyncConnection, sql
+from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from jobsdb.errors import NotFound
@@ -122,36 +123,49 @@ class TokenOwner:
 
 
 Conn = AsyncConnection[Any]
+Row = TypeVar("Row")
 
 
-async def _one(conn: Conn, name: str, params: dict[str, Any], what: str) -> tuple[Any, ...]:
-    cur = await conn.execute(query("catalog.sql", name), params)
-    row = await cur.fetchone()
-    if row is None:
+async def _one(conn: Conn, row: type[Row], name: str, params: dict[str, Any], what: str) -> Row:
+    """The one row a named query returns, as `row` (columns matched to fields by name)."""
+    cur = conn.cursor(row_factory=class_row(row))
+    await cur.execute(query("catalog.sql", name), params)
+    found = await cur.fetchone()
+    if found is None:
         raise NotFound(f"{what} not found")
-    return tuple(row)
+    return found
 
 
-async def _all(conn: Conn, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+async def _all(conn: Conn, row: type[Row], name: str, params: dict[str, Any]) -> list[Row]:
+    cur = conn.cursor(row_factory=class_row(row))
+    await cur.execute(query("catalog.sql", name), params)
+    return await cur.fetchall()
+
+
+async def _key(conn: Conn, name: str, params: dict[str, Any], what: str) -> int:
+    """The key a write returns (the row is then read back through its view)."""
     cur = await conn.execute(query("catalog.sql", name), params)
-    return [tuple(row) for row in await cur.fetchall()]
+    found = await cur.fetchone()
+    if found is None:
+        raise NotFound(f"{what} not found")
+    return int(found[0])
 
 
 # --- tenants -------------------------------------------------------------------------------
 
 
 async def create_tenant(conn: Conn, tenant_id: str, name: str) -> Tenant:
-    return Tenant(*await _one(conn, "create_tenant", {"id": tenant_id, "name": name}, "tenant"))
+    return await _one(conn, Tenant, "create_tenant", {"id": tenant_id, "name": name}, "tenant")
 
 
 async def get_tenant(conn: Conn, tenant_id: str, scope: int | None) -> Tenant:
-    return Tenant(*await _one(conn, "get_tenant", {"id": tenant_id, "scope": scope},
-                              f"tenant {tenant_id!r}"))
+    return await _one(conn, Tenant, "get_tenant", {"id": tenant_id, "scope": scope},
+                      f"tenant {tenant_id!r}")
 
 
 async def list_tenants(conn: Conn, scope: int | None, after: str, limit: int) -> list[Tenant]:
-    rows = await _all(conn, "list_tenants", {"scope": scope, "after": after, "limit": limit})
-    return [Tenant(*row) for row in rows]
+    return await _all(conn, Tenant, "list_tenants",
+                      {"scope": scope, "after": after, "limit": limit})
 
 
 # --- sources and write keys ----------------------------------------------------------------
@@ -161,24 +175,22 @@ async def create_source(conn: Conn, tenant: Tenant, source_id: str, name: str, *
                         rate_per_second: float = 0.0, rate_burst: int = 0
                         ) -> tuple[Source, str]:
     """The new source and its write key (returned only here: we keep its hash)."""
-    row = await _one(conn, "create_source", {
-        "id": source_id, "tenant_key": tenant.tenant_key, "tenant_id": tenant.id, "name": name,
+    source_key = await _key(conn, "create_source", {
+        "id": source_id, "tenant_key": tenant.tenant_key, "name": name,
         "rate_per_second": rate_per_second, "rate_burst": rate_burst,
     }, "source")
-    source = Source(*row)
-    return source, await _add_write_key(conn, source.source_key)
+    return await get_source(conn, source_id, None), await _add_write_key(conn, source_key)
 
 
 async def get_source(conn: Conn, source_id: str, scope: int | None) -> Source:
-    return Source(*await _one(conn, "get_source", {"id": source_id, "scope": scope},
-                              f"source {source_id!r}"))
+    return await _one(conn, Source, "get_source", {"id": source_id, "scope": scope},
+                      f"source {source_id!r}")
 
 
 async def list_sources(conn: Conn, scope: int | None, tenant_id: str | None, after: str,
                        limit: int) -> list[Source]:
-    rows = await _all(conn, "list_sources", {
+    return await _all(conn, Source, "list_sources", {
         "scope": scope, "tenant_id": tenant_id, "after": after, "limit": limit})
-    return [Source(*row) for row in rows]
 
 
 async def update_source(conn: Conn, source: Source, *, name: str | None = None,
@@ -186,10 +198,11 @@ async def update_source(conn: Conn, source: Source, *, name: str | None = None,
                         rate_burst: int | None = None) -> Source:
     """Change what is given (None: keep). Running ingest processes see it within moments
     (the sources trigger notifies relayq_config, which clears their route caches)."""
-    return Source(*await _one(conn, "update_source", {
-        "source_key": source.source_key, "tenant_id": source.tenant_id, "name": name,
-        "enabled": enabled, "rate_per_second": rate_per_second, "rate_burst": rate_burst,
-    }, f"source {source.id!r}"))
+    await _key(conn, "update_source", {
+        "source_key": source.source_key, "name": name, "enabled": enabled,
+        "rate_per_second": rate_per_second, "rate_burst": rate_burst,
+    }, f"source {source.id!r}")
+    return await get_source(conn, source.id, None)
 
 
 async def rotate_write_key(conn: Conn, source: Source, grace_seconds: int) -> str:
@@ -215,21 +228,19 @@ async def create_destination(conn: Conn, tenant: Tenant, destination_id: str,
         name: getattr(settings, name) for name in DestinationSettings.__dataclass_fields__}
     params.update(id=destination_id, tenant_key=tenant.tenant_key,
                   headers=Jsonb(settings.headers))
-    await _one(conn, "create_destination", params, "destination")
+    await _key(conn, "create_destination", params, "destination")
     return await get_destination(conn, destination_id, tenant.tenant_key)
 
 
 async def get_destination(conn: Conn, destination_id: str, scope: int | None) -> Destination:
-    return Destination(*await _one(conn, "get_destination", {"id": destination_id,
-                                                             "scope": scope},
-                                   f"destination {destination_id!r}"))
+    return await _one(conn, Destination, "get_destination",
+                      {"id": destination_id, "scope": scope}, f"destination {destination_id!r}")
 
 
 async def list_destinations(conn: Conn, scope: int | None, tenant_id: str | None, after: str,
                             limit: int) -> list[Destination]:
-    rows = await _all(conn, "list_destinations", {
+    return await _all(conn, Destination, "list_destinations", {
         "scope": scope, "tenant_id": tenant_id, "after": after, "limit": limit})
-    return [Destination(*row) for row in rows]
 
 
 async def update_destination(conn: Conn, destination: Destination, changes: dict[str, Any]
@@ -257,26 +268,25 @@ async def update_destination(conn: Conn, destination: Destination, changes: dict
 
 
 async def connect(conn: Conn, source: Source, destination: Destination) -> Connection:
-    enabled, created_at = await _one(conn, "connect", {
+    return await _one(conn, Connection, "connect", {
         "source_key": source.source_key, "destination_key": destination.destination_key,
+        "source_id": source.id, "destination_id": destination.id,
     }, "connection")
-    return Connection(source.id, destination.id, enabled, created_at)
 
 
 async def disconnect(conn: Conn, source: Source, destination: Destination) -> Connection:
-    enabled, created_at = await _one(conn, "disconnect", {
+    return await _one(conn, Connection, "disconnect", {
         "source_key": source.source_key, "destination_key": destination.destination_key,
+        "source_id": source.id, "destination_id": destination.id,
     }, f"connection {source.id!r} -> {destination.id!r}")
-    return Connection(source.id, destination.id, enabled, created_at)
 
 
 async def list_connections(conn: Conn, scope: int | None, *, tenant_id: str | None,
                            source_id: str | None, destination_id: str | None
                            ) -> list[Connection]:
-    rows = await _all(conn, "list_connections", {
+    return await _all(conn, Connection, "list_connections", {
         "scope": scope, "tenant_id": tenant_id, "source_id": source_id,
         "destination_id": destination_id})
-    return [Connection(*row) for row in rows]
 
 
 # --- admin tokens --------------------------------------------------------------------------
@@ -285,27 +295,26 @@ async def list_connections(conn: Conn, scope: int | None, *, tenant_id: str | No
 async def create_admin_token(conn: Conn, tenant: Tenant, token_id: str, name: str
                              ) -> tuple[AdminToken, str]:
     secret = new_secret(ADMIN_TOKEN_PREFIX)
-    row = await _one(conn, "create_admin_token", {
+    token = await _one(conn, AdminToken, "create_admin_token", {
         "token_hash": hash_secret(secret), "id": token_id, "tenant_key": tenant.tenant_key,
         "tenant_id": tenant.id, "name": name,
     }, "admin token")
-    return AdminToken(*row), secret
+    return token, secret
 
 
 async def list_admin_tokens(conn: Conn, scope: int | None, *, tenant_id: str | None
                             ) -> list[AdminToken]:
-    rows = await _all(conn, "list_admin_tokens", {"scope": scope, "tenant_id": tenant_id})
-    return [AdminToken(*row) for row in rows]
+    return await _all(conn, AdminToken, "list_admin_tokens",
+                      {"scope": scope, "tenant_id": tenant_id})
 
 
 async def revoke_admin_token(conn: Conn, token_id: str) -> AdminToken:
     """Operator only (the caller checks): tokens are not scoped here."""
-    return AdminToken(*await _one(conn, "revoke_admin_token", {"id": token_id},
-                                  f"admin token {token_id!r}"))
+    return await _one(conn, AdminToken, "revoke_admin_token", {"id": token_id},
+                      f"admin token {token_id!r}")
 
 
 async def token_owner(conn: Conn, secret: str) -> TokenOwner | None:
-    cur = await conn.execute(query("catalog.sql", "admin_token"),
-                             {"token_hash": hash_secret(secret)})
-    row = await cur.fetchone()
-    return TokenOwner(*row) if row is not None else None
+    cur = conn.cursor(row_factory=class_row(TokenOwner))
+    await cur.execute(query("catalog.sql", "admin_token"), {"token_hash": hash_secret(secret)})
+    return await cur.fetchone()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg import AsyncConnection
+from psycopg.rows import dict_row
 
 from jobsdb.keys import hash_secret
 from jobsdb.sqlfile import query
@@ -30,22 +31,12 @@ class SourceRoute:
 
 async def source_for_write_key(conn: AsyncConnection[Any], write_key: str) -> SourceRoute | None:
     """The source a write key belongs to, or None if the key is unknown, revoked or expired."""
-    cur = await conn.execute(
-        query("write_keys.sql", "source_for_write_key"), {"key_hash": hash_secret(write_key)}
-    )
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(query("write_keys.sql", "source_for_write_key"),
+                      {"key_hash": hash_secret(write_key)})
     row = await cur.fetchone()
     if row is None:
         return None
-    (source_key, source_id, tenant_key, tenant_id, enabled, rate_per_second, rate_burst, keys,
-     ids) = row
-    return SourceRoute(
-        source_key=source_key,
-        source_id=source_id,
-        tenant_key=tenant_key,
-        tenant_id=tenant_id,
-        enabled=enabled,
-        rate_per_second=rate_per_second,
-        rate_burst=rate_burst,
-        destinations=dict(zip(ids, keys, strict=True)),
-        destination_keys=tuple(keys),
-    )
+    keys, ids = row.pop("destination_keys"), row.pop("destination_ids")
+    return SourceRoute(**row, destinations=dict(zip(ids, keys, strict=True)),
+                       destination_keys=tuple(keys))

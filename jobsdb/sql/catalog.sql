@@ -25,26 +25,21 @@ LIMIT %(limit)s;
 -- name: create_source
 INSERT INTO sources (id, tenant_key, name, rate_per_second, rate_burst)
 VALUES (%(id)s, %(tenant_key)s, %(name)s, %(rate_per_second)s, %(rate_burst)s)
-RETURNING source_key, id, tenant_key, %(tenant_id)s::text, name, enabled, created_at,
-          rate_per_second, rate_burst;
+RETURNING source_key;
 
 -- name: get_source
-SELECT s.source_key, s.id, s.tenant_key, t.id, s.name, s.enabled, s.created_at,
-       s.rate_per_second, s.rate_burst
-FROM sources s
-JOIN tenants t ON t.tenant_key = s.tenant_key
-WHERE s.id = %(id)s
-  AND (%(scope)s::integer IS NULL OR s.tenant_key = %(scope)s);
+SELECT *
+FROM source_rows
+WHERE id = %(id)s
+  AND (%(scope)s::integer IS NULL OR tenant_key = %(scope)s);
 
 -- name: list_sources
-SELECT s.source_key, s.id, s.tenant_key, t.id, s.name, s.enabled, s.created_at,
-       s.rate_per_second, s.rate_burst
-FROM sources s
-JOIN tenants t ON t.tenant_key = s.tenant_key
-WHERE (%(scope)s::integer IS NULL OR s.tenant_key = %(scope)s)
-  AND (%(tenant_id)s::text IS NULL OR t.id = %(tenant_id)s)
-  AND s.id > %(after)s
-ORDER BY s.id
+SELECT *
+FROM source_rows
+WHERE (%(scope)s::integer IS NULL OR tenant_key = %(scope)s)
+  AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+  AND id > %(after)s
+ORDER BY id
 LIMIT %(limit)s;
 
 -- name: update_source
@@ -54,8 +49,7 @@ SET name = coalesce(%(name)s, name),
     rate_per_second = coalesce(%(rate_per_second)s, rate_per_second),
     rate_burst = coalesce(%(rate_burst)s, rate_burst)
 WHERE source_key = %(source_key)s
-RETURNING source_key, id, tenant_key, %(tenant_id)s::text, name, enabled, created_at,
-          rate_per_second, rate_burst;
+RETURNING source_key;
 
 -- name: add_write_key
 INSERT INTO write_keys (key_hash, source_key) VALUES (%(key_hash)s, %(source_key)s);
@@ -78,26 +72,18 @@ VALUES (%(id)s, %(tenant_key)s, %(name)s, %(type)s, %(endpoint)s, %(headers)s,
 RETURNING destination_key;
 
 -- name: get_destination
-SELECT d.destination_key, d.id, d.tenant_key, t.id, d.name, d.type, d.endpoint, d.headers,
-       d.min_backoff_ms, d.max_backoff_ms, d.max_attempts, d.max_retry_window_s,
-       d.rate_per_second, d.rate_burst, d.concurrency, d.timeout_ms, d.paused,
-       d.created_at, d.updated_at
-FROM destinations d
-JOIN tenants t ON t.tenant_key = d.tenant_key
-WHERE d.id = %(id)s
-  AND (%(scope)s::integer IS NULL OR d.tenant_key = %(scope)s);
+SELECT *
+FROM destination_rows
+WHERE id = %(id)s
+  AND (%(scope)s::integer IS NULL OR tenant_key = %(scope)s);
 
 -- name: list_destinations
-SELECT d.destination_key, d.id, d.tenant_key, t.id, d.name, d.type, d.endpoint, d.headers,
-       d.min_backoff_ms, d.max_backoff_ms, d.max_attempts, d.max_retry_window_s,
-       d.rate_per_second, d.rate_burst, d.concurrency, d.timeout_ms, d.paused,
-       d.created_at, d.updated_at
-FROM destinations d
-JOIN tenants t ON t.tenant_key = d.tenant_key
-WHERE (%(scope)s::integer IS NULL OR d.tenant_key = %(scope)s)
-  AND (%(tenant_id)s::text IS NULL OR t.id = %(tenant_id)s)
-  AND d.id > %(after)s
-ORDER BY d.id
+SELECT *
+FROM destination_rows
+WHERE (%(scope)s::integer IS NULL OR tenant_key = %(scope)s)
+  AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+  AND id > %(after)s
+ORDER BY id
 LIMIT %(limit)s;
 
 -- name: connect
@@ -105,16 +91,18 @@ LIMIT %(limit)s;
 INSERT INTO connections (source_key, destination_key)
 VALUES (%(source_key)s, %(destination_key)s)
 ON CONFLICT (source_key, destination_key) DO UPDATE SET enabled = true
-RETURNING enabled, created_at;
+RETURNING %(source_id)s::text AS source_id, %(destination_id)s::text AS destination_id,
+          enabled, created_at;
 
 -- name: disconnect
 UPDATE connections
 SET enabled = false
 WHERE source_key = %(source_key)s AND destination_key = %(destination_key)s
-RETURNING enabled, created_at;
+RETURNING %(source_id)s::text AS source_id, %(destination_id)s::text AS destination_id,
+          enabled, created_at;
 
 -- name: list_connections
-SELECT s.id, d.id, c.enabled, c.created_at
+SELECT s.id AS source_id, d.id AS destination_id, c.enabled, c.created_at
 FROM connections c
 JOIN sources s ON s.source_key = c.source_key
 JOIN destinations d ON d.destination_key = c.destination_key
@@ -129,10 +117,10 @@ LIMIT 10000;
 -- name: create_admin_token
 INSERT INTO admin_tokens (token_hash, id, tenant_key, name)
 VALUES (%(token_hash)s, %(id)s, %(tenant_key)s, %(name)s)
-RETURNING id, %(tenant_id)s::text, name, created_at, revoked_at;
+RETURNING id, %(tenant_id)s::text AS tenant_id, name, created_at, revoked_at;
 
 -- name: list_admin_tokens
-SELECT a.id, t.id, a.name, a.created_at, a.revoked_at
+SELECT a.id, t.id AS tenant_id, a.name, a.created_at, a.revoked_at
 FROM admin_tokens a
 JOIN tenants t ON t.tenant_key = a.tenant_key
 WHERE (%(scope)s::integer IS NULL OR a.tenant_key = %(scope)s)
@@ -147,11 +135,11 @@ SET revoked_at = coalesce(a.revoked_at, now())
 FROM tenants t
 WHERE a.id = %(id)s
   AND t.tenant_key = a.tenant_key
-RETURNING a.id, t.id, a.name, a.created_at, a.revoked_at;
+RETURNING a.id, t.id AS tenant_id, a.name, a.created_at, a.revoked_at;
 
 -- name: admin_token
 -- Who a tenant-scoped token is: one index probe per admin call.
-SELECT a.id, a.tenant_key, t.id
+SELECT a.id AS token_id, a.tenant_key, t.id AS tenant_id
 FROM admin_tokens a
 JOIN tenants t ON t.tenant_key = a.tenant_key
 WHERE a.token_hash = %(token_hash)s

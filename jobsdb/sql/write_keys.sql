@@ -3,7 +3,7 @@
 -- it is connected to (enabled connections only; a paused destination still gets jobs, which
 -- wait for it to resume).
 SELECT s.source_key,
-       s.id,
+       s.id AS source_id,
        s.tenant_key,
        t.id AS tenant_id,
        s.enabled,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from relayq import destination_types
 from relayq.cli import render, units
 from relayq.cli.client import Admin, admin_command, options
 from relayq.v1 import admin_pb2, common_pb2
@@ -17,12 +18,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     sub = destinations.add_subparsers(dest="destinations_command", required=True,
                                       metavar="command")
 
-    cmd = sub.add_parser("create", parents=[common], help="create a webhook or grpc destination")
+    cmd = sub.add_parser("create", parents=[common],
+                         help=f"create a destination ({', '.join(destination_types.TYPES)})")
     cmd.add_argument("--tenant", required=True, help="the tenant that owns it")
-    cmd.add_argument("--type", required=True, choices=("webhook", "grpc"), dest="kind")
+    cmd.add_argument("--type", required=True, choices=tuple(destination_types.TYPES),
+                     dest="kind")
     cmd.add_argument("--endpoint", required=True,
-                     help="webhook: an http(s) URL; grpc: host:port or grpcs://host:port"
-                          " (TLS) of a relayq.v1.Destination")
+                     help="; ".join(f"{t.name}: {t.endpoint_help}"
+                                    for t in destination_types.TYPES.values()))
     cmd.add_argument("--id", default="", dest="destination_id",
                      help="default: one is generated")
     cmd.add_argument("--paused", action="store_true", help="hold its jobs until resumed")
