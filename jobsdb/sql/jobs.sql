@@ -44,7 +44,7 @@ ORDER BY recorded_at, attempt;
 -- name: peek
 -- The destination's unfinished jobs in job order, the way the router's pickup sees them
 -- (jobsdb/sql/queue.sql): each with the job that holds it (a waiting job's blocker, or for a
--- pending or failed job the root of the earliest failed or waiting job of its user before it).
+-- pending or failed job job_holder(), the barrier rule both share).
 -- Pending jobs come from jobs_pending_idx in job order; failed and waiting ones are few.
 WITH unfinished AS (
     (SELECT job_id FROM jobs
@@ -61,22 +61,14 @@ chosen AS (
 SELECT j.job_id, t.id, s.id, d.id, j.user_id, j.message_id, j.state::text, j.attempts,
        j.retry_at, j.blocked_by, j.error_code, j.created_at, j.updated_at, j.first_attempt_at,
        NULL::text,
-       CASE WHEN j.state = 'waiting' THEN j.blocked_by ELSE nullif(held.root, j.job_id) END
+       CASE WHEN j.state = 'waiting' THEN j.blocked_by ELSE held.holder END
 FROM chosen c
 JOIN jobs j ON j.job_id = c.job_id
 JOIN tenants t ON t.tenant_key = j.tenant_key
 JOIN sources s ON s.source_key = j.source_key
 JOIN destinations d ON d.destination_key = j.destination_key
-LEFT JOIN LATERAL (
-    SELECT coalesce(h.blocked_by, h.job_id) AS root
-    FROM jobs h
-    WHERE h.destination_key = j.destination_key
-      AND h.user_id = j.user_id
-      AND h.state IN ('failed', 'waiting')
-      AND h.job_id < j.job_id
-    ORDER BY h.job_id
-    LIMIT 1
-) held ON j.state <> 'waiting'
+LEFT JOIN LATERAL job_holder(j.destination_key, j.user_id, j.job_id) held
+    ON j.state <> 'waiting'
 ORDER BY j.job_id;
 
 -- name: retry

@@ -13,10 +13,10 @@
 -- destinations that each have a few jobs, a statement per destination costs more than the
 -- jobs (measured: 10,000 destinations, 3 jobs a read).
 --
--- held_by: the job that holds this one, found as the earliest failed or waiting job of the
--- same key before it (a waiting job points at its own root blocker). The caller must not
--- deliver a held job; unless it has the holder in memory, it parks it (see `hold`) so that
--- it leaves these indexes and is not read again until the holder is resolved.
+-- held_by: the job that holds this one (job_holder(), the barrier's one definition, in
+-- migrations/0007_barrier.sql). The caller must not deliver a held job; unless it has the
+-- holder in memory, it parks it (see `hold`) so that it leaves these indexes and is not read
+-- again until the holder is resolved.
 --
 -- The exclusion is one list for every destination (job ids are unique), a NOT IN over an
 -- uncorrelated subquery: hashed once per execution, where `<> ALL(array)` compares every row
@@ -60,21 +60,9 @@ chosen AS (
     ) c
 )
 SELECT c.destination_key, c.job_id, c.user_id, c.message_id, c.state::text, c.attempts,
-       c.first_attempt_at, c.created_at, c.payload::text, c.ordering_partition,
-       -- A job is never its own holder (an older job an operator retried can be waiting
-       -- behind this one; then this one goes first).
-       nullif(held.root, c.job_id) AS held_by
+       c.first_attempt_at, c.created_at, c.payload::text, c.ordering_partition, held.holder
 FROM chosen c
-LEFT JOIN LATERAL (
-    SELECT coalesce(h.blocked_by, h.job_id) AS root
-    FROM jobs h
-    WHERE h.destination_key = c.destination_key
-      AND h.user_id = c.user_id
-      AND h.state IN ('failed', 'waiting')
-      AND h.job_id < c.job_id
-    ORDER BY h.job_id
-    LIMIT 1
-) held ON true
+LEFT JOIN LATERAL job_holder(c.destination_key, c.user_id, c.job_id) held ON true
 ORDER BY c.destination_key, c.job_id;
 
 -- name: hold
