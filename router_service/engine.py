@@ -27,15 +27,14 @@ from jobsdb.catalog import Destination
 from jobsdb.errors import JobsDBError
 from jobsdb.pool import transaction
 from relayq.tasks import cancel_and_wait
-from router_service import metrics
+from router_service import metrics, senders
 from router_service.fairness import FairScheduler
-from router_service.grpcsink import GrpcSender
-from router_service.lane import Lane, Sender
+from router_service.lane import Lane, LaneContext, LaneSettings
 from router_service.membership import Membership
 from router_service.outcomes import OutcomeFlusher
 from router_service.reads import Reader
+from router_service.senders import Sender, SenderContext
 from router_service.trust import Trust
-from router_service.webhook import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +83,32 @@ class Engine:
                              concurrency=settings.read_concurrency)
         self.membership = Membership(lease_pool, settings.router_id, settings.lease,
                                      on_change=self._partitions_changed, busy=self._busy)
+        self.lane_context = LaneContext(
+            settings=LaneSettings(batch=settings.batch, max_held=settings.max_held),
+            reader=self.reader, flusher=self.flusher, scheduler=self.scheduler,
+            membership=self.membership, stopping=lambda: self.stopping,
+            settled=self._settled)
         self.destinations: dict[int, Destination] = {}
         self.lanes: dict[int, Lane] = {}
         self._idle_since: dict[int, float] = {}
         self.stopping = False
         # Set whenever a delivery finishes (shutdown waits on it).
         self.settled = asyncio.Event()
-        self._session: aiohttp.ClientSession | None = None
+        self._senders: SenderContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._discoveries: set[asyncio.Task[None]] = set()
         self._reload = asyncio.Event()
+        # Destinations of a type this router has no sender for (logged once each).
+        self._unknown_types: set[int] = set()
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
+        http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True,
                                            ssl=self.trust.ssl_context),
             headers={"User-Agent": "relayq"},
         )
+        self._senders = SenderContext(http=http, trust=self.trust,
+                                      grpc_batch=self.settings.grpc_batch)
         await self._load_destinations()
         self.flusher.start()
         self.reader.start()
@@ -125,8 +133,8 @@ class Engine:
         await self.reader.close()
         await self.flusher.close()
         await self.membership.leave()
-        if self._session is not None:
-            await self._session.close()
+        if self._senders is not None:
+            await self._senders.http.close()
 
     # --- wake-ups ------------------------------------------------------------------------
 
@@ -156,7 +164,10 @@ class Engine:
             if destination is None:
                 self._reload.set()  # created after our last load: read the config again
                 return None
-            lane = self.lanes[destination_key] = Lane(self, destination, self._sender(destination))
+            sender = self._sender(destination)
+            if sender is None:
+                return None
+            lane = self.lanes[destination_key] = Lane(self.lane_context, destination, sender)
         self._idle_since.pop(destination_key, None)
         return lane
 
@@ -210,9 +221,15 @@ class Engine:
             lane = self.lanes.get(key)
             old = self.destinations.get(key)
             if lane is not None and old is not None and row != old:
-                changed = (row.type, row.endpoint, row.headers, row.timeout_ms) != (
-                    old.type, old.endpoint, old.headers, old.timeout_ms)
-                lane.configure(row, self._sender(row) if changed else None)
+                if senders.needs_new_sender(old, row):
+                    sender = self._sender(row)
+                    if sender is None:  # no longer deliverable: its jobs wait in Postgres
+                        del self.lanes[key]
+                        await lane.close()
+                        continue
+                    lane.configure(row, sender)
+                else:
+                    lane.configure(row, None)
         self.destinations = loaded
         metrics.DESTINATIONS.set(len(loaded))
 
@@ -256,12 +273,18 @@ class Engine:
     def _busy(self, partition: int) -> bool:
         return any(lane.held_by_partition.get(partition, 0) > 0 for lane in self.lanes.values())
 
-    def _sender(self, destination: Destination) -> Sender:
-        if destination.type == "grpc":
-            return GrpcSender(destination, self.settings.grpc_batch,
-                              self.trust.grpc_credentials)
-        assert self._session is not None
-        return WebhookSender(self._session, destination)
+    def _settled(self) -> None:
+        self.settled.set()
+
+    def _sender(self, destination: Destination) -> Sender | None:
+        assert self._senders is not None, "the engine is not started"
+        try:
+            return senders.make(destination, self._senders)
+        except senders.UnknownType as exc:
+            if destination.destination_key not in self._unknown_types:
+                self._unknown_types.add(destination.destination_key)
+                log.error("%s; its jobs wait", exc, extra={"destination": destination.id})
+            return None
 
 
 def _keys(payload: str) -> list[int]:

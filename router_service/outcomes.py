@@ -24,7 +24,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -36,10 +36,17 @@ from relayq.tasks import cancel_and_wait
 from router_service import metrics
 from router_service.model import Job
 
-if TYPE_CHECKING:
-    from router_service.lane import Lane
-
 log = logging.getLogger(__name__)
+
+
+class Lane(Protocol):
+    """Whom the flusher tells what is on record (router_service.lane.Lane)."""
+
+    def recorded(self, job_ids: list[int]) -> None:
+        """These jobs' outcomes or parkings are committed."""
+
+    def notify(self) -> None:
+        """Runnable jobs may wait in Postgres: read again."""
 
 
 @dataclass(slots=True)

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from jobsdb.catalog import Destination
-from relayq import endpoints
+from relayq import destination_types, endpoints
 from router_service.fairness import FairScheduler
-from router_service.lane import Lane
+from router_service.lane import Lane, LaneSettings
 from router_service.ratelimit import FLOOR, RateLimiter
 from router_service.reads import Read
 from router_service.retry import (
@@ -24,6 +24,7 @@ from router_service.retry import (
     gives_up,
     parse_retry_after,
 )
+from router_service.senders import SENDERS
 
 POLICY = RetryPolicy(min_backoff=1.0, max_backoff=60.0, max_attempts=5,
                      max_retry_window=timedelta(hours=1))
@@ -173,10 +174,12 @@ async def test_a_notification_during_a_read_makes_the_lane_read_again() -> None:
     """The read's snapshot may predate the jobs the notification is about: a complete read
     must not cancel it (seen: the lane slept until the next poll)."""
     reader = GatedReader()
-    engine: Any = SimpleNamespace(
-        settings=SimpleNamespace(batch=500, max_held=2000), stopping=False,
-        membership=SimpleNamespace(usable=lambda: frozenset(range(64)),
-                                  may_deliver=lambda partition: True), reader=reader)
+    membership: Any = SimpleNamespace(usable=lambda: frozenset(range(64)),
+                                      may_deliver=lambda partition: True)
+    # Only what a lane that reads and finds nothing touches.
+    context: Any = SimpleNamespace(settings=LaneSettings(batch=500, max_held=2000),
+                                   reader=reader, membership=membership,
+                                   stopping=lambda: False, settled=lambda: None)
     destination = Destination(
         destination_key=1, id="d", tenant_key=1, tenant_id="t", name="", type="grpc",
         endpoint="h:1", headers={}, min_backoff_ms=100, max_backoff_ms=1000, max_attempts=3,
@@ -184,7 +187,7 @@ async def test_a_notification_during_a_read_makes_the_lane_read_again() -> None:
         timeout_ms=1000, paused=False, created_at=datetime.now(UTC),
         updated_at=datetime.now(UTC))
     sender: Any = SimpleNamespace(max_batch=1)
-    lane = Lane(engine, destination, sender)
+    lane = Lane(context, destination, sender)
     try:
         await asyncio.sleep(0.01)
         assert reader.reads == 1
@@ -236,3 +239,7 @@ def test_the_router_sends_what_grpc_can_carry_of_an_old_row() -> None:
     assert usable == (("authorization", "k"), ("x-ok", "1"))
     assert refused == ["headers 'Authorization' and 'authorization' are one metadata key",
                        "header 'grpc-status' is reserved by gRPC"]
+
+
+def test_the_router_has_a_sender_for_every_destination_type_admin_accepts() -> None:
+    assert set(SENDERS) == set(destination_types.TYPES)

@@ -18,13 +18,14 @@ from jobsdb.catalog import Destination
 from jobsdb.queue import RESPONSE_LIMIT
 from router_service.model import Job
 from router_service.retry import Result, Verdict, classify_http, parse_retry_after
+from router_service.senders.base import SenderContext
 
 
 class WebhookSender:
     max_batch = 1
 
-    def __init__(self, session: aiohttp.ClientSession, destination: Destination) -> None:
-        self._session = session
+    def __init__(self, destination: Destination, context: SenderContext) -> None:
+        self._session = context.http
         self._url = destination.endpoint
         self._headers = {**destination.headers, "Content-Type": "application/json"}
         self._timeout = aiohttp.ClientTimeout(total=destination.timeout_ms / 1000)

@@ -19,6 +19,7 @@ from relayq import endpoints
 from relayq.v1 import destination_pb2, destination_pb2_grpc
 from router_service.model import Job
 from router_service.retry import Result, Verdict
+from router_service.senders.base import SenderContext
 
 Outcome = destination_pb2.DeliveryResult.Outcome
 
@@ -30,9 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class GrpcSender:
-    def __init__(self, destination: Destination, max_batch: int,
-                 credentials: grpc.ChannelCredentials) -> None:
-        self.max_batch = max_batch
+    def __init__(self, destination: Destination, context: SenderContext) -> None:
+        self.max_batch = context.grpc_batch
         self._destination_id = destination.id
         self._timeout = destination.timeout_ms / 1000
         # The admin service refuses endpoints and headers gRPC cannot use. A row written
@@ -49,7 +49,8 @@ class GrpcSender:
         except endpoints.NotForGrpc as exc:
             self._unusable = str(exc)
             endpoint = endpoints.GrpcEndpoint(destination.endpoint, tls=False)  # never called
-        self._channel = (grpc.aio.secure_channel(endpoint.target, credentials) if endpoint.tls
+        self._channel = (grpc.aio.secure_channel(endpoint.target, context.trust.grpc_credentials)
+                         if endpoint.tls
                          else grpc.aio.insecure_channel(endpoint.target))
         self._stub = destination_pb2_grpc.DestinationStub(self._channel)
 

@@ -1,0 +1,58 @@
+"""What every sender is, and what the router hands each one.
+
+A sender delivers a batch of jobs to one destination and says, per job, what the destination
+answered (router_service.retry.Result). It does no bookkeeping: order, retries and recording
+are the lane's and the barrier's. Senders hold connections, so the router makes one per
+destination and closes it when the destination's delivery settings change or its lane goes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+import aiohttp
+
+from jobsdb.catalog import Destination
+from router_service.model import Job
+from router_service.retry import Result
+from router_service.trust import Trust
+
+
+class Sender(Protocol):
+    # Jobs per deliver() call at most (1: one job per request).
+    max_batch: int
+
+    async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
+        """One result per job, in the jobs' order. Never raises for the destination's
+        failures (they are results); a raise is a bug, and the lane retries the jobs."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SenderContext:
+    """What senders share across destinations."""
+
+    # One HTTP session for the router: keep-alive connections pooled per host.
+    http: aiohttp.ClientSession
+    # Certificate authorities for https:// and grpcs:// (RELAYQ_DESTINATION_CA_FILE).
+    trust: Trust
+    # Jobs per Deliver call to a gRPC destination (RELAYQ_ROUTER_GRPC_BATCH).
+    grpc_batch: int
+
+
+# Destination columns the lane applies itself (retry policy, rate, concurrency, pausing);
+# a change to any other column makes a new sender.
+_LANE_FIELDS = frozenset({
+    "name", "min_backoff_ms", "max_backoff_ms", "max_attempts", "max_retry_window_s",
+    "rate_per_second", "rate_burst", "concurrency", "paused", "created_at", "updated_at",
+})
+_SENDER_FIELDS = tuple(f.name for f in fields(Destination) if f.name not in _LANE_FIELDS)
+
+
+def needs_new_sender(old: Destination, new: Destination) -> bool:
+    """Did a setting the sender was built from change (endpoint, headers, timeout, ...)?"""
+    return any(getattr(old, name) != getattr(new, name) for name in _SENDER_FIELDS)
