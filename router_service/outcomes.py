@@ -5,7 +5,8 @@ gathered with jobsdb.queue.record_outcomes (one statement) and parks held jobs w
 jobsdb.queue.hold (one statement), in that order and in one pipelined transaction, then tells
 each lane which of its jobs are on record. Until then the lane keeps them out of its reads. If
 Postgres is unreachable nothing is dropped: the flush is retried, and the lanes keep those jobs
-held.
+held. A flush Postgres refuses for its content is split until the one outcome that causes it is
+found and written with a safe text (`_commit`), so one poisoned answer cannot stop recording.
 
 Flushes are capped so that a backlog becomes a stream of moderate transactions rather than a
 few huge ones (each holding its rows, and every waiting lane, for seconds), and up to
@@ -24,12 +25,12 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from psycopg_pool import AsyncConnectionPool
 
 from jobsdb import queue
-from jobsdb.errors import JobsDBError
+from jobsdb.errors import DatabaseUnavailable, QueryCanceled
 from jobsdb.pool import transaction
 from jobsdb.queue import Outcome
 from relayq.tasks import cancel_and_wait
@@ -63,17 +64,24 @@ class _Entry:
 
 @dataclass
 class _Batch:
-    outcomes: list[tuple[Lane, Outcome]] = field(default_factory=list)
-    parks: list[tuple[Lane, Job, int]] = field(default_factory=list)
+    entries: list[_Entry] = field(default_factory=list)
+    size: int = 0
 
     def __len__(self) -> int:
-        return len(self.outcomes) + len(self.parks)
+        return self.size
 
     def add(self, entry: _Entry) -> None:
-        if entry.outcome is not None:
-            self.outcomes.append((entry.lane, entry.outcome))
-        for job, blocker in entry.parks:
-            self.parks.append((entry.lane, job, blocker))
+        self.entries.append(entry)
+        self.size += len(entry)
+
+
+class _Written(NamedTuple):
+    """What one committed write did."""
+
+    released: int
+    parked: set[int]
+    # Entries Postgres refused even with safe texts: their jobs stay held (see _commit).
+    refused: frozenset[int] = frozenset()
 
 
 class OutcomeFlusher:
@@ -144,7 +152,7 @@ class OutcomeFlusher:
                     await self._wait_written()
                 batch = self._take()
                 self._holding = True
-                if batch.parks:
+                if any(entry.parks for entry in batch.entries):
                     while self._writes:
                         await self._wait_written()
                     self._exclusive = True
@@ -168,38 +176,107 @@ class OutcomeFlusher:
         if not self._writes and not self._entries and not self._holding:
             self._idle.set()
     async def _write(self, batch: _Batch) -> None:
-        failures = 0
         started = time.perf_counter()
-        while True:
-            try:
-                async with transaction(self._pool) as conn, conn.pipeline(), conn.transaction():
-                    recorded = await queue.record_outcomes(
-                        conn, [o for _, o in batch.outcomes], actor=self._actor,
-                        owner=self._router_id)
-                    parked = await queue.hold(
-                        conn, [(job.job_id, blocker) for _, job, blocker in batch.parks],
-                        owner=self._router_id)
-                break
-            except JobsDBError as exc:
-                failures += 1
-                pause = min(5.0, 0.1 * 2 ** failures)
-                log.warning("recording %d outcomes failed (%s); retrying in %.1fs",
-                            len(batch), exc, pause)
-                await asyncio.sleep(pause)
+        written = await self._commit(batch.entries)
         metrics.FLUSH_ITEMS.observe(len(batch))
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
         done: dict[Lane, list[int]] = defaultdict(list)
         ended: set[Lane] = set()
-        for lane, outcome in batch.outcomes:
-            done[lane].append(outcome.job_id)
-            if outcome.state in ("succeeded", "aborted"):
-                ended.add(lane)
-        for lane, job, _ in batch.parks:
-            done[lane].append(job.job_id)
-            if job.job_id not in parked:
-                lane.notify()  # its blocker ended meanwhile: it is runnable, read it again
+        for entry in batch.entries:
+            if id(entry) in written.refused:
+                continue
+            lane, outcome = entry.lane, entry.outcome
+            if outcome is not None:
+                done[lane].append(outcome.job_id)
+                if outcome.state in ("succeeded", "aborted"):
+                    ended.add(lane)
+            for job, _ in entry.parks:
+                done[lane].append(job.job_id)
+                if job.job_id not in written.parked:
+                    lane.notify()  # its blocker ended meanwhile: it is runnable, read it again
         for lane, job_ids in done.items():
             lane.recorded(job_ids)
-        if recorded.released:
+        if written.released:
             for lane in ended:
                 lane.notify()  # waiters were released: read them back
+
+    async def _commit(self, entries: list[_Entry]) -> _Written:
+        """Write the entries in one transaction, retrying while Postgres is unreachable.
+
+        A write Postgres refuses for what it holds would fail the same way forever and stop
+        every lane's recording behind it: then the entries are split and written in halves,
+        so the others go on and the one that causes it is found; that one is written again
+        with safe texts in place of the destination's answer (`_sanitised`), and if even that
+        is refused, left unrecorded: its jobs keep their state in Postgres and are delivered
+        again (at least once, never lost)."""
+        failures = 0
+        while True:
+            try:
+                async with transaction(self._pool) as conn, conn.pipeline(), conn.transaction():
+                    recorded = await queue.record_outcomes(
+                        conn, [e.outcome for e in entries if e.outcome is not None],
+                        actor=self._actor, owner=self._router_id)
+                    parked = await queue.hold(
+                        conn, [(job.job_id, blocker) for e in entries for job, blocker in e.parks],
+                        owner=self._router_id)
+                return _Written(recorded.released, parked)
+            except _TRANSIENT as exc:
+                failures += 1
+                pause = min(5.0, 0.1 * 2 ** failures)
+                log.warning("recording %d outcomes failed (%s); retrying in %.1fs",
+                            sum(map(len, entries)), exc, pause)
+                await asyncio.sleep(pause)
+            except Exception as exc:  # refused for what it holds (a bug, bad text, ...)
+                return await self._isolate(entries, exc)
+
+    async def _isolate(self, entries: list[_Entry], exc: Exception) -> _Written:
+        if len(entries) > 1:
+            half = len(entries) // 2
+            first = await self._commit(entries[:half])  # in order: parks follow their blockers
+            second = await self._commit(entries[half:])
+            return _Written(first.released + second.released, first.parked | second.parked,
+                            first.refused | second.refused)
+        (entry,) = entries
+        safe = _sanitised(entry, exc)
+        job_ids = [e.job_id for e in ([entry.outcome] if entry.outcome else [])] + [
+            job.job_id for job, _ in entry.parks]
+        if safe is not None:
+            log.error("an outcome was refused (%s); recording it with a safe error text",
+                      _describe(exc), extra={"job_id": job_ids[0]})
+            metrics.UNRECORDABLE.labels("sanitised").inc()
+            written = await self._commit([safe])
+            return written._replace(refused=frozenset({id(entry)}) if written.refused
+                                    else frozenset())
+        log.error("recording was refused (%s); these jobs stay as they are in Postgres and"
+                  " held by this router until it restarts", _describe(exc),
+                  extra={"job_ids": job_ids})
+        metrics.UNRECORDABLE.labels("refused").inc()
+        return _Written(0, set(), frozenset({id(entry)}))
+
+
+# Errors worth retrying as they are: Postgres unreachable, a lock conflict, a timeout.
+_TRANSIENT = (DatabaseUnavailable, QueryCanceled)
+_SAFE_PREFIX = "[not storable: "
+
+
+def _sanitised(entry: _Entry, exc: Exception) -> _Entry | None:
+    """The entry with the destination's words replaced by a note Postgres will take; None if
+    there is nothing left to replace (it was sanitised already, or holds only parkings)."""
+    outcome = entry.outcome
+    if outcome is None or (outcome.response or "").startswith(_SAFE_PREFIX):
+        return None
+    # Only the error's type: its message may quote the very text that was refused.
+    note = f"{_SAFE_PREFIX}{type(exc).__name__}]"
+    return _Entry(entry.lane, outcome._replace(
+        error_code=_ascii(outcome.error_code), response=note, reason=_ascii(outcome.reason)),
+        entry.parks)
+
+
+def _ascii(text: str | None) -> str | None:
+    if text is None:
+        return None
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:200])
+
+
+def _describe(exc: Exception) -> str:
+    return _ascii(f"{type(exc).__name__}: {exc}") or ""

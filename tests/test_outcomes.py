@@ -17,7 +17,10 @@ from jobsdb.queue import Outcome
 from router_service.model import Job
 from router_service.outcomes import OutcomeFlusher
 from tests import factories
-from tests.pipeline import World
+from tests.pipeline import World, send, states, wait_until_finished
+from tests.services import ingest, router
+from tests.sinks import OK, Answer
+from tests.test_ingest import event
 from tests.test_router import deliver_under_random_failures
 
 # Microseconds that a float of epoch seconds would round wrongly if they were ever computed
@@ -190,3 +193,49 @@ async def test_order_holds_under_failures_with_tiny_flushes_in_flight_together(
     assert (await cur.fetchone() or [0])[0] <= 3
     cur = await world.conn.execute("SELECT count(*) FROM job_statuses WHERE state = 'failed'")
     assert (await cur.fetchone() or [0])[0] > 20  # retries (and parkings behind them) happened
+
+
+async def test_an_answer_postgres_refuses_is_recorded_with_a_safe_text_and_the_rest_flow(
+    world: World,
+) -> None:
+    """A write Postgres refuses for what it holds fails the same way on every retry: it must
+    not stall every outcome behind it. Here a constraint refuses one destination answer."""
+    await world.conn.execute(
+        "ALTER TABLE job_statuses ADD CONSTRAINT no_poison"
+        " CHECK (response IS NULL OR response NOT LIKE '%poison%')")
+    await world.destination("hook")
+    world.webhook.answer = lambda d: (Answer(500, body="poison") if d.message_id == "m7"
+                                      and d.attempt == 1 else OK)
+    events = [event(f"m{i}", f"user-{i % 5}") for i in range(30)]
+    async with ingest(world.database) as service, router(world.database):
+        ids = await send(service, world.source, events)
+        await wait_until_finished(world.conn, len(ids), within=30)
+    cur = await world.conn.execute(
+        "SELECT s.attempt, s.state::text, s.error_code, s.response FROM job_statuses s"
+        " JOIN jobs j USING (job_id) WHERE j.message_id = 'm7' ORDER BY s.attempt")
+    (first, second) = await cur.fetchall()
+    assert first[:3] == (1, "failed", "500")
+    assert first[3].startswith("[not storable: ConstraintViolation")
+    assert second[:2] == (2, "succeeded")
+    assert set((await states(world.conn)).values()) == {"succeeded"}
+
+
+async def test_an_outcome_refused_even_with_safe_texts_holds_only_its_own_job(
+    world: World,
+) -> None:
+    """Nothing about it can be written: its job keeps its state in Postgres and stays held by
+    the router (not sent again in a loop); every other job is recorded."""
+    await world.destination("hook")
+    events = [event("lonely", "user-x")] + [event(f"m{i}", f"user-{i % 5}") for i in range(20)]
+    async with ingest(world.database) as service:
+        ids = await send(service, world.source, events)
+    await world.conn.execute(
+        f"ALTER TABLE job_statuses ADD CONSTRAINT refused CHECK (job_id <> {ids[0]})")
+    async with router(world.database):
+        await wait_until_finished(world.conn, len(ids) - 1, within=30)
+        # An absence: give the router several polls (0.5 s each) to send it again if it would.
+        await asyncio.sleep(1.5)
+    assert [d.message_id for d in world.webhook.received].count("lonely") == 1
+    final = await states(world.conn)
+    assert final.pop(ids[0]) == "pending"
+    assert set(final.values()) == {"succeeded"}
