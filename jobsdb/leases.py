@@ -14,6 +14,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from jobsdb import locks
 from jobsdb.sqlfile import query
 
 
@@ -27,6 +28,14 @@ class Membership:
     @property
     def fair_share(self) -> int:
         return math.ceil(self.partitions / max(1, self.live_routers))
+
+
+async def claim_identity(conn: AsyncConnection[Any], router_id: str) -> bool:
+    """Take the router id's session lock (see leases.sql); False if another session has it."""
+    cur = await conn.execute(query("leases.sql", "claim_identity"),
+                             {"namespace": locks.ROUTER_IDENTITY, "router_id": router_id})
+    row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 async def heartbeat(conn: AsyncConnection[Any], router_id: str, lease: timedelta) -> Membership:

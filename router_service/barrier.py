@@ -228,6 +228,24 @@ class Barrier:
             if job.partition in lost and job.phase in (Phase.QUEUED, Phase.READY):
                 self.forget(job)
 
+    def abandon(self, jobs: Sequence[Job]) -> None:
+        """Deliveries cancelled without an answer (the lease lapsed, the lane closed): nothing
+        is known of them, so their jobs leave memory with whatever of their users is only
+        queued; a later read brings them back in Postgres's order."""
+        users = {job.user_id for job in jobs}
+        for job in jobs:
+            self.forget(job)
+        for user in users:
+            for job in [j for j in self.keys.get(user, ())
+                        if j.phase in (Phase.QUEUED, Phase.READY)]:
+                self.forget(job)
+
+    def drop_queued(self) -> None:
+        """Forget everything only queued (the lease lapsed: what it says may be stale)."""
+        for job in list(self.held.values()):
+            if job.phase in (Phase.QUEUED, Phase.READY):
+                self.forget(job)
+
     def forget(self, job: Job) -> None:
         """Drop a job from memory; Postgres still has it, and a later read brings it back."""
         if self.held.pop(job.job_id, None) is not None:

@@ -26,14 +26,14 @@ class RouterConfig:
     @classmethod
     def from_env(cls, env: Env | None = None) -> RouterConfig:
         env = env or Env()
-        router_id = env.text("RELAYQ_ROUTER_ID",
-                             f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}")
+        server = ServerConfig.from_env(env, "router", 50053, 9153)
+        router_id = env.text("RELAYQ_ROUTER_ID", default_router_id(server.address))
         if len(router_id) > 200:
             raise ConfigError("RELAYQ_ROUTER_ID", "longer than 200 characters")
         batch = env.integer("RELAYQ_ROUTER_BATCH", 500, minimum=1, maximum=10_000)
         return cls(
             database_url=env.database_url(),
-            server=ServerConfig.from_env(env, "router", 50053, 9153),
+            server=server,
             engine=EngineSettings(
                 router_id=router_id,
                 lease=timedelta(seconds=env.number(
@@ -61,3 +61,15 @@ class RouterConfig:
             startup_timeout_seconds=env.number(
                 "RELAYQ_STARTUP_TIMEOUT_SECONDS", 30.0, maximum=3600),
         )
+
+
+def default_router_id(address: str) -> str:
+    """The same across restarts of a router on this host with this configuration, so that a
+    restarted router takes its own unexpired leases back at once (router_service.identity
+    proves the previous process is gone); routers on one host differ by their port. Port 0
+    (tests) is no identity: then the process's own."""
+    host = socket.gethostname()
+    port = address.rpartition(":")[2]
+    if port in ("", "0"):
+        return f"{host}-{os.getpid()}-{secrets.token_hex(2)}"
+    return f"{host}:{port}"

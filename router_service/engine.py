@@ -29,6 +29,7 @@ from jobsdb.pool import transaction
 from relayq.tasks import cancel_and_wait
 from router_service import metrics, senders
 from router_service.fairness import FairScheduler
+from router_service.identity import Identity
 from router_service.lane import Lane, LaneContext, LaneSettings
 from router_service.membership import Membership
 from router_service.outcomes import OutcomeFlusher
@@ -70,7 +71,7 @@ class EngineSettings:
 
 class Engine:
     def __init__(self, pool: AsyncConnectionPool, settings: EngineSettings, *,
-                 lease_pool: AsyncConnectionPool) -> None:
+                 lease_pool: AsyncConnectionPool, identity: Identity | None = None) -> None:
         self.pool = pool
         self.settings = settings
         self.trust = Trust(settings.destination_ca_file)
@@ -82,7 +83,8 @@ class Engine:
                              max_rows=settings.read_max_rows,
                              concurrency=settings.read_concurrency)
         self.membership = Membership(lease_pool, settings.router_id, settings.lease,
-                                     on_change=self._partitions_changed, busy=self._busy)
+                                     on_change=self._partitions_changed, busy=self._busy,
+                                     on_fenced=self._fenced, identity=identity)
         self.lane_context = LaneContext(
             settings=LaneSettings(batch=settings.batch, max_held=settings.max_held),
             reader=self.reader, flusher=self.flusher, scheduler=self.scheduler,
@@ -175,7 +177,7 @@ class Engine:
 
     async def _first_beat(self) -> None:
         try:
-            await self.membership.beat()
+            await self.membership.beat_within(self.membership.interval)
         except JobsDBError as exc:
             log.warning("first heartbeat failed: %s", exc)
 
@@ -269,6 +271,10 @@ class Engine:
             for key, when in retries.items():
                 if (lane := self.lane(key)) is not None:
                     lane.due_at(when)
+
+    def _fenced(self) -> None:
+        for lane in self.lanes.values():
+            lane.abandon_in_flight()
 
     def _busy(self, partition: int) -> bool:
         return any(lane.held_by_partition.get(partition, 0) > 0 for lane in self.lanes.values())

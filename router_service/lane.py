@@ -80,6 +80,7 @@ class Lane:
         self._due_timer: asyncio.TimerHandle | None = None
         self._rate_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._deliveries: set[asyncio.Task[None]] = set()
         self.task = asyncio.create_task(self._run(), name=f"lane-{destination.id}")
 
     # --- configuration -------------------------------------------------------------------
@@ -125,6 +126,13 @@ class Lane:
 
     def drop_partitions(self, lost: set[int]) -> None:
         self.barrier.drop_partitions(lost)
+
+    def abandon_in_flight(self) -> None:
+        """The lease can no longer be proven: cancel every delivery in flight (their jobs go
+        back to Postgres's keeping, unanswered) and forget what was only queued."""
+        self.barrier.drop_queued()
+        for task in self._deliveries:
+            task.cancel()
 
     @property
     def held_by_partition(self) -> dict[int, int]:
@@ -234,13 +242,19 @@ class Lane:
                 scheduler.release()
                 continue
             metrics.IN_FLIGHT.inc(len(batch))
-            self._spawn(self._deliver(batch))
+            self._deliveries.add(self._spawn(self._deliver(batch)))
 
     async def _deliver(self, jobs: list[Job]) -> None:
         started = datetime.now(UTC)
         clock = time.perf_counter()
         try:
             results = await self.sender.deliver(jobs)
+        except asyncio.CancelledError:
+            # Given up on: nothing is known of these attempts, and nothing is recorded. The
+            # jobs stay as Postgres has them, for whoever owns their partition next.
+            self.barrier.abandon(jobs)
+            metrics.ABANDONED.inc(len(jobs))
+            raise
         except Exception as exc:  # a sender bug must not lose the jobs: they are retried
             log.exception("delivery failed unexpectedly",
                           extra={"destination": self.destination.id})
@@ -296,13 +310,15 @@ class Lane:
             self._rate_timer.cancel()
         self._rate_timer = asyncio.get_running_loop().call_later(delay, self.wake.set)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._deliveries.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("lane task failed", exc_info=exc,
                       extra={"destination": self.destination.id})

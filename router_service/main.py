@@ -17,6 +17,7 @@ from relayq.tasks import cancel_and_wait
 from relayq.v1 import router_pb2, router_pb2_grpc
 from router_service.config import RouterConfig
 from router_service.engine import Engine
+from router_service.identity import Identity
 from router_service.status import RouterStatusServicer
 
 log = logging.getLogger("relayq.router")
@@ -32,6 +33,7 @@ class RouterApp(ServiceApp[RouterConfig]):
         self.engine: Engine | None = None
         self._pool: AsyncConnectionPool | None = None
         self._lease_pool: AsyncConnectionPool | None = None
+        self._identity: Identity | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def _start(self) -> None:
@@ -39,14 +41,21 @@ class RouterApp(ServiceApp[RouterConfig]):
         await migrate.prepare(config.database_url, apply=config.migrate,
                               wait_seconds=config.startup_timeout_seconds,
                               application_name=APP_NAME)
+        # Before any lease is touched: no other live router has our id (router_service.identity),
+        # so the unexpired leases of a previous run under this id are ours to take back at once.
+        self._identity = Identity(config.database_url, config.engine.router_id,
+                                  application_name=APP_NAME)
+        await self._identity.claim(wait=config.engine.lease.total_seconds())
         self._pool = await open_pool(config.database_url, application_name=APP_NAME,
                                      min_size=2, max_size=config.pool_size)
         # Heartbeats get a connection of their own: waiting for one behind busy lanes' reads
         # could run the lease out, and a router that loses it has its outcome writes fenced
-        # off and its in-flight work delivered again by the next owner.
+        # off and its in-flight work delivered again by the next owner. A second connection
+        # lets a heartbeat try while one given up on is still stuck on a stalled socket.
         self._lease_pool = await open_pool(config.database_url, application_name=APP_NAME,
-                                           min_size=1, max_size=1)
-        engine = self.engine = Engine(self._pool, config.engine, lease_pool=self._lease_pool)
+                                           min_size=1, max_size=2)
+        engine = self.engine = Engine(self._pool, config.engine, lease_pool=self._lease_pool,
+                                      identity=self._identity)
         await engine.start()
 
         def reconnected() -> None:
@@ -90,6 +99,8 @@ class RouterApp(ServiceApp[RouterConfig]):
         for pool in (self._pool, self._lease_pool):
             if pool is not None:
                 await pool.close()
+        if self._identity is not None:
+            await self._identity.release()
 
 
 def main() -> None:

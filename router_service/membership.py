@@ -7,6 +7,12 @@ finish and be recorded, and only then gives them back, so their jobs never go to
 once. A router that cannot renew in time stops delivering before its leases can expire
 (`usable` turns empty a safety margin early): by the time another router may take them over,
 this one has let go.
+
+Letting go includes what is in flight: when the lease can no longer be proven (`on_fenced`,
+called the moment the validity lapses without a renewal), the router cancels its open
+deliveries, so no attempt outlives the lease it started under and a new owner never delivers
+a user's later jobs while an earlier one of theirs is still on its way from here. A heartbeat
+that hangs (a stalled connection) is given up on after an interval, so the next one can try.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from jobsdb import leases
 from jobsdb.errors import JobsDBError
 from jobsdb.pool import transaction
 from router_service import metrics
+from router_service.identity import Identity
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +43,21 @@ class Membership:
         *,
         on_change: Callable[[set[int], set[int]], None],
         busy: Callable[[int], bool],
+        on_fenced: Callable[[], None] = lambda: None,
+        identity: Identity | None = None,
     ) -> None:
         self._pool = pool
         self.router_id = router_id
         self.lease = lease
         self._on_change = on_change  # (gained, lost)
         self._busy = busy  # does this router still hold jobs of that partition?
+        self._on_fenced = on_fenced  # the lease can no longer be proven: stop what is in flight
+        # Proves no other live router has our id (None: not checked, for tests of leases).
+        self._identity = identity
+        self._fence_timer: asyncio.TimerHandle | None = None
+        # Heartbeats given up on while their statement hung; they end by themselves.
+        self._hung: set[asyncio.Task[None]] = set()
+        self._applied = 0.0  # when the newest heartbeat applied here began (monotonic)
         self.owned: set[int] = set()
         self.releasing: set[int] = set()
         self.partition_count = 0
@@ -72,14 +88,36 @@ class Membership:
     async def run(self) -> None:
         while True:
             try:
-                await self.beat()
+                await self.beat_within(self.interval)
             except JobsDBError as exc:
                 log.warning("heartbeat failed: %s", exc, extra={"router": self.router_id})
             await asyncio.sleep(self.interval)
 
+    async def beat_within(self, seconds: float) -> None:
+        """A heartbeat, given up on after `seconds`: a statement stuck on a stalled
+        connection must not keep the next heartbeat from trying (its task is left to end by
+        itself; its late renewal, if any, is ignored)."""
+        task = asyncio.create_task(self.beat(), name="heartbeat")
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+        if task in done:
+            task.result()
+            return
+        self._hung.add(task)
+        task.add_done_callback(self._hung_done)
+        metrics.HEARTBEAT_TIMEOUTS.inc()
+        log.warning("heartbeat did not answer within %.1fs", seconds,
+                    extra={"router": self.router_id})
+
+    def _hung_done(self, task: asyncio.Task[None]) -> None:
+        self._hung.discard(task)
+        if not task.cancelled():
+            task.exception()  # seen, and already reported as the timeout
+
     async def beat(self) -> None:
         started = time.monotonic()
         was_fenced = started >= self._valid_until
+        if self._identity is not None and not await self._identity.held():
+            return  # not renewing: the leases lapse, and on_fenced stops our deliveries
         async with transaction(self._pool) as conn:
             membership = await leases.heartbeat(conn, self.router_id, self.lease)
             still = await leases.renew(conn, self.router_id, self.lease)
@@ -92,8 +130,12 @@ class Membership:
             if len(still) < share:
                 gained = await leases.acquire(conn, self.router_id, self.lease, share - len(still))
             await leases.forget_dead(conn)
+        if started < self._applied:
+            return  # a heartbeat given up on that answered after a newer one: stale
+        self._applied = started
         # Fenced from when the heartbeat began, minus a margin for clocks and slow statements.
         self._valid_until = started + self.lease.total_seconds() - self.interval / 2
+        self._arm_fence()
         lost = self.owned - still - drained
         if lost:
             log.warning("lost partitions to another router", extra={"partitions": sorted(lost)})
@@ -119,8 +161,27 @@ class Membership:
             log.info("partitions usable again", extra={"owned": len(self.owned)})
             self._on_change(set(), set())
 
+    def _arm_fence(self) -> None:
+        if self._fence_timer is not None:
+            self._fence_timer.cancel()
+        self._fence_timer = asyncio.get_running_loop().call_later(
+            max(0.0, self._valid_until - time.monotonic()), self._fence_due)
+
+    def _fence_due(self) -> None:
+        self._fence_timer = None
+        if time.monotonic() < self._valid_until:
+            self._arm_fence()  # renewed meanwhile (the timer fired early)
+            return
+        if self.owned:
+            log.warning("lease not renewed in time: stopping deliveries in flight",
+                        extra={"router": self.router_id, "partitions": len(self.owned)})
+            self._on_fenced()
+
     async def leave(self) -> None:
         """Release everything (clean shutdown, after in-flight work is recorded)."""
+        if self._fence_timer is not None:
+            self._fence_timer.cancel()
+            self._fence_timer = None
         self._valid_until = 0.0
         try:
             async with transaction(self._pool) as conn:

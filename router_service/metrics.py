@@ -41,3 +41,15 @@ FLUSH_SECONDS = Histogram(
     "relayq_router_flush_seconds", "Duration of a transaction recording outcomes.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+HEARTBEAT_TIMEOUTS = Counter(
+    "relayq_router_heartbeat_timeouts_total",
+    "Heartbeats given up on because Postgres did not answer within an interval.")
+ABANDONED = Counter(
+    "relayq_router_abandoned_deliveries_total",
+    "Deliveries cancelled in flight because the router's lease could no longer be proven"
+    " (their jobs are delivered again by whoever owns their partition next).")
+UNRECORDABLE = Counter(
+    "relayq_router_unrecordable_outcomes_total",
+    "Outcomes Postgres refused for their content, recorded again with a safe error text"
+    " ('sanitised'), or refused even so ('refused': the jobs stay held until a restart).",
+    ["how"])

@@ -154,11 +154,15 @@ class ServiceProcess:
         self._log.close()
 
 
-def router_process(database_url: str, **extra: str) -> ServiceProcess:
-    port = free_port()
+def router_process(database_url: str, *, port: int | None = None, wait: bool = True,
+                   **extra: str) -> ServiceProcess:
+    """A router on `port` (a free one by default; the same port again is the same router id,
+    as a restart on the same host with the same configuration would be)."""
+    port = port or free_port()
     env = quiet_env(database_url, RELAYQ_ROUTER_ADDRESS=f"127.0.0.1:{port}", **extra)
     service = ServiceProcess("router_service.main", env, port)
-    service.wait_ready()
+    if wait:
+        service.wait_ready()
     return service
 
 

@@ -80,15 +80,23 @@ class WebhookSink(Recorder):
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.scheme = "http"
+        # Deliveries whose sender went away before the answer (with cancel_on_disconnect).
+        self.abandoned: list[Received] = []
 
     @property
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}/hook"
 
-    async def start(self, tls: ssl.SSLContext | None = None) -> None:
+    async def start(self, tls: ssl.SSLContext | None = None, *,
+                    cancel_on_disconnect: bool = False) -> None:
+        """`cancel_on_disconnect`: a request whose sender closes the connection before the
+        answer is not processed (counted in `abandoned`, never in `oks`), as a receiver that
+        processes while it answers would behave."""
+        self._release = asyncio.Event()
         app = web.Application()
         app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None,
+                                     handler_cancellation=cancel_on_disconnect)
         await self._runner.setup()
         self.scheme = "https" if tls is not None else "http"
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=tls)
@@ -117,6 +125,9 @@ class WebhookSink(Recorder):
             if answer.delay:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._release.wait(), answer.delay)
+        except asyncio.CancelledError:
+            self.abandoned.append(delivery)
+            raise
         finally:
             self._open[delivery.user_id] -= 1
         if answer.status == 200:

@@ -16,6 +16,9 @@ class TCPProxy:
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        # Cleared by stall(): bytes stop moving, connections stay open (a hung network).
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.port = 0
 
     async def start(self) -> None:
@@ -37,7 +40,16 @@ class TCPProxy:
     async def restore(self) -> None:
         await self.start()
 
+    def stall(self) -> None:
+        """Stop forwarding without closing anything: every open connection, and every new one,
+        hangs (what a router sees when the network to Postgres silently stops)."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
         except OSError:
@@ -52,6 +64,7 @@ class TCPProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.CancelledError):

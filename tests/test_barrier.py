@@ -335,3 +335,20 @@ def test_receivers_see_each_users_jobs_in_order_under_any_interleaving(
         assert job_ids == sorted(job_ids), f"{user} received {job_ids}"
         succeeded = [j for j in ours if queue.rows[j].state == "succeeded"]
         assert sorted(set(job_ids)) == succeeded
+
+
+def test_a_delivery_given_up_on_leaves_memory_with_its_users_queued_jobs() -> None:
+    """The lease lapsed mid-delivery: nothing is known of the attempt, so the job and what of
+    its user was only queued behind it go back to Postgres's keeping; others stay."""
+    barrier = Barrier()
+    barrier.begin_read()
+    barrier.admit([candidate(1, "a"), candidate(2, "a"), candidate(3, "b"), candidate(4, "b")])
+    sent = barrier.take(10, EVERY_PARTITION)
+    assert ids(sent) == [1, 3]
+    barrier.returned(1)
+    barrier.abandon([sent[0]])
+    assert set(barrier.held) == {3, 4}
+    assert "a" not in barrier.keys
+    # And when the lease lapses, nothing only queued is trusted any more.
+    barrier.drop_queued()
+    assert set(barrier.held) == {3}  # in flight: its answer still comes

@@ -62,3 +62,10 @@ DELETE FROM router_nodes WHERE expires_at < now() - interval '1 minute';
 
 -- name: owners
 SELECT partition, owner, expires_at FROM router_leases ORDER BY partition;
+
+-- name: claim_identity
+-- A router's session holds this lock for as long as the router runs. Postgres drops it the
+-- moment that session ends (a killed process's socket closes), so holding it proves that no
+-- other live router uses the same id: a router restarted under its old id may take that id's
+-- unexpired leases back at once instead of waiting them out.
+SELECT pg_try_advisory_lock(%(namespace)s, hashtext(%(router_id)s));
