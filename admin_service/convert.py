@@ -51,7 +51,16 @@ def destination(row: catalog.Destination) -> admin_pb2.DestinationConfig:
         concurrency=row.concurrency, timeout_ms=row.timeout_ms, paused=row.paused,
         headers=row.headers, created_at=timestamp(row.created_at),
         updated_at=timestamp(row.updated_at),
+        circuit_policy=admin_pb2.CircuitPolicy(
+            open_after_seconds=row.circuit_after_s, min_failures=row.circuit_min_failures,
+            probe_every_seconds=row.circuit_probe_s, disabled=row.circuit_after_s == 0),
+        circuit=circuit(row.circuit_opened_at, row.circuit_reason),
     )
+
+
+def circuit(opened_at: datetime | None, reason: str | None) -> admin_pb2.Circuit:
+    return admin_pb2.Circuit(open=opened_at is not None, opened_at=timestamp(opened_at),
+                             reason=reason or "")
 
 
 def connection(row: catalog.Connection) -> admin_pb2.Connection:

@@ -184,6 +184,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         kind = validate.kind(request.type)
         policy = validate.retry_policy("retry_policy", request.retry_policy)
         rate = validate.rate_limit("rate_limit", request.rate_limit)
+        circuit = validate.circuit_policy("circuit_policy", request.circuit_policy)
         settings = catalog.DestinationSettings(
             name=validate.name("name", request.name),
             type=kind,
@@ -198,6 +199,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             concurrency=validate.concurrency("concurrency", request.concurrency),
             timeout_ms=validate.timeout_ms("timeout_ms", request.timeout_ms),
             paused=request.paused,
+            circuit_after_s=circuit.open_after_seconds,
+            circuit_min_failures=circuit.min_failures,
+            circuit_probe_s=circuit.probe_every_seconds,
         )
         async with transaction(self._pool) as conn:
             tenant = await catalog.get_tenant(conn, tenant_id, caller.scope)
@@ -240,6 +244,22 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return admin_pb2.ListDestinationsResponse(
             destinations=[convert.destination(r) for r in rows],
             next_page_token=_next(rows, limit, "destinations", lambda r: r.id))
+
+    @handle_errors
+    async def SetCircuit(self, request: admin_pb2.SetCircuitRequest, context: Context
+                         ) -> admin_pb2.DestinationConfig:
+        caller = await self._auth.caller(context)
+        destination_id = validate.reference("destination_id", request.destination_id)
+        reason = (validate.circuit_reason(request.reason) if request.open
+                  else validate.reason(request.reason))
+        async with transaction(self._pool) as conn:
+            destination = await catalog.get_destination(conn, destination_id, caller.scope)
+            await catalog.set_circuit(conn, destination, open_=request.open,
+                                      reason=f"{reason} ({caller.actor})")
+            row = await catalog.get_destination(conn, destination_id, caller.scope)
+        _changed(caller, "opened circuit" if request.open else "closed circuit",
+                 tenant=row.tenant_id, destination=row.id, reason=reason)
+        return convert.destination(row)
 
     # --- connections ---------------------------------------------------------------------
 
@@ -471,6 +491,11 @@ def _destination_changes(request: admin_pb2.UpdateDestinationRequest,
         changes["timeout_ms"] = validate.timeout_ms("timeout_ms", request.timeout_ms)
     if request.HasField("paused"):
         changes["paused"] = request.paused
+    if request.HasField("circuit_policy"):
+        circuit = validate.circuit_policy("circuit_policy", request.circuit_policy)
+        changes.update(circuit_after_s=circuit.open_after_seconds,
+                       circuit_min_failures=circuit.min_failures,
+                       circuit_probe_s=circuit.probe_every_seconds)
     if request.headers or request.replace_headers:
         changes["headers"] = validate.headers_update(
             "headers", current.type, current.headers, dict(request.headers),
@@ -513,7 +538,8 @@ def _stats(rows: list[jobsdb.DestinationStatsRow]) -> admin_pb2.GetStatsResponse
         response.destinations.append(admin_pb2.DestinationStats(
             destination_id=row.destination_id, tenant_id=row.tenant_id, counts=counts,
             oldest_pending_seconds=oldest, delivered_per_second=delivered,
-            failed_per_second=failed, paused=row.paused))
+            failed_per_second=failed, paused=row.paused,
+            circuit=convert.circuit(row.circuit_opened_at, row.circuit_reason)))
         tenant = tenants[row.tenant_id]
         tenant.tenant_id = row.tenant_id
         for field in ("pending", "failed", "waiting", "succeeded", "aborted"):

@@ -121,6 +121,34 @@ def retry_policy(field: str, policy: common_pb2.RetryPolicy) -> common_pb2.Retry
     return merged
 
 
+DEFAULT_CIRCUIT = admin_pb2.CircuitPolicy(open_after_seconds=600, min_failures=20,
+                                          probe_every_seconds=30)
+
+
+def circuit_policy(field: str, policy: admin_pb2.CircuitPolicy) -> admin_pb2.CircuitPolicy:
+    """The policy with zero fields taking their defaults; `disabled` stores open_after 0."""
+    merged = admin_pb2.CircuitPolicy(
+        open_after_seconds=0 if policy.disabled
+        else policy.open_after_seconds or DEFAULT_CIRCUIT.open_after_seconds,
+        min_failures=policy.min_failures or DEFAULT_CIRCUIT.min_failures,
+        probe_every_seconds=policy.probe_every_seconds or DEFAULT_CIRCUIT.probe_every_seconds,
+        disabled=policy.disabled,
+    )
+    if merged.open_after_seconds > 30 * 86_400:
+        raise bad(f"{field}.open_after_seconds", "at most 30 days (2592000)")
+    if merged.min_failures > 1_000_000:
+        raise bad(f"{field}.min_failures", "at most 1000000")
+    if merged.probe_every_seconds > 86_400:
+        raise bad(f"{field}.probe_every_seconds", "at most one day (86400)")
+    return merged
+
+
+def circuit_reason(value: str) -> str:
+    if not value.strip():
+        raise bad("reason", "required when opening a circuit (it is shown to operators)")
+    return reason(value)
+
+
 def rate_limit(field: str, limit: common_pb2.RateLimit) -> common_pb2.RateLimit:
     if not math.isfinite(limit.per_second) or limit.per_second < 0:
         raise bad(f"{field}.per_second", "must be a finite number >= 0 (0: unlimited)")

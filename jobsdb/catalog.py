@@ -69,6 +69,13 @@ class Destination:
     paused: bool
     created_at: datetime
     updated_at: datetime
+    # The circuit breaker (migrations/0010_circuit_breaker.sql): its policy, and when and why
+    # it opened (None: closed).
+    circuit_after_s: int
+    circuit_min_failures: int
+    circuit_probe_s: int
+    circuit_opened_at: datetime | None
+    circuit_reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +96,16 @@ class DestinationSettings:
     concurrency: int = 64
     timeout_ms: int = 30_000
     paused: bool = False
+    circuit_after_s: int = 600
+    circuit_min_failures: int = 20
+    circuit_probe_s: int = 30
 
 
 # The columns UpdateDestination may change (a whitelist: the SQL is built from these names).
 UPDATABLE = frozenset({
     "name", "endpoint", "headers", "min_backoff_ms", "max_backoff_ms", "max_attempts",
     "max_retry_window_s", "rate_per_second", "rate_burst", "concurrency", "timeout_ms", "paused",
+    "circuit_after_s", "circuit_min_failures", "circuit_probe_s",
 })
 
 
@@ -262,6 +273,15 @@ async def update_destination(conn: Conn, destination: Destination, changes: dict
         )
         await conn.execute(statement, {**values, "destination_key": destination.destination_key})
     return await get_destination(conn, destination.id, destination.tenant_key)
+
+
+async def set_circuit(conn: Conn, destination: Destination, *, open_: bool, reason: str
+                      ) -> bool:
+    """Open (with its reason) or close a destination's circuit; False if it already was.
+    Routers open and close it as they see failures and probes; operators by hand."""
+    cur = await conn.execute(query("catalog.sql", "open_circuit" if open_ else "close_circuit"),
+                             {"destination_key": destination.destination_key, "reason": reason})
+    return cur.rowcount > 0
 
 
 # --- connections ---------------------------------------------------------------------------

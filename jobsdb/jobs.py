@@ -90,6 +90,9 @@ class DestinationStatsRow:
     oldest_pending_seconds: float | None
     recent_succeeded: int
     recent_failed: int
+    # Set while the destination's circuit is open.
+    circuit_opened_at: datetime | None
+    circuit_reason: str | None
 
 
 @dataclass(frozen=True, slots=True)

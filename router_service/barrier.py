@@ -159,16 +159,19 @@ class Barrier:
         self.in_flight -= count
 
     def settle(self, job: Job, result: Result, *, started: datetime, now: datetime,
-               duration_ms: int, policy: RetryPolicy,
+               duration_ms: int, policy: RetryPolicy, may_give_up: bool = True,
                rng: random.Random | None = None) -> Settlement:
         """Turn the destination's answer into the job's outcome and move the user along:
         success or abort lets the user's next job go; a retryable failure parks the user's
-        queued jobs behind this one and freezes the user until that is written."""
+        queued jobs behind this one and freezes the user until that is written.
+        `may_give_up=False` (an open circuit: the destination is known to be down) retries
+        whatever the policy's attempts and window say."""
         if result.verdict is Verdict.OK:
             return self._finish(job, Outcome(job.job_id, job.attempt, "succeeded", started,
                                              duration_ms))
         first = job.first_attempt_at or started
-        if result.verdict is Verdict.RETRY and not gives_up(policy, job.attempt, first, now):
+        if result.verdict is Verdict.RETRY and not (
+                may_give_up and gives_up(policy, job.attempt, first, now)):
             delay = max(backoff_delay(policy, job.attempt, rng), result.retry_after or 0.0)
             outcome = Outcome(job.job_id, job.attempt, "failed", started, duration_ms,
                               result.error_code, result.response,

@@ -21,8 +21,8 @@ from pathlib import Path
 import aiohttp
 from psycopg_pool import AsyncConnectionPool
 
+from jobsdb import catalog, queue
 from jobsdb import destinations as destinations_db
-from jobsdb import queue
 from jobsdb.catalog import Destination
 from jobsdb.errors import JobsDBError
 from jobsdb.pool import transaction
@@ -89,7 +89,7 @@ class Engine:
             settings=LaneSettings(batch=settings.batch, max_held=settings.max_held),
             reader=self.reader, flusher=self.flusher, scheduler=self.scheduler,
             membership=self.membership, stopping=lambda: self.stopping,
-            settled=self._settled)
+            settled=self._settled, circuit_changed=self._circuit_changed)
         self.destinations: dict[int, Destination] = {}
         self.lanes: dict[int, Lane] = {}
         self._idle_since: dict[int, float] = {}
@@ -234,6 +234,7 @@ class Engine:
                     lane.configure(row, None)
         self.destinations = loaded
         metrics.DESTINATIONS.set(len(loaded))
+        metrics.CIRCUITS_OPEN.set(sum(d.circuit_opened_at is not None for d in loaded.values()))
 
     async def _close_idle_lanes(self) -> None:
         now = time.monotonic()
@@ -281,6 +282,26 @@ class Engine:
 
     def _settled(self) -> None:
         self.settled.set()
+
+    def _circuit_changed(self, destination: Destination, opened: bool, reason: str) -> None:
+        task = asyncio.create_task(self._write_circuit(destination, opened, reason),
+                                   name="circuit")
+        self._discoveries.add(task)
+        task.add_done_callback(self._discoveries.discard)
+
+    async def _write_circuit(self, destination: Destination, opened: bool, reason: str) -> None:
+        """Every router, admin and the operator see the circuit through the destination's row
+        (the write's NOTIFY makes routers reload). Until it is written, this router acts on it
+        alone."""
+        for attempt in range(6):
+            try:
+                async with transaction(self.pool) as conn:
+                    await catalog.set_circuit(conn, destination, open_=opened, reason=reason)
+                return
+            except JobsDBError as exc:
+                log.warning("recording the circuit failed: %s", exc,
+                            extra={"destination": destination.id})
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** attempt))
 
     def _sender(self, destination: Destination) -> Sender | None:
         assert self._senders is not None, "the engine is not started"

@@ -26,6 +26,7 @@ from jobsdb.errors import JobsDBError
 from relayq.tasks import cancel_and_wait
 from router_service import metrics
 from router_service.barrier import Barrier
+from router_service.circuit import Breaker, Change, CircuitPolicy
 from router_service.fairness import FairScheduler
 from router_service.membership import Membership
 from router_service.model import Job
@@ -58,6 +59,8 @@ class LaneContext:
     stopping: Callable[[], bool]
     # Called whenever a delivery finishes (the router's drain waits on it).
     settled: Callable[[], None]
+    # Writes a circuit's opening (True, with the reason) or closing down for every router.
+    circuit_changed: Callable[[Destination, bool, str], None]
 
 
 class Lane:
@@ -67,6 +70,8 @@ class Lane:
         self.sender = sender
         self.rate = RateLimiter(destination.rate_per_second, destination.rate_burst)
         self.policy = _policy(destination)
+        self.breaker = Breaker(_circuit_policy(destination),
+                               is_open=destination.circuit_opened_at is not None)
         self.barrier = Barrier()
         # May have runnable jobs in Postgres we have not read.
         self.dirty = True
@@ -75,10 +80,11 @@ class Lane:
         self.last_pickup: datetime | None = None
         self.wake = asyncio.Event()
         self.wake.set()
-        # Two wake-up timers: when the earliest known retry comes due, and when the rate
-        # limit lets the next delivery go. One shared timer let each cancel the other's.
+        # Two wake-up timers: when the earliest known retry comes due, and when the next
+        # delivery may go (the rate limit, the circuit's next probe). One shared timer let
+        # the due one and the others cancel each other.
         self._due_timer: asyncio.TimerHandle | None = None
-        self._rate_timer: asyncio.TimerHandle | None = None
+        self._dispatch_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
         self.task = asyncio.create_task(self._run(), name=f"lane-{destination.id}")
@@ -90,8 +96,14 @@ class Lane:
         if (destination.rate_per_second, destination.rate_burst) != (
                 self.destination.rate_per_second, self.destination.rate_burst):
             self.rate.configure(destination.rate_per_second, destination.rate_burst)
+        was_open = self.destination.circuit_opened_at is not None
+        now_open = destination.circuit_opened_at is not None
         self.destination = destination
         self.policy = _policy(destination)
+        self.breaker.policy = _circuit_policy(destination)
+        if was_open != now_open:  # opened or closed elsewhere: another router, an operator
+            self.breaker.set_open(now_open, time.monotonic())
+            resumed = resumed or not now_open
         if sender is not None:
             old, self.sender = self.sender, sender
             self._spawn(old.close())
@@ -151,7 +163,7 @@ class Lane:
         return self.barrier.empty and not self.dirty and self.next_due is None
 
     async def close(self) -> None:
-        for timer in (self._due_timer, self._rate_timer):
+        for timer in (self._due_timer, self._dispatch_timer):
             if timer is not None:
                 timer.cancel()
         await cancel_and_wait([self.task, *self._tasks])
@@ -229,18 +241,32 @@ class Lane:
         barrier = self.barrier
         scheduler = self.context.scheduler
         may_deliver = self.context.membership.may_deliver
+        breaker = self.breaker
         while barrier.ready and barrier.in_flight < destination.concurrency:
+            if breaker.is_open:
+                # Open circuit: one probe at a time, one per interval: the next job in order.
+                if barrier.in_flight:
+                    return
+                wait = breaker.probe_wait(time.monotonic())
+                if wait > 0:
+                    self._wake_in(wait)
+                    return
             wait = self.rate.try_take()
             if wait > 0:
-                self._arm_rate(wait)
+                self._wake_in(wait)
                 return
             await scheduler.acquire(destination.tenant_key, destination.destination_key)
             # Checked per job as it goes: the partition may have moved while we waited.
-            batch = barrier.take(min(self.sender.max_batch,
-                                     destination.concurrency - barrier.in_flight), may_deliver)
+            limit = 1 if breaker.is_open else min(self.sender.max_batch,
+                                                  destination.concurrency - barrier.in_flight)
+            batch = barrier.take(limit, may_deliver)
             if not batch:
                 scheduler.release()
                 continue
+            if breaker.is_open:
+                breaker.probed(time.monotonic())
+                log.info("probing an open circuit", extra={
+                    "destination": destination.id, "job_id": batch[0].job_id})
             metrics.IN_FLIGHT.inc(len(batch))
             self._deliveries.add(self._spawn(self._deliver(batch)))
 
@@ -276,8 +302,13 @@ class Lane:
         metrics.ATTEMPTS.labels(destination.id, result.verdict.value).inc()
         if result.error_code == "429":
             self.rate.too_many_requests(result.retry_after)
+        change = self.breaker.record(result, time.monotonic())
+        if change is not None:
+            self._circuit(change)
+        # An open circuit says the destination is down: its jobs wait, none is given up on.
         settled = self.barrier.settle(job, result, started=started, now=now,
-                                      duration_ms=int(seconds * 1000), policy=self.policy)
+                                      duration_ms=int(seconds * 1000), policy=self.policy,
+                                      may_give_up=not self.breaker.is_open)
         outcome = settled.outcome
         # The failed job and everything queued behind it are written together; the user
         # stays frozen until they are.
@@ -305,10 +336,21 @@ class Lane:
             delay = max(0.0, (self.next_due - datetime.now(UTC)).total_seconds())
             self._due_timer = asyncio.get_running_loop().call_later(delay, self.wake.set)
 
-    def _arm_rate(self, delay: float) -> None:
-        if self._rate_timer is not None:
-            self._rate_timer.cancel()
-        self._rate_timer = asyncio.get_running_loop().call_later(delay, self.wake.set)
+    def _circuit(self, change: Change) -> None:
+        destination = self.destination
+        opened = change is Change.OPENED
+        reason = self.breaker.reason if opened else "a probe succeeded"
+        metrics.CIRCUIT_CHANGES.labels(change.value).inc()
+        log.warning("circuit %s", change.value, extra={
+            "tenant": destination.tenant_id, "destination": destination.id, "reason": reason})
+        self.context.circuit_changed(destination, opened, reason)
+        if not opened:
+            self.wake.set()
+
+    def _wake_in(self, delay: float) -> None:
+        if self._dispatch_timer is not None:
+            self._dispatch_timer.cancel()
+        self._dispatch_timer = asyncio.get_running_loop().call_later(delay, self.wake.set)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
@@ -322,6 +364,12 @@ class Lane:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("lane task failed", exc_info=exc,
                       extra={"destination": self.destination.id})
+
+
+def _circuit_policy(destination: Destination) -> CircuitPolicy:
+    return CircuitPolicy(open_after=destination.circuit_after_s,
+                         min_failures=destination.circuit_min_failures,
+                         probe_every=destination.circuit_probe_s)
 
 
 def _policy(destination: Destination) -> RetryPolicy:

@@ -53,3 +53,10 @@ UNRECORDABLE = Counter(
     "Outcomes Postgres refused for their content, recorded again with a safe error text"
     " ('sanitised'), or refused even so ('refused': the jobs stay held until a restart).",
     ["how"])
+CIRCUITS_OPEN = Gauge(
+    "relayq_router_circuits_open",
+    "Destinations whose circuit is open (every attempt failed for a while): only probed.")
+CIRCUIT_CHANGES = Counter(
+    "relayq_router_circuit_changes_total",
+    "Circuits this router opened (every attempt failing) or closed (a probe succeeded).",
+    ["to"])

@@ -39,6 +39,7 @@ class RouterStatusServicer(router_pb2_grpc.RouterStatusServicer):
                 queued=lane.queued,
                 paused=destination.paused,
                 rate_tokens=lane.rate.tokens if lane.rate.rate is not None else -1.0,
+                circuit_open=lane.breaker.is_open,
             )
             if lane.last_pickup is not None:
                 activity.last_pickup_at.CopyFrom(_timestamp(lane.last_pickup))

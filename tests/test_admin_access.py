@@ -89,6 +89,8 @@ CASES = [
     Case("GetDestination", lambda s: admin_pb2.GetDestinationRequest(id="acme-hook"),
          NOT_FOUND),
     Case("ListDestinations", lambda s: admin_pb2.ListDestinationsRequest(), OK),
+    Case("SetCircuit", lambda s: admin_pb2.SetCircuitRequest(
+        destination_id="acme-hook", open=True, reason="maintenance"), NOT_FOUND),
     Case("ConnectSource", lambda s: admin_pb2.ConnectSourceRequest(
         source_id="web", destination_id="acme-hook"), NOT_FOUND),
     Case("DisconnectSource", lambda s: admin_pb2.DisconnectSourceRequest(

@@ -65,10 +65,12 @@ WHERE source_key = %(source_key)s
 -- name: create_destination
 INSERT INTO destinations (id, tenant_key, name, type, endpoint, headers, min_backoff_ms,
                           max_backoff_ms, max_attempts, max_retry_window_s, rate_per_second,
-                          rate_burst, concurrency, timeout_ms, paused)
+                          rate_burst, concurrency, timeout_ms, paused, circuit_after_s,
+                          circuit_min_failures, circuit_probe_s)
 VALUES (%(id)s, %(tenant_key)s, %(name)s, %(type)s, %(endpoint)s, %(headers)s,
         %(min_backoff_ms)s, %(max_backoff_ms)s, %(max_attempts)s, %(max_retry_window_s)s,
-        %(rate_per_second)s, %(rate_burst)s, %(concurrency)s, %(timeout_ms)s, %(paused)s)
+        %(rate_per_second)s, %(rate_burst)s, %(concurrency)s, %(timeout_ms)s, %(paused)s,
+        %(circuit_after_s)s, %(circuit_min_failures)s, %(circuit_probe_s)s)
 RETURNING destination_key;
 
 -- name: get_destination
@@ -85,6 +87,18 @@ WHERE (%(scope)s::integer IS NULL OR tenant_key = %(scope)s)
   AND id > %(after)s
 ORDER BY id
 LIMIT %(limit)s;
+
+-- name: open_circuit
+-- Open a destination's circuit unless it is open already (the first opener's time and reason
+-- stay). Not a configuration change: updated_at is left alone.
+UPDATE destinations
+SET circuit_opened_at = now(), circuit_reason = %(reason)s
+WHERE destination_key = %(destination_key)s AND circuit_opened_at IS NULL;
+
+-- name: close_circuit
+UPDATE destinations
+SET circuit_opened_at = NULL, circuit_reason = NULL
+WHERE destination_key = %(destination_key)s AND circuit_opened_at IS NOT NULL;
 
 -- name: connect
 -- Connecting twice is harmless; connecting a disconnected pair enables it again.

@@ -171,7 +171,8 @@ SELECT d.destination_key, d.id, t.id, d.paused,
        coalesce(u.waiting, 0)::bigint, coalesce(c.succeeded, 0)::bigint,
        coalesce(c.aborted, 0)::bigint,
        extract(epoch FROM now() - oldest.created_at)::float8,
-       coalesce(c.recent_succeeded, 0)::bigint, coalesce(c.recent_failed, 0)::bigint
+       coalesce(c.recent_succeeded, 0)::bigint, coalesce(c.recent_failed, 0)::bigint,
+       d.circuit_opened_at, d.circuit_reason
 FROM destinations d
 JOIN tenants t ON t.tenant_key = d.tenant_key
 LEFT JOIN (

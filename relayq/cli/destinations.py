@@ -55,6 +55,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         cmd.add_argument("destination_id", metavar="ID")
         cmd.set_defaults(run=admin_command(run))
 
+    cmd = sub.add_parser("circuit", parents=[common],
+                         help="open a destination's circuit (only probe it) or close it")
+    cmd.add_argument("destination_id", metavar="ID")
+    cmd.add_argument("state", choices=("open", "close"))
+    cmd.add_argument("--reason", default="", help="why (required to open)")
+    cmd.set_defaults(run=admin_command(circuit))
+
 
 def _settings(cmd: argparse.ArgumentParser) -> None:
     """Options create and update share; None means 'not given' (server default, or unchanged)."""
@@ -77,6 +84,13 @@ def _settings(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
                      type=parse_header,
                      help="an HTTP header for webhooks, call metadata for grpc (repeatable)")
+    cmd.add_argument("--circuit-after", type=units.seconds, metavar="DURATION",
+                     help="open the circuit after every attempt failed this long, 0 never"
+                          " (default 10m)")
+    cmd.add_argument("--circuit-min-failures", type=int, metavar="N",
+                     help="... and at least this many attempts (default 20)")
+    cmd.add_argument("--circuit-probe", type=units.seconds, metavar="DURATION",
+                     help="while open, one probe delivery this often (default 30s)")
 
 
 def create(admin: Admin, args: argparse.Namespace) -> int:
@@ -88,6 +102,8 @@ def create(admin: Admin, args: argparse.Namespace) -> int:
         request.retry_policy.CopyFrom(_retry_policy(common_pb2.RetryPolicy(), args))
     if _rate_given(args):
         request.rate_limit.CopyFrom(rate_limit(common_pb2.RateLimit(), args))
+    if _circuit_given(args):
+        request.circuit_policy.CopyFrom(_circuit_policy(admin_pb2.CircuitPolicy(), args))
     return show(admin.call(admin.stub.CreateDestination, request), args)
 
 
@@ -98,8 +114,8 @@ def update(admin: Admin, args: argparse.Namespace) -> int:
                          ("concurrency", args.concurrency), ("timeout_ms", args.timeout)):
         if value is not None:
             setattr(request, field, value)
-    if _retry_given(args) or _rate_given(args):
-        # The policy and the limit travel whole; start from the current ones so that
+    if _retry_given(args) or _rate_given(args) or _circuit_given(args):
+        # The policies and the limit travel whole; start from the current ones so that
         # `--max-attempts 5` changes only that and keeps the backoffs.
         current = admin.call(admin.stub.GetDestination,
                              admin_pb2.GetDestinationRequest(id=args.destination_id))
@@ -107,6 +123,8 @@ def update(admin: Admin, args: argparse.Namespace) -> int:
             request.retry_policy.CopyFrom(_retry_policy(current.retry_policy, args))
         if _rate_given(args):
             request.rate_limit.CopyFrom(rate_limit(current.rate_limit, args))
+        if _circuit_given(args):
+            request.circuit_policy.CopyFrom(_circuit_policy(current.circuit_policy, args))
     return show(admin.call(admin.stub.UpdateDestination, request), args)
 
 
@@ -118,6 +136,12 @@ def pause(admin: Admin, args: argparse.Namespace) -> int:
 def resume(admin: Admin, args: argparse.Namespace) -> int:
     return show(admin.call(admin.stub.UpdateDestination, admin_pb2.UpdateDestinationRequest(
         id=args.destination_id, paused=False)), args)
+
+
+def circuit(admin: Admin, args: argparse.Namespace) -> int:
+    return show(admin.call(admin.stub.SetCircuit, admin_pb2.SetCircuitRequest(
+        destination_id=args.destination_id, open=args.state == "open", reason=args.reason)),
+        args)
 
 
 def get(admin: Admin, args: argparse.Namespace) -> int:
@@ -139,11 +163,12 @@ def list_destinations(admin: Admin, args: argparse.Namespace) -> int:
         print("no destinations", file=sys.stderr)
     else:
         render.table(
-            ["ID", "TENANT", "NAME", "TYPE", "ENDPOINT", "PAUSED", "CONCURRENCY", "RATE",
-             "CREATED"],
+            ["ID", "TENANT", "NAME", "TYPE", "ENDPOINT", "PAUSED", "CIRCUIT", "CONCURRENCY",
+             "RATE", "CREATED"],
             [[d.id, d.tenant_id, d.name or render.EMPTY, d.type, d.endpoint,
-              render.yes_no(d.paused), str(d.concurrency), render.rate(d.rate_limit),
-              render.ago(d.created_at)] for d in answer.destinations])
+              render.yes_no(d.paused), _circuit_state(d.circuit), str(d.concurrency),
+              render.rate(d.rate_limit), render.ago(d.created_at)]
+             for d in answer.destinations])
     return 0
 
 
@@ -166,6 +191,10 @@ def show(destination: admin_pb2.DestinationConfig, args: argparse.Namespace) -> 
                     f" {render.millis(policy.max_backoff_ms)}"),
         ("gives up after", f"{policy.max_attempts} attempts and"
                            f" {render.span(policy.max_retry_window_seconds)}"),
+        ("circuit", _circuit_state(destination.circuit)
+         + (f" since {render.when(destination.circuit.opened_at)}:"
+            f" {destination.circuit.reason}" if destination.circuit.open else "")),
+        ("circuit policy", _circuit_policy_text(destination.circuit_policy)),
         ("headers", render.header_names(destination.headers)),
         ("created", render.when(destination.created_at)),
         ("updated", render.when(destination.updated_at)),
@@ -176,6 +205,37 @@ def show(destination: admin_pb2.DestinationConfig, args: argparse.Namespace) -> 
 def _retry_given(args: argparse.Namespace) -> bool:
     return any(v is not None for v in (args.min_backoff, args.max_backoff, args.max_attempts,
                                        args.retry_window))
+
+
+def _circuit_given(args: argparse.Namespace) -> bool:
+    return any(v is not None for v in (args.circuit_after, args.circuit_min_failures,
+                                       args.circuit_probe))
+
+
+def _circuit_policy(base: admin_pb2.CircuitPolicy, args: argparse.Namespace
+                    ) -> admin_pb2.CircuitPolicy:
+    policy = admin_pb2.CircuitPolicy()
+    policy.CopyFrom(base)
+    if args.circuit_after is not None:
+        policy.open_after_seconds = args.circuit_after
+        policy.disabled = args.circuit_after == 0
+    if args.circuit_min_failures is not None:
+        policy.min_failures = args.circuit_min_failures
+    if args.circuit_probe is not None:
+        policy.probe_every_seconds = args.circuit_probe
+    return policy
+
+
+def _circuit_state(circuit: admin_pb2.Circuit) -> str:
+    return "open" if circuit.open else "closed"
+
+
+def _circuit_policy_text(policy: admin_pb2.CircuitPolicy) -> str:
+    if policy.disabled:
+        return "never opens by itself"
+    return (f"opens after {render.span(policy.open_after_seconds)} and"
+            f" {policy.min_failures} attempts of failures; probes every"
+            f" {render.span(policy.probe_every_seconds)}")
 
 
 def _rate_given(args: argparse.Namespace) -> bool:

@@ -44,11 +44,14 @@ class SenderContext:
     grpc_batch: int
 
 
-# Destination columns the lane applies itself (retry policy, rate, concurrency, pausing);
+# Destination columns the lane applies itself (retry policy, rate, concurrency, pausing, the
+# circuit breaker);
 # a change to any other column makes a new sender.
 _LANE_FIELDS = frozenset({
     "name", "min_backoff_ms", "max_backoff_ms", "max_attempts", "max_retry_window_s",
     "rate_per_second", "rate_burst", "concurrency", "paused", "created_at", "updated_at",
+    "circuit_after_s", "circuit_min_failures", "circuit_probe_s", "circuit_opened_at",
+    "circuit_reason",
 })
 _SENDER_FIELDS = tuple(f.name for f in fields(Destination) if f.name not in _LANE_FIELDS)
 
