@@ -211,10 +211,22 @@ async def test_destinations_create_update_pause_resume(relayq: Relayq) -> None:
 
     listed = await relayq("destinations", "list")
     assert listed.header() == ["ID", "TENANT", "NAME", "TYPE", "ENDPOINT", "PAUSED",
-                               "CONCURRENCY", "RATE", "CREATED"]
-    assert [row[:8] for row in listed.rows()] == [[
-        "hook", "acme", "Warehouse", "webhook", "http://127.0.0.1:9/v2", "no", "8",
+                               "CIRCUIT", "CONCURRENCY", "RATE", "CREATED"]
+    assert [row[:9] for row in listed.rows()] == [[
+        "hook", "acme", "Warehouse", "webhook", "http://127.0.0.1:9/v2", "no", "closed", "8",
         "50/s (burst 10)"]]
+
+    refused = await relayq("destinations", "circuit", "hook", "open")
+    assert refused.code != 0
+    assert "reason: required" in refused.err
+    opened = await relayq("destinations", "circuit", "hook", "open", "--reason", "down")
+    assert fields(opened.out)["circuit"].startswith("open since ")
+    assert fields(opened.out)["circuit"].endswith(": down (admin:operator)")
+    await relayq("destinations", "update", "hook", "--circuit-after", "0")
+    assert fields((await relayq("destinations", "get", "hook")).out)["circuit policy"] == \
+        "never opens by itself"
+    closed = await relayq("destinations", "circuit", "hook", "close", "--json")
+    assert closed.json()["circuit"] == {"open": False, "reason": ""}
 
 
 async def test_connections_and_tenant_tokens(relayq: Relayq) -> None:

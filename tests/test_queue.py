@@ -66,7 +66,8 @@ async def test_failed_jobs_are_read_when_due_and_hold_their_user_meanwhile(
     conn: AsyncConnection[Any], dest: dict[str, int]
 ) -> None:
     a1, b1, a2 = await add(conn, dest, "a", "b", "a")
-    later = NOW + timedelta(minutes=5)
+    # From now, not from the module's import: a slow suite can take more than five minutes.
+    later = datetime.now(UTC) + timedelta(minutes=5)
     await queue.record_outcomes(conn, [outcome(a1, "failed", retry_at=later)], actor="test")
     got = await queue.pickup(conn, destination_key=dest["d1"], limit=10)
     # a1 is backing off: not read. a2 comes after it and is held by it; b1 flows.
