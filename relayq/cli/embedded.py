@@ -114,6 +114,14 @@ class EmbeddedPostgres:
     data_dir: Path
     log_file: Path
     port: int = 0
+    # False (the default, for `relayq up` and tests): fsync and synchronous commit off, fast
+    # and safe against a crash of relayq, not of Postgres. True keeps every commit on disk
+    # before it is acknowledged, as a production server would (bench/chaos.py crashes it).
+    durable: bool = False
+    # Stop with us even if we are killed (a parent-death signal, set in the forked child).
+    # That runs Python between fork and exec, which a process with other threads (gRPC's)
+    # must not do: bench/chaos.py restarts Postgres while gRPC runs, and cleans up itself.
+    tied_to_parent: bool = True
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -152,13 +160,15 @@ class EmbeddedPostgres:
                 raise EmbeddedPostgresError(
                     f"initdb failed (exit {result.returncode}); see {self.log_file}")
         self.port = free_port(preferred_port)
+        fast = [] if self.durable else [
+            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         self.process = subprocess.Popen(
             [str(bindir / "postgres"), "-D", str(self.data_dir), "-h", "127.0.0.1",
-             "-p", str(self.port), "-k", "", "-c", "max_connections=200",
-             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+             "-p", str(self.port), "-k", "", "-c", "max_connections=200", *fast],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             cwd=self.data_dir, start_new_session=True,
-            preexec_fn=parent_death_signal(signal.SIGQUIT), **as_user)  # type: ignore[call-overload]
+            preexec_fn=parent_death_signal(signal.SIGQUIT) if self.tied_to_parent else None,
+            **as_user)  # type: ignore[call-overload]
         self._wait_ready(timeout)
         self._create_database()
 
@@ -187,6 +197,17 @@ class EmbeddedPostgres:
                                  (DATABASE,)).fetchone()
             if found is None:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+
+    def crash(self) -> None:
+        """Immediate shutdown (SIGQUIT, `pg_ctl stop -m immediate`): every backend exits at
+        once without a checkpoint, and the next start recovers from the WAL."""
+        process, self.process = self.process, None
+        if process is not None:
+            process.send_signal(signal.SIGQUIT)
+            process.wait(30)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """Fast shutdown (SIGINT: roll back open transactions, checkpoint, exit); SIGKILL
