@@ -108,6 +108,9 @@ class NatsSender:
                           f"{size} bytes with headers exceed the server's max_payload of"
                           f" {client.max_payload}")
         headers = {**self._headers, **own}
+        # js.publish, not publish_async (a third less client CPU, measured): in nats-py 2.16
+        # the latter's reply handler raises on a JetStream error instead of failing the
+        # publish's future, so a message over the stream's limit would read as a timeout.
         try:
             await js.publish(subject, payload, timeout=self._timeout, headers=headers)
         except nats.js.errors.NoStreamResponseError:
