@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -39,6 +40,7 @@ from nats.js.api import RawStreamMsg, StreamConfig
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
+from jobsdb import destinations
 from jobsdb.catalog import Destination
 from relayq import destination_types
 from relayq.ports import free_port
@@ -392,69 +394,77 @@ async def test_a_missing_stream_is_retried_until_it_exists(world: World) -> None
 # --- the sender on its own: de-duplication, sizes -----------------------------------------------
 
 
-def _destination(endpoint: str, **fields: Any) -> Destination:
-    now = datetime.now(UTC)
-    values: dict[str, Any] = {
-        "destination_key": 1, "id": "bus", "tenant_key": 1, "tenant_id": "acme", "name": "",
-        "type": "nats", "endpoint": endpoint, "headers": {}, "min_backoff_ms": 20,
-        "max_backoff_ms": 200, "max_attempts": 10, "max_retry_window_s": 60,
-        "rate_per_second": 0.0, "rate_burst": 0, "concurrency": 8, "timeout_ms": 5000,
-        "paused": False, "created_at": now, "updated_at": now}
-    return Destination(**{**values, **fields})
+async def _destination(conn: AsyncConnection[Any], endpoint: str, **columns: Any
+                       ) -> Destination:
+    """A destination row as the router loads it (so the test follows the schema)."""
+    tenant = await factories.tenant(conn, f"t{secrets.token_hex(3)}")
+    key = await factories.destination(conn, tenant, f"bus-{secrets.token_hex(3)}", kind="nats",
+                                      endpoint=endpoint, timeout_ms=5000, **columns)
+    row = (await destinations.load_all(conn))[key]
+    return dataclasses.replace(row, id="bus")  # Nats-Msg-Id: "bus-<job id>"
 
 
 def _job(job_id: int, user: str = "u1", attempt: int = 1, payload: str = '{"n": 1}') -> Job:
     return Job(job_id, user, f"m{job_id}", attempt, payload, datetime.now(UTC), None, 0)
 
 
-@contextlib.asynccontextmanager
-async def sender(endpoint: str, ca_file: Path | None = None, **fields: Any
-                 ) -> AsyncIterator[NatsSender]:
+@pytest.fixture
+async def sender(conn: AsyncConnection[Any]) -> AsyncIterator[Any]:
+    """Makes NatsSenders for endpoints (on destination rows in the test's database), the way
+    the router does, and closes them after the test."""
+    made: list[NatsSender] = []
     async with aiohttp.ClientSession() as http:
-        made = NatsSender(_destination(endpoint, **fields),
-                          SenderContext(http=http, trust=Trust(ca_file), grpc_batch=100))
+        context = SenderContext(http=http, trust=Trust(), grpc_batch=100)
+
+        async def make(endpoint: str) -> NatsSender:
+            made.append(NatsSender(await _destination(conn, endpoint), context))
+            return made[-1]
+
         try:
-            yield made
+            yield make
         finally:
-            await made.close()
+            for one in made:
+                await one.close()
 
 
 async def test_a_retry_whose_first_publish_was_stored_is_dropped_by_jetstream(
-        stream: Stream) -> None:
+        stream: Stream, sender: Any) -> None:
     """A lost PubAck, as the router sees it: the attempt failed, so the job is published
     again with the same Nats-Msg-Id; JetStream acknowledges it and stores nothing new."""
-    async with sender(f"{NATS_URL}/{stream.prefix}.{{user_id}}") as nats_sender:
-        assert [r.verdict for r in await nats_sender.deliver([_job(7)])] == [Verdict.OK]
-        again = await nats_sender.deliver([_job(7, attempt=2)])
-        assert [r.verdict for r in again] == [Verdict.OK]
-        assert [r.verdict for r in await nats_sender.deliver([_job(8)])] == [Verdict.OK]
+    nats_sender = await sender(f"{NATS_URL}/{stream.prefix}.{{user_id}}")
+    assert [r.verdict for r in await nats_sender.deliver([_job(7)])] == [Verdict.OK]
+    again = await nats_sender.deliver([_job(7, attempt=2)])
+    assert [r.verdict for r in again] == [Verdict.OK]
+    assert [r.verdict for r in await nats_sender.deliver([_job(8)])] == [Verdict.OK]
     messages = await stream.messages()
     assert [(m.headers or {}).get("Nats-Msg-Id") for m in messages] == ["bus-7", "bus-8"]
     assert (messages[0].headers or {})["X-Relayq-Attempt"] == "1"
 
 
-async def test_a_batch_is_published_together_with_one_result_per_job(stream: Stream) -> None:
+async def test_a_batch_is_published_together_with_one_result_per_job(
+        stream: Stream, sender: Any) -> None:
     jobs = [_job(100 + i, user=f"u{i}") for i in range(50)]
-    async with sender(f"{NATS_URL}/{stream.prefix}.{{user_id}}") as nats_sender:
-        assert nats_sender.max_batch > 1
-        results = await nats_sender.deliver(jobs)
+    nats_sender = await sender(f"{NATS_URL}/{stream.prefix}.{{user_id}}")
+    assert nats_sender.max_batch > 1
+    results = await nats_sender.deliver(jobs)
     assert [r.verdict for r in results] == [Verdict.OK] * 50
     stored = {(m.headers or {})["X-Relayq-Job-Id"] for m in await stream.messages()}
     assert stored == {str(j.job_id) for j in jobs}
 
 
-async def test_messages_too_large_are_aborted_and_the_connection_lives_on(stream: Stream) -> None:
+async def test_messages_too_large_are_aborted_and_the_connection_lives_on(
+        stream: Stream, sender: Any) -> None:
     async with connected() as client, made_stream(client, max_msg_size=1000) as small:
         max_payload = client.max_payload
-        async with sender(f"{NATS_URL}/{small.prefix}.{{user_id}}") as to_small, \
-                sender(f"{NATS_URL}/{stream.prefix}.{{user_id}}") as to_big:
-            over_stream = await to_small.deliver([_job(1, payload='"' + "x" * 2000 + '"')])
-            # Over the server's max_payload, as the payload alone or only with the headers
-            # (which would make the server drop the connection, were it sent).
-            over_server = await to_big.deliver([
-                _job(2, payload='"' + "x" * max_payload + '"'),
-                _job(3, user="u2", payload='"' + "x" * (max_payload - 50) + '"')])
-            fine = await to_big.deliver([_job(4), _job(5, user="u2")])
+        to_small = await sender(f"{NATS_URL}/{small.prefix}.{{user_id}}")
+        to_big = await sender(f"{NATS_URL}/{stream.prefix}.{{user_id}}")
+        over_stream = await to_small.deliver([_job(1, payload='"' + "x" * 2000 + '"')])
+        # Over the server's max_payload, as the payload alone or only with the headers
+        # (which would make the server drop the connection, were it sent).
+        over_server = await to_big.deliver([
+            _job(2, payload='"' + "x" * max_payload + '"'),
+            _job(3, user="u2", payload='"' + "x" * (max_payload - 50) + '"')])
+        fine = await to_big.deliver([_job(4), _job(5, user="u2")])
     assert [(r.verdict, r.error_code) for r in over_stream] == [
         (Verdict.ABORT, "nats:max_msg_size")]
     assert over_stream[0].response.startswith("stream refused 2002 bytes: message size exceeds")
@@ -465,9 +475,9 @@ async def test_messages_too_large_are_aborted_and_the_connection_lives_on(stream
     assert [(m.headers or {})["X-Relayq-Job-Id"] for m in await stream.messages()] == ["4", "5"]
 
 
-async def test_an_endpoint_written_by_hand_fails_its_deliveries_naming_why() -> None:
-    async with sender("nats://h/a.*") as broken:
-        results = await broken.deliver([_job(1), _job(2, user="u2")])
+async def test_an_endpoint_written_by_hand_fails_its_deliveries_naming_why(sender: Any) -> None:
+    broken = await sender("nats://h/a.*")
+    results = await broken.deliver([_job(1), _job(2, user="u2")])
     assert {(r.verdict, r.error_code) for r in results} == {(Verdict.RETRY, "config")}
     assert "'*' is not allowed" in results[0].response
 
