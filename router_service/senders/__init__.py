@@ -11,11 +11,13 @@ from collections.abc import Callable
 from jobsdb.catalog import Destination
 from router_service.senders.base import Sender, SenderContext, needs_new_sender
 from router_service.senders.grpc import GrpcSender
+from router_service.senders.nats import NatsSender
 from router_service.senders.webhook import WebhookSender
 
 SENDERS: dict[str, Callable[[Destination, SenderContext], Sender]] = {
     "webhook": WebhookSender,
     "grpc": GrpcSender,
+    "nats": NatsSender,
 }
 
 __all__ = ["SENDERS", "Sender", "SenderContext", "UnknownType", "make", "needs_new_sender"]

@@ -1,0 +1,328 @@
+"""Delivery to NATS JetStream: each job published to a subject, done when the stream has it.
+
+A job succeeds when JetStream answers the publish with a PubAck (the message is stored). Every
+publish carries `Nats-Msg-Id: <destination id>-<job id>`, the same on every attempt, so when an
+ack is lost (a timeout, a router killed between the publish and recording it) the next attempt
+is dropped by the stream's duplicate window instead of stored twice.
+
+Order per user holds at the stream because a job of a user is published only after the PubAck
+of that user's previous job (the barrier), and a batch never holds two jobs of one user, so
+the jobs of a batch are published concurrently.
+
+The subject comes from the endpoint's template (relayq.destination_types.parse_nats). Values
+filled in are percent-encoded as in URLs, '.' included (see `token`): a user id such as
+"a.b *>" stays one token and can never become a wildcard or another subject's prefix.
+
+Connections are shared: one per NATS server URL (credentials and TLS included) per router, not
+one per destination, and nats-py reconnects it after a loss. Publishes made while it reconnects
+wait in its buffer and go out when it is back; their acks arrive in time or the attempt fails
+as a timeout and the retry is de-duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Sequence
+from typing import ClassVar
+from urllib.parse import quote
+
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from jobsdb.catalog import Destination
+from relayq import destination_types
+from router_service.model import Job
+from router_service.retry import Result, Verdict
+from router_service.senders.base import SenderContext
+
+log = logging.getLogger(__name__)
+
+# Jobs per deliver() call: they are published concurrently and their acks awaited together.
+MAX_BATCH = 100
+# JetStream's error code for a message over the stream's max_msg_size: no retry fits it in.
+_MSG_TOO_LARGE = 10054
+# What the NATS protocol adds around headers ("NATS/1.0\r\n" before, "\r\n" after): the server
+# counts headers and payload together against max_payload.
+_HEADER_FRAME = 12
+
+
+class NatsSender:
+    max_batch = MAX_BATCH
+
+    def __init__(self, destination: Destination, context: SenderContext) -> None:
+        self._destination_id = destination.id
+        self._timeout = destination.timeout_ms / 1000
+        # Admin refuses Nats-* names; a row written otherwise must not steer JetStream.
+        self._headers = {name: value for name, value in destination.headers.items()
+                         if not name.lower().startswith("nats-")}
+        self._header_bytes = _header_bytes(self._headers)
+        self._server: _Server | None = None
+        self._subject: _Subject | None = None
+        self._unusable = ""
+        try:
+            endpoint = destination_types.parse_nats(destination.endpoint)
+        except destination_types.Unusable as exc:
+            # Admin refuses such endpoints; a row written otherwise (by hand) fails its
+            # deliveries with the reason, retried: the operator can fix it.
+            self._unusable = str(exc)
+            return
+        self._subject = _Subject(endpoint.subject, tenant=destination.tenant_id,
+                                 destination=destination.id)
+        self._server = _Server.acquire(endpoint.server,
+                                       context.trust.ssl_context if endpoint.tls else None)
+
+    async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
+        if self._server is None or self._subject is None:
+            return [Result(Verdict.RETRY, "config", self._unusable)] * len(jobs)
+        try:
+            client, js = await self._server.ready(self._timeout)
+        except _Unreachable as exc:
+            return [Result(Verdict.RETRY, exc.code, exc.reason)] * len(jobs)
+        if len(jobs) == 1:
+            return [await self._publish(client, js, self._subject, jobs[0])]
+        return list(await asyncio.gather(
+            *(self._publish(client, js, self._subject, job) for job in jobs)))
+
+    async def _publish(self, client: Client, js: JetStreamContext, template: _Subject,
+                       job: Job) -> Result:
+        subject = template.render(job)
+        payload = job.payload.encode()
+        own = {
+            "Nats-Msg-Id": f"{self._destination_id}-{job.job_id}",
+            "X-Relayq-Message-Id": job.message_id,
+            "X-Relayq-Job-Id": str(job.job_id),
+            "X-Relayq-Attempt": str(job.attempt),
+            "X-Relayq-User-Id": job.user_id,
+        }
+        # The server closes the connection (failing every publish on it) on a message over
+        # its max_payload, headers counted; nats-py checks the payload alone. So check here.
+        size = len(payload) + _HEADER_FRAME + self._header_bytes + _header_bytes(own)
+        if size > client.max_payload:
+            return Result(Verdict.ABORT, "nats:max_payload",
+                          f"{size} bytes with headers exceed the server's max_payload of"
+                          f" {client.max_payload}")
+        headers = {**self._headers, **own}
+        # js.publish, not publish_async (a third less client CPU, measured): in nats-py 2.16
+        # the latter's reply handler raises on a JetStream error instead of failing the
+        # publish's future, so a message over the stream's limit would read as a timeout.
+        try:
+            await js.publish(subject, payload, timeout=self._timeout, headers=headers)
+        except nats.js.errors.NoStreamResponseError:
+            return Result(Verdict.RETRY, "nats:no_stream",
+                          f"no JetStream stream captures subject {subject!r} (no responders)")
+        except TimeoutError:  # nats.errors.TimeoutError is one
+            return Result(Verdict.RETRY, "timeout",
+                          f"no acknowledgement within {self._timeout:g}s")
+        except nats.errors.MaxPayloadError:
+            return Result(Verdict.ABORT, "nats:max_payload",
+                          f"{size} bytes exceed the server's max_payload of {client.max_payload}")
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _MSG_TOO_LARGE:
+                return Result(Verdict.ABORT, "nats:max_msg_size",
+                              f"stream refused {len(payload)} bytes: {exc.description}")
+            return Result(Verdict.RETRY, f"nats:api:{exc.err_code or exc.code}", str(exc))
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
+                nats.errors.OutboundBufferLimitError, nats.errors.StaleConnectionError) as exc:
+            return Result(Verdict.RETRY, "connection", f"{type(exc).__name__}: {exc}")
+        except nats.errors.Error as exc:
+            return Result(Verdict.RETRY, "nats:error", f"{type(exc).__name__}: {exc}")
+        return Result(Verdict.OK)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.release()
+
+
+def _header_bytes(headers: dict[str, str]) -> int:
+    return sum(len(name) + len(value.encode()) + 4 for name, value in headers.items())
+
+
+def token(value: str) -> str:
+    """`value` as one subject token: percent-encoded as in URLs (UTF-8; letters, digits, '-',
+    '_' and '~' stay), '.' included. `urllib.parse.unquote` turns it back, but for two cases:
+    an empty value is '_' and a value that is exactly '_' is '%5F', so the two stay apart."""
+    if not value:
+        return "_"
+    if value == "_":
+        return "%5F"
+    if value.isalnum() and value.isascii():  # most ids: nothing to encode
+        return value
+    return quote(value, safe="").replace(".", "%2E")
+
+
+def event_name(payload: str) -> str:
+    """The event document's "event" (a track call's name); empty when it has none."""
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return ""
+    name = document.get("event") if isinstance(document, dict) else None
+    return name if isinstance(name, str) else ""
+
+
+class _Subject:
+    """A subject template with the destination's own values filled in once."""
+
+    def __init__(self, pieces: tuple[str, ...], *, tenant: str, destination: str) -> None:
+        fixed = {"tenant": token(tenant), "destination": token(destination)}
+        # Literal text and per-job placeholders, alternating: [text, name, text, ...].
+        merged: list[str] = [pieces[0]]
+        for index in range(1, len(pieces), 2):
+            name, text = pieces[index], pieces[index + 1]
+            if name in fixed:
+                merged[-1] += fixed[name] + text
+            else:
+                merged += [name, text]
+        self._pieces = tuple(merged)
+        self._needs_event = "event" in merged[1::2]
+
+    def render(self, job: Job) -> str:
+        pieces = self._pieces
+        if len(pieces) == 1:
+            return pieces[0]
+        values = {"user_id": token(job.user_id)}
+        if self._needs_event:
+            values["event"] = token(event_name(job.payload))
+        parts = [pieces[0]]
+        for index in range(1, len(pieces), 2):
+            parts += [values[pieces[index]], pieces[index + 1]]
+        return "".join(parts)
+
+
+class _Unreachable(Exception):
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+_Key = tuple[asyncio.AbstractEventLoop, str, ssl.SSLContext | None]
+
+
+class _Server:
+    """One connection to a NATS server, shared by every destination of this router that
+    publishes there (same URL, credentials and TLS): ten thousand destinations on one NATS
+    cluster cost one connection. Reference-counted; closed when its last sender closes."""
+
+    # Per event loop (a connection belongs to the loop it was made on) and TLS context.
+    _open: ClassVar[dict[_Key, _Server]] = {}
+
+    @classmethod
+    def acquire(cls, url: str, tls: ssl.SSLContext | None) -> _Server:
+        key = (asyncio.get_running_loop(), url, tls)
+        server = cls._open.get(key)
+        if server is None:
+            server = cls._open[key] = cls(key, url, tls)
+        server._users += 1
+        return server
+
+    def __init__(self, key: _Key, url: str, tls: ssl.SSLContext | None) -> None:
+        self._key = key
+        self._url = url
+        self._tls = tls
+        self._users = 0
+        self._client = Client()
+        self._js = self._client.jetstream()
+        # Why the connection is not usable, as a result's (code, reason); None while it is.
+        self._problem: tuple[str, str] | None = None
+        # Set once the first connection attempt has an outcome (connected, or an error).
+        self._first_try = asyncio.Event()
+        self._logged = ""
+        self._closing = False
+        self._connecting = asyncio.create_task(self._connect(), name="nats-connect")
+
+    async def _connect(self) -> None:
+        try:
+            # Tries forever (max_reconnect_attempts=-1), at first and after every loss, a
+            # second apart; deliveries meanwhile fail at once with the last error (retried).
+            await self._client.connect(
+                servers=[self._url], name="relayq-router", allow_reconnect=True,
+                max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=5,
+                error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_connected, tls=self._tls)
+        except Exception as exc:  # nats-py gives up only on what retrying cannot mend
+            self._problem = ("config", f"{_safe(self._url)}: {type(exc).__name__}: {exc}")
+            self._log(logging.ERROR, "cannot connect to NATS: %s", self._problem[1])
+            self._first_try.set()
+            return
+        await self._on_connected()
+
+    async def ready(self, wait: float) -> tuple[Client, JetStreamContext]:
+        """The connection to publish on, or _Unreachable with the reason it is not up. Only
+        the first connection attempt is waited for; later, a known problem fails at once."""
+        if not self._first_try.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first_try.wait(), wait)
+            if not self._first_try.is_set():
+                raise _Unreachable("timeout", f"not connected to {_safe(self._url)} within"
+                                              f" {wait:g}s")
+        if self._problem is not None:
+            raise _Unreachable(*self._problem)
+        return self._client, self._js
+
+    async def _on_connected(self) -> None:
+        # nats-py turns to TLS only when the server asks for it (tls_required in its INFO),
+        # whatever the URL's scheme: a tls:// endpoint answered by a server that does not
+        # ask gets nothing published over the plaintext connection.
+        server_info = getattr(self._client, "_server_info", {})
+        if self._tls is not None and not server_info.get("tls_required"):
+            self._problem = ("tls", f"{_safe(self._url)} does not use TLS; a tls:// endpoint"
+                                    " publishes only over TLS")
+            self._log(logging.ERROR, "%s", self._problem[1])
+        else:
+            self._problem = None
+            self._log(logging.INFO, "connected to NATS at %s", _safe(self._url))
+        self._first_try.set()
+
+    async def _on_disconnected(self) -> None:
+        if self._problem is None and not self._closing:
+            self._problem = ("connection", f"the connection to {_safe(self._url)} was lost;"
+                                           " reconnecting")
+            self._log(logging.WARNING, "%s", self._problem[1])
+
+    async def _on_error(self, exc: Exception) -> None:
+        detail = f"{_safe(self._url)}: {type(exc).__name__}: {exc}"
+        if self._client.is_connected:
+            # An error the server reported on a working connection (a permissions
+            # violation, say): the publish it concerns fails on its own.
+            self._log(logging.WARNING, "NATS error: %s", detail)
+            return
+        if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+            code = "tls"
+        elif isinstance(exc, nats.errors.AuthorizationError):
+            code = "nats:authorization"
+        else:
+            code = "connection"
+        self._problem = (code, detail)
+        self._log(logging.WARNING, "cannot reach NATS: %s", detail)
+        self._first_try.set()
+
+    def _log(self, level: int, message: str, detail: str) -> None:
+        """Once per distinct state: a server down for an hour is tried 3,600 times."""
+        if detail != self._logged:
+            self._logged = detail
+            log.log(level, message, detail, extra={"nats_server": _safe(self._url)})
+
+    async def release(self) -> None:
+        self._users -= 1
+        if self._users > 0:
+            return
+        if _Server._open.get(self._key) is self:
+            del _Server._open[self._key]
+        self._closing = True
+        self._connecting.cancel()
+        await asyncio.gather(self._connecting, return_exceptions=True)
+        await self._client.close()
+
+
+def _safe(url: str) -> str:
+    """The URL without credentials, for logs and job history."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
