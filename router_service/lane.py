@@ -251,15 +251,17 @@ class Lane:
                 if wait > 0:
                     self._wake_in(wait)
                     return
-            wait = self.rate.try_take()
-            if wait > 0:
+            limit = 1 if breaker.is_open else min(self.sender.max_batch,
+                                                  destination.concurrency - barrier.in_flight)
+            # The rate limit counts jobs, not requests: a batch of 100 takes 100 tokens.
+            limit, wait = self.rate.take_up_to(limit)
+            if not limit:
                 self._wake_in(wait)
                 return
             await scheduler.acquire(destination.tenant_key, destination.destination_key)
             # Checked per job as it goes: the partition may have moved while we waited.
-            limit = 1 if breaker.is_open else min(self.sender.max_batch,
-                                                  destination.concurrency - barrier.in_flight)
             batch = barrier.take(limit, may_deliver)
+            self.rate.give_back(limit - len(batch))
             if not batch:
                 scheduler.release()
                 continue

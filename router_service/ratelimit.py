@@ -36,20 +36,36 @@ class RateLimiter:
 
     def try_take(self) -> float:
         """Take a token if one is free and return 0; else the seconds until one will be."""
+        return self.take_up_to(1)[1]
+
+    def take_up_to(self, wanted: int) -> tuple[int, float]:
+        """Take up to `wanted` tokens, one per job a delivery carries (a batch of 100 costs
+        100): (taken, 0.0), or (0, the seconds until one will be free)."""
         now = self._clock()
         if now < self.paused_until:
-            return self.paused_until - now
+            return 0, self.paused_until - now
         self._recover(now)
         if self.rate is None:
-            self._sent.append(now)
-            return 0.0
+            self._sent.extend([now] * min(wanted, 512))
+            return wanted, 0.0
         self.tokens = min(self.burst, self.tokens + (now - self._changed) * self.rate)
         self._changed = now
-        if self.tokens >= 1.0 - 1e-9:  # refills are floats: exactly one interval is a token
-            self.tokens = max(0.0, self.tokens - 1.0)
-            self._sent.append(now)
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
+        # Refills are floats: exactly one interval is a token.
+        taken = min(wanted, int(self.tokens + 1e-9))
+        if taken == 0:
+            return 0, (1.0 - self.tokens) / self.rate
+        self.tokens = max(0.0, self.tokens - taken)
+        self._sent.extend([now] * min(taken, 512))
+        return taken, 0.0
+
+    def give_back(self, count: int) -> None:
+        """Tokens taken for jobs that did not go after all."""
+        if count <= 0:
+            return
+        if self.rate is not None:
+            self.tokens = min(self.burst, self.tokens + count)
+        for _ in range(min(count, len(self._sent))):
+            self._sent.pop()
 
     def too_many_requests(self, retry_after: float | None) -> None:
         """The destination answered 429 (optionally asking to wait `retry_after` seconds)."""

@@ -83,6 +83,22 @@ def test_a_configured_rate_is_a_token_bucket() -> None:
     assert limiter.try_take() == 0
 
 
+def test_a_batch_takes_a_token_per_job() -> None:
+    """A gRPC or NATS delivery carries many jobs: the rate is jobs per second, not calls."""
+    clock = Clock()
+    limiter = RateLimiter(10, 5, clock=clock)
+    assert limiter.take_up_to(100) == (5, 0.0)  # the burst, not the batch
+    taken, wait = limiter.take_up_to(100)
+    assert taken == 0
+    assert wait == pytest.approx(0.1)
+    clock.now += 0.35
+    assert limiter.take_up_to(100) == (3, 0.0)
+    limiter.give_back(2)  # two of them did not go after all
+    assert limiter.take_up_to(100) == (2, 0.0)
+    unlimited = RateLimiter()
+    assert unlimited.take_up_to(100) == (100, 0.0)
+
+
 def test_429_halves_the_rate_then_it_recovers_step_by_step() -> None:
     clock = Clock()
     limiter = RateLimiter(100, 10, clock=clock)
