@@ -18,12 +18,9 @@ from google.protobuf import json_format
 from ingest_service.config import Limits
 from jobsdb.ingest import NewEvent
 from jobsdb.routing import SourceRoute
+from relayq.limits import MAX_MESSAGE_ID, MAX_NAME, MAX_USER_ID
 from relayq.rpc import InvalidArgument
 from relayq.v1 import ingest_pb2
-
-MAX_MESSAGE_ID = 128
-MAX_USER_ID = 256
-MAX_NAME = 256
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A \u0000 escape not itself escaped: Postgres jsonb cannot store NUL characters.
