@@ -80,7 +80,7 @@ def encode(
         raise InvalidEvent(
             f"event: at least {size} bytes once stored, over the limit of {max_event_bytes}"
             " (ingest's RELAYQ_INGEST_MAX_EVENT_BYTES; the producer's max_event_bytes)")
-    if destination_ids and (isinstance(destination_ids, str) or not all(
+    if destination_ids and (not isinstance(destination_ids, list | tuple) or not all(
             isinstance(d, str) and d for d in destination_ids)):
         raise InvalidEvent("destination_ids: expected a list of destination ids")
     data = ingest_pb2.Event(
