@@ -316,6 +316,9 @@ class Engine:
         for item in items:
             with contextlib.suppress(*_SETTLED):
                 item.handle.set_exception(error)
+                # Fire-and-forget senders never look at their handles; asyncio would log
+                # "exception was never retrieved" for each. The failure is logged here once.
+                item.handle.exception()
         self._release(lane, items)
 
     def _release(self, lane: int, items: list[Item]) -> None:
