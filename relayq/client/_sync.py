@@ -25,6 +25,7 @@ import uvloop
 from relayq.client.engine import Engine
 from relayq.client.errors import BufferFull, ProducerClosed
 from relayq.client.events import encode
+from relayq.client.handles import Handle
 from relayq.client.ids import MessageIds
 from relayq.client.options import Options
 from relayq.client.results import Counters, SendResult
@@ -49,6 +50,10 @@ class Producer:
         self._ids = MessageIds()
         self._closed = False
         self._close_lock = threading.Lock()
+        # Senders blocked on a full buffer wait here (when_full="block").
+        self._space = threading.Condition()
+        self._waiting = 0
+        self._engine.on_space = self._room_freed
         # uvloop: the engine's loop is private to us, and libuv's costs less CPU per event.
         self._loop = uvloop.new_event_loop()
         started = threading.Event()
@@ -79,22 +84,40 @@ class Producer:
         Raises InvalidEvent (nothing queued) for an event ingest would refuse, BufferFull,
         or ProducerClosed. message_id defaults to a new UUIDv7, kept through every retry.
         """
-        encoded = encode(
+        item = encode(
             message_id=self._ids.new() if message_id is None else message_id,
             user_id=user_id, anonymous_id=anonymous_id, event=event, type=type,
             properties=properties, context=context, timestamp=timestamp,
             destination_ids=destination_ids, max_event_bytes=self.options.max_event_bytes)
-        handle: concurrent.futures.Future[SendResult] = concurrent.futures.Future()
-        if self._engine.submit(encoded, handle) is not None:
+        handle: concurrent.futures.Future[SendResult] = Handle()
+        if self._engine.submit(item, handle):
             return handle
         if self.options.when_full == "block":
             deadline = time.monotonic() + self.options.block_timeout
-            while (remaining := deadline - time.monotonic()) > 0 and self._on_loop(
-                    self._engine.wait_for_space(len(encoded.frame), remaining)).result():
-                if self._engine.submit(encoded, handle) is not None:
-                    return handle
+            with self._space:
+                self._waiting += 1
+                try:
+                    # Tried again under the condition before each wait: room freed since
+                    # the first try notified no one.
+                    while not self._engine.submit(item, handle):
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._space.wait(remaining)
+                    else:
+                        return handle
+                finally:
+                    self._waiting -= 1
         raise BufferFull(f"the producer's buffer is full ({self.options.buffer_events} events"
                          f" or {self.options.buffer_bytes} bytes)")
+
+    def _room_freed(self) -> None:
+        """On the engine's loop, after answers freed room: wake the senders waiting for it.
+        Checked and notified under the condition a sender holds from its failed try to its
+        wait, so no wake-up falls between them."""
+        if self._waiting:
+            with self._space:
+                self._space.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Send everything buffered now and wait for the answers; False if `timeout`
@@ -112,6 +135,8 @@ class Producer:
             self._closed = True
         atexit.unregister(self.close)
         self._engine.lanes.close()
+        with self._space:  # blocked senders wake to ProducerClosed
+            self._space.notify_all()
         try:
             self._on_loop(self._engine.close(timeout)).result()
         finally:

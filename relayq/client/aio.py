@@ -58,15 +58,15 @@ class AsyncProducer:
         """
         if not self._started:
             await self.start()
-        encoded = encode(
+        item = encode(
             message_id=self._ids.new() if message_id is None else message_id,
             user_id=user_id, anonymous_id=anonymous_id, event=event, type=type,
             properties=properties, context=context, timestamp=timestamp,
             destination_ids=destination_ids, max_event_bytes=self.options.max_event_bytes)
         handle: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
-        while self._engine.submit(encoded, handle) is None:
+        while not self._engine.submit(item, handle):
             if self.options.when_full == "raise" or not await self._engine.wait_for_space(
-                    len(encoded.frame), self.options.block_timeout):
+                    len(item.frame), self.options.block_timeout):
                 raise BufferFull(f"the producer's buffer is full ({self.options.buffer_events}"
                                  f" events or {self.options.buffer_bytes} bytes)")
         return handle

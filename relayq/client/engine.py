@@ -34,7 +34,7 @@ import grpc
 from backoff.types import Details
 
 from relayq.client.errors import DeliveryFailed, ProducerClosed
-from relayq.client.events import PARTIAL_SUCCESS, Encoded
+from relayq.client.events import PARTIAL_SUCCESS
 from relayq.client.lanes import Item, Lanes, Offer
 from relayq.client.options import Options
 from relayq.client.results import Counters, SendResult, Status
@@ -80,6 +80,9 @@ class Engine:
         self._closing = False
         self._channel: grpc.aio.Channel | None = None
         self._call: Any = None
+        # Called on the loop whenever room is freed in the buffer, for senders waiting in
+        # other threads (Producer); AsyncProducer's senders wait on `_space` instead.
+        self.on_space: Callable[[], None] | None = None
 
     # ---- life ----
 
@@ -120,13 +123,14 @@ class Engine:
 
     # ---- taking events (any thread) ----
 
-    def submit(self, encoded: Encoded, handle: Any) -> Item | None:
-        """Put an event in its lane; None when the buffer has no room for it."""
-        item = Item(encoded.frame, encoded.message_id, handle, time.monotonic())
-        lane = self.lanes.lane_of(encoded.key)
+    def submit(self, item: Item, handle: Any) -> bool:
+        """Put an event in its lane; False when the buffer has no room for it."""
+        item.handle = handle
+        item.at = time.monotonic()
+        lane = self.lanes.lane_of(item.key)
         offer = self.lanes.offer(lane, item)
         if offer is Offer.FULL:
-            return None
+            return False
         if offer is Offer.WAKE:
             wake = self._wakes[lane]
             if threading.get_ident() == self._loop_thread:
@@ -134,7 +138,7 @@ class Engine:
             else:
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(wake.set)
-        return item
+        return True
 
     async def wait_for_space(self, size: int, within: float) -> bool:
         """Wait until the buffer has room for `size` bytes more; False after `within` s.
@@ -326,6 +330,8 @@ class Engine:
         self.lanes.resolved(lane, items)
         self._space.set()
         self._progress.set()
+        if self.on_space is not None:
+            self.on_space()
 
 
 def _channel(options: Options) -> grpc.aio.Channel:

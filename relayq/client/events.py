@@ -18,6 +18,7 @@ import orjson
 from google.protobuf import timestamp_pb2
 
 from relayq.client.errors import InvalidEvent
+from relayq.client.lanes import Item
 from relayq.limits import MAX_MESSAGE_ID, MAX_NAME, MAX_USER_ID
 from relayq.v1 import ingest_pb2
 
@@ -29,18 +30,6 @@ _ENVELOPE_BYTES = 90
 PARTIAL_SUCCESS = b"\x10\x01"
 # IngestRequest.events is field 1, length-delimited.
 _EVENTS_TAG = b"\x0a"
-
-
-class Encoded:
-    """One event ready to batch: its framed bytes and what the answer is matched against."""
-
-    __slots__ = ("frame", "key", "message_id")
-
-    def __init__(self, frame: bytes, message_id: str, key: str) -> None:
-        self.frame = frame
-        self.message_id = message_id
-        # The ordering key: user_id, else anonymous_id.
-        self.key = key
 
 
 def encode(
@@ -55,8 +44,9 @@ def encode(
     timestamp: datetime | str | None,
     destination_ids: Sequence[str],
     max_event_bytes: int,
-) -> Encoded:
-    """Check an event as ingest would (sizes, required fields) and serialise it.
+) -> Item:
+    """Check an event as ingest would (sizes, required fields) and serialise it, as the
+    Item that will carry it through the lanes (its handle is set when it is queued).
 
     Raises InvalidEvent naming the field.
     """
@@ -88,7 +78,7 @@ def encode(
         type=type or "", event=event or "", timestamp=_timestamp(timestamp),
         payload_json=payload, context_json=context_json, destination_ids=destination_ids,
     ).SerializeToString()
-    return Encoded(_EVENTS_TAG + _varint(len(data)) + data, message_id, key)
+    return Item(_EVENTS_TAG + _varint(len(data)) + data, message_id, key)
 
 
 def _text(name: str, value: object, limit: int, *, required: bool = False) -> None:

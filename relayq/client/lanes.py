@@ -28,11 +28,15 @@ from relayq.client.errors import ProducerClosed
 class Item:
     """One event from send() to its answer."""
 
-    __slots__ = ("at", "frame", "handle", "message_id")
+    __slots__ = ("at", "frame", "handle", "key", "message_id")
 
-    def __init__(self, frame: bytes, message_id: str, handle: Any, at: float) -> None:
+    def __init__(self, frame: bytes, message_id: str, key: str, handle: Any = None,
+                 at: float = 0.0) -> None:
+        # The serialised event, framed as one entry of IngestRequest.events (events.py).
         self.frame = frame
         self.message_id = message_id
+        # The ordering key: user_id, else anonymous_id.
+        self.key = key
         # A concurrent.futures.Future or an asyncio.Future, resolved by the engine.
         self.handle = handle
         # time.monotonic() at send(): linger and delivery_timeout count from here.

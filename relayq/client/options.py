@@ -3,7 +3,7 @@
 Producer and AsyncProducer take the same keyword arguments; each becomes a field here.
 Defaults follow what Kafka's producer and the Segment/RudderStack libraries do, scaled to
 ingest's limits (relayq.limits): batches of up to 500 events or 1 MiB, a 10 ms linger, four
-batches in flight, a buffer of 100,000 events or 64 MiB that blocks senders for up to 30 s
+batches in flight, a buffer of 10,000 events or 32 MiB that blocks senders for up to 30 s
 when full, 10 s per call and two minutes to get each event acknowledged.
 """
 
@@ -41,8 +41,8 @@ class Options:
     # same lane, and a lane sends its next batch only when the previous one is answered.
     in_flight: int = 4
     # Events (and their bytes) held at once, from send() until ingest answers.
-    buffer_events: int = 100_000
-    buffer_bytes: int = 64 * 1024 * 1024
+    buffer_events: int = 10_000
+    buffer_bytes: int = 32 * 1024 * 1024
     # A send() into a full buffer waits for room up to block_timeout seconds ("block"), or
     # raises BufferFull at once ("raise").
     when_full: WhenFull = "block"
