@@ -104,6 +104,16 @@ def test_one_user_always_takes_the_same_lane() -> None:
     assert len({lanes.lane_of(f"user-{n}") for n in range(1000)}) == 8
 
 
+def test_a_handle_has_exactly_the_fields_of_a_future() -> None:
+    """Handle.__init__ mirrors Future.__init__ without calling it: a Python upgrade that
+    changes Future's fields must fail here, not in production."""
+    plain: concurrent.futures.Future[int] = concurrent.futures.Future()
+    handle: Handle[int] = Handle()
+    assert vars(handle).keys() == vars(plain).keys()
+    assert {k: v for k, v in vars(handle).items() if k != "_condition"} == {
+        k: v for k, v in vars(plain).items() if k != "_condition"}
+
+
 def test_a_handle_behaves_as_a_future_to_its_waiters() -> None:
     waiting: Handle[int] = Handle()
     with pytest.raises(concurrent.futures.TimeoutError):

@@ -85,7 +85,7 @@ class Producer:
         or ProducerClosed. message_id defaults to a new UUIDv7, kept through every retry.
         """
         item = encode(
-            message_id=self._ids.new() if message_id is None else message_id,
+            self._ids, message_id=message_id,
             user_id=user_id, anonymous_id=anonymous_id, event=event, type=type,
             properties=properties, context=context, timestamp=timestamp,
             destination_ids=destination_ids, max_event_bytes=self.options.max_event_bytes)

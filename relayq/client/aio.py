@@ -59,7 +59,7 @@ class AsyncProducer:
         if not self._started:
             await self.start()
         item = encode(
-            message_id=self._ids.new() if message_id is None else message_id,
+            self._ids, message_id=message_id,
             user_id=user_id, anonymous_id=anonymous_id, event=event, type=type,
             properties=properties, context=context, timestamp=timestamp,
             destination_ids=destination_ids, max_event_bytes=self.options.max_event_bytes)

@@ -18,6 +18,7 @@ import orjson
 from google.protobuf import timestamp_pb2
 
 from relayq.client.errors import InvalidEvent
+from relayq.client.ids import MessageIds
 from relayq.client.lanes import Item
 from relayq.limits import MAX_MESSAGE_ID, MAX_NAME, MAX_USER_ID
 from relayq.v1 import ingest_pb2
@@ -33,8 +34,9 @@ _EVENTS_TAG = b"\x0a"
 
 
 def encode(
+    ids: MessageIds,
     *,
-    message_id: str,
+    message_id: str | None,
     user_id: str | None,
     anonymous_id: str | None,
     event: str | None,
@@ -48,9 +50,13 @@ def encode(
     """Check an event as ingest would (sizes, required fields) and serialise it, as the
     Item that will carry it through the lanes (its handle is set when it is queued).
 
-    Raises InvalidEvent naming the field.
+    Raises InvalidEvent naming the field. A message id of None is made here (and, being
+    ours, not checked).
     """
-    _text("message_id", message_id, MAX_MESSAGE_ID, required=True)
+    if message_id is None:
+        message_id = ids.new()
+    else:
+        _text("message_id", message_id, MAX_MESSAGE_ID, required=True)
     if user_id:
         _text("user_id", user_id, MAX_USER_ID)
     if anonymous_id:
@@ -73,11 +79,16 @@ def encode(
     if destination_ids and (not isinstance(destination_ids, list | tuple) or not all(
             isinstance(d, str) and d for d in destination_ids)):
         raise InvalidEvent("destination_ids: expected a list of destination ids")
-    data = ingest_pb2.Event(
-        message_id=message_id, user_id=user_id or "", anonymous_id=anonymous_id or "",
-        type=type or "", event=event or "", timestamp=_timestamp(timestamp),
-        payload_json=payload, context_json=context_json, destination_ids=destination_ids,
-    ).SerializeToString()
+    if anonymous_id or context_json or destination_ids:
+        message = ingest_pb2.Event(
+            message_id=message_id, user_id=user_id or "", anonymous_id=anonymous_id or "",
+            type=type or "", event=event or "", timestamp=_timestamp(timestamp),
+            payload_json=payload, context_json=context_json, destination_ids=destination_ids)
+    else:  # the usual event: fewer arguments make a measurably cheaper constructor call
+        message = ingest_pb2.Event(
+            message_id=message_id, user_id=key, type=type or "", event=event or "",
+            timestamp=_timestamp(timestamp), payload_json=payload)
+    data = message.SerializeToString()
     return Item(_EVENTS_TAG + _varint(len(data)) + data, message_id, key)
 
 
@@ -93,7 +104,8 @@ def _text(name: str, value: object, limit: int, *, required: bool = False) -> No
 
 
 def _json_object(name: str, value: object) -> str:
-    if not isinstance(value, Mapping):
+    # `type(...) is dict` first: the usual case, without the slower ABC check.
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise InvalidEvent(f"{name}: expected a JSON object (a dict), got {type(value).__name__}")
     try:
         return orjson.dumps(value).decode()
