@@ -84,13 +84,13 @@ class Producer:
         Raises InvalidEvent (nothing queued) for an event ingest would refuse, BufferFull,
         or ProducerClosed. message_id defaults to a new UUIDv7, kept through every retry.
         """
-        item = encode(
+        encoded = encode(
             self._ids, message_id=message_id,
             user_id=user_id, anonymous_id=anonymous_id, event=event, type=type,
             properties=properties, context=context, timestamp=timestamp,
             destination_ids=destination_ids, max_event_bytes=self.options.max_event_bytes)
-        handle: concurrent.futures.Future[SendResult] = Handle()
-        if self._engine.submit(item, handle):
+        handle: Handle[SendResult] = Handle(*encoded)
+        if self._engine.submit(handle):
             return handle
         if self.options.when_full == "block":
             deadline = time.monotonic() + self.options.block_timeout
@@ -99,7 +99,7 @@ class Producer:
                 try:
                     # Tried again under the condition before each wait: room freed since
                     # the first try notified no one.
-                    while not self._engine.submit(item, handle):
+                    while not self._engine.submit(handle):
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             break

@@ -12,6 +12,7 @@ from relayq.client.engine import Engine
 from relayq.client.errors import BufferFull, ProducerClosed
 from relayq.client.events import encode
 from relayq.client.ids import MessageIds
+from relayq.client.lanes import Item
 from relayq.client.options import Options
 from relayq.client.results import Counters, SendResult
 
@@ -58,13 +59,14 @@ class AsyncProducer:
         """
         if not self._started:
             await self.start()
-        item = encode(
+        encoded = encode(
             self._ids, message_id=message_id,
             user_id=user_id, anonymous_id=anonymous_id, event=event, type=type,
             properties=properties, context=context, timestamp=timestamp,
             destination_ids=destination_ids, max_event_bytes=self.options.max_event_bytes)
         handle: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
-        while not self._engine.submit(item, handle):
+        item = Item(*encoded, handle)
+        while not self._engine.submit(item):
             if self.options.when_full == "raise" or not await self._engine.wait_for_space(
                     len(item.frame), self.options.block_timeout):
                 raise BufferFull(f"the producer's buffer is full ({self.options.buffer_events}"

@@ -123,9 +123,8 @@ class Engine:
 
     # ---- taking events (any thread) ----
 
-    def submit(self, item: Item, handle: Any) -> bool:
+    def submit(self, item: Item) -> bool:
         """Put an event in its lane; False when the buffer has no room for it."""
-        item.handle = handle
         item.at = time.monotonic()
         lane = self.lanes.lane_of(item.key)
         offer = self.lanes.offer(lane, item)
@@ -310,8 +309,9 @@ class Engine:
         for item, answer in zip(items, response.results, strict=True):
             result = SendResult(item.message_id, statuses.get(answer.status, Status.REJECTED),
                                 tuple(answer.job_ids), answer.reason)
+            future: Any = item.handle or item
             try:  # noqa: SIM105 - suppress() would cost a context manager per event
-                item.handle.set_result(result)
+                future.set_result(result)
             except _SETTLED:  # the caller cancelled its handle
                 pass
         self._release(lane, items)
@@ -326,18 +326,20 @@ class Engine:
                 counts.duplicate += 1
             else:
                 counts.rejected += 1
+            future: Any = item.handle or item
             with contextlib.suppress(*_SETTLED):  # the caller cancelled its handle
-                item.handle.set_result(result)
+                future.set_result(result)
         self._release(lane, items)
 
     def _fail(self, lane: int, items: list[Item], error: Exception) -> None:
         self._counts.dropped += len(items)
         for item in items:
+            handle: Any = item.handle or item
             with contextlib.suppress(*_SETTLED):
-                item.handle.set_exception(error)
+                handle.set_exception(error)
                 # Fire-and-forget senders never look at their handles; asyncio would log
                 # "exception was never retrieved" for each. The failure is logged here once.
-                item.handle.exception()
+                handle.exception()
         self._release(lane, items)
 
     def _release(self, lane: int, items: list[Item]) -> None:

@@ -19,7 +19,6 @@ from google.protobuf import timestamp_pb2
 
 from relayq.client.errors import InvalidEvent
 from relayq.client.ids import MessageIds
-from relayq.client.lanes import Item
 from relayq.limits import MAX_MESSAGE_ID, MAX_NAME, MAX_USER_ID
 from relayq.v1 import ingest_pb2
 
@@ -46,9 +45,9 @@ def encode(
     timestamp: datetime | str | None,
     destination_ids: Sequence[str],
     max_event_bytes: int,
-) -> Item:
-    """Check an event as ingest would (sizes, required fields) and serialise it, as the
-    Item that will carry it through the lanes (its handle is set when it is queued).
+) -> tuple[bytes, str, str]:
+    """Check an event as ingest would (sizes, required fields) and serialise it; returns
+    (frame, message_id, ordering key), what a lanes.Item carries.
 
     Raises InvalidEvent naming the field. A message id of None is made here (and, being
     ours, not checked).
@@ -89,7 +88,7 @@ def encode(
             message_id=message_id, user_id=key, type=type or "", event=event or "",
             timestamp=_timestamp(timestamp), payload_json=payload)
     data = message.SerializeToString()
-    return Item(_EVENTS_TAG + _varint(len(data)) + data, message_id, key)
+    return _EVENTS_TAG + _varint(len(data)) + data, message_id, key
 
 
 def _text(name: str, value: object, limit: int, *, required: bool = False) -> None:

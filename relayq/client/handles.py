@@ -17,6 +17,8 @@ import contextlib
 import threading
 from typing import Any, TypeVar
 
+from relayq.client.lanes import Item
+
 T = TypeVar("T")
 
 
@@ -70,15 +72,17 @@ class _Condition:
             waiter.release()
 
 
-class Handle(concurrent.futures.Future[T]):
-    """A concurrent.futures.Future in every way a caller can see.
+class Handle(Item, concurrent.futures.Future[T]):
+    """A concurrent.futures.Future in every way a caller can see, and the lanes' Item of
+    its event as well (one object per event rather than two).
 
     __init__ sets the fields Future.__init__ would (a test holds the two to the same set),
     without making the Condition this class replaces: one per event, it was a tenth of
     send()'s cost.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, frame: bytes = b"", message_id: str = "", key: str = "") -> None:
+        Item.__init__(self, frame, message_id, key)
         self._condition: Any = _Condition()
         self._state = "PENDING"
         self._result: Any = None

@@ -26,7 +26,11 @@ from relayq.client.errors import ProducerClosed
 
 
 class Item:
-    """One event from send() to its answer."""
+    """One event from send() to its answer.
+
+    `handle` is the future the engine resolves; None means the item is its own future
+    (handles.Handle, the Producer's: one object per event instead of two).
+    """
 
     __slots__ = ("at", "frame", "handle", "key", "message_id")
 
@@ -37,7 +41,7 @@ class Item:
         self.message_id = message_id
         # The ordering key: user_id, else anonymous_id.
         self.key = key
-        # A concurrent.futures.Future or an asyncio.Future, resolved by the engine.
+        # An asyncio.Future (AsyncProducer), or None: see above.
         self.handle = handle
         # time.monotonic() at send(): linger and delivery_timeout count from here.
         self.at = at
