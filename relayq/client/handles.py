@@ -1,13 +1,14 @@
 """The handle Producer.send() returns: a concurrent.futures.Future, lighter on the GC.
 
-A plain Future carries a threading.Condition, which is nine objects for Python's cyclic
-garbage collector (the condition, its lock's five bound methods, a deque...). A producer
-holds thousands of handles at once, long enough for the collector to promote them to its
-oldest generation, and every full collection then walks them all: measured with
-bench/ingest.py, the collector took a third of a flooding producer's CPU (about 20 us per
-event). This Future swaps in a condition that is one object, with the protocol the
-Future's own methods and concurrent.futures.wait/as_completed use (with, acquire, release,
-wait, notify_all) on a plain lock: none of them takes a future's condition twice.
+A producer holds thousands of unanswered handles at once, long enough for Python's cyclic
+garbage collector to promote them to its oldest generation, where every full collection
+walks them all. A plain Future is nine tracked objects up front (its threading.Condition,
+the lock's bound methods, a deque, two lists): measured with bench/ingest.py, the collector
+then took a third of a flooding producer's CPU (about 20 us per event). A pending Handle is
+one object: its condition (one object, with the protocol Future's own methods and
+concurrent.futures.wait/as_completed use: with, acquire, release, wait, notify_all, on a
+plain lock, since none of them takes a future's condition twice) and its lists are made
+only when needed.
 """
 
 from __future__ import annotations
@@ -72,20 +73,61 @@ class _Condition:
             waiter.release()
 
 
+_MAKING = threading.Lock()
+_NONE: tuple[Any, ...] = ()
+# Future's states before it is done.
+_UNDONE = ("PENDING", "RUNNING")
+
+
 class Handle(Item, concurrent.futures.Future[T]):
     """A concurrent.futures.Future in every way a caller can see, and the lanes' Item of
-    its event as well (one object per event rather than two).
+    its event as well.
 
-    __init__ sets the fields Future.__init__ would (a test holds the two to the same set),
-    without making the Condition this class replaces: one per event, it was a tenth of
-    send()'s cost.
+    While it waits for ingest's answer it is ONE object for the garbage collector: the
+    condition and the two lists a Future makes up front are made when first needed (the
+    condition when it is resolved or waited on; the waiter and callback lists when a waiter
+    or callback is added, which Future only does before it is done). Future's own methods
+    reach them through the properties below, unchanged. __init__ sets the rest of the fields
+    Future.__init__ would; tests hold Handle to Future's behaviour.
     """
+
+    __slots__ = ("_callbacks", "_cond", "_waiting")
 
     def __init__(self, frame: bytes = b"", message_id: str = "", key: str = "") -> None:
         Item.__init__(self, frame, message_id, key)
-        self._condition: Any = _Condition()
+        self._cond: _Condition | None = None
+        self._waiting: list[Any] | None = None
+        self._callbacks: list[Any] | None = None
         self._state = "PENDING"
         self._result: Any = None
         self._exception: BaseException | None = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Any] = []
+
+    @property
+    def _condition(self) -> _Condition:  # type: ignore[override]
+        cond = self._cond
+        if cond is None:
+            # Made once even when the engine resolves the handle while a caller starts to
+            # wait on it: both must use the same condition.
+            with _MAKING:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = _Condition()
+        return cond
+
+    @property
+    def _waiters(self) -> Any:  # type: ignore[override]
+        # Made when first read: wait() and as_completed() add to finished futures' lists
+        # too. Reached only under the condition, so made once.
+        if self._waiting is None:
+            self._waiting = []
+        return self._waiting
+
+    @property
+    def _done_callbacks(self) -> Any:
+        # Future adds callbacks only while not done (under the condition) and reads them
+        # once done: a handle done without one reads an empty tuple and makes nothing.
+        if self._callbacks is None:
+            if self._state not in _UNDONE:
+                return _NONE
+            self._callbacks = []
+        return self._callbacks

@@ -27,6 +27,9 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
                        grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 _DETAILS_KEY = "grpc-status-details-bin"
+# One generator for every wait: backoff primes a new wait generator for every batch it
+# sends, and seeding a fresh Random from the OS each time was a visible cost per batch.
+_RANDOM = random.Random()
 
 
 class Retryable(Exception):
@@ -68,7 +71,7 @@ def waits(minimum: float, maximum: float, rng: random.Random | None = None
     backoff sends each failure in; the n-th wait is uniform in [minimum, min(maximum,
     minimum * 2^n)], or the server's retry_after if longer.
     """
-    rng = rng or random.Random()
+    rng = rng or _RANDOM
     failure = yield 0.0  # backoff primes the generator with send(None)
     attempt = 0
     while True:
