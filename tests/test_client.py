@@ -286,6 +286,28 @@ async def test_a_full_buffer_raises_at_once_or_after_block_timeout(
     assert blocking.counters.sent == 5
 
 
+async def test_the_async_producer_applies_the_same_buffer_policies() -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    async with AsyncProducer(address=nowhere, write_key="rq_wk_x", batch_events=5,
+                             buffer_events=5, when_full="raise", backoff_max=0.2) as raising:
+        for _ in range(5):
+            await raising.send(user_id="u1", event="e")
+        with pytest.raises(BufferFull):
+            await raising.send(user_id="u1", event="e")
+        await raising.close(timeout=0.1)
+    async with AsyncProducer(address=nowhere, write_key="rq_wk_x", batch_events=5,
+                             buffer_events=5, block_timeout=0.3, backoff_max=0.2) as blocking:
+        handles = [await blocking.send(user_id="u1", event="e") for _ in range(5)]
+        started = time.monotonic()
+        with pytest.raises(BufferFull):
+            await blocking.send(user_id="u1", event="e")
+        assert time.monotonic() - started >= 0.3
+        await blocking.close(timeout=0.1)
+    for handle in handles:  # closed before any answer: each says so
+        with pytest.raises(ProducerClosed):
+            await handle
+
+
 async def test_a_blocked_send_goes_on_once_ingest_takes_the_buffer(
     database: str, conn: AsyncConnection[Any], web: factories.Source, producers: MakeProducer
 ) -> None:
