@@ -1,17 +1,22 @@
-"""Sustained ingest throughput through the gRPC server, against a raw COPY baseline.
+"""Sustained ingest throughput through the gRPC server: raw stubs, the Producer, raw COPY.
 
     .venv/bin/python bench/ingest.py [--events 300000] [--processes 2] [--clients 4]
+    .venv/bin/python bench/ingest.py --smoke          # a few seconds, every mode, tiny sizes
 
-Two fresh databases, each migrated, with one source connected to one destination:
+Fresh databases, each migrated, with one source connected to one destination:
 
 - raw: one psycopg connection COPYs the very rows ingest would write (the dedup key and the
   job of each event, documents built by ingest's own code) and commits every 100 events;
-- ingest: a relayq-ingest process; client processes each run several gRPC clients, every
+- raw stubs: a relayq-ingest process; client processes each run several gRPC clients, every
   client sending batches of 100 events (~330-byte JSON payloads) one after another, each
-  waiting for its answer, as a service sending its events would.
+  waiting for its answer. Requests are serialised before the clock starts, so these figures
+  measure the server and the database, not the load generator;
+- producer: the same server fed by ONE Python process with ONE relayq.client.Producer,
+  calling send() per event with the event's fields (the properties dicts are built before
+  the clock, as an application would have them; ids, checks, serialisation, batching and
+  answers are the library's work, on the clock).
 
-Prints events/s for both and the ratio ingest/raw. Requests are built before the clock starts,
-so the figures measure the server and the database, not the load generator.
+Prints events/s for each, the client processes' CPU per event, and the ratios.
 """
 
 from __future__ import annotations
@@ -56,9 +61,9 @@ from relayq.v1 import ingest_pb2
 BATCH = 100
 
 
-def payload(i: int) -> str:
+def properties(i: int) -> dict[str, Any]:
     """A ~330-byte JSON object, varied enough not to compress to nothing."""
-    return orjson.dumps({
+    return {
         "order_id": f"ord-{i:010d}", "checkout_id": secrets.token_hex(8),
         "revenue": round(i * 1.37 % 1000, 2), "currency": "EUR", "coupon": "SPRING",
         "products": [
@@ -66,7 +71,11 @@ def payload(i: int) -> str:
             {"sku": f"sku-{i % 131:05d}", "name": "Linen trousers", "price": 59.0, "qty": 2},
         ],
         "campaign": {"source": "newsletter", "medium": "email", "name": "autumn-sale"},
-    }).decode()
+    }
+
+
+def payload(i: int) -> str:
+    return orjson.dumps(properties(i)).decode()
 
 
 def event(prefix: str, i: int) -> ingest_pb2.Event:
@@ -99,8 +108,9 @@ def _copy_escape(data: bytes) -> bytes:
 def raw_copy(events: int) -> float:
     name, _, tenant, source, destination = prepared_database()
     try:
-        route = SourceRoute(source, "web", tenant, "bench", True, {"d1": destination},
-                            (destination,))
+        route = SourceRoute(source_key=source, source_id="web", tenant_key=tenant,
+                            tenant_id="bench", enabled=True, rate_per_second=0.0, rate_burst=0,
+                            destinations={"d1": destination}, destination_keys=(destination,))
         limits = Limits(1000, 64 * 1024, 16 << 20)
         now = "2026-11-25T10:00:00.000Z"
         chunks: list[tuple[bytes, bytes]] = []
@@ -140,6 +150,7 @@ def raw_copy(events: int) -> float:
 
 def client_process(port: int, write_key: str, prefix: str, clients: int, batches: int,
                    start_at: float, results: Any) -> None:
+    """Raw stubs: `clients` gRPC clients sending pre-serialised batches one after another."""
     requests = [
         [ingest_pb2.IngestRequest(events=[event(f"{prefix}c{c}", b * BATCH + i)
                                           for i in range(BATCH)]).SerializeToString()
@@ -168,12 +179,41 @@ def client_process(port: int, write_key: str, prefix: str, clients: int, batches
         await channel.close()
         return sum(counts), latencies
 
+    cpu_before = time.process_time()
     accepted, latencies = asyncio.run(run())
-    results.put((accepted, time.time(), latencies))
+    results.put((accepted, time.time(), latencies, time.process_time() - cpu_before))
 
 
-def through_ingest(events: int, processes: int, clients: int, profile: str | None = None
+def producer_process(port: int, write_key: str, events: int, batch_events: int,
+                     in_flight: int, start_at: float, results: Any) -> None:
+    """One Producer, send() per event from this process's main thread, then flush."""
+    from relayq.client import Producer
+
+    # 1,024 dicts used in turn: an application makes each event's dict and drops it; holding
+    # a dict per event for the whole run instead would make Python's cyclic GC walk hundreds
+    # of thousands of objects the library never made (it measured as a third of the CPU).
+    data = [properties(i) for i in range(1024)]
+    producer = Producer(address=f"127.0.0.1:{port}", write_key=write_key,
+                        batch_events=batch_events, in_flight=in_flight)
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu_before = time.process_time()
+    for i in range(events):
+        producer.send(user_id=f"user-{i % 10_000}", type="track", event="Order Completed",
+                      properties=data[i % 1024])
+    producer.flush()
+    finished = time.time()
+    cpu = time.process_time() - cpu_before
+    counters = producer.counters
+    producer.close()
+    print(f"  producer: {counters.batches} requests, {events / max(1, counters.batches):.0f}"
+          f" events each on average; {counters.retried} events retried")
+    results.put((counters.accepted, finished, [], cpu))
+
+
+def through_ingest(events: int, load: str, processes: int, clients: int,
+                   producer_batch: int, producer_in_flight: int, profile: str | None = None
                    ) -> tuple[float, list[float], str]:
+    """events/s through a relayq-ingest process fed by raw stubs or by one Producer."""
     name, write_key, *_ = prepared_database()
     port, metrics_port = free_port(), free_port()
     env = {**os.environ, "RELAYQ_DATABASE_URL": dsn_for(name),
@@ -187,17 +227,24 @@ def through_ingest(events: int, processes: int, clients: int, profile: str | Non
     proc = subprocess.Popen(command, env=env)
     try:
         wait_ready(port)
-        batches = events // BATCH // (processes * clients)
         context = multiprocessing.get_context("spawn")
         results = context.Queue()
-        start_at = time.time() + 3 + 0.5 * processes  # time for every client to build requests
+        if load == "producer":
+            expected = events
+            start_at = time.time() + 3  # time to build the properties and connect
+            workers = [context.Process(target=producer_process, args=(
+                port, write_key, events, producer_batch, producer_in_flight, start_at, results))]
+        else:
+            batches = events // BATCH // (processes * clients)
+            expected = batches * BATCH * processes * clients
+            start_at = time.time() + 3 + 0.5 * processes  # time for every client to build
+            workers = [context.Process(target=client_process,
+                                       args=(port, write_key, f"p{p}", clients, batches,
+                                             start_at, results))
+                       for p in range(processes)]
         backends = _backend_pids(name)
         server_cpu_before = cpu_seconds(proc.pid)
         postgres_cpu_before = sum(cpu_seconds(p) for p in backends)
-        workers = [context.Process(target=client_process,
-                                   args=(port, write_key, f"p{p}", clients, batches, start_at,
-                                         results))
-                   for p in range(processes)]
         for w in workers:
             w.start()
         outcomes = [results.get(timeout=600) for _ in workers]
@@ -206,13 +253,14 @@ def through_ingest(events: int, processes: int, clients: int, profile: str | Non
         accepted = sum(o[0] for o in outcomes)
         finished = max(o[1] for o in outcomes)
         latencies = [x for o in outcomes for x in o[2]]
+        client_cpu = sum(o[3] for o in outcomes)
         flushes = _flush_stats(metrics_port)
         server_cpu = cpu_seconds(proc.pid) - server_cpu_before
         postgres_cpu = sum(cpu_seconds(p) for p in backends) - postgres_cpu_before
         per_event = 1e6 / max(1, accepted)
-        flushes += (f"\n  CPU per event: ingest process {server_cpu * per_event:.0f} us,"
+        flushes += (f"\n  CPU per event: clients {client_cpu * per_event:.0f} us,"
+                    f" ingest process {server_cpu * per_event:.0f} us,"
                     f" its Postgres backends {postgres_cpu * per_event:.0f} us")
-        expected = batches * BATCH * processes * clients
         if accepted != expected:
             raise SystemExit(f"accepted {accepted} of {expected} events")
         return accepted / (finished - start_at), latencies, flushes
@@ -248,23 +296,44 @@ def _flush_stats(metrics_port: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=300_000)
-    parser.add_argument("--processes", type=int, default=2, help="client processes")
+    parser.add_argument("--processes", type=int, default=2, help="raw stub client processes")
     parser.add_argument("--clients", type=int, default=4, help="gRPC clients per process")
+    parser.add_argument("--load", choices=("stubs", "producer", "both"), default="both",
+                        help="what feeds ingest: raw stubs, one Producer, or each in turn")
+    parser.add_argument("--producer-batch", type=int, default=500,
+                        help="the Producer's batch_events (default 500)")
+    parser.add_argument("--producer-in-flight", type=int, default=4,
+                        help="the Producer's in_flight lanes (default 4)")
     parser.add_argument("--profile", metavar="FILE",
                         help="record the ingest server with py-spy (collapsed stacks) into FILE")
-    parser.add_argument("--skip-raw", action="store_true", help="only measure ingest")
+    parser.add_argument("--skip-raw", action="store_true", help="no raw COPY baseline")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few seconds: 4,000 events, every mode (checks the script runs)")
     args = parser.parse_args()
+    if args.smoke:
+        args.events = 4_000
 
     raw = float("nan") if args.skip_raw else raw_copy(args.events)
     print(f"raw COPY, 1 connection, commit per {BATCH} events: {raw:,.0f} events/s")
-    rate, latencies, flushes = through_ingest(args.events, args.processes, args.clients,
-                                              args.profile)
-    p50 = statistics.median(latencies) * 1000
-    p99 = percentile(latencies, 0.99) * 1000
-    print(f"relayq-ingest, {args.processes}x{args.clients} clients, batches of {BATCH}:"
-          f" {rate:,.0f} events/s (request latency p50 {p50:.1f} ms, p99 {p99:.1f} ms)")
-    print(f"  {flushes}")
-    print(f"ratio ingest/raw: {rate / raw:.2f}")
+    rates = {}
+    for load in (("stubs", "producer") if args.load == "both" else (args.load,)):
+        rate, latencies, flushes = through_ingest(
+            args.events, load, args.processes, args.clients, args.producer_batch,
+            args.producer_in_flight, args.profile)
+        rates[load] = rate
+        if load == "stubs":
+            p50 = statistics.median(latencies) * 1000
+            p99 = percentile(latencies, 0.99) * 1000
+            print(f"relayq-ingest, {args.processes}x{args.clients} raw stub clients, batches of"
+                  f" {BATCH}: {rate:,.0f} events/s (request latency p50 {p50:.1f} ms,"
+                  f" p99 {p99:.1f} ms)")
+        else:
+            print(f"relayq-ingest, 1 process with 1 Producer (batch {args.producer_batch},"
+                  f" {args.producer_in_flight} in flight): {rate:,.0f} events/s")
+        print(f"  {flushes}")
+        print(f"ratio ingest/raw: {rate / raw:.2f}")
+    if len(rates) == 2:
+        print(f"ratio producer/raw stubs: {rates['producer'] / rates['stubs']:.2f}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jobsdb import maintenance
+from relayq import limits as defaults
 from relayq.config import Env, ServerConfig, maintenance_policy
 
 
@@ -41,12 +42,13 @@ class IngestConfig:
             server=ServerConfig.from_env(env, "ingest", 50051, 9151),
             limits=Limits(
                 max_batch_events=env.integer(
-                    "RELAYQ_INGEST_MAX_BATCH_EVENTS", 1000, minimum=1, maximum=100_000),
+                    "RELAYQ_INGEST_MAX_BATCH_EVENTS", defaults.MAX_BATCH_EVENTS, minimum=1,
+                    maximum=100_000),
                 max_event_bytes=env.integer(
-                    "RELAYQ_INGEST_MAX_EVENT_BYTES", 64 * 1024, minimum=256,
+                    "RELAYQ_INGEST_MAX_EVENT_BYTES", defaults.MAX_EVENT_BYTES, minimum=256,
                     maximum=16 * 1024 * 1024),
                 max_request_bytes=env.integer(
-                    "RELAYQ_INGEST_MAX_REQUEST_BYTES", 16 * 1024 * 1024, minimum=1024,
+                    "RELAYQ_INGEST_MAX_REQUEST_BYTES", defaults.MAX_REQUEST_BYTES, minimum=1024,
                     maximum=1024 * 1024 * 1024),
             ),
             flush_delay_seconds=env.number(

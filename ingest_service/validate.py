@@ -18,12 +18,9 @@ from google.protobuf import json_format
 from ingest_service.config import Limits
 from jobsdb.ingest import NewEvent
 from jobsdb.write_keys import SourceRoute
+from relayq.limits import MAX_MESSAGE_ID, MAX_NAME, MAX_USER_ID
 from relayq.rpc import InvalidArgument
 from relayq.v1 import ingest_pb2
-
-MAX_MESSAGE_ID = 128
-MAX_USER_ID = 256
-MAX_NAME = 256
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A \u0000 escape not itself escaped: Postgres jsonb cannot store NUL characters.
@@ -113,6 +110,7 @@ def build_event(
         raise EventRejected(f"event: longer than {MAX_NAME} characters")
 
     properties = _properties(event, limits)
+    context = event.context_json
     envelope: dict[str, Any] = {"messageId": message_id}
     if kind:
         envelope["type"] = kind
@@ -128,7 +126,10 @@ def build_event(
     envelope["receivedAt"] = received_at
     # The client's JSON text goes in as sent (Postgres's jsonb parses it exactly, big numbers
     # included), spliced after the envelope rather than parsed and serialised again.
-    text = orjson.dumps(envelope).decode()[:-1] + ',"properties":' + properties + "}"
+    text = orjson.dumps(envelope).decode()[:-1] + ',"properties":' + properties
+    if context:
+        text += ',"context":' + _object_text("context_json", context, limits)
+    text += "}"
     size = len(text) if text.isascii() else len(text.encode())
     if size > limits.max_event_bytes:
         raise EventRejected(
@@ -164,24 +165,26 @@ def _properties(event: ingest_pb2.Event, limits: Limits) -> str:
         return orjson.dumps(json_format.MessageToDict(event.properties)).decode()
     if body is None:
         return "{}"
-    text = event.payload_json
+    return _object_text("payload_json", event.payload_json, limits)
+
+
+def _object_text(name: str, text: str, limits: Limits) -> str:
+    """Client JSON text, checked to be an object that jsonb will take, returned as sent."""
     if len(text) > limits.max_event_bytes:
         raise EventRejected(
-            f"payload_json: {len(text)} characters, over the limit of {limits.max_event_bytes}"
+            f"{name}: {len(text)} characters, over the limit of {limits.max_event_bytes}"
             " bytes per event (RELAYQ_INGEST_MAX_EVENT_BYTES)"
         )
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        value = _loads_standard(text, exc)
+        value = _loads_standard(name, text, exc)
     if not isinstance(value, dict):
-        raise EventRejected(
-            f"payload_json: must be a JSON object, got {type(value).__name__}"
-        )
+        raise EventRejected(f"{name}: must be a JSON object, got {type(value).__name__}")
     return text
 
 
-def _loads_standard(text: str, error: orjson.JSONDecodeError) -> Any:
+def _loads_standard(name: str, text: str, error: orjson.JSONDecodeError) -> Any:
     """orjson refuses some valid JSON (numbers beyond a double's range); the standard library
     takes those, and is told to refuse NaN and Infinity, which are not JSON at all.
 
@@ -192,7 +195,7 @@ def _loads_standard(text: str, error: orjson.JSONDecodeError) -> Any:
         value = json.loads(text, parse_constant=_not_json)
         json.dumps(value, ensure_ascii=False).encode()
     except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
-        raise EventRejected(f"payload_json: invalid JSON: {error}") from None
+        raise EventRejected(f"{name}: invalid JSON: {error}") from None
     return value
 
 

@@ -42,6 +42,15 @@ class World:
 
 
 @pytest.fixture
+async def web(conn: AsyncConnection[Any]) -> factories.Source:
+    """Source `web` of tenant acme, connected to one destination `d1` (nothing listens)."""
+    tenant = await factories.tenant(conn)
+    source = await factories.source(conn, tenant)
+    await factories.connect(conn, source.key, await factories.destination(conn, tenant, "d1"))
+    return source
+
+
+@pytest.fixture
 async def world(database: str, conn: AsyncConnection[Any]) -> AsyncIterator[World]:
     tenant = await factories.tenant(conn)
     source = await factories.source(conn, tenant)

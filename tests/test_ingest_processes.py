@@ -20,14 +20,6 @@ from tests.test_ingest import auth, count, event
 Status = ingest_pb2.EventResult.Status
 
 
-@pytest.fixture
-async def web(conn: AsyncConnection[Any]) -> factories.Source:
-    tenant = await factories.tenant(conn)
-    source = await factories.source(conn, tenant)
-    await factories.connect(conn, source.key, await factories.destination(conn, tenant, "d1"))
-    return source
-
-
 def stub_for(port: int) -> tuple[grpc.aio.Channel, ingest_pb2_grpc.IngestStub]:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     return channel, ingest_pb2_grpc.IngestStub(channel)

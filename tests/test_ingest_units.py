@@ -45,6 +45,14 @@ def test_the_document_carries_the_envelope_and_the_properties() -> None:
     }
 
 
+def test_the_context_goes_beside_the_properties_as_sent() -> None:
+    event = build(message_id="m1", user_id="u1", payload_json='{"a": 1}',
+                  context_json='{"library": {"name": "relayq", "version": "0.1.0"}}')
+    assert event.document.endswith(
+        ',"properties":{"a": 1},"context":{"library": {"name": "relayq", "version": "0.1.0"}}}')
+    assert json.loads(event.document)["context"]["library"]["name"] == "relayq"
+
+
 def test_anonymous_id_is_the_ordering_key_without_a_user_id() -> None:
     assert build(message_id="m", anonymous_id="anon").user_id == "anon"
 
@@ -76,6 +84,13 @@ def test_an_event_without_a_body_has_empty_properties() -> None:
          "payload_json: 2110 characters, over the limit of 2048"),
         ({"message_id": "m", "user_id": "u", "payload_json": '{"a": "' + "y" * 1990 + '"}'},
          "event: 2122 bytes exceed the limit of 2048 (RELAYQ_INGEST_MAX_EVENT_BYTES)"),
+        ({"message_id": "m", "user_id": "u", "context_json": "[1]"},
+         "context_json: must be a JSON object, got list"),
+        ({"message_id": "m", "user_id": "u", "context_json": "{"},
+         "context_json: invalid JSON"),
+        ({"message_id": "m", "user_id": "u", "payload_json": '{"a": "' + "y" * 1000 + '"}',
+          "context_json": '{"b": "' + "y" * 1000 + '"}'},
+         "event: 2152 bytes exceed the limit of 2048 (RELAYQ_INGEST_MAX_EVENT_BYTES)"),
         ({"message_id": "m", "user_id": "u", "destination_ids": ["d9"]},
          "destination_ids: 'd9' is not a destination connected to source 'web'"),
     ],

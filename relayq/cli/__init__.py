@@ -13,6 +13,7 @@ from relayq.cli import (
     destinations,
     jobs,
     migrate,
+    send,
     sources,
     stats,
     tenants,
@@ -33,6 +34,7 @@ _MODULES: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], N
     destinations.register,
     connections.register,
     tokens.register,
+    send.register,
 ]
 
 

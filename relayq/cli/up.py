@@ -34,7 +34,7 @@ from relayq.cli.children import Child, ChildFailed, python
 from relayq.cli.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from relayq.demo import configure, progress, traffic
 from relayq.ports import free_port
-from relayq.v1 import admin_pb2_grpc, ingest_pb2_grpc
+from relayq.v1 import admin_pb2_grpc
 
 DEFAULT_PORTS = {"ingest": 50051, "admin": 50052, "router": 50053, "ingest_metrics": 9151,
                  "admin_metrics": 9152, "router_metrics": 9153, "sink": 8090, "postgres": 5433}
@@ -258,11 +258,10 @@ class Cluster:
         tasks: list[asyncio.Task[None]] = [asyncio.create_task(self._watch())]
         if self.args.duration > 0:
             tasks.append(asyncio.create_task(self._stop_after(self.args.duration)))
-        async with grpc.aio.insecure_channel(self.ports.address("ingest")) as ingest, \
-                grpc.aio.insecure_channel(self.ports.address("admin")) as admin:
+        async with grpc.aio.insecure_channel(self.ports.address("admin")) as admin:
             traffic_stop = asyncio.Event()
-            self.traffic = traffic.Traffic(ingest_pb2_grpc.IngestStub(ingest),
-                                           self.demo.write_key, self.args.events_per_second)
+            self.traffic = traffic.Traffic(self.ports.address("ingest"), self.demo.write_key,
+                                           self.args.events_per_second)
             if not self.args.no_demo_traffic and self.args.events_per_second > 0:
                 tasks.append(asyncio.create_task(self.traffic.run(traffic_stop)))
             view = self.view = progress.Progress(admin_pb2_grpc.AdminStub(admin), self.token,

@@ -1,7 +1,8 @@
-"""The demo's sample events: a steady stream from a few shoppers, sent through Ingest.
+"""The demo's sample events: a steady stream from a few shoppers, sent with AsyncProducer.
 
-Each user's events carry `properties.seq`, numbered per user, so the demo sink can check
-that the router delivered every user's events in order even while it retried some.
+It uses relayq.client as any service would: send() per event, the producer batches and
+retries. Each user's events carry `properties.seq`, numbered per user, so the demo sink can
+check that they were delivered in order even while the router retried some.
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ import secrets
 import time
 from collections import Counter
 
-import grpc
-import orjson
-
-from relayq.v1 import ingest_pb2, ingest_pb2_grpc
+from relayq.client import AsyncProducer, BufferFull
 
 log = logging.getLogger("relayq.demo")
 
@@ -28,19 +26,28 @@ TICK = 0.1
 
 
 class Traffic:
-    """Sends `rate` events a second, in a batch every 100 ms, until stopped."""
+    """Sends `rate` events a second, a tick's worth every 100 ms, until stopped."""
 
-    def __init__(self, stub: ingest_pb2_grpc.IngestAsyncStub, write_key: str, rate: float) -> None:
-        self._stub = stub
-        self._auth = (("authorization", f"Bearer {write_key}"),)
+    def __init__(self, address: str, write_key: str, rate: float) -> None:
+        self._address = address
+        self._write_key = write_key
         self._rate = rate
         self._run = secrets.token_hex(3)
         self._numbers = itertools.count(1)
         self._seq: Counter[str] = Counter()
         self._rng = random.Random()
-        self.counts: Counter[str] = Counter()
+        self._producer: AsyncProducer | None = None
 
-    def _event(self) -> ingest_pb2.Event:
+    @property
+    def counts(self) -> dict[str, int]:
+        """What the live view shows: the producer's counters."""
+        if self._producer is None:
+            return {}
+        c = self._producer.counters
+        return {"sent": c.sent, "accepted": c.accepted, "duplicates": c.duplicate,
+                "rejected": c.rejected, "errors": c.dropped}
+
+    async def _send_one(self, producer: AsyncProducer) -> None:
         number = next(self._numbers)
         user = self._rng.choice(USERS)
         self._seq[user] += 1
@@ -49,33 +56,27 @@ class Traffic:
         if name == "Order Completed":
             properties.update(order_id=f"{self._run}-{number}",
                               revenue=round(self._rng.uniform(5, 250), 2))
-        return ingest_pb2.Event(
-            message_id=f"demo-{self._run}-{number}", user_id=user, type="track", event=name,
-            payload_json=orjson.dumps(properties).decode())
+        await producer.send(user_id=user, type="track", event=name, properties=properties,
+                            context={"library": {"name": "relayq-demo"}})
 
     async def run(self, stop: asyncio.Event) -> None:
-        owed = 0.0
-        last = time.monotonic()
-        while not stop.is_set():
-            now = time.monotonic()
-            owed += (now - last) * self._rate
-            last = now
-            count = int(owed)
-            if count:
+        # A short delivery timeout: a demo that lost ingest should say so within seconds.
+        async with AsyncProducer(address=self._address, write_key=self._write_key,
+                                 delivery_timeout=30, when_full="raise") as producer:
+            self._producer = producer
+            owed = 0.0
+            last = time.monotonic()
+            while not stop.is_set():
+                now = time.monotonic()
+                owed += (now - last) * self._rate
+                last = now
+                count = int(owed)
                 owed -= count
-                await self._send([self._event() for _ in range(min(count, 1000))])
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), TICK)
-
-    async def _send(self, events: list[ingest_pb2.Event]) -> None:
-        try:
-            response = await self._stub.Ingest(
-                ingest_pb2.IngestRequest(events=events), metadata=self._auth, timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            self.counts["errors"] += len(events)
-            log.warning("demo traffic: Ingest failed: %s %s", exc.code().name, exc.details())
-            return
-        self.counts["sent"] += len(events)
-        self.counts["accepted"] += response.accepted
-        self.counts["duplicates"] += response.duplicates
-        self.counts["rejected"] += response.rejected
+                try:
+                    for _ in range(min(count, 1000)):
+                        await self._send_one(producer)
+                except BufferFull:
+                    log.warning("demo traffic: the producer's buffer is full; is ingest up?")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), TICK)
+            await producer.flush(5)
