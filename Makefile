@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-process lint proto up clean
+.PHONY: install test test-process lint proto up clean bench-smoke
 
 $(STAMP): pyproject.toml setup.py protos/generate.py $(wildcard protos/relayq/v1/*.proto)
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ test: install
 # Only the tests that start, kill -9 and restart service processes.
 test-process: install
 	$(BIN)/python -m relayq.cli.testdb $(BIN)/pytest -m process
+
+# Every benchmark at a size that takes seconds: figures printed, nothing asserted but that
+# they run (CI runs this, so a benchmark cannot rot unnoticed).
+BENCHES := ingest router admin outcomes partitions chaos
+bench-smoke: install
+	@for bench in $(BENCHES); do \
+		echo "== bench/$$bench.py --smoke"; \
+		$(BIN)/python -m bench.$$bench --smoke || exit 1; \
+	done
 
 lint: install
 	$(BIN)/ruff check .

@@ -154,7 +154,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1_000_000)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds: 20,000 jobs, 20 calls")
     args = parser.parse_args()
+    if args.smoke:
+        args.jobs, args.calls = 20_000, 20
     name = create_database()
     admin = None
     try:

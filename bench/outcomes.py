@@ -56,7 +56,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few seconds: 20,000 jobs, batches of 500")
     args = parser.parse_args()
+    if args.smoke:
+        args.jobs, args.batch = 20_000, 500
     name = create_database()
     try:
         dsn = dsn_for(name)

@@ -179,7 +179,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1_000_000)
     parser.add_argument("--unfinished", type=int, default=100)
+    parser.add_argument("--smoke", action="store_true", help="a few seconds: 50,000 jobs")
     args = parser.parse_args()
+    if args.smoke:
+        args.jobs, args.unfinished = 50_000, 20
     name = create_database()
     try:
         _, destination_key = fill(name, args.jobs, args.unfinished)

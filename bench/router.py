@@ -1,5 +1,6 @@
 """Router benchmarks: throughput, end-to-end latency, and tenant isolation under a flood.
 
+    .venv/bin/python bench/router.py --smoke      # every mode, tiny sizes, about a minute
     .venv/bin/python bench/router.py throughput [--jobs 200000] [--kind grpc|webhook]
                                                 [--destinations 50] [--tenants 1]
     .venv/bin/python bench/router.py idle [--destinations 10000] [--tenants 100]
@@ -522,7 +523,10 @@ def fairness(seconds: float, flood_rate: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--smoke", action="store_true",
+                        help="every mode at a tiny size (about a minute): for CI, so the"
+                             " benchmark cannot rot unnoticed")
+    commands = parser.add_subparsers(dest="command")
     t = commands.add_parser("throughput")
     t.add_argument("--jobs", type=int, default=200_000)
     t.add_argument("--kind", choices=("grpc", "webhook"), default="grpc")
@@ -547,7 +551,16 @@ def main() -> None:
                         " ingest takes them")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    if args.command == "throughput":
+    if args.smoke:
+        throughput(2_000, "grpc", 5, 1)
+        throughput(1_000, "webhook", 5, 1)
+        idle(200, 10, 3)
+        history(2, 2_000, False)
+        latency(200, 3)
+        fairness(3, 1_000)
+    elif args.command is None:
+        parser.error("a mode (throughput, history, idle, latency, fairness) or --smoke")
+    elif args.command == "throughput":
         throughput(args.jobs, args.kind, args.destinations, args.tenants)
     elif args.command == "history":
         history(args.rounds, args.jobs, args.keep)
