@@ -111,15 +111,16 @@ class Target:
     destination: int
 
 
-def configure(name: str, kind: str, endpoint: str, destinations: int, tenants: int
-              ) -> list[Target]:
+def configure(name: str, kind: str, endpoint: str, destinations: int, tenants: int,
+              **columns: object) -> list[Target]:
     """`destinations` destinations spread over `tenants` tenants, one source each."""
     targets = []
     with psycopg.connect(dsn_for(name), autocommit=True) as conn, conn.transaction():
         for t in range(tenants):
             _, tenant, source, keys = add_source(
                 conn, f"bench{t}", f"web{t}",
-                {f"d{i}": (kind, endpoint) for i in range(t, destinations, tenants)})
+                {f"d{i}": (kind, endpoint) for i in range(t, destinations, tenants)},
+                **columns)
             targets += [Target(tenant, source, key) for key in keys.values()]
     return targets
 
@@ -155,17 +156,23 @@ def throughput(jobs: int, kind: str, destinations: int, tenants: int) -> None:
     name = create_database()
     sink = Sink(kind)
     try:
-        preload(name, configure(name, kind, sink.endpoint, destinations, tenants), jobs)
+        # Paused until the router is up, so that its start-up is not counted and none of the
+        # work is done before the counting starts.
+        preload(name, configure(name, kind, sink.endpoint, destinations, tenants, paused=True),
+                jobs)
         port, metrics_port = free_port(), free_port()
         router = spawn("router_service.main", {
             **QUIET, "RELAYQ_DATABASE_URL": dsn_for(name),
             "RELAYQ_ROUTER_ADDRESS": f"127.0.0.1:{port}",
             "RELAYQ_ROUTER_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"})
         wait_ready(port)
+        time.sleep(1.0)  # its first heartbeat and reads are done
         # The router's pool opens connections as it needs them: backends that appear later
         # started from nothing (and are found at the end, before the router lets them go).
         backends = {p: cpu_seconds(p) for p in _backends(name)}
         router_cpu, sink_cpu = cpu_seconds(router.pid), cpu_seconds(sink.process.pid)
+        with psycopg.connect(dsn_for(name), autocommit=True) as conn:
+            conn.execute("UPDATE destinations SET paused = false")
         recorded_at = _wait_finished(name, jobs)
         router_cpu = cpu_seconds(router.pid) - router_cpu
         sink_cpu = cpu_seconds(sink.process.pid) - sink_cpu
