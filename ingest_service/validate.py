@@ -112,7 +112,7 @@ def build_event(
     if len(name) > MAX_NAME:
         raise EventRejected(f"event: longer than {MAX_NAME} characters")
 
-    properties = _properties(event, limits)
+    properties, body = _properties(event, limits)
     envelope: dict[str, Any] = {"messageId": message_id}
     if kind:
         envelope["type"] = kind
@@ -138,13 +138,22 @@ def build_event(
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise EventRejected("payload: contains a \\u0000 character, which cannot be stored")
 
+    if route.filters:
+        # The document as delivered, for the connections' filters: the envelope's fields and
+        # the object validation already parsed (filters never parse text themselves).
+        envelope["properties"] = body
+        destination_keys, filtered_keys = _subscribed(_destinations(event, route), route,
+                                                      envelope)
+    else:
+        destination_keys, filtered_keys = _destinations(event, route), ()
     return NewEvent(
         source_key=route.source_key,
         tenant_key=route.tenant_key,
         message_id=message_id,
         user_id=user_id or anonymous_id,
         document=text,
-        destination_keys=_destinations(event, route),
+        destination_keys=destination_keys,
+        filtered_keys=filtered_keys,
     )
 
 
@@ -157,13 +166,15 @@ def _check_text(name: str, value: str, limit: int) -> None:
         raise EventRejected(f"{name}: contains control characters")
 
 
-def _properties(event: ingest_pb2.Event, limits: Limits) -> str:
-    """The event's JSON object as text, checked to be an object that jsonb will take."""
+def _properties(event: ingest_pb2.Event, limits: Limits) -> tuple[str, dict[str, Any]]:
+    """The event's JSON object as text, checked to be an object that jsonb will take, and the
+    object itself (connection filters read it)."""
     body = event.WhichOneof("body")
     if body == "properties":
-        return orjson.dumps(json_format.MessageToDict(event.properties)).decode()
+        parsed = json_format.MessageToDict(event.properties)
+        return orjson.dumps(parsed).decode(), parsed
     if body is None:
-        return "{}"
+        return "{}", {}
     text = event.payload_json
     if len(text) > limits.max_event_bytes:
         raise EventRejected(
@@ -178,7 +189,7 @@ def _properties(event: ingest_pb2.Event, limits: Limits) -> str:
         raise EventRejected(
             f"payload_json: must be a JSON object, got {type(value).__name__}"
         )
-    return text
+    return text, value
 
 
 def _loads_standard(text: str, error: orjson.JSONDecodeError) -> Any:
@@ -201,6 +212,7 @@ def _not_json(name: str) -> Any:
 
 
 def _destinations(event: ingest_pb2.Event, route: SourceRoute) -> tuple[int, ...]:
+    """The connected destinations the event is for: all, or those it names."""
     named = event.destination_ids
     if not named:
         return route.destination_keys
@@ -215,3 +227,21 @@ def _destinations(event: ingest_pb2.Event, route: SourceRoute) -> tuple[int, ...
         if key not in keys:
             keys.append(key)
     return tuple(keys)
+
+
+def _subscribed(keys: tuple[int, ...], route: SourceRoute, document: dict[str, Any]
+                ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the destinations whose connection takes the event, those whose filter refused it).
+
+    A destination the event names is filtered too: the connection's filter is what its
+    receiver subscribed to, and a producer naming destinations only narrows that further."""
+    filters = route.filters
+    kept: list[int] = []
+    refused: list[int] = []
+    for key in keys:
+        subscription = filters.get(key)
+        if subscription is None or subscription.matches(document):
+            kept.append(key)
+        else:
+            refused.append(key)
+    return tuple(kept), tuple(refused)

@@ -34,6 +34,9 @@ class NewEvent(NamedTuple):
     document: str
     # One job per destination, in this order.
     destination_keys: tuple[int, ...]
+    # Connected destinations whose filter refused the event: counted per connection
+    # (connection_counts) if the event is stored, not if it is a duplicate.
+    filtered_keys: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -68,12 +71,17 @@ async def store_events(
     job_events: list[str] = []
     job_destinations: list[str] = []
     job_partitions: list[str] = []
+    filtered_events: list[str] = []
+    filtered_destinations: list[str] = []
     for position, (event, _) in enumerate(unique, start=1):
         for destination_key in event.destination_keys:
             job_events.append(str(position))
             job_destinations.append(str(destination_key))
             job_partitions.append(
                 str(partition_of(destination_key, event.user_id, ordering_partitions)))
+        for destination_key in event.filtered_keys:
+            filtered_events.append(str(position))
+            filtered_destinations.append(str(destination_key))
     destinations = sorted({d for e, _ in unique for d in e.destination_keys})
     notify = ",".join(map(str, destinations))
     params = {
@@ -85,6 +93,8 @@ async def store_events(
         "job_events": ",".join(job_events),
         "job_destinations": ",".join(job_destinations),
         "job_partitions": ",".join(job_partitions),
+        "filtered_events": ",".join(filtered_events),
+        "filtered_destinations": ",".join(filtered_destinations),
         "notify": notify if len(notify) <= _NOTIFY_LIMIT else "*",
     }
     await conn.execute(query("ingest.sql", "lock_generations"), {"lock": locks.DEDUP_GENERATIONS})

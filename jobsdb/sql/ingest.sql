@@ -9,8 +9,9 @@ SELECT pg_advisory_xact_lock_shared(%(lock)s);
 -- The whole write of a group commit in one statement (the caller pipelines it with BEGIN, the
 -- lock and COMMIT, so a flush costs two round trips, not seven): claim each event's
 -- (source, message_id) in the current dedup generation, insert one job per destination for the
--- events never seen before, wake the routers. Returns the positions (1-based) of the events
--- already seen and the new job ids in input order.
+-- events never seen before, count per connection the new events its filter kept out, wake the
+-- routers. Returns the positions (1-based) of the events already seen and the new job ids in
+-- input order.
 --
 -- Inputs are strings split in SQL: binding arrays of thousands of strings costs more in the
 -- driver than everything else. Text fields are joined by the unit separator, which valid JSON
@@ -42,6 +43,12 @@ job AS (
                 string_to_array(%(job_destinations)s, ','),
                 string_to_array(%(job_partitions)s, ','))
          WITH ORDINALITY AS j(position, destination_key, partition, ordinal)
+),
+filtered AS (
+    SELECT f.position::bigint AS position, f.destination_key::integer AS destination_key
+    FROM unnest(string_to_array(%(filtered_events)s, ','),
+                string_to_array(%(filtered_destinations)s, ','))
+         AS f(position, destination_key)
 ),
 generation AS (
     SELECT max(generation) AS current FROM dedup_generations
@@ -82,6 +89,19 @@ inserted AS (
     SELECT job_id, destination_key, tenant_key, source_key, partition, user_id, message_id,
            document::jsonb
     FROM numbered
+),
+-- Rows keyed by this backend (see jobsdb/migrations/0008_connection_filters.sql): no other
+-- transaction writes them, so this never waits for a concurrent flush.
+counted AS (
+    INSERT INTO connection_counts AS c (source_key, destination_key, bucket, backend, filtered)
+    SELECT e.source_key, f.destination_key,
+           to_timestamp(floor(extract(epoch FROM now()) / 10) * 10), pg_backend_pid(), count(*)
+    FROM filtered f
+    JOIN event e USING (position)
+    WHERE f.position IN (SELECT position FROM fresh)
+    GROUP BY e.source_key, f.destination_key
+    ON CONFLICT (source_key, destination_key, bucket, backend) DO UPDATE
+    SET filtered = c.filtered + excluded.filtered
 )
 SELECT
     (SELECT coalesce(string_agg(position::text, ','), '')
