@@ -240,7 +240,8 @@ def _subscribed(keys: tuple[int, ...], route: SourceRoute, document: dict[str, A
     refused: list[int] = []
     for key in keys:
         subscription = filters.get(key)
-        if subscription is None or subscription.matches(document):
+        # evaluate(...) is True, not matches(...): one call less, for every event and filter.
+        if subscription is None or subscription.evaluate(document) is True:
             kept.append(key)
         else:
             refused.append(key)

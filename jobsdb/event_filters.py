@@ -87,11 +87,12 @@ class EventFilter:
     """A connection's filter, ready to run against many events."""
 
     text: str
-    _test: _Test
+    # The filter's value for an event: True, False, or None when unknown. Only True matches.
+    evaluate: _Test
 
     def matches(self, event: Event) -> bool:
         """True only when the filter is true for the event (unknown does not match)."""
-        return self._test(event) is True
+        return self.evaluate(event) is True
 
 
 def compile_event_filter(text: str) -> EventFilter | None:
@@ -170,36 +171,47 @@ def _predicate(node: Predicate) -> _Test:
             _reject_value(value, f"a {kind} like the first value (the values of an IN list on "
                                  f"{node.field.name} share one JSON type)")
     if kind == "string":
-        literals: list[Any] = [v.value for v in values]
-        return _compared(get, node, literals, _text)
+        # A string is compared as is; any other value by its text form.
+        return _compared(get, node, [v.value for v in values], (str,), _json_text)
     if kind == "number":
-        return _compared(get, node, [_number(v) for v in values], _numeric)
+        # bool is not among them: True is an int in Python, never a number in JSON.
+        return _compared(get, node, [_number(v) for v in values], (int, float), None)
     if isinstance(node, Compare) and node.op in _ORDERING:
         raise FilterError(node.position, f"an operator for {_field_name(node.field)} "
                           "(=, !=, IN, NOT IN) to compare with TRUE or FALSE", f"'{node.op}'")
-    return _compared(get, node, [v.value for v in values], _boolean)
+    return _compared(get, node, [v.value for v in values], (bool,), None)
 
 
 def _compared(get: _Get, node: Compare | InList, literals: list[Any],
-              read: Callable[[Any], Any]) -> _Test:
-    """`value <op> literal` or `value [NOT] IN (literals)`, where `read` turns the field's value
-    into the literal's kind, or None when it has another JSON type (unknown, as in SQL)."""
+              types: tuple[type, ...], convert: Callable[[Any], Any] | None) -> _Test:
+    """`value <op> literal` or `value [NOT] IN (literals)`. A value whose Python type is not
+    among `types` is turned into one by `convert`, or, with none (another JSON type than the
+    literal's), is unknown, as in SQL; so is a missing value or JSON null.
+
+    The type check is inlined (exact classes: JSON parsers build no subclasses) because this
+    runs for every event and every connection that has a filter."""
     if isinstance(node, InList):
         members = frozenset(literals)
         negated = node.negated
 
         def within(event: Event) -> bool | None:
-            value = read(get(event))
-            if value is None:
-                return None
-            return (value not in members) if negated else (value in members)
+            value = get(event)
+            if value.__class__ not in types:
+                if value is None or convert is None:
+                    return None
+                value = convert(value)
+            return (value in members) is not negated
 
         return within
     literal, compare = literals[0], _COMPARE[node.op]
 
     def compared(event: Event) -> bool | None:
-        value = read(get(event))
-        return None if value is None else compare(value, literal)
+        value = get(event)
+        if value.__class__ not in types:
+            if value is None or convert is None:
+                return None
+            value = convert(value)
+        return compare(value, literal)
 
     return compared
 
@@ -242,14 +254,27 @@ def _getter(subject: Field) -> _Get:
     if subject.name in TEXT_FIELDS:
         key = TEXT_FIELDS[subject.name]
         return lambda event: event.get(key)
-    steps = [(key, _subscript(key)) for key in (subject.name, *subject.path)]
+    keys = (subject.name, *subject.path)
+    steps = [(key, _subscript(key)) for key in keys]
+    if all(index is None for _, index in steps):
+        # Object keys only (the usual case): a dict lookup per step.
+
+        def lookup(event: Event) -> Any:
+            value: Any = event
+            for key in keys:
+                if value.__class__ is not dict:
+                    return None
+                value = value.get(key)
+            return value
+
+        return lookup
 
     def walk(event: Event) -> Any:
         value: Any = event
         for key, index in steps:
-            if isinstance(value, dict):
+            if value.__class__ is dict:
                 value = value.get(key)
-            elif isinstance(value, list) and index is not None:
+            elif value.__class__ is list and index is not None:
                 if not -len(value) <= index < len(value):
                     return None
                 value = value[index]
@@ -297,17 +322,6 @@ def _json_text(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_json_text(v) for v in value) + "]"
     raise TypeError(f"not a JSON value: {type(value).__name__}")
-
-
-def _numeric(value: Any) -> int | float | None:
-    # bool is an int in Python, never a number in JSON.
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return value
-    return None
-
-
-def _boolean(value: Any) -> bool | None:
-    return value if isinstance(value, bool) else None
 
 
 def _number(value: Value) -> int | float:

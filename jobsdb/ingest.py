@@ -79,9 +79,9 @@ async def store_events(
             job_destinations.append(str(destination_key))
             job_partitions.append(
                 str(partition_of(destination_key, event.user_id, ordering_partitions)))
-        for destination_key in event.filtered_keys:
-            filtered_events.append(str(position))
-            filtered_destinations.append(str(destination_key))
+        if event.filtered_keys:
+            filtered_events.extend([str(position)] * len(event.filtered_keys))
+            filtered_destinations.extend(map(str, event.filtered_keys))
     destinations = sorted({d for e, _ in unique for d in e.destination_keys})
     notify = ",".join(map(str, destinations))
     params = {
