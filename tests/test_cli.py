@@ -288,6 +288,10 @@ async def test_connection_filters(relayq: Relayq) -> None:
     listed = await relayq("connections", "list")
     assert [row[:2] + row[-1:] for row in listed.rows()] == [
         ["web", "all", "every event"], ["web", "orders", "properties.revenue >= 100"]]
+    stats = (await relayq("stats")).out.split("\n\n")
+    assert stats[-1].splitlines() == [
+        "SOURCE  DESTINATION  FILTERED OUT  FILTERED/S  FILTER",
+        "web     orders       0             0.0         properties.revenue >= 100"]
     cleared = await relayq("connections", "update", "web", "orders", "--filter", "", "--json")
     assert cleared.json()["filter"] == ""
 

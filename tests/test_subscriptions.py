@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from psycopg import AsyncConnection, sql
 
 from ingest_service import metrics
-from jobsdb import write_keys
+from jobsdb import jobs, write_keys
 from jobsdb.event_filters import compile_event_filter
 from jobsdb.filters import compile_filter
 from relayq.v1 import admin_pb2, ingest_pb2
@@ -528,3 +528,20 @@ def test_ingest_evaluates_filters_as_postgres_does(
         assert compiled is not None
         matched = {i for i, event in enumerate(parsed) if compiled.matches(event)}
         assert matched == _selected_by_postgres(oracle, job_filter), (event_filter, texts)
+
+
+async def test_maintenance_folds_old_counts_and_stats_keep_the_sum(world: World) -> None:
+    key = await world.destination("hook")
+    await world.conn.execute("UPDATE connections SET event_filter = 'type = ''x'''")
+    # (seconds ago, or None for the folded row; backend; events kept out)
+    for ago, backend, filtered in [(None, 0, 5), (1200, 111, 3), (1800, 222, 4), (10, 111, 2)]:
+        await world.conn.execute(
+            "INSERT INTO connection_counts VALUES (%s, %s, CASE WHEN %s::integer IS NULL"
+            " THEN '-infinity' ELSE now() - make_interval(secs => %s) END, %s, %s)",
+            (world.source.key, key, ago, ago, backend, filtered))
+    await jobs.fold_counts(world.conn)
+    cur = await world.conn.execute(
+        "SELECT bucket = '-infinity', backend, filtered FROM connection_counts ORDER BY 1, 2")
+    assert await cur.fetchall() == [(False, 111, 2), (True, 0, 12)]
+    [row] = await jobs.connection_stats(world.conn, tenant_key=None, destination_key=None)
+    assert (row.filtered_out, row.recent_filtered_out, row.filter) == (14, 2, "type = 'x'")
