@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import secrets
 import signal
@@ -39,6 +40,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    SERVER,
     add_source,
     cpu_seconds,
     create_database,
@@ -143,9 +145,25 @@ def client_process(port: int, write_key: str, prefix: str, clients: int, batches
     results.put((accepted, time.time()))
 
 
-def phase(port: int, ingest_pid: int, write_key: str, prefix: str, events: int,
-          processes: int, clients: int) -> tuple[float, float]:
-    """Send `events` from one source; (events/s, ingest CPU µs per event)."""
+def backends(database: str) -> list[int]:
+    """The Postgres backends serving the database (ingest's pool and maintenance)."""
+    with psycopg.connect(SERVER, autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s",
+                            (database,)).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def _cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError):  # a backend that ended meanwhile
+            total += cpu_seconds(pid)
+    return total
+
+
+def phase(port: int, ingest_pid: int, database: str, write_key: str, prefix: str, events: int,
+          processes: int, clients: int) -> tuple[float, float, float]:
+    """Send `events` from one source; (events/s, ingest and Postgres CPU µs per event)."""
     batches = max(1, events // BATCH // (processes * clients))
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
@@ -157,16 +175,18 @@ def phase(port: int, ingest_pid: int, write_key: str, prefix: str, events: int,
     for worker in workers:
         worker.start()
     time.sleep(max(0.0, start_at - time.time()))
-    cpu_before = cpu_seconds(ingest_pid)
+    pids = backends(database)
+    cpu_before, postgres_before = cpu_seconds(ingest_pid), _cpu(pids)
     outcomes = [results.get(timeout=900) for _ in workers]
-    cpu = cpu_seconds(ingest_pid) - cpu_before
+    cpu, postgres = cpu_seconds(ingest_pid) - cpu_before, _cpu(pids) - postgres_before
     for worker in workers:
         worker.join()
     accepted = sum(o[0] for o in outcomes)
     expected = batches * BATCH * processes * clients
     if accepted != expected:
         raise SystemExit(f"accepted {accepted} of {expected} events")
-    return accepted / (max(o[1] for o in outcomes) - start_at), cpu / accepted * 1e6
+    return (accepted / (max(o[1] for o in outcomes) - start_at), cpu / accepted * 1e6,
+            postgres / accepted * 1e6)
 
 
 def main() -> None:
@@ -185,18 +205,19 @@ def main() -> None:
     process = spawn("ingest_service.main", {
         "RELAYQ_DATABASE_URL": dsn_for(name), "RELAYQ_INGEST_ADDRESS": f"127.0.0.1:{port}",
         "RELAYQ_INGEST_METRICS_ADDRESS": "off"})
-    figures: dict[str, list[tuple[float, float]]] = {source: [] for source in SOURCES}
+    figures: dict[str, list[tuple[float, float, float]]] = {source: [] for source in SOURCES}
     try:
         keys = prepare(name)
         wait_ready(port)
         order = list(SOURCES)
         for round_ in range(args.rounds):
             for source in order:
-                rate, cpu = phase(port, process.pid, keys[source], f"r{round_}", args.events,
-                                  args.processes, args.clients)
-                figures[source].append((rate, cpu))
-                print(f"round {round_ + 1} {source:>10}: {rate:8,.0f} events/s,"
-                      f" ingest {cpu:5.1f} µs CPU per event", flush=True)
+                figure = phase(port, process.pid, name, keys[source], f"r{round_}",
+                               args.events, args.processes, args.clients)
+                figures[source].append(figure)
+                print(f"round {round_ + 1} {source:>10}: {figure[0]:8,.0f} events/s, CPU per"
+                      f" event: ingest {figure[1]:5.1f} µs, Postgres {figure[2]:5.1f} µs",
+                      flush=True)
             order = order[1:] + order[:1]
     finally:
         process.send_signal(signal.SIGTERM)
@@ -206,10 +227,11 @@ def main() -> None:
     print(f"\n{args.rounds} rounds of {args.events:,} events per source,"
           f" {args.processes}x{args.clients} clients, batches of {BATCH}; medians (spread):")
     for source, values in figures.items():
-        rates, cpus = [v[0] for v in values], [v[1] for v in values]
+        rates, cpus, postgres = ([v[i] for v in values] for i in range(3))
         print(f"  {source:>10}: {statistics.median(rates):8,.0f} events/s"
-              f" ({min(rates):,.0f}-{max(rates):,.0f}), ingest {statistics.median(cpus):.1f} µs"
-              f" CPU per event ({min(cpus):.1f}-{max(cpus):.1f})")
+              f" ({min(rates):,.0f}-{max(rates):,.0f}); CPU per event: ingest"
+              f" {statistics.median(cpus):.1f} µs ({min(cpus):.1f}-{max(cpus):.1f}), Postgres"
+              f" {statistics.median(postgres):.1f} µs ({min(postgres):.1f}-{max(postgres):.1f})")
     print("ratios, per round (paired: the two ran minutes apart at most), then their median:")
     for label, a, b in (("filtered / plain", "filtered", "plain"),
                         ("one-in-ten / single", "one-in-ten", "single"),

@@ -29,6 +29,7 @@ from ingest_service import metrics
 from jobsdb import jobs, write_keys
 from jobsdb.event_filters import compile_event_filter
 from jobsdb.filters import compile_filter
+from jobsdb.ingest import NewEvent, store_events
 from relayq.v1 import admin_pb2, ingest_pb2
 from tests import factories
 from tests.conftest import SERVER_DSN, drop_database, dsn_for
@@ -545,3 +546,34 @@ async def test_maintenance_folds_old_counts_and_stats_keep_the_sum(world: World)
     assert await cur.fetchall() == [(False, 111, 2), (True, 0, 12)]
     [row] = await jobs.connection_stats(world.conn, tenant_key=None, destination_key=None)
     assert (row.filtered_out, row.recent_filtered_out, row.filter) == (14, 2, "type = 'x'")
+
+
+async def test_one_flush_counts_per_connection_across_sources_sets_and_duplicates(
+        conn: AsyncConnection[Any]) -> None:
+    """The store's counting: events of two sources, with different but overlapping sets of
+    destinations kept out, and a duplicate (seen before, or twice in the flush) counted once."""
+    tenant = await factories.tenant(conn)
+    web, app = [await factories.source(conn, tenant, name) for name in ("web", "app")]
+    d1, d2, d3 = [await factories.destination(conn, tenant, f"d{i}") for i in (1, 2, 3)]
+    ordering = {"ordering_partitions": 64}
+    async with conn.transaction():
+        await store_events(conn, [NewEvent(web.key, tenant, "seen", "u", "{}", (), (d1,))],
+                           **ordering)
+    events = [
+        NewEvent(web.key, tenant, "a", "u", "{}", (d3,), (d1, d2)),
+        NewEvent(web.key, tenant, "b", "u", "{}", (d2,), (d1, d3)),
+        NewEvent(web.key, tenant, "c", "u", "{}", (d3,), (d1, d2)),
+        NewEvent(app.key, tenant, "a", "u", "{}", (d3,), (d1, d2)),
+        NewEvent(web.key, tenant, "seen", "u", "{}", (), (d1, d2, d3)),
+        NewEvent(web.key, tenant, "c", "u", "{}", (d3,), (d1, d2)),
+        NewEvent(app.key, tenant, "none", "u", "{}", (d1, d2, d3), ()),
+    ]
+    async with conn.transaction():
+        stored = await store_events(conn, events, **ordering)
+    assert [s.duplicate for s in stored] == [False, False, False, False, True, True, False]
+    cur = await conn.execute(
+        "SELECT source_key, destination_key, sum(filtered)::int FROM connection_counts"
+        " GROUP BY 1, 2 ORDER BY 1, 2")
+    assert await cur.fetchall() == sorted([
+        (web.key, d1, 1 + 3), (web.key, d2, 2), (web.key, d3, 1),
+        (app.key, d1, 1), (app.key, d2, 1)])

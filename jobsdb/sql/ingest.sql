@@ -45,10 +45,12 @@ job AS (
          WITH ORDINALITY AS j(position, destination_key, partition, ordinal)
 ),
 filtered AS (
-    SELECT f.position::bigint AS position, f.destination_key::integer AS destination_key
+    -- Events some filters kept out, each with the number of its set of such destinations:
+    -- %(sets)s is 'key;key|key;key;key', set n being its n-th part.
+    SELECT f.position::bigint AS position, f.kept_out::integer AS kept_out
     FROM unnest(string_to_array(%(filtered_events)s, ','),
-                string_to_array(%(filtered_destinations)s, ','))
-         AS f(position, destination_key)
+                string_to_array(%(filtered_sets)s, ','))
+         AS f(position, kept_out)
 ),
 generation AS (
     SELECT max(generation) AS current FROM dedup_generations
@@ -94,12 +96,20 @@ inserted AS (
 -- transaction writes them, so this never waits for a concurrent flush.
 counted AS (
     INSERT INTO connection_counts AS c (source_key, destination_key, bucket, backend, filtered)
-    SELECT e.source_key, f.destination_key,
-           to_timestamp(floor(extract(epoch FROM now()) / 10) * 10), pg_backend_pid(), count(*)
-    FROM filtered f
-    JOIN event e USING (position)
-    WHERE f.position IN (SELECT position FROM fresh)
-    GROUP BY e.source_key, f.destination_key
+    SELECT per_set.source_key, d.destination_key::integer,
+           to_timestamp(floor(extract(epoch FROM now()) / 10) * 10), pg_backend_pid(),
+           sum(per_set.events)
+    FROM (
+        SELECT e.source_key, f.kept_out, count(*) AS events
+        FROM filtered f
+        JOIN event e USING (position)
+        WHERE f.position IN (SELECT position FROM fresh)
+        GROUP BY e.source_key, f.kept_out
+    ) per_set
+    CROSS JOIN LATERAL unnest(string_to_array(
+        split_part(%(sets)s, '|', per_set.kept_out), ';')) AS d(destination_key)
+    -- Two sets may share a destination: one row per connection, as ON CONFLICT requires.
+    GROUP BY per_set.source_key, d.destination_key
     ON CONFLICT (source_key, destination_key, bucket, backend) DO UPDATE
     SET filtered = c.filtered + excluded.filtered
 )
