@@ -195,8 +195,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2, help="client processes")
     parser.add_argument("--clients", type=int, default=4, help="gRPC clients per process")
+    parser.add_argument("--only", default=",".join(SOURCES),
+                        help="the sources to feed, comma-separated (to profile one)")
     parser.add_argument("--smoke", action="store_true", help="a few seconds: 1 round, 2,000")
     args = parser.parse_args()
+    chosen = args.only.split(",")
     if args.smoke:
         args.events, args.rounds, args.processes, args.clients = 2_000, 1, 1, 2
 
@@ -205,11 +208,12 @@ def main() -> None:
     process = spawn("ingest_service.main", {
         "RELAYQ_DATABASE_URL": dsn_for(name), "RELAYQ_INGEST_ADDRESS": f"127.0.0.1:{port}",
         "RELAYQ_INGEST_METRICS_ADDRESS": "off"})
-    figures: dict[str, list[tuple[float, float, float]]] = {source: [] for source in SOURCES}
+    figures: dict[str, list[tuple[float, float, float]]] = {
+        source: [] for source in SOURCES if source in chosen}
     try:
         keys = prepare(name)
         wait_ready(port)
-        order = list(SOURCES)
+        order = [source for source in SOURCES if source in chosen]
         for round_ in range(args.rounds):
             for source in order:
                 figure = phase(port, process.pid, name, keys[source], f"r{round_}",
@@ -236,6 +240,8 @@ def main() -> None:
     for label, a, b in (("filtered / plain", "filtered", "plain"),
                         ("one-in-ten / single", "one-in-ten", "single"),
                         ("one-in-ten / plain", "one-in-ten", "plain")):
+        if a not in figures or b not in figures:
+            continue
         rates = [x[0] / y[0] for x, y in zip(figures[a], figures[b], strict=True)]
         cpus = [x[1] / y[1] for x, y in zip(figures[a], figures[b], strict=True)]
         print(f"  {label:>19}: events/s {' '.join(f'{r:.2f}' for r in rates)}"
