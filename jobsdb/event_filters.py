@@ -24,7 +24,7 @@ so `properties.x = '10'` means here what `payload.properties.x = '10'` means in 
   point, as in the C collation.
 - A number compares only with JSON numbers, numerically; TRUE/FALSE only with JSON booleans.
 - LIKE: `%` any run of characters, `_` one character, `\\` makes the next one literal; it uses
-  the text form; matching is linear in the text for any pattern (no backtracking).
+  the text form; matching never backtracks (at most the text's length times the pattern's).
 
 Where this differs from Postgres: numbers are read as JSON parsers read them (floating point
 beyond 2^53 or 17 significant digits, so 0.1 and 0.10000000000000000001 are equal here), and the
