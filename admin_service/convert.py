@@ -65,7 +65,8 @@ def circuit(opened_at: datetime | None, reason: str | None) -> admin_pb2.Circuit
 
 def connection(row: catalog.Connection) -> admin_pb2.Connection:
     return admin_pb2.Connection(source_id=row.source_id, destination_id=row.destination_id,
-                                enabled=row.enabled, created_at=timestamp(row.created_at))
+                                enabled=row.enabled, created_at=timestamp(row.created_at),
+                                filter=row.filter)
 
 
 def admin_token(row: catalog.AdminToken) -> admin_pb2.AdminToken:

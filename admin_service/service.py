@@ -267,28 +267,39 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ConnectSource(self, request: admin_pb2.ConnectSourceRequest, context: Context
                             ) -> admin_pb2.Connection:
         caller = await self._auth.caller(context)
-        source_id = validate.reference("source_id", request.source_id)
-        destination_id = validate.reference("destination_id", request.destination_id)
+        ids, event_filter = _pair_ids(request), _filter_given(request)
         async with transaction(self._pool) as conn:
-            source = await catalog.get_source(conn, source_id, caller.scope)
-            destination = await catalog.get_destination(conn, destination_id, caller.scope)
+            source, destination = await _pair(conn, caller, ids)
             if source.tenant_key != destination.tenant_key:
                 raise validate.bad("destination_id",
                                    "a source connects only to destinations of its own tenant")
-            row = await catalog.connect(conn, source, destination)
+            row = await catalog.connect(conn, source, destination, event_filter)
         _changed(caller, "connected", tenant=source.tenant_id, source=source.id,
-                 destination=destination.id)
+                 destination=destination.id, filter=row.filter)
+        return convert.connection(row)
+
+    @handle_errors
+    async def UpdateConnection(self, request: admin_pb2.UpdateConnectionRequest,
+                               context: Context) -> admin_pb2.Connection:
+        caller = await self._auth.caller(context)
+        ids, event_filter = _pair_ids(request), _filter_given(request)
+        async with transaction(self._pool) as conn:
+            source, destination = await _pair(conn, caller, ids)
+            if event_filter is None:
+                return convert.connection(
+                    await catalog.get_connection(conn, source, destination))
+            row = await catalog.set_connection_filter(conn, source, destination, event_filter)
+        _changed(caller, "updated connection", tenant=source.tenant_id, source=source.id,
+                 destination=destination.id, filter=row.filter)
         return convert.connection(row)
 
     @handle_errors
     async def DisconnectSource(self, request: admin_pb2.DisconnectSourceRequest,
                                context: Context) -> admin_pb2.Connection:
         caller = await self._auth.caller(context)
-        source_id = validate.reference("source_id", request.source_id)
-        destination_id = validate.reference("destination_id", request.destination_id)
+        ids = _pair_ids(request)
         async with transaction(self._pool) as conn:
-            source = await catalog.get_source(conn, source_id, caller.scope)
-            destination = await catalog.get_destination(conn, destination_id, caller.scope)
+            source, destination = await _pair(conn, caller, ids)
             row = await catalog.disconnect(conn, source, destination)
         _changed(caller, "disconnected", tenant=source.tenant_id, source=source.id,
                  destination=destination.id)
@@ -448,7 +459,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     conn, destination_id, caller.scope)).destination_key
             rows = await jobsdb.stats(conn, tenant_key=tenant_key,
                                       destination_key=destination_key)
-        return _stats(rows)
+            connections = await jobsdb.connection_stats(conn, tenant_key=tenant_key,
+                                                        destination_key=destination_key)
+        return _stats(rows, connections)
 
 
 async def _filters_exist(conn: AsyncConnection[Any], caller: Caller, *,
@@ -462,6 +475,29 @@ async def _filters_exist(conn: AsyncConnection[Any], caller: Caller, *,
         await catalog.get_source(conn, source_id, caller.scope)
     if destination_id:
         await catalog.get_destination(conn, destination_id, caller.scope)
+
+
+_PairRequest = (admin_pb2.ConnectSourceRequest | admin_pb2.UpdateConnectionRequest
+                | admin_pb2.DisconnectSourceRequest)
+
+
+def _pair_ids(request: _PairRequest) -> tuple[str, str]:
+    return (validate.reference("source_id", request.source_id),
+            validate.reference("destination_id", request.destination_id))
+
+
+def _filter_given(request: admin_pb2.ConnectSourceRequest | admin_pb2.UpdateConnectionRequest
+                  ) -> str | None:
+    """The connection filter a request sets, checked; None when it leaves it as it is."""
+    return validate.event_filter("filter", request.filter) if request.HasField("filter") \
+        else None
+
+
+async def _pair(conn: AsyncConnection[Any], caller: Caller, ids: tuple[str, str]
+                ) -> tuple[catalog.Source, catalog.Destination]:
+    """The source and destination a connection request names, as the caller may see them."""
+    return (await catalog.get_source(conn, ids[0], caller.scope),
+            await catalog.get_destination(conn, ids[1], caller.scope))
 
 
 def _selector(request_selector: admin_pb2.JobSelector) -> jobsdb.Selection:
@@ -527,9 +563,18 @@ def _peeked(row: jobsdb.PeekedRow, paused: bool, now: Any) -> admin_pb2.PeekedJo
                                blocked_by=row.holder or 0, blocked_reason=reason)
 
 
-def _stats(rows: list[jobsdb.DestinationStatsRow]) -> admin_pb2.GetStatsResponse:
+def _stats(rows: list[jobsdb.DestinationStatsRow],
+           connections: list[jobsdb.ConnectionStatsRow]) -> admin_pb2.GetStatsResponse:
     response = admin_pb2.GetStatsResponse()
     tenants: dict[str, admin_pb2.TenantStats] = defaultdict(admin_pb2.TenantStats)
+    filtered: dict[int, int] = defaultdict(int)
+    for connection in connections:
+        filtered[connection.destination_key] += connection.filtered_out
+        response.connections.append(admin_pb2.ConnectionStats(
+            source_id=connection.source_id, destination_id=connection.destination_id,
+            tenant_id=connection.tenant_id, filter=connection.filter,
+            filtered_out=connection.filtered_out,
+            filtered_out_per_second=connection.recent_filtered_out / 60))
     for row in rows:
         counts = common_counts(row)
         oldest = float(row.oldest_pending_seconds or 0.0)
@@ -539,9 +584,11 @@ def _stats(rows: list[jobsdb.DestinationStatsRow]) -> admin_pb2.GetStatsResponse
             destination_id=row.destination_id, tenant_id=row.tenant_id, counts=counts,
             oldest_pending_seconds=oldest, delivered_per_second=delivered,
             failed_per_second=failed, paused=row.paused,
-            circuit=convert.circuit(row.circuit_opened_at, row.circuit_reason)))
+            circuit=convert.circuit(row.circuit_opened_at, row.circuit_reason),
+            filtered_out=filtered[row.destination_key]))
         tenant = tenants[row.tenant_id]
         tenant.tenant_id = row.tenant_id
+        tenant.filtered_out += filtered[row.destination_key]
         for field in ("pending", "failed", "waiting", "succeeded", "aborted"):
             setattr(tenant.counts, field, getattr(tenant.counts, field) + getattr(counts, field))
         tenant.oldest_pending_seconds = max(tenant.oldest_pending_seconds, oldest)

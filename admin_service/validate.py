@@ -11,6 +11,8 @@ import math
 import re
 import secrets
 
+from jobsdb.event_filters import compile_event_filter
+from jobsdb.filters import FilterError
 from relayq import destination_types
 from relayq.rpc import InvalidArgument
 from relayq.v1 import admin_pb2, common_pb2
@@ -197,6 +199,17 @@ def headers_update(field: str, kind: str, current: dict[str, str], given: dict[s
     if destination_types.TYPES[kind].lowercase_headers:
         current = {name.lower(): value for name, value in current.items()}
     return headers(field, kind, {**current, **given})
+
+
+def event_filter(field: str, value: str) -> str:
+    """A connection's filter, compiled here only to be checked (ingest compiles what is
+    stored): a malformed one names the column and what was expected there, as job filters
+    do. "" (or only spaces) means every event."""
+    try:
+        compiled = compile_event_filter(value)
+    except FilterError as exc:
+        raise bad(field, exc.message) from None
+    return "" if compiled is None else value
 
 
 def page_size(field: str, value: int, default: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +14,7 @@ from ingest_service.config import Limits
 from ingest_service.quota import SourceQuotas
 from ingest_service.routes import RouteCache
 from jobsdb.ingest import Stored
+from jobsdb.write_keys import SourceRoute
 from relayq.auth import bearer_token
 from relayq.rpc import (
     InvalidArgument,
@@ -89,6 +91,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         metrics.EVENTS.labels("duplicate").inc(response.duplicates)
         metrics.EVENTS.labels("rejected").inc(response.rejected)
         metrics.JOBS.inc(sum(len(o.job_ids) for o in stored))
+        if route.filters:
+            _count_filtered(route, prepared, stored)
         return response
 
 
@@ -107,7 +111,8 @@ def _response(
             duplicates += 1
         else:
             results[index] = ingest_pb2.EventResult(
-                message_id=event.message_id, status=_ACCEPTED, job_ids=outcome.job_ids)
+                message_id=event.message_id, status=_ACCEPTED, job_ids=outcome.job_ids,
+                destinations=len(outcome.job_ids), filtered_out=len(event.filtered_keys))
             accepted += 1
     events = request.events
     for index, reason in prepared.rejected.items():
@@ -116,6 +121,20 @@ def _response(
     return ingest_pb2.IngestResponse(
         results=results, accepted=accepted, duplicates=duplicates,
         rejected=len(prepared.rejected))
+
+
+def _count_filtered(route: SourceRoute, prepared: validate.Prepared, stored: list[Stored]
+                    ) -> None:
+    """The metric of events kept out per connection, counted as the database counts them
+    (connection_counts): stored events only, so a retried batch counts once."""
+    counts: Counter[int] = Counter()
+    for (_, event), outcome in zip(prepared.events, stored, strict=True):
+        if not outcome.duplicate:
+            counts.update(event.filtered_keys)
+    if counts:
+        ids = {key: destination_id for destination_id, key in route.destinations.items()}
+        for key, count in counts.items():
+            metrics.FILTERED.labels(route.source_id, ids[key]).inc(count)
 
 
 def _all_or_nothing(rejected: dict[int, str], total: int) -> InvalidArgument:

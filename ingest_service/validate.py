@@ -109,8 +109,10 @@ def build_event(
     if len(name) > MAX_NAME:
         raise EventRejected(f"event: longer than {MAX_NAME} characters")
 
-    properties = _properties(event, limits)
+    properties, body = _properties(event, limits)
     context = event.context_json
+    context_text, context_body = (_object_text("context_json", context, limits) if context
+                                  else ("", None))
     envelope: dict[str, Any] = {"messageId": message_id}
     if kind:
         envelope["type"] = kind
@@ -128,7 +130,7 @@ def build_event(
     # included), spliced after the envelope rather than parsed and serialised again.
     text = orjson.dumps(envelope).decode()[:-1] + ',"properties":' + properties
     if context:
-        text += ',"context":' + _object_text("context_json", context, limits)
+        text += ',"context":' + context_text
     text += "}"
     size = len(text) if text.isascii() else len(text.encode())
     if size > limits.max_event_bytes:
@@ -139,13 +141,24 @@ def build_event(
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise EventRejected("payload: contains a \\u0000 character, which cannot be stored")
 
+    if route.filters:
+        # The document as delivered, for the connections' filters: the envelope's fields and
+        # the object validation already parsed (filters never parse text themselves).
+        envelope["properties"] = body
+        if context_body is not None:
+            envelope["context"] = context_body
+        destination_keys, filtered_keys = _subscribed(_destinations(event, route), route,
+                                                      envelope)
+    else:
+        destination_keys, filtered_keys = _destinations(event, route), ()
     return NewEvent(
         source_key=route.source_key,
         tenant_key=route.tenant_key,
         message_id=message_id,
         user_id=user_id or anonymous_id,
         document=text,
-        destination_keys=_destinations(event, route),
+        destination_keys=destination_keys,
+        filtered_keys=filtered_keys,
     )
 
 
@@ -158,18 +171,21 @@ def _check_text(name: str, value: str, limit: int) -> None:
         raise EventRejected(f"{name}: contains control characters")
 
 
-def _properties(event: ingest_pb2.Event, limits: Limits) -> str:
-    """The event's JSON object as text, checked to be an object that jsonb will take."""
+def _properties(event: ingest_pb2.Event, limits: Limits) -> tuple[str, dict[str, Any]]:
+    """The event's JSON object as text, checked to be an object that jsonb will take, and the
+    object itself (connection filters read it)."""
     body = event.WhichOneof("body")
     if body == "properties":
-        return orjson.dumps(json_format.MessageToDict(event.properties)).decode()
+        parsed = json_format.MessageToDict(event.properties)
+        return orjson.dumps(parsed).decode(), parsed
     if body is None:
-        return "{}"
+        return "{}", {}
     return _object_text("payload_json", event.payload_json, limits)
 
 
-def _object_text(name: str, text: str, limits: Limits) -> str:
-    """Client JSON text, checked to be an object that jsonb will take, returned as sent."""
+def _object_text(name: str, text: str, limits: Limits) -> tuple[str, dict[str, Any]]:
+    """Client JSON text, checked to be an object that jsonb will take, returned as sent, and
+    the object itself (connection filters read it)."""
     if len(text) > limits.max_event_bytes:
         raise EventRejected(
             f"{name}: {len(text)} characters, over the limit of {limits.max_event_bytes}"
@@ -181,7 +197,7 @@ def _object_text(name: str, text: str, limits: Limits) -> str:
         value = _loads_standard(name, text, exc)
     if not isinstance(value, dict):
         raise EventRejected(f"{name}: must be a JSON object, got {type(value).__name__}")
-    return text
+    return text, value
 
 
 def _loads_standard(name: str, text: str, error: orjson.JSONDecodeError) -> Any:
@@ -204,6 +220,7 @@ def _not_json(name: str) -> Any:
 
 
 def _destinations(event: ingest_pb2.Event, route: SourceRoute) -> tuple[int, ...]:
+    """The connected destinations the event is for: all, or those it names."""
     named = event.destination_ids
     if not named:
         return route.destination_keys
@@ -218,3 +235,22 @@ def _destinations(event: ingest_pb2.Event, route: SourceRoute) -> tuple[int, ...
         if key not in keys:
             keys.append(key)
     return tuple(keys)
+
+
+def _subscribed(keys: tuple[int, ...], route: SourceRoute, document: dict[str, Any]
+                ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the destinations whose connection takes the event, those whose filter refused it).
+
+    A destination the event names is filtered too: the connection's filter is what its
+    receiver subscribed to, and a producer naming destinations only narrows that further."""
+    filters = route.filters
+    kept: list[int] = []
+    refused: list[int] = []
+    for key in keys:
+        subscription = filters.get(key)
+        # evaluate(...) is True, not matches(...): one call less, for every event and filter.
+        if subscription is None or subscription.evaluate(document) is True:
+            kept.append(key)
+        else:
+            refused.append(key)
+    return tuple(kept), tuple(refused)

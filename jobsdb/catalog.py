@@ -115,6 +115,8 @@ class Connection:
     destination_id: str
     enabled: bool
     created_at: datetime
+    # The event filter ("": every event).
+    filter: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,11 +289,32 @@ async def set_circuit(conn: Conn, destination: Destination, *, open_: bool, reas
 # --- connections ---------------------------------------------------------------------------
 
 
-async def connect(conn: Conn, source: Source, destination: Destination) -> Connection:
+async def connect(conn: Conn, source: Source, destination: Destination,
+                  event_filter: str | None = None) -> Connection:
+    """Connect (or enable again); `event_filter` None keeps an existing connection's filter,
+    "" clears it. The caller checks the filter compiles (jobsdb.event_filters)."""
     return await _one(conn, Connection, "connect", {
         "source_key": source.source_key, "destination_key": destination.destination_key,
         "source_id": source.id, "destination_id": destination.id,
+        "set_filter": event_filter is not None, "event_filter": event_filter or None,
     }, "connection")
+
+
+async def set_connection_filter(conn: Conn, source: Source, destination: Destination,
+                                event_filter: str) -> Connection:
+    """Replace a connection's filter ("": every event); NotFound if never connected."""
+    return await _one(conn, Connection, "set_connection_filter", {
+        "source_key": source.source_key, "destination_key": destination.destination_key,
+        "source_id": source.id, "destination_id": destination.id,
+        "event_filter": event_filter or None,
+    }, f"connection {source.id!r} -> {destination.id!r}")
+
+
+async def get_connection(conn: Conn, source: Source, destination: Destination) -> Connection:
+    return await _one(conn, Connection, "get_connection", {
+        "source_key": source.source_key, "destination_key": destination.destination_key,
+        "source_id": source.id, "destination_id": destination.id,
+    }, f"connection {source.id!r} -> {destination.id!r}")
 
 
 async def disconnect(conn: Conn, source: Source, destination: Destination) -> Connection:

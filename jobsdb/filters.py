@@ -57,14 +57,31 @@ FIELDS: Final = (
 )
 
 _KEYWORDS: Final = frozenset({"AND", "OR", "NOT", "IN", "IS", "NULL", "LIKE", "TRUE", "FALSE"})
-_FIELD_EXPECTED: Final = (
-    "a field (job_id, tenant, source, destination, user_id, message_id, state, attempts, "
-    "error_code, created_at, updated_at or payload.<key>)"
-)
 _OPERATOR_EXPECTED: Final = (
     "an operator (=, !=, <, <=, >, >=, IN, NOT IN, LIKE, NOT LIKE, IS NULL, IS NOT NULL)"
 )
 _VALUE_EXPECTED: Final = "a value (a quoted string, a number, TRUE or FALSE)"
+
+
+@dataclass(frozen=True)
+class Language:
+    """The fields one use of the filter language knows: the grammar is shared, the fields are
+    not (jobs here; events, for connection filters, in jobsdb.event_filters)."""
+
+    # Fields that stand alone (user_id).
+    fields: frozenset[str]
+    # Fields followed by a path into a JSON document (payload.<key>.<key>).
+    documents: frozenset[str]
+    # What an unknown field is told it should have been.
+    expected: str
+
+
+JOBS: Final = Language(
+    fields=frozenset(FIELDS) - {"payload"},
+    documents=frozenset({"payload"}),
+    expected="a field (job_id, tenant, source, destination, user_id, message_id, state, "
+             "attempts, error_code, created_at, updated_at or payload.<key>)",
+)
 
 
 class FilterError(ValueError):
@@ -282,17 +299,18 @@ def _quoted(text: str, start: int) -> tuple[str, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def parse(text: str) -> Node:
+def parse(text: str, language: Language = JOBS) -> Node:
     """Parse a filter into its AST. An empty filter is an error here (compile_filter allows it)."""
     if len(text) > MAX_LENGTH:
         raise FilterError(MAX_LENGTH + 1, f"a filter of at most {MAX_LENGTH} characters",
                           f"{len(text)} characters")
-    return _Parser(tokenize(text)).filter()
+    return _Parser(tokenize(text), language).filter()
 
 
 class _Parser:
-    def __init__(self, tokens: list[Token]) -> None:
+    def __init__(self, tokens: list[Token], language: Language) -> None:
         self.tokens = tokens
+        self.language = language
         self.index = 0
         self.depth = 0
 
@@ -389,13 +407,15 @@ class _Parser:
         name = token.text.lower()
         if token.kind != "word":
             self.fail("a field, NOT or '('")
-        if token.keyword is not None or not token.text.isascii() or name not in FIELDS:
-            self.fail(_FIELD_EXPECTED)
+        language = self.language
+        if (token.keyword is not None or not token.text.isascii()
+                or (name not in language.fields and name not in language.documents)):
+            self.fail(language.expected)
         self.advance()
-        if name != "payload":
+        if name not in language.documents:
             return Field(name, (), token.position)
         if self.peek().kind != ".":
-            self.fail("'.' and a key after payload (payload.<key>)")
+            self.fail(f"'.' and a key after {name} ({name}.<key>)")
         path: list[str] = []
         while self.peek().kind == ".":
             self.advance()

@@ -34,6 +34,9 @@ class NewEvent(NamedTuple):
     document: str
     # One job per destination, in this order.
     destination_keys: tuple[int, ...]
+    # Connected destinations whose filter refused the event: counted per connection
+    # (connection_counts) if the event is stored, not if it is a duplicate.
+    filtered_keys: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -68,12 +71,24 @@ async def store_events(
     job_events: list[str] = []
     job_destinations: list[str] = []
     job_partitions: list[str] = []
+    # Events that filters kept from some destinations, each with the index (1-based) of its
+    # set of such destinations: events of one kind share a set, so a flush sends a few sets
+    # and one number per event, not a pair per event and destination.
+    filtered_events: list[str] = []
+    filtered_sets: list[str] = []
+    sets: dict[tuple[int, ...], str] = {}
     for position, (event, _) in enumerate(unique, start=1):
         for destination_key in event.destination_keys:
             job_events.append(str(position))
             job_destinations.append(str(destination_key))
             job_partitions.append(
                 str(partition_of(destination_key, event.user_id, ordering_partitions)))
+        if event.filtered_keys:
+            index = sets.get(event.filtered_keys)
+            if index is None:
+                index = sets[event.filtered_keys] = str(len(sets) + 1)
+            filtered_events.append(str(position))
+            filtered_sets.append(index)
     destinations = sorted({d for e, _ in unique for d in e.destination_keys})
     notify = ",".join(map(str, destinations))
     params = {
@@ -85,6 +100,9 @@ async def store_events(
         "job_events": ",".join(job_events),
         "job_destinations": ",".join(job_destinations),
         "job_partitions": ",".join(job_partitions),
+        "filtered_events": ",".join(filtered_events),
+        "filtered_sets": ",".join(filtered_sets),
+        "sets": "|".join(";".join(map(str, keys)) for keys in sets),
         "notify": notify if len(notify) <= _NOTIFY_LIMIT else "*",
     }
     await conn.execute(query("ingest.sql", "lock_generations"), {"lock": locks.DEDUP_GENERATIONS})

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, LiteralString
 
 from psycopg import AsyncConnection, sql
+from psycopg.rows import class_row
 
 from jobsdb.errors import NotFound
 from jobsdb.sqlfile import query
@@ -93,6 +94,17 @@ class DestinationStatsRow:
     # Set while the destination's circuit is open.
     circuit_opened_at: datetime | None
     circuit_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatsRow:
+    source_id: str
+    destination_id: str
+    destination_key: int
+    tenant_id: str
+    filter: str
+    filtered_out: int
+    recent_filtered_out: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,5 +194,15 @@ async def stats(conn: Conn, *, tenant_key: int | None, destination_key: int | No
     return [DestinationStatsRow(*row) for row in await cur.fetchall()]
 
 
+async def connection_stats(conn: Conn, *, tenant_key: int | None, destination_key: int | None
+                           ) -> list[ConnectionStatsRow]:
+    """Connections that have a filter or whose filter kept events out, with those counts."""
+    cur = conn.cursor(row_factory=class_row(ConnectionStatsRow))
+    await cur.execute(query("jobs.sql", "connection_stats"),
+                      {"tenant_key": tenant_key, "destination_key": destination_key})
+    return await cur.fetchall()
+
+
 async def fold_counts(conn: Conn) -> None:
     await conn.execute(query("jobs.sql", "fold_counts"))
+    await conn.execute(query("jobs.sql", "fold_connection_counts"))

@@ -37,8 +37,12 @@ class Setup:
 async def setup(world: World) -> AsyncIterator[Setup]:
     """Tenant 'acme' (the world's, with a destination and a job) and tenant 'beta'."""
     await world.destination("acme-hook", paused=True)
+    # A filter that keeps m2 out: acme's connection shows in GetStats with its filter and
+    # count, which beta must never see.
+    await world.conn.execute("UPDATE connections SET event_filter = 'properties.n = 1'")
     async with ingest(world.database) as service, admin(world.database) as adm:
-        [job_id] = await send(service, world.source, [event("m1", "alice")])
+        [job_id] = await send(service, world.source, [event("m1", "alice"),
+                                                      event("m2", "alice", n=2)])
         auth = Admin.auth()
         await adm.stub.CreateTenant(admin_pb2.CreateTenantRequest(id="beta"), metadata=auth)
         await adm.stub.CreateSource(admin_pb2.CreateSourceRequest(id="beta-web",
@@ -93,6 +97,13 @@ CASES = [
         destination_id="acme-hook", open=True, reason="maintenance"), NOT_FOUND),
     Case("ConnectSource", lambda s: admin_pb2.ConnectSourceRequest(
         source_id="web", destination_id="acme-hook"), NOT_FOUND),
+    Case("ConnectSource", lambda s: admin_pb2.ConnectSourceRequest(
+        source_id="web", destination_id="acme-hook", filter="type = 'track'"), NOT_FOUND),
+    Case("UpdateConnection", lambda s: admin_pb2.UpdateConnectionRequest(
+        source_id="web", destination_id="acme-hook", filter="event = 'Order Completed'"),
+         NOT_FOUND),
+    Case("UpdateConnection", lambda s: admin_pb2.UpdateConnectionRequest(
+        source_id="web", destination_id="acme-hook"), NOT_FOUND),
     Case("DisconnectSource", lambda s: admin_pb2.DisconnectSourceRequest(
         source_id="web", destination_id="acme-hook"), NOT_FOUND),
     Case("ListConnections", lambda s: admin_pb2.ListConnectionsRequest(), OK),
@@ -141,7 +152,8 @@ async def _acme_fingerprint(conn: AsyncConnection[Any]) -> tuple[Any, ...]:
         " (SELECT array_agg((enabled, rate_per_second) ORDER BY id) FROM sources),"
         " (SELECT count(*) FROM tenants),"
         " (SELECT count(*) FROM admin_tokens), (SELECT count(revoked_at) FROM admin_tokens),"
-        " (SELECT array_agg(enabled) FROM connections)")
+        " (SELECT array_agg((enabled, event_filter)) FROM connections),"
+        " (SELECT sum(filtered) FROM connection_counts)")
     row = await cur.fetchone()
     assert row is not None
     return tuple(row)

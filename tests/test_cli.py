@@ -239,9 +239,9 @@ async def test_connections_and_tenant_tokens(relayq: Relayq) -> None:
         assert linked.out == f"{source} -> {destination}: connected\n", linked.err
 
     listed = await relayq("connections", "list")
-    assert listed.header() == ["SOURCE", "DESTINATION", "ENABLED", "CREATED"]
-    assert sorted(row[:3] for row in listed.rows()) == [
-        ["app", "sink", "yes"], ["web", "hook", "yes"]]
+    assert listed.header() == ["SOURCE", "DESTINATION", "ENABLED", "CREATED", "FILTER"]
+    assert sorted(row[:3] + row[-1:] for row in listed.rows()) == [
+        ["app", "sink", "yes", "every event"], ["web", "hook", "yes", "every event"]]
     only = (await relayq("connections", "list", "--source", "web", "--json")).json()
     assert [(c["sourceId"], c["destinationId"]) for c in only["connections"]] == [
         ("web", "hook")]
@@ -276,6 +276,36 @@ async def test_connections_and_tenant_tokens(relayq: Relayq) -> None:
     assert gone.out == "web -> hook: disconnected\n", gone.err
     after = (await relayq("connections", "list", "--source", "web", "--json")).json()
     assert all(not c.get("enabled") for c in after["connections"])
+
+
+async def test_connection_filters(relayq: Relayq) -> None:
+    await relayq("tenants", "create", "acme")
+    await relayq("sources", "create", "--tenant", "acme", "--id", "web")
+    for destination in ("orders", "all"):
+        await relayq("destinations", "create", "--tenant", "acme", "--id", destination,
+                     "--type", "webhook", "--endpoint", "http://127.0.0.1:9/")
+    linked = await relayq("connections", "connect", "web", "orders",
+                          "--filter", "event = 'Order Completed'")
+    assert linked.out == "web -> orders: connected, filter: event = 'Order Completed'\n"
+    await relayq("connections", "connect", "web", "all")
+
+    bad = await relayq("connections", "update", "web", "orders", "--filter", "event = 'x' AND")
+    assert bad.code == 1
+    assert bad.error == ("relayq: INVALID_ARGUMENT: filter: column 16: expected a field, NOT or"
+                         " '(', found end of filter\n")
+    updated = await relayq("connections", "update", "web", "orders",
+                           "--filter", "properties.revenue >= 100")
+    assert updated.out == "web -> orders: connected, filter: properties.revenue >= 100\n"
+
+    listed = await relayq("connections", "list")
+    assert [row[:2] + row[-1:] for row in listed.rows()] == [
+        ["web", "all", "every event"], ["web", "orders", "properties.revenue >= 100"]]
+    stats = (await relayq("stats")).out.split("\n\n")
+    assert stats[-1].splitlines() == [
+        "SOURCE  DESTINATION  FILTERED OUT  FILTERED/S  FILTER",
+        "web     orders       0             0.0         properties.revenue >= 100"]
+    cleared = await relayq("connections", "update", "web", "orders", "--filter", "", "--json")
+    assert cleared.json()["filter"] == ""
 
 
 # ---------- jobs ----------

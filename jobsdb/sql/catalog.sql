@@ -101,22 +101,39 @@ SET circuit_opened_at = NULL, circuit_reason = NULL
 WHERE destination_key = %(destination_key)s AND circuit_opened_at IS NOT NULL;
 
 -- name: connect
--- Connecting twice is harmless; connecting a disconnected pair enables it again.
-INSERT INTO connections (source_key, destination_key)
-VALUES (%(source_key)s, %(destination_key)s)
-ON CONFLICT (source_key, destination_key) DO UPDATE SET enabled = true
+-- Connecting twice is harmless; connecting a disconnected pair enables it again. The filter
+-- is replaced only when the caller gives one (%(set_filter)s; NULL: every event).
+INSERT INTO connections AS c (source_key, destination_key, event_filter)
+VALUES (%(source_key)s, %(destination_key)s, %(event_filter)s)
+ON CONFLICT (source_key, destination_key) DO UPDATE
+SET enabled = true,
+    event_filter = CASE WHEN %(set_filter)s THEN excluded.event_filter ELSE c.event_filter END
 RETURNING %(source_id)s::text AS source_id, %(destination_id)s::text AS destination_id,
-          enabled, created_at;
+          enabled, created_at, coalesce(event_filter, '') AS filter;
 
 -- name: disconnect
 UPDATE connections
 SET enabled = false
 WHERE source_key = %(source_key)s AND destination_key = %(destination_key)s
 RETURNING %(source_id)s::text AS source_id, %(destination_id)s::text AS destination_id,
-          enabled, created_at;
+          enabled, created_at, coalesce(event_filter, '') AS filter;
+
+-- name: set_connection_filter
+UPDATE connections
+SET event_filter = %(event_filter)s
+WHERE source_key = %(source_key)s AND destination_key = %(destination_key)s
+RETURNING %(source_id)s::text AS source_id, %(destination_id)s::text AS destination_id,
+          enabled, created_at, coalesce(event_filter, '') AS filter;
+
+-- name: get_connection
+SELECT %(source_id)s::text AS source_id, %(destination_id)s::text AS destination_id,
+       enabled, created_at, coalesce(event_filter, '') AS filter
+FROM connections
+WHERE source_key = %(source_key)s AND destination_key = %(destination_key)s;
 
 -- name: list_connections
-SELECT s.id AS source_id, d.id AS destination_id, c.enabled, c.created_at
+SELECT s.id AS source_id, d.id AS destination_id, c.enabled, c.created_at,
+       coalesce(c.event_filter, '') AS filter
 FROM connections c
 JOIN sources s ON s.source_key = c.source_key
 JOIN destinations d ON d.destination_key = c.destination_key

@@ -9,8 +9,9 @@ SELECT pg_advisory_xact_lock_shared(%(lock)s);
 -- The whole write of a group commit in one statement (the caller pipelines it with BEGIN, the
 -- lock and COMMIT, so a flush costs two round trips, not seven): claim each event's
 -- (source, message_id) in the current dedup generation, insert one job per destination for the
--- events never seen before, wake the routers. Returns the positions (1-based) of the events
--- already seen and the new job ids in input order.
+-- events never seen before, count per connection the new events its filter kept out, wake the
+-- routers. Returns the positions (1-based) of the events already seen and the new job ids in
+-- input order.
 --
 -- Inputs are strings split in SQL: binding arrays of thousands of strings costs more in the
 -- driver than everything else. Text fields are joined by the unit separator, which valid JSON
@@ -42,6 +43,14 @@ job AS (
                 string_to_array(%(job_destinations)s, ','),
                 string_to_array(%(job_partitions)s, ','))
          WITH ORDINALITY AS j(position, destination_key, partition, ordinal)
+),
+filtered AS (
+    -- Events some filters kept out, each with the number of its set of such destinations:
+    -- %(sets)s is 'key;key|key;key;key', set n being its n-th part.
+    SELECT f.position::bigint AS position, f.kept_out::integer AS kept_out
+    FROM unnest(string_to_array(%(filtered_events)s, ','),
+                string_to_array(%(filtered_sets)s, ','))
+         AS f(position, kept_out)
 ),
 generation AS (
     SELECT max(generation) AS current FROM dedup_generations
@@ -82,6 +91,27 @@ inserted AS (
     SELECT job_id, destination_key, tenant_key, source_key, partition, user_id, message_id,
            document::jsonb
     FROM numbered
+),
+-- Rows keyed by this backend (see jobsdb/migrations/0008_connection_filters.sql): no other
+-- transaction writes them, so this never waits for a concurrent flush.
+counted AS (
+    INSERT INTO connection_counts AS c (source_key, destination_key, bucket, backend, filtered)
+    SELECT per_set.source_key, d.destination_key::integer,
+           to_timestamp(floor(extract(epoch FROM now()) / 10) * 10), pg_backend_pid(),
+           sum(per_set.events)
+    FROM (
+        SELECT e.source_key, f.kept_out, count(*) AS events
+        FROM filtered f
+        JOIN event e USING (position)
+        WHERE f.position IN (SELECT position FROM fresh)
+        GROUP BY e.source_key, f.kept_out
+    ) per_set
+    CROSS JOIN LATERAL unnest(string_to_array(
+        split_part(%(sets)s, '|', per_set.kept_out), ';')) AS d(destination_key)
+    -- Two sets may share a destination: one row per connection, as ON CONFLICT requires.
+    GROUP BY per_set.source_key, d.destination_key
+    ON CONFLICT (source_key, destination_key, bucket, backend) DO UPDATE
+    SET filtered = c.filtered + excluded.filtered
 )
 SELECT
     (SELECT coalesce(string_agg(position::text, ','), '')

@@ -229,6 +229,47 @@ WHERE (%(destination_key)s::integer IS NULL OR d.destination_key = %(destination
   AND (%(tenant_key)s::integer IS NULL OR d.tenant_key = %(tenant_key)s)
 ORDER BY t.id, d.id;
 
+-- name: connection_stats
+-- Per connection that has a filter, or whose filter kept events out before it was cleared:
+-- the events kept out, in all and over the last minute, from connection_counts (a few dozen
+-- rows per connection; see jobsdb/migrations/0008_connection_filters.sql).
+SELECT s.id AS source_id, d.id AS destination_id, d.destination_key, t.id AS tenant_id,
+       coalesce(c.event_filter, '') AS filter,
+       coalesce(n.filtered, 0)::bigint AS filtered_out,
+       coalesce(n.recent, 0)::bigint AS recent_filtered_out
+FROM connections c
+JOIN sources s ON s.source_key = c.source_key
+JOIN destinations d ON d.destination_key = c.destination_key
+JOIN tenants t ON t.tenant_key = d.tenant_key
+LEFT JOIN (
+    SELECT source_key, destination_key, sum(filtered) AS filtered,
+           sum(filtered) FILTER (WHERE bucket >= now() - interval '60 seconds') AS recent
+    FROM connection_counts
+    WHERE (%(destination_key)s::integer IS NULL OR destination_key = %(destination_key)s)
+    GROUP BY source_key, destination_key
+) n ON n.source_key = c.source_key AND n.destination_key = c.destination_key
+WHERE (c.event_filter IS NOT NULL OR n.filtered > 0)
+  AND (%(destination_key)s::integer IS NULL OR c.destination_key = %(destination_key)s)
+  AND (%(tenant_key)s::integer IS NULL OR d.tenant_key = %(tenant_key)s)
+ORDER BY s.id, d.id;
+
+-- name: fold_connection_counts
+-- Maintenance: as fold_counts, for connection_counts: buckets older than ten minutes, of
+-- every backend, into one ('-infinity', backend 0) row per connection. Ingest only ever
+-- writes the current bucket, so this never waits for it.
+WITH old AS (
+    DELETE FROM connection_counts
+    WHERE bucket < now() - interval '10 minutes'
+      AND bucket <> '-infinity'
+    RETURNING source_key, destination_key, filtered
+)
+INSERT INTO connection_counts AS c (source_key, destination_key, bucket, backend, filtered)
+SELECT source_key, destination_key, '-infinity', 0, sum(filtered)
+FROM old
+GROUP BY source_key, destination_key
+ON CONFLICT (source_key, destination_key, bucket, backend) DO UPDATE
+SET filtered = c.filtered + excluded.filtered;
+
 -- name: fold_counts
 -- Maintenance: fold delivery_counts buckets older than ten minutes into each destination's
 -- '-infinity' row, keeping the table a few dozen rows per destination.

@@ -1,7 +1,7 @@
 -- name: source_for_write_key
 -- What ingest needs to route a source's events: the source, its tenant, and the destinations
 -- it is connected to (enabled connections only; a paused destination still gets jobs, which
--- wait for it to resume).
+-- wait for it to resume), with each connection's event filter (NULL: every event).
 SELECT s.source_key,
        s.id AS source_id,
        s.tenant_key,
@@ -12,7 +12,9 @@ SELECT s.source_key,
        coalesce(array_agg(d.destination_key ORDER BY d.destination_key)
                 FILTER (WHERE d.destination_key IS NOT NULL), '{}') AS destination_keys,
        coalesce(array_agg(d.id ORDER BY d.destination_key)
-                FILTER (WHERE d.destination_key IS NOT NULL), '{}') AS destination_ids
+                FILTER (WHERE d.destination_key IS NOT NULL), '{}') AS destination_ids,
+       coalesce(array_agg(c.event_filter ORDER BY d.destination_key)
+                FILTER (WHERE d.destination_key IS NOT NULL), '{}') AS destination_filters
 FROM write_keys k
 JOIN sources s ON s.source_key = k.source_key
 JOIN tenants t ON t.tenant_key = s.tenant_key

@@ -1,4 +1,5 @@
-"""relayq connections connect|disconnect|list: which sources feed which destinations."""
+"""relayq connections connect|update|disconnect|list: which sources feed which destinations,
+and which of a source's events each destination takes (its connection's filter)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                                      metavar="command")
     for name, run, what in (
             ("connect", connect, "send a source's events to a destination from now on"),
+            ("update", update, "change which of a source's events a destination takes"),
             ("disconnect", disconnect, "stop sending a source's events to a destination")):
         cmd = sub.add_parser(name, parents=[common], help=what)
         cmd.add_argument("source_id", metavar="SOURCE")
         cmd.add_argument("destination_id", metavar="DESTINATION")
+        if name == "connect":
+            cmd.add_argument("--filter", default=None, metavar="FILTER", help=_FILTER_HELP
+                             + " Without it, a new connection takes every event and an"
+                             " existing one keeps its filter.")
+        elif name == "update":
+            cmd.add_argument("--filter", required=True, metavar="FILTER",
+                             help=_FILTER_HELP + " '' takes every event.")
         cmd.set_defaults(run=admin_command(run))
 
     cmd = sub.add_parser("list", parents=[common], help="connections the token can see")
@@ -31,9 +40,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     cmd.set_defaults(run=admin_command(list_connections))
 
 
+_FILTER_HELP = ("only events matching this filter, over type, event, user_id, anonymous_id,"
+                " properties.<path> and context.<path>, e.g. \"event = 'Order Completed' AND"
+                " properties.revenue >= 100\".")
+
+
 def connect(admin: Admin, args: argparse.Namespace) -> int:
     return _show(admin.call(admin.stub.ConnectSource, admin_pb2.ConnectSourceRequest(
-        source_id=args.source_id, destination_id=args.destination_id)), args)
+        source_id=args.source_id, destination_id=args.destination_id, filter=args.filter)),
+        args)
+
+
+def update(admin: Admin, args: argparse.Namespace) -> int:
+    return _show(admin.call(admin.stub.UpdateConnection, admin_pb2.UpdateConnectionRequest(
+        source_id=args.source_id, destination_id=args.destination_id, filter=args.filter)),
+        args)
 
 
 def disconnect(admin: Admin, args: argparse.Namespace) -> int:
@@ -49,9 +70,9 @@ def list_connections(admin: Admin, args: argparse.Namespace) -> int:
     elif not answer.connections:
         print("no connections", file=sys.stderr)
     else:
-        render.table(["SOURCE", "DESTINATION", "ENABLED", "CREATED"],
+        render.table(["SOURCE", "DESTINATION", "ENABLED", "CREATED", "FILTER"],
                      [[c.source_id, c.destination_id, render.yes_no(c.enabled),
-                       render.ago(c.created_at)] for c in answer.connections])
+                       render.ago(c.created_at), _filter(c)] for c in answer.connections])
     return 0
 
 
@@ -60,5 +81,10 @@ def _show(connection: admin_pb2.Connection, args: argparse.Namespace) -> int:
         render.print_json(connection)
     else:
         state = "connected" if connection.enabled else "disconnected"
-        print(f"{connection.source_id} -> {connection.destination_id}: {state}")
+        shown = f", filter: {connection.filter}" if connection.filter else ""
+        print(f"{connection.source_id} -> {connection.destination_id}: {state}{shown}")
     return 0
+
+
+def _filter(connection: admin_pb2.Connection) -> str:
+    return connection.filter or "every event"

@@ -38,6 +38,14 @@ def stats(admin: Admin, args: argparse.Namespace) -> int:
           _rate(t.delivered_per_second), _rate(t.failed_per_second)]
          for t in answer.tenants],
     )
+    if answer.connections:
+        print()
+        render.table(
+            ["SOURCE", "DESTINATION", "FILTERED OUT", "FILTERED/S", "FILTER"],
+            [[c.source_id, c.destination_id, str(c.filtered_out),
+              _rate(c.filtered_out_per_second), c.filter or render.EMPTY]
+             for c in answer.connections],
+        )
     return 0
 
 
