@@ -30,6 +30,9 @@ class DestinationType:
     normalise_headers: Callable[[dict[str, str]], dict[str, str]]
     # Header names compare without case (stored lowered), so updates merge by lowered name.
     lowercase_headers: bool = False
+    # Requests are signed with a secret of the destination's (Standard Webhooks): one is made
+    # with the destination and can be rotated.
+    signed: bool = False
 
 
 def _webhook_endpoint(value: str) -> None:
@@ -63,7 +66,7 @@ def _grpc_headers(values: dict[str, str]) -> dict[str, str]:
 
 WEBHOOK = DestinationType(
     "webhook", "an http:// or https:// URL; each job is POSTed to it as JSON",
-    _webhook_endpoint, dict)
+    _webhook_endpoint, dict, signed=True)
 GRPC = DestinationType(
     "grpc", "host:port, grpc://host:port or grpcs://host:port (TLS) of a relayq.v1.Destination",
     _grpc_endpoint, _grpc_headers, lowercase_headers=True)
