@@ -103,7 +103,11 @@ class Engine:
         self._unknown_types: set[int] = set()
 
     async def start(self) -> None:
-        http = HttpPool(self.trust.ssl_context, body_limit=RESPONSE_LIMIT)
+        # Idle connections per origin: as many as deliveries can be in flight to it at once,
+        # so a receiver taking every permit does not have its connections closed and opened
+        # again as the requests come and go.
+        http = HttpPool(self.trust.ssl_context, body_limit=RESPONSE_LIMIT,
+                        max_idle_per_origin=self.settings.permits)
         self._senders = SenderContext(http=http, trust=self.trust,
                                       grpc_batch=self.settings.grpc_batch)
         await self._load_destinations()
