@@ -89,6 +89,8 @@ CASES = [
     Case("GetDestination", lambda s: admin_pb2.GetDestinationRequest(id="acme-hook"),
          NOT_FOUND),
     Case("ListDestinations", lambda s: admin_pb2.ListDestinationsRequest(), OK),
+    Case("RotateSigningSecret", lambda s: admin_pb2.RotateSigningSecretRequest(
+        destination_id="acme-hook", grace_seconds=60), NOT_FOUND),
     Case("ConnectSource", lambda s: admin_pb2.ConnectSourceRequest(
         source_id="web", destination_id="acme-hook"), NOT_FOUND),
     Case("DisconnectSource", lambda s: admin_pb2.DisconnectSourceRequest(
@@ -139,7 +141,9 @@ async def _acme_fingerprint(conn: AsyncConnection[Any]) -> tuple[Any, ...]:
         " (SELECT array_agg((enabled, rate_per_second) ORDER BY id) FROM sources),"
         " (SELECT count(*) FROM tenants),"
         " (SELECT count(*) FROM admin_tokens), (SELECT count(revoked_at) FROM admin_tokens),"
-        " (SELECT array_agg(enabled) FROM connections)")
+        " (SELECT array_agg(enabled) FROM connections),"
+        " (SELECT array_agg((destination_key, secret, expires_at) ORDER BY secret_id)"
+        "  FROM destination_secrets)")
     row = await cur.fetchone()
     assert row is not None
     return tuple(row)
