@@ -175,6 +175,12 @@ class _Connection(asyncio.Protocol):
 
     # --- httptools callbacks -------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._waiter is None:
+            # A second answer to one request (in the same read as the first): the server and
+            # we disagree on where messages end, so nothing more is read from it.
+            self._reusable = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) == 11 and name.lower() == b"retry-after":
             self._retry_after = value.decode("latin-1")
@@ -269,8 +275,8 @@ class HttpPool:
 
         Raises TimeoutError, or OSError: refused, reset, unresolvable, TLS (ssl.SSLError),
         or this module's ConnectionErrors (Disconnected, ProtocolError). The deadline is one
-        timer per request rather than asyncio.timeout, which would cost a task cancellation
-        machinery on every request."""
+        loop timer per request, not asyncio.timeout, whose cancel-and-uncancel of the task is
+        dearer and is not needed to end a wait on a future."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         payload = b"".join((target.request_line, head, body))

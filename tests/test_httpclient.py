@@ -184,6 +184,16 @@ async def test_answers_in_every_framing(pool: HttpPool) -> None:
             await server.stop()
 
 
+async def test_a_second_answer_to_one_request_retires_the_connection(pool: HttpPool) -> None:
+    server = await serve(answer(OK + OK))
+    try:
+        assert (await post(pool, server.url)).status == 200
+        assert (await post(pool, server.url)).status == 200
+        assert server.connections == 2
+    finally:
+        await server.stop()
+
+
 async def test_an_oversized_answer_is_cut_and_its_connection_dropped(pool: HttpPool) -> None:
     big = b"x" * 100_000
     server = await serve(answer(b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n%s"
