@@ -74,20 +74,22 @@ class WebhookSender:
         return [await self._post(job) for job in jobs]
 
     async def _post(self, job: Job) -> Result:
+        return await self._send(
+            webhook_id(job.job_id), job.payload.encode(),
+            f"X-Relayq-Message-Id: {job.message_id}\r\nX-Relayq-Job-Id: {job.job_id}\r\n"
+            f"X-Relayq-Attempt: {job.attempt}\r\n")
+
+    async def _send(self, msg_id: str, body: bytes, lines: str) -> Result:
+        """One signed POST of `body` (one event's document here; a batch's JSON array would
+        be another), with the destination's fixed lines, `lines` (header lines of its own,
+        each ending in CRLF) and the Standard Webhooks headers for `msg_id`."""
         if self._refused is not None:
             return self._refused
-        body = job.payload.encode()
-        msg_id = webhook_id(job.job_id)
         timestamp = int(time.time())
         signature = self._signer.signature(msg_id, timestamp, body)
-        head = (f"{self._fixed}X-Relayq-Message-Id: {job.message_id}\r\n"
-                f"X-Relayq-Job-Id: {job.job_id}\r\nX-Relayq-Attempt: {job.attempt}\r\n"
-                f"webhook-id: {msg_id}\r\nwebhook-timestamp: {timestamp}\r\n"
+        head = (f"{self._fixed}{lines}webhook-id: {msg_id}\r\nwebhook-timestamp: {timestamp}\r\n"
                 f"{f'webhook-signature: {signature}{_CRLF}' if signature else ''}"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
-        return await self._send(head, body)
-
-    async def _send(self, head: bytes, body: bytes) -> Result:
         try:
             response = await self._pool.request(self._target, head, body, self._timeout)
         except TimeoutError:
