@@ -315,6 +315,11 @@ BAD_REQUESTS: list[tuple[str, str, Any, str]] = [
     ("CreateDestination", "grpc header gRPC keeps", admin_pb2.CreateDestinationRequest(
         tenant_id="acme", type="grpc", endpoint="h:1", headers={"grpc-timeout": "1S"}),
      "headers"),
+    ("CreateDestination", "a webhook signature header", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="webhook", endpoint="http://h/",
+        headers={"Webhook-Signature": "v1,forged"}), "headers"),
+    ("UpdateDestination", "a webhook content-type header", admin_pb2.UpdateDestinationRequest(
+        id="hook", headers={"content-type": "text/plain"}), "headers"),
     ("CreateDestination", "grpc content-type header", admin_pb2.CreateDestinationRequest(
         tenant_id="acme", type="grpc", endpoint="h:1", headers={"Content-Type": "x"}),
      "headers"),

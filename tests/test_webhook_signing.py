@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import standardwebhooks
 from google.protobuf import text_format
 from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
 
 from relayq.v1 import admin_pb2, common_pb2
 from tests.pipeline import World, send
@@ -175,3 +177,21 @@ async def test_rotating_a_grpc_destination_or_nothing_is_refused_and_changes_not
             assert refused.value.code() is code
             assert message in (refused.value.details() or ""), refused.value.details()
             assert await secrets() == before
+
+
+async def test_a_destination_without_a_secret_sends_no_signature_and_forges_none(
+        world: World) -> None:
+    """Made before signing existed (or by hand): no secret, so no webhook-signature; and
+    headers of its own that relayq sets are left out rather than sent twice or forged."""
+    await world.destination("old", headers=Jsonb({
+        "X-Api-Key": "k1", "webhook-signature": "v1,forged", "Content-Type": "text/plain",
+        "User-Agent": "ua"}))
+    async with ingest(world.database) as service, router(world.database):
+        [job_id] = await send(service, world.source, [event("m1", "alice")])
+        await world.webhook.wait_for(lambda: len(world.webhook.oks) == 1)
+    [delivery] = world.webhook.oks
+    assert "webhook-signature" not in {name.lower() for name in delivery.headers}
+    assert delivery.headers["webhook-id"] == f"msg_{job_id}"
+    assert abs(int(delivery.headers["webhook-timestamp"]) - time.time()) < 60
+    assert delivery.headers["Content-Type"] == "application/json"
+    assert (delivery.headers["X-Api-Key"], delivery.headers["User-Agent"]) == ("k1", "ua")

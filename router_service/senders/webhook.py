@@ -25,20 +25,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from jobsdb.catalog import Destination
+from relayq.destination_types import WEBHOOK_OWN_HEADERS
 from router_service import httpclient, signing
 from router_service.model import Job
 from router_service.retry import Result, Verdict, classify_http, parse_retry_after
 from router_service.senders.base import SenderContext
 
 log = logging.getLogger(__name__)
-
-# Headers the sender writes itself; a destination header of the same name is left out (the
-# request must say what its body is, and the signature headers must be the signer's).
-RESERVED = frozenset({
-    "content-length", "content-type", "transfer-encoding", "connection",
-    "x-relayq-message-id", "x-relayq-job-id", "x-relayq-attempt",
-    "webhook-id", "webhook-timestamp", "webhook-signature",
-})
 
 _OK = Result(Verdict.OK)
 
@@ -118,12 +111,13 @@ _CRLF = "\r\n"
 def _fixed_headers(destination: Destination, host: str) -> str:
     """The header lines every request of this destination carries, in one string.
 
-    The destination's headers may replace Host and User-Agent; values were checked
-    by the admin service (no line breaks), and a hand-written one with a line break is left
-    out rather than allowed to add headers of its own."""
+    The destination's headers may replace Host and User-Agent. The admin service refuses the
+    names relayq sets itself and line breaks in values; a row written otherwise (by hand, or
+    before those rules) has such headers left out, so it can neither forge a signature nor
+    add headers of its own."""
     lines = {"host": f"Host: {host}", "user-agent": "User-Agent: relayq"}
     for name, value in destination.headers.items():
-        if name.lower() in RESERVED or any(c in name + value for c in "\r\n\x00"):
+        if name.lower() in WEBHOOK_OWN_HEADERS or any(c in name + value for c in "\r\n\x00"):
             log.warning("webhook header %r left out: relayq sets it, or it is malformed", name,
                         extra={"destination": destination.id})
             continue
