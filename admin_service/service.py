@@ -26,7 +26,8 @@ from jobsdb import errors as dberrors
 from jobsdb import jobs as jobsdb
 from jobsdb.filters import FilterError, compile_filter
 from jobsdb.pool import transaction
-from relayq.rpc import InvalidArgument, handle_errors
+from relayq import destination_types
+from relayq.rpc import FailedPrecondition, InvalidArgument, handle_errors
 from relayq.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 log = logging.getLogger("relayq.admin")
@@ -37,6 +38,8 @@ DEFAULT_PAGE = 100
 # Runs of a job change that Postgres rolls back to break a deadlock, before giving up.
 CONFLICT_ATTEMPTS = 4
 DEFAULT_PEEK = 20
+# How long replaced signing secrets keep signing: a day lets receivers deploy the new one.
+DEFAULT_SIGNING_GRACE = 86_400
 
 
 def selection(text: str) -> jobsdb.Selection:
@@ -140,8 +143,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                              ) -> admin_pb2.SourceWithKey:
         caller = await self._auth.caller(context)
         source_id = validate.reference("source_id", request.source_id)
-        if request.grace_seconds > 30 * 86_400:
-            raise validate.bad("grace_seconds", "at most 30 days (2592000)")
+        validate.grace_seconds("grace_seconds", request.grace_seconds, default=0)
         async with transaction(self._pool) as conn:
             row = await catalog.get_source(conn, source_id, caller.scope)
             write_key = await catalog.rotate_write_key(conn, row, request.grace_seconds)
@@ -206,8 +208,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         async with transaction(self._pool) as conn:
             tenant = await catalog.get_tenant(conn, tenant_id, caller.scope)
             row = await catalog.create_destination(conn, tenant, destination_id, settings)
+            secret = (await catalog.add_signing_secret(conn, row)
+                      if destination_types.TYPES[kind].signed else "")
         _changed(caller, "created destination", tenant=row.tenant_id, destination=row.id)
-        return convert.destination(row)
+        answer = convert.destination(row)
+        answer.signing_secret = secret
+        return answer
 
     @handle_errors
     async def UpdateDestination(self, request: admin_pb2.UpdateDestinationRequest,
@@ -260,6 +266,29 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         _changed(caller, "opened circuit" if request.open else "closed circuit",
                  tenant=row.tenant_id, destination=row.id, reason=reason)
         return convert.destination(row)
+
+    @handle_errors
+    async def RotateSigningSecret(self, request: admin_pb2.RotateSigningSecretRequest,
+                                  context: Context) -> admin_pb2.RotateSigningSecretResponse:
+        caller = await self._auth.caller(context)
+        destination_id = validate.reference("destination_id", request.destination_id)
+        grace = validate.grace_seconds(
+            "grace_seconds",
+            request.grace_seconds if request.HasField("grace_seconds") else None,
+            default=DEFAULT_SIGNING_GRACE)
+        async with transaction(self._pool) as conn:
+            row = await catalog.get_destination(conn, destination_id, caller.scope)
+            kind = destination_types.TYPES.get(row.type)
+            if kind is None or not kind.signed:
+                raise FailedPrecondition(
+                    f"destination {row.id!r} is a {row.type} destination; only webhook"
+                    " destinations sign their requests")
+            secret, old_until = await catalog.rotate_signing_secret(conn, row, grace)
+        _changed(caller, "rotated signing secret", tenant=row.tenant_id, destination=row.id,
+                 grace_seconds=grace)
+        return admin_pb2.RotateSigningSecretResponse(
+            destination=convert.destination(row), signing_secret=secret,
+            previous_expire_at=convert.timestamp(old_until))
 
     # --- connections ---------------------------------------------------------------------
 

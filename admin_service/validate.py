@@ -28,6 +28,7 @@ MAX_HEADERS = 50
 MAX_HEADER_VALUE = 4096
 MAX_REASON = 1000
 MAX_PAGE = 1000
+MAX_GRACE_SECONDS = 30 * 86_400
 
 DEFAULT_RETRY = common_pb2.RetryPolicy(min_backoff_ms=1000, max_backoff_ms=300_000,
                                        max_attempts=10, max_retry_window_seconds=10_800)
@@ -210,6 +211,15 @@ def event_filter(field: str, value: str) -> str:
     except FilterError as exc:
         raise bad(field, exc.message) from None
     return "" if compiled is None else value
+
+
+def grace_seconds(field: str, value: int | None, *, default: int) -> int:
+    """How long replaced credentials keep working (None: the default)."""
+    if value is None:
+        return default
+    if value > MAX_GRACE_SECONDS:
+        raise bad(field, f"at most 30 days ({MAX_GRACE_SECONDS})")
+    return value
 
 
 def page_size(field: str, value: int, default: int) -> int:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jobsdb import migrate  # noqa: E402
-from jobsdb.keys import hash_secret, new_secret  # noqa: E402
+from jobsdb.keys import hash_secret, new_secret, new_signing_secret  # noqa: E402
 from relayq.ports import free_port as free_port  # noqa: E402 - re-exported for the benches
 
 SERVER = os.environ.get("RELAYQ_BENCH_SERVER_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -57,7 +57,8 @@ def drop_database(name: str) -> None:
 def add_source(conn: psycopg.Connection[object], tenant: str, source: str,
                destinations: Mapping[str, tuple[str, str]], **columns: object
                ) -> tuple[str, int, int, dict[str, int]]:
-    """Tenant (created if new), source and destinations {id: (type, endpoint)}, all connected.
+    """Tenant (created if new), source and destinations {id: (type, endpoint)}, all connected;
+    webhooks with a signing secret.
 
     Returns (write key, tenant key, source key, {destination id: key}).
     """
@@ -84,6 +85,9 @@ def add_source(conn: psycopg.Connection[object], tenant: str, source: str,
         keys[destination] = int(row[0])
         conn.execute("INSERT INTO connections (source_key, destination_key) VALUES (%s, %s)",
                      (source_key, row[0]))
+        if kind == "webhook":  # signed, as CreateDestination makes them
+            conn.execute("INSERT INTO destination_secrets (destination_key, secret)"
+                         " VALUES (%s, %s)", (row[0], new_signing_secret()))
     return write_key, tenant_key, source_key, keys
 
 

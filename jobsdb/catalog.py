@@ -19,7 +19,7 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from jobsdb.errors import NotFound
-from jobsdb.keys import hash_secret, new_secret
+from jobsdb.keys import hash_secret, new_secret, new_signing_secret
 from jobsdb.sqlfile import query
 
 WRITE_KEY_PREFIX = "rq_wk_"
@@ -46,6 +46,15 @@ class Source:
     # Events per second ingest takes from this source (0: unlimited), and the burst.
     rate_per_second: float
     rate_burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class SigningSecret:
+    """A webhook signing secret in force (router_service.signing). Never in a repr or a log."""
+
+    secret: str = field(repr=False)
+    # None: until the next rotation. Set: a rotation's grace period ends then.
+    expires_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +85,9 @@ class Destination:
     circuit_probe_s: int
     circuit_opened_at: datetime | None
     circuit_reason: str | None
+    # Filled only by the router's load (jobsdb.destinations.load_all): the admin service's
+    # reads never fetch secrets, so nothing it answers can show them.
+    signing_secrets: tuple[SigningSecret, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +296,27 @@ async def set_circuit(conn: Conn, destination: Destination, *, open_: bool, reas
     cur = await conn.execute(query("catalog.sql", "open_circuit" if open_ else "close_circuit"),
                              {"destination_key": destination.destination_key, "reason": reason})
     return cur.rowcount > 0
+
+
+async def add_signing_secret(conn: Conn, destination: Destination) -> str:
+    """A new signing secret for the destination, in force at once; returned only here (the
+    caller shows it once). The caller decides which destinations sign."""
+    secret = new_signing_secret()
+    await conn.execute(query("catalog.sql", "add_signing_secret"),
+                       {"destination_key": destination.destination_key, "secret": secret})
+    return secret
+
+
+async def rotate_signing_secret(conn: Conn, destination: Destination, grace_seconds: int
+                                ) -> tuple[str, datetime | None]:
+    """A new secret for the destination; the ones in force keep signing for `grace_seconds`
+    more (0: they stop at once). Returns the new secret and when the last of the old ones
+    stops signing (None when there were none)."""
+    params = {"destination_key": destination.destination_key, "grace_seconds": grace_seconds}
+    cur = await conn.execute(query("catalog.sql", "expire_signing_secrets"), params)
+    row = await cur.fetchone()
+    old_until = row[0] if row is not None else None
+    return await add_signing_secret(conn, destination), old_until
 
 
 # --- connections ---------------------------------------------------------------------------

@@ -31,6 +31,9 @@ class DestinationType:
     normalise_headers: Callable[[dict[str, str]], dict[str, str]]
     # Header names compare without case (stored lowered), so updates merge by lowered name.
     lowercase_headers: bool = False
+    # Requests are signed with a secret of the destination's (Standard Webhooks): one is made
+    # with the destination and can be rotated.
+    signed: bool = False
 
 
 def _webhook_endpoint(value: str) -> None:
@@ -46,6 +49,22 @@ def _webhook_endpoint(value: str) -> None:
         raise Unusable(f"a webhook endpoint is an http:// or https:// URL; got {value!r}")
     if port == 0:
         raise Unusable(f"invalid port in {value!r}")
+
+
+# Headers the router sets on every webhook request itself: the body's type and length, what
+# relayq calls the job, and the Standard Webhooks signature. A destination cannot set them.
+WEBHOOK_OWN_HEADERS = frozenset({
+    "content-length", "content-type", "transfer-encoding", "connection",
+    "x-relayq-message-id", "x-relayq-job-id", "x-relayq-attempt",
+    "webhook-id", "webhook-timestamp", "webhook-signature",
+})
+
+
+def _webhook_headers(values: dict[str, str]) -> dict[str, str]:
+    for name in values:
+        if name.lower() in WEBHOOK_OWN_HEADERS:
+            raise Unusable(f"{name!r} is set by relayq on every webhook request")
+    return values
 
 
 def _grpc_endpoint(value: str) -> None:
@@ -153,7 +172,7 @@ def _nats_headers(values: dict[str, str]) -> dict[str, str]:
 
 WEBHOOK = DestinationType(
     "webhook", "an http:// or https:// URL; each job is POSTed to it as JSON",
-    _webhook_endpoint, dict)
+    _webhook_endpoint, _webhook_headers, signed=True)
 GRPC = DestinationType(
     "grpc", "host:port, grpc://host:port or grpcs://host:port (TLS) of a relayq.v1.Destination",
     _grpc_endpoint, _grpc_headers, lowercase_headers=True)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import aiohttp
 from psycopg_pool import AsyncConnectionPool
 
 from jobsdb import catalog, queue
@@ -26,9 +25,11 @@ from jobsdb import destinations as destinations_db
 from jobsdb.catalog import Destination
 from jobsdb.errors import JobsDBError
 from jobsdb.pool import transaction
+from jobsdb.queue import RESPONSE_LIMIT
 from relayq.tasks import cancel_and_wait
 from router_service import metrics, senders
 from router_service.fairness import FairScheduler
+from router_service.httpclient import HttpPool
 from router_service.identity import Identity
 from router_service.lane import Lane, LaneContext, LaneSettings
 from router_service.membership import Membership
@@ -104,11 +105,11 @@ class Engine:
         self._unknown_types: set[int] = set()
 
     async def start(self) -> None:
-        http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True,
-                                           ssl=self.trust.ssl_context),
-            headers={"User-Agent": "relayq"},
-        )
+        # Idle connections per origin: as many as deliveries can be in flight to it at once,
+        # so a receiver taking every permit does not have its connections closed and opened
+        # again as the requests come and go.
+        http = HttpPool(self.trust.ssl_context, body_limit=RESPONSE_LIMIT,
+                        max_idle_per_origin=self.settings.permits)
         self._senders = SenderContext(http=http, trust=self.trust,
                                       grpc_batch=self.settings.grpc_batch)
         await self._load_destinations()

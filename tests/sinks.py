@@ -29,6 +29,8 @@ class Received:
     attempt: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    # The request body as it arrived (webhooks): what a signature covers.
+    raw: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,8 @@ class WebhookSink(Recorder):
             await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        raw = await request.read()
+        body = json.loads(raw)
         delivery = Received(
             job_id=int(request.headers["X-Relayq-Job-Id"]),
             message_id=request.headers["X-Relayq-Message-Id"],
@@ -117,6 +120,7 @@ class WebhookSink(Recorder):
             attempt=int(request.headers["X-Relayq-Attempt"]),
             body=body,
             headers=dict(request.headers),
+            raw=raw,
         )
         answer = self.record(delivery)
         self._open[delivery.user_id] = self._open.get(delivery.user_id, 0) + 1

@@ -95,6 +95,8 @@ CASES = [
     Case("ListDestinations", lambda s: admin_pb2.ListDestinationsRequest(), OK),
     Case("SetCircuit", lambda s: admin_pb2.SetCircuitRequest(
         destination_id="acme-hook", open=True, reason="maintenance"), NOT_FOUND),
+    Case("RotateSigningSecret", lambda s: admin_pb2.RotateSigningSecretRequest(
+        destination_id="acme-hook", grace_seconds=60), NOT_FOUND),
     Case("ConnectSource", lambda s: admin_pb2.ConnectSourceRequest(
         source_id="web", destination_id="acme-hook"), NOT_FOUND),
     Case("ConnectSource", lambda s: admin_pb2.ConnectSourceRequest(
@@ -153,7 +155,9 @@ async def _acme_fingerprint(conn: AsyncConnection[Any]) -> tuple[Any, ...]:
         " (SELECT count(*) FROM tenants),"
         " (SELECT count(*) FROM admin_tokens), (SELECT count(revoked_at) FROM admin_tokens),"
         " (SELECT array_agg((enabled, event_filter)) FROM connections),"
-        " (SELECT sum(filtered) FROM connection_counts)")
+        " (SELECT sum(filtered) FROM connection_counts),"
+        " (SELECT array_agg((destination_key, secret, expires_at) ORDER BY secret_id)"
+        "  FROM destination_secrets)")
     row = await cur.fetchone()
     assert row is not None
     return tuple(row)

@@ -264,7 +264,8 @@ async def _counts(conn: AsyncConnection[Any]) -> tuple[Any, ...]:
         " (SELECT array_agg((name, enabled, rate_per_second, rate_burst) ORDER BY id)::text"
         "  FROM sources),"
         " (SELECT array_agg(d ORDER BY d.destination_key)::text FROM destinations d),"
-        " (SELECT array_agg(w ORDER BY w.key_hash)::text FROM write_keys w)")
+        " (SELECT array_agg(w ORDER BY w.key_hash)::text FROM write_keys w),"
+        " (SELECT array_agg(s ORDER BY s.secret_id)::text FROM destination_secrets s)")
     row = await cur.fetchone()
     assert row is not None
     return tuple(row)
@@ -314,6 +315,11 @@ BAD_REQUESTS: list[tuple[str, str, Any, str]] = [
     ("CreateDestination", "grpc header gRPC keeps", admin_pb2.CreateDestinationRequest(
         tenant_id="acme", type="grpc", endpoint="h:1", headers={"grpc-timeout": "1S"}),
      "headers"),
+    ("CreateDestination", "a webhook signature header", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="webhook", endpoint="http://h/",
+        headers={"Webhook-Signature": "v1,forged"}), "headers"),
+    ("UpdateDestination", "a webhook content-type header", admin_pb2.UpdateDestinationRequest(
+        id="hook", headers={"content-type": "text/plain"}), "headers"),
     ("CreateDestination", "grpc content-type header", admin_pb2.CreateDestinationRequest(
         tenant_id="acme", type="grpc", endpoint="h:1", headers={"Content-Type": "x"}),
      "headers"),
@@ -382,6 +388,10 @@ BAD_REQUESTS: list[tuple[str, str, Any, str]] = [
     ("ListSources", "a page token hiding a NUL", admin_pb2.ListSourcesRequest(
         page_token="c291cmNlczoA"), "page_token"),
     ("RotateWriteKey", "no source", admin_pb2.RotateWriteKeyRequest(), "source_id"),
+    ("RotateSigningSecret", "no destination", admin_pb2.RotateSigningSecretRequest(),
+     "destination_id"),
+    ("RotateSigningSecret", "grace too long", admin_pb2.RotateSigningSecretRequest(
+        destination_id="hook", grace_seconds=30 * 86400 + 1), "grace_seconds"),
     ("CreateAdminToken", "no tenant", admin_pb2.CreateAdminTokenRequest(name="ci"),
      "tenant_id"),
     ("CreateAdminToken", "long name", admin_pb2.CreateAdminTokenRequest(
@@ -459,6 +469,8 @@ UNKNOWN_REFERENCES: list[tuple[str, Any, str]] = [
      "destination 'nope' not found"),
     ("RotateWriteKey", admin_pb2.RotateWriteKeyRequest(source_id="nope"),
      "source 'nope' not found"),
+    ("RotateSigningSecret", admin_pb2.RotateSigningSecretRequest(destination_id="nope"),
+     "destination 'nope' not found"),
     ("UpdateSource", admin_pb2.UpdateSourceRequest(id="nope", name="x"),
      "source 'nope' not found"),
     ("UpdateDestination", admin_pb2.UpdateDestinationRequest(id="nope", concurrency=1),

@@ -229,6 +229,37 @@ async def test_destinations_create_update_pause_resume(relayq: Relayq) -> None:
     assert closed.json()["circuit"] == {"open": False, "reason": ""}
 
 
+async def test_a_webhook_signing_secret_is_shown_once_and_rotates(relayq: Relayq) -> None:
+    await relayq("tenants", "create", "acme")
+    made = await relayq("destinations", "create", "--tenant", "acme", "--id", "hook",
+                        "--type", "webhook", "--endpoint", "http://127.0.0.1:9/hook")
+    assert made.code == 0, made.err
+    first = fields(made.out)["signing secret"]
+    assert first.startswith("whsec_")
+    assert "shown only now" in made.err
+    assert first not in (await relayq("destinations", "get", "hook")).out
+    assert first not in (await relayq("destinations", "list", "--json")).out
+
+    rotated = await relayq("destinations", "rotate-secret", "hook", "--grace", "2h")
+    assert rotated.code == 0, rotated.err
+    shown = fields(rotated.out)
+    assert shown["signing secret"].startswith("whsec_")
+    assert shown["signing secret"] != first
+    assert "in 1h59m" in shown["old secret signs until"] or "in 2h" in shown[
+        "old secret signs until"]
+    doc = (await relayq("destinations", "rotate-secret", "hook", "--json")).json()
+    assert doc["signingSecret"] not in ("", shown["signing secret"])
+    assert doc["destination"]["id"] == "hook"
+    datetime.fromisoformat(doc["previousExpireAt"])
+
+    await relayq("destinations", "create", "--tenant", "acme", "--id", "sink", "--type", "grpc",
+                 "--endpoint", "127.0.0.1:9")
+    refused = await relayq("destinations", "rotate-secret", "sink")
+    assert refused.code == 1
+    assert "FAILED_PRECONDITION" in refused.error
+    assert "only webhook destinations sign" in refused.error
+
+
 async def test_connections_and_tenant_tokens(relayq: Relayq) -> None:
     for tenant, source, destination in (("acme", "web", "hook"), ("globex", "app", "sink")):
         await relayq("tenants", "create", tenant)

@@ -100,6 +100,28 @@ UPDATE destinations
 SET circuit_opened_at = NULL, circuit_reason = NULL
 WHERE destination_key = %(destination_key)s AND circuit_opened_at IS NOT NULL;
 
+-- name: add_signing_secret
+INSERT INTO destination_secrets (destination_key, secret)
+VALUES (%(destination_key)s, %(secret)s);
+
+-- name: expire_signing_secrets
+-- Rotation: the destination's secrets in force keep signing for the grace period (0: stop at
+-- once); one that already stops sooner keeps its time. Secrets long expired go (they can
+-- never sign again). Returns when the last of the old secrets stops signing (NULL: none).
+WITH gone AS (
+    DELETE FROM destination_secrets
+    WHERE destination_key = %(destination_key)s
+      AND expires_at <= now()
+), expired AS (
+    UPDATE destination_secrets
+    SET expires_at = least(coalesce(expires_at, 'infinity'),
+                           now() + make_interval(secs => %(grace_seconds)s))
+    WHERE destination_key = %(destination_key)s
+      AND (expires_at IS NULL OR expires_at > now())
+    RETURNING expires_at
+)
+SELECT max(expires_at) FROM expired;
+
 -- name: connect
 -- Connecting twice is harmless; connecting a disconnected pair enables it again. The filter
 -- is replaced only when the caller gives one (%(set_filter)s; NULL: every event).

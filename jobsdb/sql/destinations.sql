@@ -4,3 +4,11 @@
 SELECT *
 FROM destination_rows
 ORDER BY destination_key;
+
+-- name: load_signing_secrets
+-- Every webhook signing secret in force, newest first per destination (router_service.signing
+-- signs with each). Secrets are read nowhere else.
+SELECT destination_key, secret, expires_at
+FROM destination_secrets
+WHERE expires_at IS NULL OR expires_at > now()
+ORDER BY destination_key, secret_id DESC;

@@ -1,4 +1,4 @@
-"""relayq destinations create|list|get|update|pause|resume."""
+"""relayq destinations create|list|get|update|pause|resume|rotate-secret."""
 
 from __future__ import annotations
 
@@ -48,6 +48,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                      help="the --header options replace every header (default: add or change)")
     _settings(cmd)
     cmd.set_defaults(run=admin_command(update))
+
+    cmd = sub.add_parser("rotate-secret", parents=[common],
+                         help="a new signing secret for a webhook; the old one signs too"
+                              " until --grace ends")
+    cmd.add_argument("destination_id", metavar="ID")
+    cmd.add_argument("--grace", type=units.seconds, default=None, metavar="DURATION",
+                     help="how long the old secret keeps signing beside the new one, e.g. 2h"
+                          " (default 24h; 0: stops at once, for a leaked secret)")
+    cmd.set_defaults(run=admin_command(rotate_secret))
 
     for name, run, what in (("pause", pause, "hold the destination's jobs"),
                             ("resume", resume, "deliver its held jobs again, in order")):
@@ -144,6 +153,20 @@ def circuit(admin: Admin, args: argparse.Namespace) -> int:
         args)
 
 
+def rotate_secret(admin: Admin, args: argparse.Namespace) -> int:
+    request = admin_pb2.RotateSigningSecretRequest(destination_id=args.destination_id)
+    if args.grace is not None:
+        request.grace_seconds = args.grace
+    answer = admin.call(admin.stub.RotateSigningSecret, request)
+    if args.json:
+        render.print_json(answer)
+        return 0
+    render.fields([("id", answer.destination.id), ("signing secret", answer.signing_secret),
+                   ("old secret signs until", render.when(answer.previous_expire_at))])
+    _secret_note()
+    return 0
+
+
 def get(admin: Admin, args: argparse.Namespace) -> int:
     return show(admin.call(admin.stub.GetDestination,
                            admin_pb2.GetDestinationRequest(id=args.destination_id)), args)
@@ -176,6 +199,7 @@ def show(destination: admin_pb2.DestinationConfig, args: argparse.Namespace) -> 
     if args.json:
         render.print_json(destination)
         return 0
+    secret = [("signing secret", destination.signing_secret)] if destination.signing_secret else []
     policy = destination.retry_policy
     render.fields([
         ("id", destination.id),
@@ -198,8 +222,16 @@ def show(destination: admin_pb2.DestinationConfig, args: argparse.Namespace) -> 
         ("headers", render.header_names(destination.headers)),
         ("created", render.when(destination.created_at)),
         ("updated", render.when(destination.updated_at)),
+        *secret,
     ])
+    if secret:
+        _secret_note()
     return 0
+
+
+def _secret_note() -> None:
+    print("the signing secret is shown only now; the receiver verifies each request's"
+          " webhook-signature with it (Standard Webhooks)", file=sys.stderr)
 
 
 def _retry_given(args: argparse.Namespace) -> bool:

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
 
-import aiohttp
-
 from jobsdb.catalog import Destination
+from router_service.httpclient import HttpPool
 from router_service.model import Job
 from router_service.retry import Result
 from router_service.trust import Trust
@@ -36,8 +35,8 @@ class Sender(Protocol):
 class SenderContext:
     """What senders share across destinations."""
 
-    # One HTTP session for the router: keep-alive connections pooled per host.
-    http: aiohttp.ClientSession
+    # The router's HTTP connections: kept alive, pooled per origin (scheme, host, port).
+    http: HttpPool
     # Certificate authorities for https:// and grpcs:// (RELAYQ_DESTINATION_CA_FILE).
     trust: Trust
     # Jobs per Deliver call to a gRPC destination (RELAYQ_ROUTER_GRPC_BATCH).
@@ -57,5 +56,6 @@ _SENDER_FIELDS = tuple(f.name for f in fields(Destination) if f.name not in _LAN
 
 
 def needs_new_sender(old: Destination, new: Destination) -> bool:
-    """Did a setting the sender was built from change (endpoint, headers, timeout, ...)?"""
+    """Did a setting the sender was built from change (endpoint, headers, timeout, signing
+    secrets, ...)?"""
     return any(getattr(old, name) != getattr(new, name) for name in _SENDER_FIELDS)

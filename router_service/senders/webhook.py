@@ -1,69 +1,126 @@
-"""Delivery to HTTP webhooks: one POST of the event document per job.
+"""Delivery to HTTP webhooks: one signed POST of the event document per job.
 
-One aiohttp session for the whole router keeps connections alive per host, so a steady
-destination costs no TCP or TLS handshake per event. Only a bounded excerpt of an answer is
-read: a destination returning megabytes of HTML must not cost the router memory.
+Every request carries, besides the destination's own headers:
+- `X-Relayq-Message-Id`, `X-Relayq-Job-Id`, `X-Relayq-Attempt`: what relayq calls it;
+- `webhook-id`, `webhook-timestamp`, `webhook-signature`: Standard Webhooks
+  (router_service.signing).
+  `webhook-id` is `msg_<job id>`: the same for every attempt of a job (and for an operator's
+  replay of it), different for every other delivery, so a receiver that de-duplicates on it
+  drops exactly the repeats that at-least-once delivery can cause. The timestamp is the
+  attempt's own, so a retry an hour later is not refused as a replay.
+
+The request is written once as bytes: the lines that are the same for every job of the
+destination are built when the sender is (a changed endpoint, header or secret makes a new
+sender), and only the per-job lines, the signature and the body are added per request.
+Connections come from the router's pool (router_service.httpclient), kept alive per origin.
+Only a bounded excerpt of an answer is read.
 """
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import ssl
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-import aiohttp
-
 from jobsdb.catalog import Destination
-from jobsdb.queue import RESPONSE_LIMIT
+from relayq.destination_types import WEBHOOK_OWN_HEADERS
+from router_service import httpclient, signing
 from router_service.model import Job
 from router_service.retry import Result, Verdict, classify_http, parse_retry_after
 from router_service.senders.base import SenderContext
+
+log = logging.getLogger(__name__)
+
+_OK = Result(Verdict.OK)
+
+
+def webhook_id(job_id: int) -> str:
+    return f"msg_{job_id}"
 
 
 class WebhookSender:
     max_batch = 1
 
     def __init__(self, destination: Destination, context: SenderContext) -> None:
-        self._session = context.http
-        self._url = destination.endpoint
-        self._headers = {**destination.headers, "Content-Type": "application/json"}
-        self._timeout = aiohttp.ClientTimeout(total=destination.timeout_ms / 1000)
+        self._pool = context.http
+        self._timeout = destination.timeout_ms / 1000
+        # A row the admin service would have refused (written by hand, or before a rule):
+        # an endpoint nobody can send to aborts its jobs, naming why; a secret that is not a
+        # secret fails them for a retry (the operator can rotate it).
+        self._refused: Result | None = None
+        try:
+            self._target = httpclient.parse_target(destination.endpoint)
+        except httpclient.InvalidURL as exc:
+            self._refused = Result(Verdict.ABORT, "invalid_endpoint", str(exc))
+        try:
+            self._signer = signing.Signer((s.secret, s.expires_at)
+                                          for s in destination.signing_secrets)
+        except signing.BadSecret as exc:
+            self._refused = self._refused or Result(Verdict.RETRY, "config",
+                                                    f"signing secret: {exc}")
+        self._fixed = _fixed_headers(destination, self._target.host_header
+                                     if self._refused is None else "")
 
     async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
         return [await self._post(job) for job in jobs]
 
     async def _post(self, job: Job) -> Result:
-        headers = {
-            **self._headers,
-            "X-Relayq-Message-Id": job.message_id,
-            "X-Relayq-Job-Id": str(job.job_id),
-            "X-Relayq-Attempt": str(job.attempt),
-        }
+        return await self._send(
+            webhook_id(job.job_id), job.payload.encode(),
+            f"X-Relayq-Message-Id: {job.message_id}\r\nX-Relayq-Job-Id: {job.job_id}\r\n"
+            f"X-Relayq-Attempt: {job.attempt}\r\n")
+
+    async def _send(self, msg_id: str, body: bytes, lines: str) -> Result:
+        """One signed POST of `body` (one event's document here; a batch's JSON array would
+        be another), with the destination's fixed lines, `lines` (header lines of its own,
+        each ending in CRLF) and the Standard Webhooks headers for `msg_id`."""
+        if self._refused is not None:
+            return self._refused
+        timestamp = int(time.time())
+        signature = self._signer.signature(msg_id, timestamp, body)
+        head = (f"{self._fixed}{lines}webhook-id: {msg_id}\r\nwebhook-timestamp: {timestamp}\r\n"
+                f"{f'webhook-signature: {signature}{_CRLF}' if signature else ''}"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
         try:
-            async with self._session.post(self._url, data=job.payload.encode(), headers=headers,
-                                          timeout=self._timeout, allow_redirects=False) as resp:
-                verdict = classify_http(resp.status)
-                if verdict is Verdict.OK:
-                    return Result(Verdict.OK)
-                body = await resp.content.read(RESPONSE_LIMIT)
-                retry_after = (parse_retry_after(resp.headers.get("Retry-After"), datetime.now(UTC))
-                               if verdict is Verdict.RETRY else None)
-                return Result(verdict, str(resp.status), body.decode(errors="replace"), retry_after)
+            response = await self._pool.request(self._target, head, body, self._timeout)
         except TimeoutError:
-            return Result(Verdict.RETRY, "timeout",
-                          f"no answer within {self._timeout.total:g}s")
-        except aiohttp.InvalidURL as exc:
-            return Result(Verdict.ABORT, "invalid_endpoint", str(exc))
-        # Before ValueError: a certificate that fails verification is one (ssl.CertificateError),
-        # and an expired or misissued certificate is the destination's to fix, not a reason to
-        # abort every event meanwhile.
-        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+            return Result(Verdict.RETRY, "timeout", f"no answer within {self._timeout:g}s")
+        # A certificate that fails verification (ssl.CertificateError is one) is the
+        # destination's to fix, not a reason to abort every event meanwhile.
+        except (ssl.SSLError, ssl.CertificateError) as exc:
             return Result(Verdict.RETRY, "tls", f"{type(exc).__name__}: {exc}")
-        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+        except OSError as exc:  # refused, reset, unresolvable, cut short, not HTTP
             return Result(Verdict.RETRY, "connection", f"{type(exc).__name__}: {exc}")
-        except ValueError as exc:
-            return Result(Verdict.ABORT, "invalid_endpoint", str(exc))
+        verdict = classify_http(response.status)
+        if verdict is Verdict.OK:
+            return _OK
+        retry_after = (parse_retry_after(response.retry_after, datetime.now(UTC))
+                       if verdict is Verdict.RETRY else None)
+        return Result(verdict, str(response.status), response.body.decode(errors="replace"),
+                      retry_after)
 
     async def close(self) -> None:
-        """The session is the router's, shared by every webhook destination."""
+        """The pool is the router's, shared by every webhook destination."""
+
+
+_CRLF = "\r\n"
+
+
+def _fixed_headers(destination: Destination, host: str) -> str:
+    """The header lines every request of this destination carries, in one string.
+
+    The destination's headers may replace Host and User-Agent. The admin service refuses the
+    names relayq sets itself and line breaks in values; a row written otherwise (by hand, or
+    before those rules) has such headers left out, so it can neither forge a signature nor
+    add headers of its own."""
+    lines = {"host": f"Host: {host}", "user-agent": "User-Agent: relayq"}
+    for name, value in destination.headers.items():
+        if name.lower() in WEBHOOK_OWN_HEADERS or any(c in name + value for c in "\r\n\x00"):
+            log.warning("webhook header %r left out: relayq sets it, or it is malformed", name,
+                        extra={"destination": destination.id})
+            continue
+        lines[name.lower()] = f"{name}: {value}"
+    lines["content-type"] = "Content-Type: application/json"
+    return "".join(line + _CRLF for line in lines.values())
