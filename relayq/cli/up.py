@@ -193,6 +193,8 @@ class Cluster:
             "RELAYQ_ADMIN_TOKEN": self.token,
             "RELAYQ_ROUTER_POLL_SECONDS": "0.5",
             "RELAYQ_SHUTDOWN_GRACE_SECONDS": str(max(1.0, self.args.grace - 2)),
+            # Past this a child gives up draining and says so, rather than being killed unheard.
+            "RELAYQ_SHUTDOWN_TIMEOUT_SECONDS": str(max(1.5, self.args.grace - 1)),
             "PYTHONUNBUFFERED": "1",
         })
         for name, _ in SERVICES:
