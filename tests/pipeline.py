@@ -15,9 +15,9 @@ from psycopg import AsyncConnection
 
 from relayq.v1 import ingest_pb2
 from tests import factories
+from tests.helpers import auth
 from tests.services import Ingest
 from tests.sinks import GrpcSink, WebhookSink
-from tests.test_ingest import auth
 
 FAST_RETRIES = {"min_backoff_ms": 20, "max_backoff_ms": 200}
 

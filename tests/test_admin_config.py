@@ -11,9 +11,9 @@ import pytest
 from psycopg import AsyncConnection
 
 from relayq.v1 import admin_pb2, common_pb2, ingest_pb2, ingest_pb2_grpc
+from tests.helpers import event
 from tests.services import Admin, admin, ingest, router
 from tests.sinks import WebhookSink
-from tests.test_ingest import event
 
 AUTH = Admin.auth()
 

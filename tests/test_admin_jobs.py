@@ -10,10 +10,10 @@ import psycopg
 import pytest
 
 from relayq.v1 import admin_pb2, common_pb2
+from tests.helpers import event
 from tests.pipeline import World, send, states, wait_until_finished
 from tests.services import Admin, admin, ingest, router
 from tests.sinks import OK, Answer, Received
-from tests.test_ingest import event
 
 AUTH = Admin.auth()
 SLOW_RETRIES = {"min_backoff_ms": 600_000, "max_backoff_ms": 600_000}

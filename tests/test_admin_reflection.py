@@ -19,10 +19,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from tests.helpers import event
 from tests.pipeline import World, send, states
 from tests.services import OPERATOR_TOKEN, admin_process, ingest, router
 from tests.sinks import OK, Answer, Received
-from tests.test_ingest import event
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 DOCUMENTED_ADDRESS = "127.0.0.1:50052"

@@ -26,11 +26,11 @@ from relayq.cli import render, units
 from relayq.cli.destinations import parse_header
 from relayq.ports import free_port
 from relayq.v1 import ingest_pb2
+from tests.helpers import auth, event
 from tests.pipeline import World, send
 from tests.services import OPERATOR_TOKEN as OPERATOR
 from tests.services import admin, ingest, router
 from tests.sinks import OK, Answer
-from tests.test_ingest import auth, event
 
 
 @dataclass

@@ -17,10 +17,10 @@ from relayq.config import ConfigError, Env
 from router_service.config import RouterConfig
 from tests import factories
 from tests.certs import needs_openssl, self_signed
+from tests.helpers import event
 from tests.pipeline import World, send, wait_until_finished
 from tests.services import ingest, quiet_env, router
 from tests.sinks import GrpcSink, WebhookSink
-from tests.test_ingest import event
 
 pytestmark = needs_openssl
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from relayq.v1 import router_pb2
+from tests.helpers import event
 from tests.pipeline import World, send, states, wait_until_finished
 from tests.services import ingest, router
 from tests.sinks import OK, Answer, Received, WebhookSink
-from tests.test_ingest import event
 
 
 async def test_events_reach_a_webhook_with_their_metadata(world: World) -> None:

@@ -15,11 +15,11 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from relayq.ports import free_port
+from tests.helpers import event
 from tests.pipeline import World, send, states, wait_until_finished
 from tests.services import ingest, router_process
 from tests.sinks import OK, Answer, Received
 from tests.tcpproxy import TCPProxy
-from tests.test_ingest import event
 from tests.test_router_processes import owners, wait_for
 
 pytestmark = pytest.mark.process

@@ -10,10 +10,10 @@ import pytest
 from psycopg import AsyncConnection
 
 from jobsdb import leases
+from tests.helpers import event
 from tests.pipeline import World, send, states, wait_until_finished
 from tests.services import ingest, router_process
 from tests.sinks import Answer, Received
-from tests.test_ingest import event
 
 pytestmark = pytest.mark.process
 
