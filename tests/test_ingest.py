@@ -16,7 +16,9 @@ from grpc_status import rpc_status
 from psycopg import AsyncConnection
 
 from ingest_service import validate
+from ingest_service.committer import EventsRefused
 from ingest_service.config import Limits
+from jobsdb.ingest import NewEvent
 from jobsdb.write_keys import SourceRoute
 from relayq.v1 import ingest_pb2
 from tests import factories
@@ -211,6 +213,30 @@ async def test_events_postgres_cannot_store_are_rejected_under_partial_success(
     assert response.results[2].reason.startswith("payload_json: the number 1e-16384 is")
     assert response.results[3].reason.startswith("timestamp: seconds 4611686018427387904")
     assert sorted({r[4] for r in await jobs(conn)}) == ["m1", "m5"]
+
+
+async def test_a_group_commit_postgres_refuses_names_the_event_and_stores_the_others(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    """Past validation (as a document validation missed would be): the ingest's own committer
+    against the real Postgres finds the refused event and stores the others of the flush."""
+    keys = (setup["d1"],)
+    web = setup["web"]
+
+    def new(message_id: str, document: str) -> NewEvent:
+        return NewEvent(web.key, setup["tenant"], message_id, "u", document, keys)
+
+    async with ingest(database, RELAYQ_INGEST_FLUSH_DELAY_MS="50") as service:
+        committer = service.app._committer
+        assert committer is not None
+        results = await asyncio.gather(
+            committer.submit([new("a", "{}")]),
+            committer.submit([new("b1", "{}"), new("b2", '{"n": 1e1000000}')]),
+            committer.submit([new("c", '{"ok": true}')]), return_exceptions=True)
+    refused = results[1]
+    assert isinstance(refused, EventsRefused), results
+    assert refused.refused == {1: "payload: Postgres refuses it: value overflows numeric format"}
+    assert sorted(r[4] for r in await jobs(conn)) == ["a", "c"]
 
 
 # Literals at and around each of Postgres's limits on numeric input.
