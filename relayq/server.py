@@ -1,5 +1,7 @@
 """The gRPC server every relayq process runs: its services, health, reflection, TLS, metrics.
 
+Requests that do not decode are answered INVALID_ARGUMENT by every service (relayq.decoding).
+
 Shaped after grpc's Python examples: a factory returns the started server and its bound port
 (port 0 in tests), and shutdown is graceful: health flips to NOT_SERVING first, so load
 balancers stop sending, then in-flight RPCs get `grace` seconds to finish.
@@ -12,7 +14,7 @@ import logging
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,6 +24,7 @@ from prometheus_client import start_http_server
 
 from relayq import addresses
 from relayq.config import ServerConfig
+from relayq.decoding import Registrar
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,12 @@ async def start_server(
     """
     check_addresses(config)
     server = grpc.aio.server(options=list(options))
+    # Generated add_*_to_server functions call only the two methods a Registrar has.
+    registrar = cast(grpc.aio.Server, Registrar(server))
     for _, register in services:
-        register(server)
+        register(registrar)
     health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
     names = tuple(name for name, _ in services)
     reflection.enable_server_reflection(
         (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
