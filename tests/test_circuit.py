@@ -107,7 +107,8 @@ async def test_a_destination_failing_for_a_while_is_only_probed_until_it_recover
             await asyncio.sleep(0.1)
         opened = await circuit()
         assert "every attempt failed" in opened.reason
-        status = await relay.status.GetStatus(router_pb2.GetStatusRequest(), timeout=5)
+        status = await relay.status.GetStatus(router_pb2.GetStatusRequest(),
+                                              metadata=Admin.auth(), timeout=5)
         assert [d.circuit_open for d in status.destinations] == [True]
         # While open: a probe a second, nothing more.
         before = len(world.webhook.received)

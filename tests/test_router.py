@@ -8,13 +8,19 @@ from collections import defaultdict
 from datetime import timedelta
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from relayq.v1 import router_pb2
-from tests.helpers import event
+from tests import factories
+from tests.helpers import auth, event
 from tests.pipeline import World, send, states, wait_until_finished
-from tests.services import ingest, router
+from tests.poll import eventually
+from tests.services import Admin, Router, ingest, router
 from tests.sinks import OK, Answer, Received, WebhookSink
+
+AUTH = Admin.auth()
 
 
 async def test_events_reach_a_webhook_with_their_metadata(world: World) -> None:
@@ -257,7 +263,8 @@ async def test_a_paused_destination_holds_its_jobs_and_resumes_in_order(world: W
     key = await world.destination("hook", paused=True)
     async with ingest(world.database) as service, router(world.database) as r:
         ids = await send(service, world.source, [event(f"m{i}", "alice") for i in range(10)])
-        status = await r.status.GetStatus(router_pb2.GetStatusRequest(), timeout=5)
+        status = await r.status.GetStatus(router_pb2.GetStatusRequest(), metadata=AUTH,
+                                          timeout=5)
         assert len(world.webhook.received) == 0
         await world.conn.execute(
             "UPDATE destinations SET paused = false WHERE destination_key = %s", (key,))
@@ -272,7 +279,8 @@ async def test_router_status_reports_partitions_and_activity(world: World) -> No
     async with ingest(world.database) as service, router(world.database) as r:
         await send(service, world.source, [event(f"m{i}", f"u{i}") for i in range(10)])
         await world.webhook.wait_for(lambda: len(world.webhook.received) >= 1)
-        status = await r.status.GetStatus(router_pb2.GetStatusRequest(), timeout=5)
+        status = await r.status.GetStatus(router_pb2.GetStatusRequest(), metadata=AUTH,
+                                          timeout=5)
     assert status.partition_count == 64
     assert sorted(status.partitions) == list(range(64))
     (activity,) = status.destinations
@@ -280,6 +288,44 @@ async def test_router_status_reports_partitions_and_activity(world: World) -> No
     assert activity.tenant_id == "acme"
     assert activity.in_flight >= 1
     assert status.lease_expires_at.seconds > 0
+
+
+async def test_router_status_needs_an_admin_token_and_shows_a_tenant_only_its_own(
+        world: World) -> None:
+    await world.destination("hook", paused=True)
+    other = await factories.tenant(world.conn, "globex")
+    await factories.destination(world.conn, other, "globex-hook", paused=True)
+    acme_token = await factories.admin_token(world.conn, "acme")
+    request = router_pb2.GetStatusRequest()
+    async with router(world.database) as r:
+        await eventually(lambda: _status_ids(r, AUTH), what="both destinations in the status")
+        for metadata in ((), auth("not-a-token"), (("authorization", "Basic x"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await r.status.GetStatus(request, metadata=metadata, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "admin token" in (refused.value.details() or "")
+        assert await _status_ids(r, auth(acme_token)) == ["hook"]
+        assert await _status_ids(r, AUTH) == ["globex-hook", "hook"]
+        health = await health_pb2_grpc.HealthStub(r.channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_router_without_an_operator_token_answers_tenant_tokens_only(
+        world: World) -> None:
+    await world.destination("hook", paused=True)
+    acme_token = await factories.admin_token(world.conn, "acme")
+    async with router(world.database, RELAYQ_ADMIN_TOKEN="") as r:
+        await eventually(lambda: _status_ids(r, auth(acme_token)))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await r.status.GetStatus(router_pb2.GetStatusRequest(), metadata=AUTH, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def _status_ids(r: Router, metadata: tuple[tuple[str, str], ...]) -> list[str]:
+    status = await r.status.GetStatus(router_pb2.GetStatusRequest(), metadata=metadata,
+                                      timeout=5)
+    return sorted(d.destination_id for d in status.destinations)
 
 
 async def test_an_endpoint_change_reaches_a_running_router(world: World) -> None:

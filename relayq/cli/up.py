@@ -389,6 +389,8 @@ class Cluster:
             f" {admin} relayq.v1.Admin/GetStats",
             f"  grpcurl -plaintext -H 'authorization: Bearer {key}' -d '{event}'"
             f" {ingest} relayq.v1.Ingest/Ingest",
+            f"  grpcurl -plaintext -H 'authorization: Bearer {token}'"
+            f" {self.ports.address('router')} relayq.v1.RouterStatus/GetStatus",
             f"  curl -s http://{self.ports.address('router_metrics')}/metrics | grep ^relayq_",
             "",
         ]
