@@ -175,6 +175,31 @@ def test_up_on_an_existing_database_and_sigterm(up_root: Path, database: str) ->
 
 @pytest.mark.process
 @pytest.mark.timeout(240)
+def test_up_still_stops_on_sigterm_once_its_output_pipe_is_gone(
+        up_root: Path, database: str) -> None:
+    """`make up | tee log`, then tee dies: the next write fails with EPIPE, and the signal
+    handler, which wrote before it set the stop flag, made `relayq up` deaf to signals."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("RELAYQ_", "PG"))}
+    (up_root / "up.out").write_text("(a pipe)\n")
+    with (up_root / "up.err").open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from relayq.cli import main; main()", "up",
+             "--free-ports", "--no-demo-traffic", "--grace", "10"],
+            cwd=up_root, env={**environ, "RELAYQ_DATABASE_URL": database},
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+    up = Up(process, up_root)
+    up.wait_info()
+    tree = up.tree()
+    assert process.stdout is not None
+    process.stdout.close()  # the reader is gone: the next write fails
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0, up.output()
+    assert_all_gone(tree, within=5)
+    assert "Traceback" not in (up_root / "up.err").read_text()
+
+
+@pytest.mark.process
+@pytest.mark.timeout(240)
 def test_children_go_when_up_is_killed(up_root: Path) -> None:
     """kill -9 leaves no time to clean up: the parent-death signal must do it."""
     up = start_up(up_root, "--no-demo-traffic")
