@@ -30,6 +30,7 @@ from relayq.ports import free_port
 from relayq.v1 import ingest_pb2
 from tests.helpers import auth, event
 from tests.pipeline import World, send
+from tests.poll import eventually
 from tests.services import OPERATOR_TOKEN as OPERATOR
 from tests.services import admin, ingest, router
 from tests.sinks import OK, Answer
@@ -441,10 +442,11 @@ async def test_a_failed_delivery_seen_and_retried(relayq: Relayq, world: World) 
 
 async def _until(relayq: Relayq, filter_: str, within: float = 20.0) -> None:
     """Poll `jobs list` until the filter matches a job."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not (await relayq("jobs", "list", "--filter", filter_, "--json")).json()["jobs"]:
-        assert asyncio.get_running_loop().time() < deadline, f"no job matched {filter_}"
-        await asyncio.sleep(0.2)
+
+    async def matched() -> bool:
+        return bool((await relayq("jobs", "list", "--filter", filter_, "--json")).json()["jobs"])
+
+    await eventually(matched, within=within, every=0.2, what=f"a job matching {filter_}")
 
 
 # ---------- a reader that goes away ----------

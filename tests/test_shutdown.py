@@ -16,7 +16,6 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
-from psycopg import AsyncConnection
 
 from ingest_service.config import IngestConfig
 from ingest_service.main import IngestApp
@@ -41,6 +40,16 @@ def taken() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
+def _finish(process: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """Its output once it exits; killed (and the test failed) if it does not in time."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(f"still running after {timeout}s")
+
+
 def _start(module: str, env: dict[str, str]) -> subprocess.Popen[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RELAYQ_", "PG"))}
     return subprocess.Popen(
@@ -58,7 +67,7 @@ def test_a_taken_port_stops_the_service_at_once_naming_the_variable(
     address = f"127.0.0.1:{taken}"
     started = time.monotonic()
     process = _start(module, quiet_env(database, **{variable: address}))
-    _, err = process.communicate(timeout=30)
+    _, err = _finish(process, 30)
     took = time.monotonic() - started
     assert process.returncode == 1, err
     assert err.strip().splitlines() == [
@@ -92,17 +101,9 @@ def test_sigterm_while_waiting_for_postgres_stops_at_once() -> None:
             break
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=10)
+    _finish(process, 10)
     assert process.returncode == 0
     assert time.monotonic() - started < 2.0
-
-
-@pytest.fixture
-async def web(conn: AsyncConnection[Any]) -> factories.Source:
-    tenant = await factories.tenant(conn)
-    source = await factories.source(conn, tenant)
-    await factories.connect(conn, source.key, await factories.destination(conn, tenant, "d1"))
-    return source
 
 
 async def _stuck_ingest(database: str, web: factories.Source, **extra: str
