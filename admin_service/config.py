@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relayq.config import ConfigError, Env, ServerConfig
-
-# Short operator tokens are guessable; the admin API can abort every job.
-MIN_OPERATOR_TOKEN_LENGTH = 16
+from relayq.auth import operator_token
+from relayq.config import Env, ServerConfig
 
 
 @dataclass(frozen=True)
@@ -25,13 +23,8 @@ class AdminConfig:
     @classmethod
     def from_env(cls, env: Env | None = None) -> AdminConfig:
         env = env or Env()
-        token = env.text("RELAYQ_ADMIN_TOKEN", "")
-        if not token:
-            raise ConfigError("RELAYQ_ADMIN_TOKEN",
-                              "not set; give the operator token admin callers must present")
-        if len(token) < MIN_OPERATOR_TOKEN_LENGTH:
-            raise ConfigError("RELAYQ_ADMIN_TOKEN",
-                              f"too short; use at least {MIN_OPERATOR_TOKEN_LENGTH} characters")
+        token = operator_token(env, required=True)
+        assert token is not None
         return cls(
             database_url=env.database_url(),
             server=ServerConfig.from_env(env, "admin", 50052, 9152),

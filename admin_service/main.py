@@ -6,13 +6,13 @@ import logging
 
 from psycopg_pool import AsyncConnectionPool
 
-from admin_service.access import Authenticator
 from admin_service.config import AdminConfig
 from admin_service.service import AdminServicer
 from jobsdb import migrate
 from jobsdb.pool import open_pool
 from relayq import jobmetrics, process
 from relayq.app import ServiceApp
+from relayq.auth import Authenticator
 from relayq.server import start_server
 from relayq.v1 import admin_pb2, admin_pb2_grpc
 

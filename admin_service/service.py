@@ -1,6 +1,6 @@
 """The relayq.v1.Admin servicer: authenticate, validate, one transaction, answer.
 
-Each method reads the caller first (access.py), checks the request (validate.py), and does its
+Each method reads the caller first (relayq/auth.py), checks the request (validate.py), and does its
 work in one jobsdb transaction; errors leave through relayq.rpc.handle_errors, the one place
 that maps them to gRPC statuses.
 """
@@ -20,13 +20,13 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from admin_service import convert, metrics, validate
-from admin_service.access import Authenticator, Caller
 from jobsdb import catalog
 from jobsdb import errors as dberrors
 from jobsdb import jobs as jobsdb
 from jobsdb.filters import FilterError, compile_filter
 from jobsdb.pool import transaction
 from relayq import destination_types
+from relayq.auth import Authenticator, Caller
 from relayq.rpc import FailedPrecondition, InvalidArgument, handle_errors
 from relayq.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 

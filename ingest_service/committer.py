@@ -6,6 +6,12 @@ oldest waiting request has waited `delay` or `max_jobs` jobs are waiting. Under 
 are busy, requests pile up meanwhile, and flushes grow by themselves; when idle, a request
 waits at most `delay`. Every request learns its outcome only after the commit (or the failure)
 of the flush that carried it.
+
+When Postgres refuses a flush for its data (validation should have caught it; this is the
+second line), no other request pays more than one retry: the refused events are found by
+parsing the flush's documents half by half (`probe`, which stores nothing), their requests are
+answered EventsRefused naming them, and the others are stored together once more. When no
+document is to blame, each request is stored on its own, once.
 """
 
 from __future__ import annotations
@@ -20,10 +26,26 @@ from dataclasses import dataclass
 
 from jobsdb import errors as dberrors
 from jobsdb.ingest import NewEvent, Stored
+from relayq.logs import Throttled
 
 log = logging.getLogger(__name__)
 
 StoreFn = Callable[[Sequence[NewEvent]], Awaitable[list[Stored]]]
+# Positions (in the sequence given) of the events Postgres would refuse, with its reason.
+ProbeFn = Callable[[Sequence[NewEvent]], Awaitable[dict[int, str]]]
+
+class EventsRefused(dberrors.ConstraintViolation):
+    """Postgres refused events of this request; nothing of the request was stored."""
+
+    def __init__(self, refused: dict[int, str]) -> None:
+        first, reason = next(iter(refused.items()))
+        super().__init__(f"event {first}: {reason}")
+        # Position in the submitted events -> why Postgres refused it.
+        self.refused = refused
+
+
+async def _nothing_to_blame(events: Sequence[NewEvent]) -> dict[int, str]:
+    return {}
 
 
 @dataclass(slots=True)
@@ -43,8 +65,12 @@ class GroupCommitter:
         max_jobs: int,
         concurrency: int,
         on_flushed: Callable[[int, float], None] = lambda jobs, seconds: None,
+        probe: ProbeFn = _nothing_to_blame,
     ) -> None:
         self._store = store
+        self._probe = probe
+        # One line per interval however many flushes clients' bad data makes Postgres refuse.
+        self._refusals = Throttled(log, 10.0)
         self._delay = delay
         self._max_jobs = max_jobs
         self._slots = asyncio.Semaphore(concurrency)
@@ -135,21 +161,56 @@ class GroupCommitter:
             _fail(batch, exc)
             return
         except dberrors.JobsDBError as exc:
-            if len(batch) == 1:
-                _fail(batch, exc)
-                return
-            # Something in the data was refused. Commit each request on its own, so that one
-            # client's bad event fails that client only.
-            log.warning("group flush of %d requests failed (%s); retrying one by one",
-                        len(batch), exc)
-            for request in batch:
-                await self._flush_together([request])
+            await self._after_refusal(batch, events, exc)
             return
+        _answer(batch, stored)
+
+    async def _after_refusal(self, batch: list[_Request], events: list[NewEvent],
+                             exc: dberrors.JobsDBError) -> None:
+        """Answer the requests whose events Postgres refused; store each other one once more."""
+        try:
+            blamed = await self._probe(events)
+        except dberrors.JobsDBError:
+            blamed = {}
+        innocent: list[_Request] = []
         offset = 0
         for request in batch:
-            if not request.future.done():
-                request.future.set_result(stored[offset:offset + len(request.events)])
+            mine = {i - offset: reason for i, reason in blamed.items()
+                    if offset <= i < offset + len(request.events)}
             offset += len(request.events)
+            if mine:
+                request.future.set_exception(EventsRefused(mine))
+            else:
+                innocent.append(request)
+        if not blamed and len(batch) == 1:
+            _fail(batch, exc)
+            return
+        self._refusals.warning("Postgres refused a group commit of %d requests (%s); %d named as"
+                          " refused, the others stored again", len(batch), exc,
+                          len(batch) - len(innocent))
+        if blamed:
+            if innocent:
+                await self._store_once(innocent)
+        else:
+            # Nothing in the documents to blame: each request on its own, once.
+            for request in batch:
+                await self._store_once([request])
+
+    async def _store_once(self, batch: list[_Request]) -> None:
+        try:
+            stored = await self._store([event for request in batch for event in request.events])
+        except dberrors.JobsDBError as exc:
+            _fail(batch, exc)
+            return
+        _answer(batch, stored)
+
+
+def _answer(batch: list[_Request], stored: list[Stored]) -> None:
+    offset = 0
+    for request in batch:
+        if not request.future.done():
+            request.future.set_result(stored[offset:offset + len(request.events)])
+        offset += len(request.events)
 
 
 def _fail(batch: list[_Request], exc: BaseException) -> None:

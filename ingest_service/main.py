@@ -16,7 +16,7 @@ from ingest_service.routes import RouteCache
 from ingest_service.service import IngestServicer
 from jobsdb import errors as dberrors
 from jobsdb import maintenance, migrate, partitions
-from jobsdb.ingest import NewEvent, Stored, store_events
+from jobsdb.ingest import NewEvent, Stored, store_events, unstorable
 from jobsdb.listen import Listener
 from jobsdb.pool import connection, open_pool, transaction
 from relayq import process
@@ -71,6 +71,7 @@ class IngestApp(ServiceApp[IngestConfig]):
             max_jobs=config.flush_max_jobs,
             concurrency=config.flush_concurrency,
             on_flushed=metrics.flushed,
+            probe=self._refused,
         )
         self._committer.start()
         servicer = IngestServicer(routes, self._committer, config.limits)
@@ -121,6 +122,16 @@ class IngestApp(ServiceApp[IngestConfig]):
         async with transaction(self._pool) as conn, conn.pipeline(), conn.transaction():
             return await store_events(
                 conn, events, ordering_partitions=self._settings.ordering_partitions)
+
+    async def _refused(self, events: Sequence[NewEvent]) -> dict[int, str]:
+        """Which of `events` Postgres refuses to store, by position (see GroupCommitter)."""
+        assert self._pool is not None
+        # Only documents that become jobs are parsed by the store.
+        positions = [i for i, event in enumerate(events) if event.destination_keys]
+        async with transaction(self._pool) as conn:
+            refused = await unstorable(conn, [events[i].document for i in positions])
+        return {positions[i]: f"payload: Postgres refuses it: {reason}"
+                for i, reason in refused.items()}
 
     def _after_store(self, stored: list[Stored]) -> None:
         """When ids enter a new partition, create the next ones in the background."""

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from ingest_service import metrics, validate
-from ingest_service.committer import GroupCommitter
+from ingest_service.committer import EventsRefused, GroupCommitter
 from ingest_service.config import Limits
 from ingest_service.quota import SourceQuotas
 from ingest_service.routes import RouteCache
@@ -21,6 +21,7 @@ from relayq.rpc import (
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
     handle_errors,
 )
 from relayq.v1 import ingest_pb2, ingest_pb2_grpc
@@ -80,8 +81,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 f" {route.rate_per_second:g} events/s (burst {route.rate_burst}); nothing was"
                 f" stored, retry in {wait:.3f}s", retry_after=wait)
         try:
-            stored = await self._committer.submit([e for _, e in prepared.events]) \
-                if prepared.events else []
+            stored = await self._store(request, prepared)
         except BaseException:
             self._quotas.give_back(route.source_key, wanted)  # nothing stored: the retry may go
             raise
@@ -94,6 +94,32 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         if route.filters:
             _count_filtered(route, prepared, stored)
         return response
+
+
+    async def _store(self, request: ingest_pb2.IngestRequest, prepared: validate.Prepared
+                     ) -> list[Stored]:
+        """Commit the valid events. Events Postgres refuses after all (validation missed
+        them) are named like any invalid event: the batch is refused, or under
+        partial_success they are rejected and the rest is stored."""
+        if not prepared.events:
+            return []
+        try:
+            return await self._committer.submit([e for _, e in prepared.events])
+        except EventsRefused as refused:
+            by_index = {prepared.events[i][0]: reason for i, reason in refused.refused.items()}
+            metrics.REJECTS.labels("event").inc(len(by_index))
+            if not request.partial_success:
+                raise _all_or_nothing(by_index, len(request.events)) from None
+            prepared.rejected.update(by_index)
+            prepared.events = [e for i, e in enumerate(prepared.events)
+                               if i not in refused.refused]
+        if not prepared.events:
+            return []
+        try:
+            return await self._committer.submit([e for _, e in prepared.events])
+        except EventsRefused as refused:  # refused again: a fault, not bad data to single out
+            raise Unavailable(f"Postgres refused events it had accepted a moment ago: {refused}"
+                              "; nothing was stored, send the batch again") from None
 
 
 def _response(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 
 from ingest_service.config import Limits
 from jobsdb.ingest import NewEvent
@@ -23,6 +23,20 @@ from relayq.rpc import InvalidArgument
 from relayq.v1 import ingest_pb2
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What google.protobuf.Timestamp can hold: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+# Postgres's numeric type (which jsonb stores numbers in) takes at most this many digits
+# before the decimal point and after it, and an exponent below INT_MAX / 2.
+PG_MAX_DIGITS_BEFORE_POINT = 131_072
+PG_MAX_DIGITS_AFTER_POINT = 16_383
+_PG_MAX_EXPONENT = 2**31 // 2 - 1
+_NUMBER = re.compile(r"-?(\d+)(?:\.(\d+))?(?:[eE]([-+]?\d+))?")
+# A number orjson takes that Postgres refuses has an exponent of five digits or more (a value
+# that underflows to 0.0 in a double, or a zero with a vast exponent) or a run of a thousand
+# digits; anything bigger orjson refuses itself. Each pattern starts with a literal, which
+# the regex engine finds at C speed: half a microsecond on a typical event.
+_LONG_EXPONENT = (re.compile(r"e[-+]?\d{5}"), re.compile(r"E[-+]?\d{5}"))
+_LONG_DIGITS = re.compile(r"\d{1000}")
 # A \u0000 escape not itself escaped: Postgres jsonb cannot store NUL characters.
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -123,7 +137,7 @@ def build_event(
     if anonymous_id:
         envelope["anonymousId"] = anonymous_id
     envelope["timestamp"] = (
-        event.timestamp.ToJsonString() if event.HasField("timestamp") else received_at
+        _timestamp(event.timestamp) if event.HasField("timestamp") else received_at
     )
     envelope["receivedAt"] = received_at
     # The client's JSON text goes in as sent (Postgres's jsonb parses it exactly, big numbers
@@ -171,6 +185,17 @@ def _check_text(name: str, value: str, limit: int) -> None:
         raise EventRejected(f"{name}: contains control characters")
 
 
+def _timestamp(stamp: timestamp_pb2.Timestamp) -> str:
+    seconds, nanos = stamp.seconds, stamp.nanos
+    if not _MIN_SECONDS <= seconds <= _MAX_SECONDS:
+        raise EventRejected(
+            f"timestamp: seconds {seconds} is outside 0001-01-01T00:00:00Z..9999-12-31T23:59:59Z"
+            f" ({_MIN_SECONDS}..{_MAX_SECONDS})")
+    if not 0 <= nanos <= 999_999_999:
+        raise EventRejected(f"timestamp: nanos {nanos} is outside 0..999999999")
+    return stamp.ToJsonString()
+
+
 def _properties(event: ingest_pb2.Event, limits: Limits) -> tuple[str, dict[str, Any]]:
     """The event's JSON object as text, checked to be an object that jsonb will take, and the
     object itself (connection filters read it)."""
@@ -195,24 +220,68 @@ def _object_text(name: str, text: str, limits: Limits) -> tuple[str, dict[str, A
         value = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         value = _loads_standard(name, text, exc)
+    else:
+        if (_LONG_EXPONENT[0].search(text) or _LONG_EXPONENT[1].search(text)
+                or (len(text) >= 1000 and _LONG_DIGITS.search(text))):
+            _loads_standard(name, text, None)
     if not isinstance(value, dict):
         raise EventRejected(f"{name}: must be a JSON object, got {type(value).__name__}")
     return text, value
 
 
-def _loads_standard(name: str, text: str, error: orjson.JSONDecodeError) -> Any:
+def _loads_standard(name: str, text: str, error: orjson.JSONDecodeError | None) -> Any:
     """orjson refuses some valid JSON (numbers beyond a double's range); the standard library
-    takes those, and is told to refuse NaN and Infinity, which are not JSON at all.
+    takes those, and is told to refuse NaN and Infinity, which are not JSON at all. Every
+    number is checked against what Postgres can store, as written (its text, never a float).
 
     What orjson refused for a reason jsonb shares stays refused, with orjson's message: nesting
     past its depth limit (the standard library runs out of stack there) and a lone surrogate
     escape such as "\\ud800" (valid to the standard library, not text to Postgres)."""
     try:
-        value = json.loads(text, parse_constant=_not_json)
+        value = json.loads(text, parse_constant=_not_json, parse_int=_storable_number,
+                           parse_float=_storable_number)
         json.dumps(value, ensure_ascii=False).encode()
-    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
-        raise EventRejected(f"{name}: invalid JSON: {error}") from None
+    except _Unstorable as exc:
+        raise EventRejected(f"{name}: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        raise EventRejected(f"{name}: invalid JSON: {error or exc}") from None
     return value
+
+
+def _storable_number(literal: str) -> str:
+    """The literal itself, if Postgres's numeric type can hold it (jsonb's numbers are
+    numeric); else _Unstorable. Postgres counts digits as written: `1.50e-16382` has 16384
+    after the point, and `0e-20000` is refused although it is zero."""
+    match = _NUMBER.fullmatch(literal)
+    assert match is not None, literal  # the JSON parser hands over only number tokens
+    integer, fraction, written_exponent = match.group(1), match.group(2) or "", match.group(3)
+    exponent = 0
+    if written_exponent is not None:
+        if len(written_exponent.lstrip("+-0")) > 10:
+            raise _unstorable(literal, "its exponent is out of range")
+        exponent = int(written_exponent)
+    if abs(exponent) >= _PG_MAX_EXPONENT:
+        raise _unstorable(literal, "its exponent is out of range")
+    if len(fraction) - exponent > PG_MAX_DIGITS_AFTER_POINT:
+        raise _unstorable(literal, f"more than {PG_MAX_DIGITS_AFTER_POINT} digits after the"
+                                   " decimal point")
+    digits = integer + fraction
+    significant = digits.lstrip("0")
+    before_point = len(integer) + exponent - (len(digits) - len(significant))
+    if significant and before_point > PG_MAX_DIGITS_BEFORE_POINT:
+        raise _unstorable(literal, f"more than {PG_MAX_DIGITS_BEFORE_POINT} digits before the"
+                                   " decimal point")
+    return literal
+
+
+class _Unstorable(Exception):
+    """A number Postgres cannot store (not a ValueError: the JSON parser must not take it
+    for a syntax error)."""
+
+
+def _unstorable(literal: str, why: str) -> _Unstorable:
+    shown = literal if len(literal) <= 40 else f"{literal[:20]}...{literal[-12:]}"
+    return _Unstorable(f"the number {shown} is beyond what Postgres can store: {why}")
 
 
 def _not_json(name: str) -> Any:

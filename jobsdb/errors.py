@@ -5,6 +5,8 @@ Services map these to gRPC status codes (relayq.rpc); they never see psycopg exc
 
 from __future__ import annotations
 
+import re
+
 import psycopg
 from psycopg import errors as pgerrors
 from psycopg_pool import PoolTimeout
@@ -16,6 +18,12 @@ class JobsDBError(Exception):
 
 class DatabaseUnavailable(JobsDBError):
     """Postgres cannot be reached, or the pool had no connection in time. Safe to retry."""
+
+
+class DatabaseRefused(JobsDBError):
+    """Postgres answered and refused us: the database does not exist, the password or role
+    is wrong, pg_hba.conf has no entry, CONNECT is not granted. Waiting cannot help; the
+    message is Postgres's own."""
 
 
 class Conflict(DatabaseUnavailable):
@@ -67,6 +75,9 @@ def translate(exc: BaseException) -> JobsDBError:
                         f" ({exc.sqlstate}); nothing of it happened, try again")
     if isinstance(exc, pgerrors.QueryCanceled | pgerrors.LockNotAvailable):
         return QueryCanceled(_detail(exc))
+    refusal = _refusal(exc)
+    if refusal is not None:
+        return DatabaseRefused(f"Postgres refused the connection: {refusal}")
     if isinstance(
         exc,
         psycopg.OperationalError
@@ -78,6 +89,32 @@ def translate(exc: BaseException) -> JobsDBError:
     if isinstance(exc, psycopg.InterfaceError):
         return DatabaseUnavailable(f"database connection lost: {exc}")
     return JobsDBError(f"{type(exc).__name__}: {exc}")
+
+
+# A failed connection attempt reaches us without its SQLSTATE: libpq keeps only the text of
+# the server's FATAL error (psycopg's sqlstate is None there), so this is the one place that
+# reads an error's text. The server refused, and will again, unless it said it is starting,
+# stopping or recovering (57P03), or full (53300): those pass, and are retried.
+_SERVER_REFUSAL = re.compile(r"\bFATAL:\s+(.*)$", re.MULTILINE)
+_PASSING = re.compile(
+    r"the database system is (starting up|shutting down|in recovery mode|not yet accepting"
+    r"|not accepting)|too many (clients|connections)|connection slots are reserved"
+    r"|out of memory")
+# libpq's own words for a password the server asked for and was not given.
+_NO_PASSWORD = "fe_sendauth: no password supplied"
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """The server's reason, when `exc` is a connection it refused for good; else None."""
+    if not isinstance(exc, psycopg.OperationalError) or exc.sqlstate is not None:
+        return None
+    text = str(exc)
+    if _NO_PASSWORD in text:
+        return _NO_PASSWORD
+    match = _SERVER_REFUSAL.search(text)
+    if match is None or _PASSING.search(match.group(1)):
+        return None
+    return match.group(1).strip()
 
 
 def _detail(exc: psycopg.Error) -> str:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import psycopg
 from psycopg import AsyncConnection
 
 from jobsdb import locks
@@ -118,6 +119,32 @@ async def store_events(
         if not stored.duplicate:
             stored.job_ids.extend(next(ids) for _ in event.destination_keys)
     return results
+
+
+async def unstorable(conn: AsyncConnection[Any], documents: Sequence[str]) -> dict[int, str]:
+    """The documents Postgres refuses as jsonb, by position, with its reason; {} if none.
+
+    Bisects, each half in a savepoint of the caller's transaction, so k refused documents
+    among n cost about 2k log2(n) statements, and the innocent ones are parsed, never stored.
+    """
+    refused: dict[int, str] = {}
+
+    async def probe(low: int, high: int) -> None:
+        try:
+            async with conn.transaction():
+                await conn.execute(query("ingest.sql", "parse_documents"),
+                                   {"documents": _joined(list(documents[low:high]))})
+        except psycopg.errors.DataError as exc:
+            if high - low == 1:
+                refused[low] = exc.diag.message_primary or type(exc).__name__
+                return
+            middle = (low + high) // 2
+            await probe(low, middle)
+            await probe(middle, high)
+
+    if documents:
+        await probe(0, len(documents))
+    return refused
 
 
 def _joined(values: list[str]) -> str:

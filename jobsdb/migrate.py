@@ -95,8 +95,10 @@ async def prepare(dsn: str, *, apply: bool, wait_seconds: float, application_nam
     """What every process does at start: wait for Postgres (up to `wait_seconds`), apply
     migrations if `apply` (else insist they were applied), and read the cluster settings.
 
-    Raises DatabaseUnavailable if Postgres does not answer in time and SchemaOutdated if the
-    schema is behind and `apply` is false.
+    Only a Postgres that does not answer (refused TCP connections, starting up, too many
+    clients) is waited for: one that refuses us (no such database, wrong password) raises
+    DatabaseRefused at once, with its own message. Raises DatabaseUnavailable if Postgres
+    does not answer in time and SchemaOutdated if the schema is behind and `apply` is false.
     """
     deadline = time.monotonic() + wait_seconds
     waits = backoff.expo(base=2, factor=0.1, max_value=2)

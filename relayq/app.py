@@ -6,9 +6,12 @@ relayq.process.main; both need the same start and the ports a running server bou
 
 from __future__ import annotations
 
+import logging
 from typing import Generic, Self, TypeVar
 
 from relayq.server import RunningServer
+
+log = logging.getLogger(__name__)
 
 Config = TypeVar("Config")
 
@@ -20,14 +23,26 @@ class ServiceApp(Generic[Config]):
 
     @classmethod
     async def start(cls, config: Config) -> Self:
+        """Start the app; if that fails (or is cancelled) part way, stop what had started.
+
+        A failure late in a start (its port taken, say) comes after pools, listeners and
+        the like are running; left alone, their tasks would keep the process alive."""
         app = cls(config)
-        await app._start()
+        try:
+            await app._start()
+        except BaseException:
+            try:
+                await app.stop()
+            except Exception:
+                log.exception("stopping after a failed start failed too")
+            raise
         return app
 
     async def _start(self) -> None:
         raise NotImplementedError
 
     async def stop(self) -> None:
+        """Stop whatever is running, even after a start that failed part way."""
         raise NotImplementedError
 
     @property

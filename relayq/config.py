@@ -136,6 +136,10 @@ class ServerConfig:
     metrics_address: str | None
     tls: TLSConfig | None
     grace_seconds: float
+    # The variables the two addresses came from, so that a port that cannot be bound is
+    # reported as the setting to change.
+    address_variable: str = "address"
+    metrics_variable: str = "metrics address"
 
     @classmethod
     def from_env(cls, env: Env, service: str, default_port: int, default_metrics_port: int
@@ -148,6 +152,8 @@ class ServerConfig:
             ),
             tls=TLSConfig.from_env(env),
             grace_seconds=env.number("RELAYQ_SHUTDOWN_GRACE_SECONDS", 10.0, maximum=600),
+            address_variable=f"{prefix}_ADDRESS",
+            metrics_variable=f"{prefix}_METRICS_ADDRESS",
         )
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -71,3 +73,31 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class Throttled:
+    """A warning that anyone can cause (a client's bad request) is logged at most once per
+    `interval` seconds, with how many were left out since the last one: a flood of bad
+    requests must not become a flood of log lines."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._clock = clock
+        self._next = float("-inf")
+        self._left_out = 0
+
+    def warning(self, message: str, *args: object, extra: dict[str, Any] | None = None) -> bool:
+        """Log unless one was logged less than `interval` ago; True if this one was."""
+        now = self._clock()
+        if now < self._next:
+            self._left_out += 1
+            return False
+        fields = dict(extra or {})
+        if self._left_out:
+            fields["left_out"] = self._left_out
+        self._logger.warning(message, *args, extra=fields)
+        self._next = now + self._interval
+        self._left_out = 0
+        return True

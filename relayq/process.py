@@ -1,50 +1,165 @@
 """What every relayq service process does around its app: config, logs, signals, exit codes.
 
-Exit status 2: bad configuration (the message names the variable); 1: the database could not
-be prepared (unreachable, outdated schema); 0: a clean shutdown after SIGTERM or SIGINT.
+Exit status 2: bad configuration (the message names the variable); 1: the process could not
+start (a listen address it cannot bind, a database that cannot be reached or refuses it, an
+outdated schema) or did not finish draining within RELAYQ_SHUTDOWN_TIMEOUT_SECONDS; 0: a
+clean shutdown after SIGTERM or SIGINT. A second SIGTERM or SIGINT ends the process at once,
+killed by that signal.
+
+No stop may hang the process. Draining has an overall deadline, and whatever background task
+still runs once the app has stopped (a library's task that swallowed its cancellation, as
+psycopg_pool's workers can on Python 3.11) is abandoned rather than waited for: asyncio's own
+teardown would wait for it forever, deaf to signals. Leaving early loses nothing acknowledged:
+ingest answers only after commit, and a router's unrecorded deliveries are made again by the
+partition's next owner.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from jobsdb.errors import JobsDBError
 from relayq import logs, runtime
-from relayq.config import ConfigError, Env
-from relayq.server import shutdown_event
+from relayq.addresses import AddressUnusable
+from relayq.config import ConfigError, Env, ServerConfig
+from relayq.server import check_addresses
+from relayq.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
-Config = TypeVar("Config")
+# How long background tasks get to end once the app has stopped, before they are abandoned.
+_LINGER_SECONDS = 1.0
 
 
 class App(Protocol):
     async def stop(self) -> None: ...
 
 
+class Served(Protocol):
+    @property
+    def server(self) -> ServerConfig: ...
+
+
+Config = TypeVar("Config", bound=Served)
+
+
 def main(name: str, load: Callable[[Env], Config],
          start: Callable[[Config], Awaitable[App]]) -> None:
-    """Read the configuration, run the app until a signal, stop it cleanly."""
+    """Read the configuration, run the app until a signal, stop it within the deadline."""
     env = Env()
     try:
         config = load(env)
         logs.configure_from_env(env)
+        timeout = env.number("RELAYQ_SHUTDOWN_TIMEOUT_SECONDS", 30.0, minimum=0.1, maximum=3600)
     except ConfigError as exc:
-        print(f"{name}: bad configuration: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-    async def serve() -> None:
-        stop = shutdown_event()
-        app = await start(config)
-        await stop.wait()
-        log.info("shutting down", extra={"service": name})
-        await app.stop()
-
+        _exit(2, f"{name}: bad configuration: {exc}")
     try:
-        runtime.run(serve())
-    except JobsDBError as exc:
-        print(f"{name}: {exc}", file=sys.stderr)
-        sys.exit(1)
+        # Before anything starts (migrations, pools): a taken port is the commonest mistake.
+        check_addresses(config.server)
+    except AddressUnusable as exc:
+        _exit(1, f"{name}: {exc}")
+    _exit(*runtime.run(_Service(name, timeout).run(config, start)))
+
+
+class _Service:
+    """One run of an app: started and stopped around the signals the process gets."""
+
+    def __init__(self, name: str, timeout: float) -> None:
+        self.name = name
+        self.timeout = timeout
+        self.stop = asyncio.Event()
+
+    async def run(self, config: Config, start: Callable[[Config], Awaitable[App]]
+                  ) -> tuple[int, str]:
+        """The exit status, and the line to print on stderr."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signalled, sig)
+        starting = asyncio.ensure_future(start(config))
+        waiting = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if not starting.done():
+            # Stopped while starting (waiting for Postgres, say): the app's start stops what
+            # it had started when cancelled (relayq.app.ServiceApp).
+            log.info("stopping before start finished", extra={"service": self.name})
+            starting.cancel()
+            await self._within_deadline(starting)
+            return await self._leave(0)
+        failure = starting.exception()
+        if failure is not None:
+            if isinstance(failure, AddressUnusable | JobsDBError):
+                return await self._leave(1, f"{self.name}: {failure}")
+            log.error("could not start", exc_info=failure, extra={"service": self.name})
+            return await self._leave(1, f"{self.name}: could not start: {failure!r}")
+        app = starting.result()
+        await self.stop.wait()
+        log.info("shutting down", extra={"service": self.name})
+        await self._within_deadline(asyncio.ensure_future(app.stop()))
+        return await self._leave(0)
+
+    async def _within_deadline(self, draining: asyncio.Future[Any]) -> None:
+        """Wait for `draining` until the deadline; past it, exit."""
+        # asyncio.wait, not wait_for: that would wait on for a cancellation to be honoured.
+        await asyncio.wait({draining}, timeout=self.timeout)
+        if not draining.done():
+            log.error("draining took longer than RELAYQ_SHUTDOWN_TIMEOUT_SECONDS=%gs; exiting"
+                      " without waiting for the rest (nothing acknowledged is lost: ingest"
+                      " answers only after commit, unrecorded deliveries are made again)",
+                      self.timeout, extra={"service": self.name})
+            _abandon(1)
+        if not draining.cancelled() and draining.exception() is not None:
+            log.error("stopping failed", exc_info=draining.exception(),
+                      extra={"service": self.name})
+
+    async def _leave(self, status: int, message: str = "") -> tuple[int, str]:
+        """End every task still running; abandon the process if some will not end."""
+        me = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if others:
+            ending = asyncio.ensure_future(cancel_and_wait(others))
+            await asyncio.wait({ending}, timeout=_LINGER_SECONDS)
+            if not ending.done():
+                names = sorted({t.get_name() for t in others if not t.done()})
+                log.warning("background tasks did not stop; exiting without them",
+                            extra={"service": self.name, "tasks": ",".join(names)})
+                _abandon(status, message)
+        return status, message
+
+    def _signalled(self, sig: signal.Signals) -> None:
+        if not self.stop.is_set():
+            self.stop.set()
+            return
+        log.warning("%s again: exiting at once", sig.name, extra={"service": self.name})
+        _flush()
+        # Die of the signal itself, so a parent or shell sees what ended the process.
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # pragma: no cover - the signal ends the process first
+
+
+def _flush() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def _abandon(status: int, message: str = "") -> NoReturn:
+    """Exit now, skipping asyncio's teardown (which would wait for tasks that never end)."""
+    if message:
+        print(message, file=sys.stderr)
+    _flush()
+    os._exit(status)
+
+
+def _exit(status: int, message: str = "") -> NoReturn:
+    if message:
+        print(message, file=sys.stderr)
+    sys.exit(status)

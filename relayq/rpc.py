@@ -71,6 +71,7 @@ class Unavailable(ServiceError):
 _DB_ERRORS: dict[type[dberrors.JobsDBError], grpc.StatusCode] = {
     dberrors.Conflict: grpc.StatusCode.ABORTED,
     dberrors.DatabaseUnavailable: grpc.StatusCode.UNAVAILABLE,
+    dberrors.DatabaseRefused: grpc.StatusCode.UNAVAILABLE,
     dberrors.MissingPartition: grpc.StatusCode.UNAVAILABLE,
     dberrors.NotFound: grpc.StatusCode.NOT_FOUND,
     dberrors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,

@@ -1,5 +1,7 @@
 """The gRPC server every relayq process runs: its services, health, reflection, TLS, metrics.
 
+Requests that do not decode are answered INVALID_ARGUMENT by every service (relayq.decoding).
+
 Shaped after grpc's Python examples: a factory returns the started server and its bound port
 (port 0 in tests), and shutdown is graceful: health flips to NOT_SERVING first, so load
 balancers stop sending, then in-flight RPCs get `grace` seconds to finish.
@@ -12,7 +14,7 @@ import logging
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,7 +22,9 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from relayq import addresses
 from relayq.config import ServerConfig
+from relayq.decoding import Registrar
 
 log = logging.getLogger(__name__)
 
@@ -49,47 +53,80 @@ async def start_server(
     *,
     options: Sequence[tuple[str, Any]] = (),
 ) -> RunningServer:
-    """Start serving `services` (full name, registration function) plus health and reflection."""
+    """Start serving `services` (full name, registration function) plus health and reflection.
+
+    Raises AddressUnusable, naming the variable, when either port cannot be bound; nothing is
+    left listening then.
+    """
+    check_addresses(config)
     server = grpc.aio.server(options=list(options))
+    # Generated add_*_to_server functions call only the two methods a Registrar has.
+    registrar = cast(grpc.aio.Server, Registrar(server))
     for _, register in services:
-        register(server)
+        register(registrar)
     health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
     names = tuple(name for name, _ in services)
     reflection.enable_server_reflection(
         (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME),
         server,
     )
-    if config.tls is not None:
-        credentials = grpc.ssl_server_credentials(
-            [(config.tls.key_file.read_bytes(), config.tls.cert_file.read_bytes())]
-        )
-        port = server.add_secure_port(config.address, credentials)
-    else:
-        port = server.add_insecure_port(config.address)
-    if port == 0:
-        raise OSError(f"could not bind {config.address}")
-    await server.start()
-    for name in ("", *names):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-
+    try:
+        port = _add_port(server, config)
+    except addresses.AddressUnusable:
+        await server.stop(None)
+        raise
     metrics_port, stop_metrics = None, None
     if config.metrics_address is not None:
-        host, _, metrics = config.metrics_address.rpartition(":")
-        httpd, _thread = start_http_server(int(metrics), addr=host)
+        host, port_text = addresses.split(config.metrics_address)
+        try:
+            httpd, _thread = start_http_server(port_text, addr=host)
+        except OSError as exc:
+            await server.stop(None)
+            raise addresses.AddressUnusable(config.metrics_variable, config.metrics_address,
+                                            addresses.reason(exc)) from None
         metrics_port = httpd.server_port
 
         def stop_metrics() -> None:
             httpd.shutdown()
             httpd.server_close()
 
+    await server.start()
+    for name in ("", *names):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "serving",
         extra={"services": ",".join(names), "port": port, "tls": config.tls is not None,
                "metrics_port": metrics_port},
     )
     return RunningServer(server, port, health, names, metrics_port, stop_metrics)
+
+
+def check_addresses(config: ServerConfig) -> None:
+    """Raise AddressUnusable if the gRPC or the metrics address cannot be bound right now."""
+    addresses.check(config.address_variable, config.address)
+    if config.metrics_address is not None:
+        addresses.check(config.metrics_variable, config.metrics_address)
+
+
+def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:
+    try:
+        if config.tls is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(config.tls.key_file.read_bytes(), config.tls.cert_file.read_bytes())]
+            )
+            port = server.add_secure_port(config.address, credentials)
+        else:
+            port = server.add_insecure_port(config.address)
+    except RuntimeError:
+        # grpcio >= 1.55 raises "Failed to bind to address"; older ones return 0. Either
+        # way the port was free a moment ago (check_addresses): something took it since.
+        port = 0
+    if port == 0:
+        raise addresses.AddressUnusable(config.address_variable, config.address,
+                                        "address already in use (taken as the server started)")
+    return port
 
 
 def shutdown_event() -> asyncio.Event:

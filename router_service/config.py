@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from jobsdb import maintenance
+from relayq.auth import operator_token
 from relayq.config import ConfigError, Env, ServerConfig, maintenance_policy
 from router_service.engine import EngineSettings
 
@@ -22,6 +23,9 @@ class RouterConfig:
     migrate: bool
     maintenance: maintenance.Policy | None
     startup_timeout_seconds: float
+    # RouterStatus answers the operator with this token, and tenant tokens for their own
+    # tenant. None: tenant tokens only (delivery never depends on it).
+    operator_token: str | None = None
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> RouterConfig:
@@ -60,6 +64,7 @@ class RouterConfig:
             maintenance=maintenance_policy(env),
             startup_timeout_seconds=env.number(
                 "RELAYQ_STARTUP_TIMEOUT_SECONDS", 30.0, maximum=3600),
+            operator_token=operator_token(env, required=False),
         )
 
 

@@ -12,6 +12,7 @@ from jobsdb.listen import Listener
 from jobsdb.pool import open_pool
 from relayq import process
 from relayq.app import ServiceApp
+from relayq.auth import Authenticator
 from relayq.server import start_server
 from relayq.tasks import cancel_and_wait
 from relayq.v1 import router_pb2, router_pb2_grpc
@@ -78,7 +79,10 @@ class RouterApp(ServiceApp[RouterConfig]):
                 name="maintenance"))
         # Anything committed before we listened: look once now.
         engine.on_jobs_notification("*")
-        servicer = RouterStatusServicer(engine)
+        if config.operator_token is None:
+            log.warning("RELAYQ_ADMIN_TOKEN is not set: RouterStatus answers tenant-scoped admin"
+                        " tokens only")
+        servicer = RouterStatusServicer(engine, Authenticator(self._pool, config.operator_token))
         self._server = await start_server(
             config.server,
             [(router_pb2.DESCRIPTOR.services_by_name["RouterStatus"].full_name,

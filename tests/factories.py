@@ -7,6 +7,7 @@ from typing import Any
 
 from psycopg import AsyncConnection, sql
 
+from jobsdb import catalog
 from jobsdb.ingest import NewEvent, store_events
 from jobsdb.keys import hash_secret, new_secret
 
@@ -91,3 +92,10 @@ async def insert_jobs(conn: AsyncConnection[Any], count: int, *, start: int | No
     async with conn.transaction():
         stored = await store_events(conn, events, ordering_partitions=64)
     return [j for s in stored for j in s.job_ids]
+
+
+async def admin_token(conn: AsyncConnection[Any], tenant_id: str) -> str:
+    """A tenant-scoped admin token's secret."""
+    tenant = await catalog.get_tenant(conn, tenant_id, None)
+    _, secret = await catalog.create_admin_token(conn, tenant, f"{tenant_id}-token", "tests")
+    return secret

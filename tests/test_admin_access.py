@@ -14,9 +14,9 @@ from google.protobuf import text_format
 from psycopg import AsyncConnection
 
 from relayq.v1 import admin_pb2, common_pb2
+from tests.helpers import event
 from tests.pipeline import World, send
 from tests.services import OPERATOR_TOKEN, Admin, admin, ingest
-from tests.test_ingest import event
 
 OK = grpc.StatusCode.OK
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED

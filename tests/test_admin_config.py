@@ -11,9 +11,10 @@ import pytest
 from psycopg import AsyncConnection
 
 from relayq.v1 import admin_pb2, common_pb2, ingest_pb2, ingest_pb2_grpc
+from tests.helpers import event
+from tests.pipeline import router_sees
 from tests.services import Admin, admin, ingest, router
 from tests.sinks import WebhookSink
-from tests.test_ingest import event
 
 AUTH = Admin.auth()
 
@@ -118,27 +119,25 @@ async def test_a_source_disabled_or_limited_through_admin_is_refused_by_a_runnin
 async def test_a_paused_destination_holds_jobs_until_resumed_in_order(
         database: str, service: Admin) -> None:
     created = await _tenant_source(service)
-    sink = WebhookSink()
+    sink, control = WebhookSink(), WebhookSink()
     await sink.start()
+    await control.start()
     try:
-        await service.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
-            id="hook", tenant_id="acme", type="webhook", endpoint=sink.url), metadata=AUTH)
-        await service.stub.ConnectSource(
-            admin_pb2.ConnectSourceRequest(source_id="acme-web", destination_id="hook"),
-            metadata=AUTH)
+        for destination_id, receiver in (("hook", sink), ("control", control)):
+            await service.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
+                id=destination_id, tenant_id="acme", type="webhook", endpoint=receiver.url),
+                metadata=AUTH)
+            await service.stub.ConnectSource(admin_pb2.ConnectSourceRequest(
+                source_id="acme-web", destination_id=destination_id), metadata=AUTH)
         async with ingest(database) as ingest_service, router(database) as running:
             paused = await service.stub.UpdateDestination(
                 admin_pb2.UpdateDestinationRequest(id="hook", paused=True), metadata=AUTH)
             assert paused.paused
-            engine = running.app.engine
-            assert engine is not None
-            for _ in range(200):  # the router hears of the change (NOTIFY relayq_config)
-                if any(d.id == "hook" and d.paused for d in engine.destinations.values()):
-                    break
-                await asyncio.sleep(0.05)
+            await router_sees(running, "hook", paused=True)
             await _ingest(ingest_service.app.port, created.write_key,
                           [event(f"m{i}", "bob") for i in range(5)])
-            await asyncio.sleep(1.0)
+            # The same events reached the unpaused destination: the router has them in hand.
+            await control.wait_for(lambda: len(control.oks) == 5)
             assert sink.oks == []
             await service.stub.UpdateDestination(
                 admin_pb2.UpdateDestinationRequest(id="hook", paused=False), metadata=AUTH)
@@ -146,6 +145,7 @@ async def test_a_paused_destination_holds_jobs_until_resumed_in_order(
         assert [r.message_id for r in sink.oks] == [f"m{i}" for i in range(5)]
     finally:
         await sink.stop()
+        await control.stop()
 
 
 async def test_rotating_a_write_key_retires_the_old_one(database: str, service: Admin) -> None:

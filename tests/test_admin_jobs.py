@@ -10,10 +10,11 @@ import psycopg
 import pytest
 
 from relayq.v1 import admin_pb2, common_pb2
-from tests.pipeline import World, send, states, wait_until_finished
+from tests.helpers import event
+from tests.pipeline import World, router_sees, send, states, wait_until_finished
+from tests.poll import eventually
 from tests.services import Admin, admin, ingest, router
 from tests.sinks import OK, Answer, Received
-from tests.test_ingest import event
 
 AUTH = Admin.auth()
 SLOW_RETRIES = {"min_backoff_ms": 600_000, "max_backoff_ms": 600_000}
@@ -31,11 +32,13 @@ def fail_first(message_ids: set[str], status: int = 503) -> Any:
 
 
 async def _wait_state(world: World, job_id: int, state: str) -> None:
-    for _ in range(200):
-        if (await states(world.conn)).get(job_id) == state:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"job {job_id} never became {state}: {await states(world.conn)}")
+    async def reached() -> bool:
+        return (await states(world.conn)).get(job_id) == state
+
+    async def seen() -> str:
+        return f"job {job_id} becoming {state} ({await states(world.conn)})"
+
+    await eventually(reached, within=10, every=0.05, what=seen)
 
 
 async def test_list_jobs_pages_by_filter_stay_stable_while_jobs_arrive(world: World) -> None:
@@ -124,8 +127,12 @@ async def test_retry_of_a_failed_job_delivers_it_at_once(world: World) -> None:
             selector=admin_pb2.JobSelector(filter="state = 'failed'"), dry_run=True),
             metadata=AUTH)
         assert (dry.matched, dry.changed, dry.dry_run) == (1, 0, True)
-        await asyncio.sleep(0.5)
+        # Still failed and still ten minutes away: a retry would have made it due now.
         assert (await states(world.conn))[job_id] == "failed"
+        cur = await world.conn.execute(
+            "SELECT retry_at > now() + interval '5 minutes' FROM jobs WHERE job_id = %s",
+            (job_id,))
+        assert await cur.fetchone() == (True,)
         done = await adm.stub.RetryJobs(admin_pb2.RetryJobsRequest(
             selector=admin_pb2.JobSelector(job_ids=[job_id]), reason="fixed the sink"),
             metadata=AUTH)
@@ -183,11 +190,11 @@ async def test_abort_by_filter_dry_run_counts_and_changes_nothing(world: World) 
 async def test_retrying_an_aborted_job_redelivers_it_before_its_users_later_jobs(
         world: World) -> None:
     await world.destination("hook", concurrency=4)
-    async with ingest(world.database) as service, router(world.database), \
+    async with ingest(world.database) as service, router(world.database) as running, \
             admin(world.database) as adm:
         await adm.stub.UpdateDestination(admin_pb2.UpdateDestinationRequest(
             id="hook", paused=True), metadata=AUTH)
-        await asyncio.sleep(0.5)
+        await router_sees(running, "hook", paused=True)
         ids = await send(service, world.source, [event(f"m{i}", "alice") for i in range(4)])
         await adm.stub.AbortJobs(admin_pb2.AbortJobsRequest(
             selector=admin_pb2.JobSelector(job_ids=[ids[0]])), metadata=AUTH)
@@ -203,13 +210,13 @@ async def test_retrying_an_aborted_job_redelivers_it_before_its_users_later_jobs
 async def test_peek_order_is_the_order_the_router_delivers(world: World) -> None:
     await world.destination("hook", concurrency=1, min_backoff_ms=1500, max_backoff_ms=1500)
     world.webhook.answer = fail_first({"a0"})
-    async with ingest(world.database) as service, router(world.database), \
+    async with ingest(world.database) as service, router(world.database) as running, \
             admin(world.database) as adm:
         first = await send(service, world.source, [event("a0", "alice")])
         await _wait_state(world, first[0], "failed")
         await adm.stub.UpdateDestination(admin_pb2.UpdateDestinationRequest(
             id="hook", paused=True), metadata=AUTH)
-        await asyncio.sleep(0.5)
+        await router_sees(running, "hook", paused=True)
         users = ["bob", "alice", "carol", "bob", "alice", "carol", "dave"]
         ids = first + await send(service, world.source, [
             event(f"{u[0]}{i + 1}", u) for i, u in enumerate(users)])
@@ -241,12 +248,14 @@ async def test_stats_count_states_and_recent_deliveries(world: World) -> None:
             admin(world.database) as adm:
         await send(service, world.source, [event(f"m{i}", f"u{i}") for i in range(5)])
         await world.webhook.wait_for(lambda: len(world.webhook.oks) == 5)
-        for _ in range(100):
+
+        async def counted() -> admin_pb2.GetStatsResponse | None:
             stats = await adm.stub.GetStats(admin_pb2.GetStatsRequest(), metadata=AUTH)
-            by_id = {d.destination_id: d for d in stats.destinations}
-            if by_id["hook"].counts.succeeded == 5:
-                break
-            await asyncio.sleep(0.05)
+            hook = next(d for d in stats.destinations if d.destination_id == "hook")
+            return stats if hook.counts.succeeded == 5 else None
+
+        stats = await eventually(counted, within=5, every=0.05, what="5 deliveries counted")
+        by_id = {d.destination_id: d for d in stats.destinations}
         one = await adm.stub.GetStats(admin_pb2.GetStatsRequest(destination_id="held"),
                                       metadata=AUTH)
     assert by_id["hook"].counts == admin_pb2.StateCounts(succeeded=5)
@@ -311,15 +320,14 @@ async def test_an_abort_rolled_back_by_a_deadlock_with_a_router_flush_runs_again
 
 
 async def _until_waiting_for_a_lock(world: World, application: str) -> None:
-    for _ in range(200):
+    async def waiting() -> bool:
         cur = await world.conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
             " AND wait_event_type = 'Lock'", (application,))
         row = await cur.fetchone()
-        if row and row[0]:
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"{application} never waited for a lock")
+        return bool(row and row[0])
+
+    await eventually(waiting, within=4, every=0.02, what=f"{application} waiting for a lock")
 
 
 async def test_operators_retrying_and_aborting_beside_a_busy_router_lose_nothing(

@@ -19,10 +19,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from tests.helpers import event
 from tests.pipeline import World, send, states
+from tests.poll import eventually
 from tests.services import OPERATOR_TOKEN, admin_process, ingest, router
 from tests.sinks import OK, Answer, Received
-from tests.test_ingest import event
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 DOCUMENTED_ADDRESS = "127.0.0.1:50052"
@@ -109,10 +110,11 @@ async def test_readme_grpcurl_commands_work_through_reflection(world: World) -> 
     try:
         async with ingest(world.database) as ingest_service, router(world.database):
             [job_id] = await send(ingest_service, world.source, [event("m1", "alice")])
-            for _ in range(200):
-                if (await states(world.conn)).get(job_id) == "failed":
-                    break
-                await asyncio.sleep(0.05)
+
+            async def failed() -> bool:
+                return (await states(world.conn)).get(job_id) == "failed"
+
+            await eventually(failed, within=10, every=0.05, what=f"job {job_id} failed")
             results = []
             for argv, stdin in readme_commands():
                 results.append(await asyncio.to_thread(grpcurl, argv, stdin, address, env))

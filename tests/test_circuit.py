@@ -12,10 +12,10 @@ import pytest
 from relayq.v1 import admin_pb2, router_pb2
 from router_service.circuit import Breaker, Change, CircuitPolicy
 from router_service.retry import Result, Verdict
+from tests.helpers import event
 from tests.pipeline import World, send, states, wait_until_finished
 from tests.services import Admin, admin, ingest, router
 from tests.sinks import OK, Answer
-from tests.test_ingest import event
 
 POLICY = CircuitPolicy(open_after=10.0, min_failures=3, probe_every=5.0)
 FAIL = Result(Verdict.RETRY, "503")
@@ -107,7 +107,8 @@ async def test_a_destination_failing_for_a_while_is_only_probed_until_it_recover
             await asyncio.sleep(0.1)
         opened = await circuit()
         assert "every attempt failed" in opened.reason
-        status = await relay.status.GetStatus(router_pb2.GetStatusRequest(), timeout=5)
+        status = await relay.status.GetStatus(router_pb2.GetStatusRequest(),
+                                              metadata=Admin.auth(), timeout=5)
         assert [d.circuit_open for d in status.destinations] == [True]
         # While open: a probe a second, nothing more.
         before = len(world.webhook.received)

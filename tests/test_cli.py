@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,11 +28,12 @@ from relayq.cli import render, units
 from relayq.cli.destinations import parse_header
 from relayq.ports import free_port
 from relayq.v1 import ingest_pb2
+from tests.helpers import auth, event
 from tests.pipeline import World, send
+from tests.poll import eventually
 from tests.services import OPERATOR_TOKEN as OPERATOR
 from tests.services import admin, ingest, router
 from tests.sinks import OK, Answer
-from tests.test_ingest import auth, event
 
 
 @dataclass
@@ -500,10 +503,32 @@ async def test_a_failed_delivery_seen_and_retried(relayq: Relayq, world: World) 
 
 async def _until(relayq: Relayq, filter_: str, within: float = 20.0) -> None:
     """Poll `jobs list` until the filter matches a job."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not (await relayq("jobs", "list", "--filter", filter_, "--json")).json()["jobs"]:
-        assert asyncio.get_running_loop().time() < deadline, f"no job matched {filter_}"
-        await asyncio.sleep(0.2)
+
+    async def matched() -> bool:
+        return bool((await relayq("jobs", "list", "--filter", filter_, "--json")).json()["jobs"])
+
+    await eventually(matched, within=within, every=0.2, what=f"a job matching {filter_}")
+
+
+# ---------- a reader that goes away ----------
+
+@pytest.mark.process
+async def test_output_into_a_pipe_closed_early_ends_quietly(relayq: Relayq) -> None:
+    """`relayq stats | head -3`: no BrokenPipeError traceback, the exit a SIGPIPE would give."""
+    for n in range(40):
+        assert (await relayq("tenants", "create", f"tenant-{n}")).code == 0
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from relayq.cli import main; main()", "tenants", "list",
+            "--admin", f"127.0.0.1:{relayq.port}", "--token", OPERATOR,
+            stdout=write, stderr=subprocess.PIPE)
+    finally:
+        os.close(write)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert err.decode() == ""
+    assert process.returncode == 141
 
 
 # ---------- errors ----------

@@ -4,7 +4,6 @@ A gRPC sink gets the destination's headers as call metadata."""
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,10 +16,11 @@ from relayq.config import ConfigError, Env
 from router_service.config import RouterConfig
 from tests import factories
 from tests.certs import needs_openssl, self_signed
+from tests.helpers import event
 from tests.pipeline import World, send, wait_until_finished
+from tests.poll import eventually
 from tests.services import ingest, quiet_env, router
 from tests.sinks import GrpcSink, WebhookSink
-from tests.test_ingest import event
 
 pytestmark = needs_openssl
 
@@ -158,10 +158,9 @@ def test_a_missing_ca_file_stops_the_router_at_start(database: str) -> None:
 
 
 async def _wait_for_attempt(world: World, job_id: int) -> None:
-    for _ in range(300):
+    async def attempted() -> bool:
         cur = await world.conn.execute(
             "SELECT count(*) FROM job_statuses WHERE job_id = %s", (job_id,))
-        if (await cur.fetchone() or [0])[0]:
-            return
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"job {job_id} was never attempted")
+        return bool((await cur.fetchone() or [0])[0])
+
+    await eventually(attempted, what=f"an attempt of job {job_id}")

@@ -8,31 +8,24 @@ import re
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from psycopg import AsyncConnection
 
+from ingest_service import validate
+from ingest_service.committer import EventsRefused
+from ingest_service.config import Limits
+from jobsdb.ingest import NewEvent
+from jobsdb.write_keys import SourceRoute
 from relayq.v1 import ingest_pb2
 from tests import factories
+from tests.helpers import auth, count, event
 from tests.services import Ingest, ingest
 
 Status = ingest_pb2.EventResult.Status
-
-
-def event(message_id: str, user: str = "u1", **properties: Any) -> ingest_pb2.Event:
-    return ingest_pb2.Event(
-        message_id=message_id,
-        user_id=user,
-        type="track",
-        event="Order Completed",
-        payload_json=json.dumps(properties or {"n": 1}),
-    )
-
-
-def auth(write_key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {write_key}"),)
 
 
 async def send(service: Ingest, write_key: str, *events: ingest_pb2.Event,
@@ -47,13 +40,6 @@ async def jobs(conn: AsyncConnection[Any]) -> list[tuple[Any, ...]]:
         " FROM jobs ORDER BY job_id"
     )
     return await cur.fetchall()
-
-
-async def count(conn: AsyncConnection[Any], table: str) -> int:
-    cur = await conn.execute(f"SELECT count(*) FROM {table}")
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 @pytest.fixture
@@ -210,6 +196,85 @@ async def test_partial_success_stores_valid_events_and_reports_the_rest(
     assert fixed.results[0].status == Status.ACCEPTED
 
 
+async def test_events_postgres_cannot_store_are_rejected_under_partial_success(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    """Caught before the group commit: named, rejected, and the rest of the batch stored."""
+    huge = ingest_pb2.Event(message_id="m2", user_id="u", payload_json='{"n": 1e1000000}')
+    tiny = ingest_pb2.Event(message_id="m3", user_id="u", payload_json='{"n": 1e-16384}')
+    late = ingest_pb2.Event(message_id="m4", user_id="u",
+                            timestamp=timestamp_pb2.Timestamp(seconds=2**62))
+    async with ingest(database) as service:
+        response = await send(service, setup["web"].write_key, event("m1"), huge, tiny, late,
+                              event("m5"), partial=True)
+    assert [r.status for r in response.results] == [
+        Status.ACCEPTED, Status.REJECTED, Status.REJECTED, Status.REJECTED, Status.ACCEPTED]
+    assert response.results[1].reason.startswith("payload_json: the number 1e1000000 is")
+    assert response.results[2].reason.startswith("payload_json: the number 1e-16384 is")
+    assert response.results[3].reason.startswith("timestamp: seconds 4611686018427387904")
+    assert sorted({r[4] for r in await jobs(conn)}) == ["m1", "m5"]
+
+
+async def test_a_group_commit_postgres_refuses_names_the_event_and_stores_the_others(
+    database: str, conn: AsyncConnection[Any], setup: dict[str, Any]
+) -> None:
+    """Past validation (as a document validation missed would be): the ingest's own committer
+    against the real Postgres finds the refused event and stores the others of the flush."""
+    keys = (setup["d1"],)
+    web = setup["web"]
+
+    def new(message_id: str, document: str) -> NewEvent:
+        return NewEvent(web.key, setup["tenant"], message_id, "u", document, keys)
+
+    async with ingest(database, RELAYQ_INGEST_FLUSH_DELAY_MS="50") as service:
+        committer = service.app._committer
+        assert committer is not None
+        results = await asyncio.gather(
+            committer.submit([new("a", "{}")]),
+            committer.submit([new("b1", "{}"), new("b2", '{"n": 1e1000000}')]),
+            committer.submit([new("c", '{"ok": true}')]), return_exceptions=True)
+    refused = results[1]
+    assert isinstance(refused, EventsRefused), results
+    assert refused.refused == {1: "payload: Postgres refuses it: value overflows numeric format"}
+    assert sorted(r[4] for r in await jobs(conn)) == ["a", "c"]
+
+
+# Literals at and around each of Postgres's limits on numeric input.
+_NUMBERS = [
+    "1e131071", "1e131072", "-1e131072", "9.9e131071", "12345678901234567890e131052",
+    "12345678901234567890e131053", "0.001e131074", "0.001e131075", "1e-16383", "1e-16384",
+    "1.5e-16382", "1.5e-16383", "1.50e-16382", "0e-16383", "0e-16384", "0e999999",
+    "0e1073741822", "0e1073741823", "0e-1073741823", "1E+5", "-0.0", "1e400", "1e-400",
+    "1" + "0" * 5000, "0." + "0" * 16382 + "1", "0." + "0" * 16383 + "1",
+    "1." + "0" * 16383, "1." + "0" * 16384, "1." + "0" * 16000 + "e-383",
+    "1." + "0" * 16000 + "e-384", "1e0000000000000000000000001",
+]
+
+
+async def test_payload_numbers_are_refused_exactly_when_postgres_refuses_them(
+    conn: AsyncConnection[Any],
+) -> None:
+    limits = Limits(max_batch_events=1, max_event_bytes=1 << 20, max_request_bytes=1 << 22)
+    route = SourceRoute(source_key=1, source_id="web", tenant_key=1, tenant_id="acme",
+                        enabled=True, rate_per_second=0.0, rate_burst=0, destinations={},
+                        destination_keys=(1,))
+    for literal in _NUMBERS:
+        text = '{"n": ' + literal + "}"
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT %s::jsonb", (text,))
+            postgres_takes_it = True
+        except psycopg.errors.DataError:
+            postgres_takes_it = False
+        try:
+            validate.build_event(ingest_pb2.Event(message_id="m", user_id="u",
+                                                  payload_json=text), route, limits, "now")
+            we_take_it = True
+        except validate.EventRejected:
+            we_take_it = False
+        assert we_take_it == postgres_takes_it, literal[:60]
+
+
 async def test_an_event_for_a_source_without_destinations_is_accepted_without_jobs(
     database: str, conn: AsyncConnection[Any]
 ) -> None:
@@ -274,6 +339,27 @@ BAD_BATCHES: list[tuple[str, list[ingest_pb2.Event], str, str]] = [
     ("NUL in payload", [ingest_pb2.Event(
         message_id="m", user_id="u", payload_json='{"a": "\\u0000"}')],
      "events[0].payload: contains a \\u0000 character", "events[0].payload"),
+    ("timestamp after year 9999", [event("ok"), ingest_pb2.Event(
+        message_id="m", user_id="u", timestamp=timestamp_pb2.Timestamp(seconds=253402300800))],
+     "events[1].timestamp: seconds 253402300800 is outside 0001-01-01T00:00:00Z..",
+     "events[1].timestamp"),
+    ("timestamp at 2^62 seconds", [ingest_pb2.Event(
+        message_id="m", user_id="u", timestamp=timestamp_pb2.Timestamp(seconds=2**62))],
+     "events[0].timestamp: seconds 4611686018427387904 is outside", "events[0].timestamp"),
+    ("timestamp with 2e9 nanos", [ingest_pb2.Event(
+        message_id="m", user_id="u", timestamp=timestamp_pb2.Timestamp(nanos=2_000_000_000))],
+     "events[0].timestamp: nanos 2000000000 is outside 0..999999999", "events[0].timestamp"),
+    ("timestamp with negative nanos", [ingest_pb2.Event(
+        message_id="m", user_id="u", timestamp=timestamp_pb2.Timestamp(seconds=1, nanos=-1))],
+     "events[0].timestamp: nanos -1 is outside 0..999999999", "events[0].timestamp"),
+    ("number too large for Postgres", [event("ok"), ingest_pb2.Event(
+        message_id="m", user_id="u", payload_json='{"n": 1e1000000}')],
+     "events[1].payload_json: the number 1e1000000 is beyond what Postgres can store: more"
+     " than 131072 digits before the decimal point", "events[1].payload_json"),
+    ("number too small for Postgres", [ingest_pb2.Event(
+        message_id="m", user_id="u", payload_json='{"n": [1e-16384]}')],
+     "events[0].payload_json: the number 1e-16384 is beyond what Postgres can store: more"
+     " than 16383 digits after the decimal point", "events[0].payload_json"),
     ("unknown destination", [ingest_pb2.Event(
         message_id="m", user_id="u", destination_ids=["nope"])],
      "events[0].destination_ids: 'nope' is not a destination connected to source 'web'",

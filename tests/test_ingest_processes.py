@@ -13,9 +13,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from relayq.v1 import ingest_pb2, ingest_pb2_grpc
 from tests import factories
+from tests.helpers import auth, count, event
 from tests.services import ingest, ingest_process
 from tests.tcpproxy import TCPProxy
-from tests.test_ingest import auth, count, event
 
 Status = ingest_pb2.EventResult.Status
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Sequence
 
 import orjson
@@ -11,13 +12,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest_service.committer import GroupCommitter
+from ingest_service.committer import EventsRefused, GroupCommitter
 from ingest_service.config import Limits
 from ingest_service.quota import MAX_WAIT, SourceQuotas
+from ingest_service.service import IngestServicer
 from ingest_service.validate import EventRejected, build_event, prepare
 from jobsdb import errors as dberrors
 from jobsdb.ingest import NewEvent, Stored
 from jobsdb.write_keys import SourceRoute
+from relayq.logs import Throttled
 from relayq.rpc import InvalidArgument
 from relayq.v1 import ingest_pb2
 
@@ -179,10 +182,13 @@ async def test_a_flush_never_takes_more_than_max_jobs() -> None:
     assert max(flushes) <= 9
 
 
-async def test_a_refused_flush_is_retried_request_by_request() -> None:
-    """One client's bad data must fail that client only, not everyone sharing the commit."""
+async def test_a_refused_flush_with_no_event_to_blame_is_retried_request_by_request() -> None:
+    """One client's bad data must fail that client only, not everyone sharing the commit, and
+    cost the others one retry each at most."""
+    flushes: list[list[str]] = []
 
     async def store(events: Sequence[NewEvent]) -> list[Stored]:
+        flushes.append([e.message_id for e in events])
         if any(e.message_id == "poison" for e in events):
             raise dberrors.ConstraintViolation("refused")
         return [Stored(duplicate=False) for _ in events]
@@ -197,6 +203,54 @@ async def test_a_refused_flush_is_retried_request_by_request() -> None:
     assert isinstance(results[1], dberrors.ConstraintViolation)
     assert not isinstance(results[0], BaseException)
     assert not isinstance(results[2], BaseException)
+    assert flushes == [["m0", "poison", "m0"], ["m0"], ["poison"], ["m0"]]
+
+
+async def test_events_postgres_refuses_in_a_flush_are_named_and_the_rest_stored_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    flushes: list[list[str]] = []
+
+    async def store(events: Sequence[NewEvent]) -> list[Stored]:
+        flushes.append([e.message_id for e in events])
+        if any(e.document == "poison" for e in events):
+            raise dberrors.ConstraintViolation("value overflows numeric format")
+        return [Stored(duplicate=False) for _ in events]
+
+    async def probe(events: Sequence[NewEvent]) -> dict[int, str]:
+        return {i: "overflow" for i, e in enumerate(events) if e.document == "poison"}
+
+    committer = GroupCommitter(store, delay=0.05, max_jobs=1000, concurrency=1, probe=probe)
+    committer.start()
+    poisoned = [NewEvent(1, 1, "p0", "u", "{}", (1,)), NewEvent(1, 1, "p1", "u", "poison", (1,))]
+    with caplog.at_level(logging.WARNING, "ingest_service.committer"):
+        results = await asyncio.gather(
+            committer.submit([NewEvent(1, 1, "a", "u", "{}", (1,))]), committer.submit(poisoned),
+            committer.submit([NewEvent(1, 1, "b", "u", "{}", (1,))]), return_exceptions=True)
+        for round_ in range(20):  # a flood of refusals: logged once per interval, not each
+            with pytest.raises(EventsRefused):
+                await committer.submit([NewEvent(1, 1, f"x{round_}", "u", "poison", (1,))])
+    await committer.close()
+    refused = results[1]
+    assert isinstance(refused, EventsRefused)
+    assert refused.refused == {1: "overflow"}
+    assert results[0] == [Stored(duplicate=False)]
+    assert results[2] == [Stored(duplicate=False)]
+    # The flush, then the two innocent requests together: one retry, shared.
+    assert flushes[:2] == [["a", "p0", "p1", "b"], ["a", "b"]]
+    assert len(caplog.records) == 1
+
+
+def test_a_throttled_warning_logs_once_per_interval_and_counts_the_rest(
+        caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    throttled = Throttled(logging.getLogger("t"), 10.0, clock)
+    with caplog.at_level(logging.WARNING, "t"):
+        assert throttled.warning("bad %s", 1)
+        assert not any([throttled.warning("bad %s", n) for n in range(5)])
+        clock.now += 10
+        assert throttled.warning("bad %s", 7)
+    assert [r.getMessage() for r in caplog.records] == ["bad 1", "bad 7"]
+    assert caplog.records[1].left_out == 5
 
 
 # ---- per-source rate limits ----
@@ -251,3 +305,37 @@ def test_a_refusal_never_asks_for_more_than_an_hour_and_a_failed_store_gives_bac
     assert quotas.take(2, 1.0, 5, 5) == 0
     quotas.give_back(2, 5)  # the batch was not stored
     assert quotas.take(2, 1.0, 5, 5) == 0
+
+
+class _RefusingCommitter:
+    """Refuses every event whose document is "poison", as the group committer reports it."""
+
+    def __init__(self) -> None:
+        self.stored: list[list[str]] = []
+
+    async def submit(self, events: Sequence[NewEvent]) -> list[Stored]:
+        refused = {i: "payload: Postgres refuses it: overflow"
+                   for i, e in enumerate(events) if e.document == "poison"}
+        if refused:
+            raise EventsRefused(refused)
+        self.stored.append([e.message_id for e in events])
+        return [Stored(duplicate=False, job_ids=[n]) for n, _ in enumerate(events)]
+
+
+@pytest.mark.parametrize("partial", [False, True])
+async def test_events_the_committer_refuses_are_named_like_invalid_events(partial: bool) -> None:
+    committer = _RefusingCommitter()
+    servicer = IngestServicer(None, committer, LIMITS)  # type: ignore[arg-type]
+    request = ingest_pb2.IngestRequest(partial_success=partial, events=[
+        ingest_pb2.Event(message_id=m, user_id="u") for m in ("a", "b", "c")])
+    prepared = prepare(request, ROUTE, LIMITS, NOW)
+    prepared.events[1] = (1, prepared.events[1][1]._replace(document="poison"))
+    if not partial:
+        with pytest.raises(InvalidArgument, match=r"events\[1\]\.payload: Postgres refuses it"):
+            await servicer._store(request, prepared)
+        assert committer.stored == []
+        return
+    stored = await servicer._store(request, prepared)
+    assert committer.stored == [["a", "c"]]
+    assert len(stored) == 2
+    assert prepared.rejected == {1: "payload: Postgres refuses it: overflow"}

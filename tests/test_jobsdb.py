@@ -144,3 +144,31 @@ def test_a_deadlock_or_serialization_failure_is_a_conflict_safe_to_run_again() -
         assert isinstance(translated, errors.Conflict)
         # Still "unavailable" to anything that only knows to retry that (router flushes).
         assert isinstance(translated, errors.DatabaseUnavailable)
+
+
+@pytest.mark.parametrize(
+    ("server_says", "refused"),
+    [
+        ('FATAL:  database "nope" does not exist', True),
+        ('FATAL:  password authentication failed for user "relayq"', True),
+        ('FATAL:  role "nobody" does not exist', True),
+        ('FATAL:  no pg_hba.conf entry for host "10.0.0.1", user "relayq"', True),
+        ("FATAL:  the database system is starting up", False),
+        ("FATAL:  the database system is shutting down", False),
+        ("FATAL:  the database system is in recovery mode", False),
+        ("FATAL:  sorry, too many clients already", False),
+        ("Connection refused\n\tIs the server running on that host and accepting TCP/IP"
+         " connections?", False),
+    ])
+def test_a_connection_postgres_refuses_for_good_is_not_retried(
+        server_says: str, refused: bool) -> None:
+    exc = psycopg.OperationalError(
+        f'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+        f"{server_says}")
+    translated = errors.translate(exc)
+    if refused:
+        assert isinstance(translated, errors.DatabaseRefused)
+        assert str(translated) == ("Postgres refused the connection: "
+                                   + server_says.removeprefix("FATAL:").strip())
+    else:
+        assert isinstance(translated, errors.DatabaseUnavailable)

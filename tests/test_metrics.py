@@ -5,7 +5,6 @@ Real processes, so each /metrics shows only its own process's registry.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import grpc
@@ -16,6 +15,7 @@ from relayq.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 from tests import factories
 from tests.cluster import sample, service
 from tests.pipeline import FAST_RETRIES, World
+from tests.poll import eventually
 from tests.services import OPERATOR_TOKEN
 
 pytestmark = pytest.mark.process
@@ -25,13 +25,6 @@ def events(prefix: str, count: int) -> list[ingest_pb2.Event]:
     return [ingest_pb2.Event(message_id=f"{prefix}-{n}", user_id=f"user-{n % 4}",
                              event="Metrics Test", payload_json=f'{{"n": {n}}}')
             for n in range(count)]
-
-
-async def wait_for(predicate: Any, within: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.1)
 
 
 async def test_counters_move_after_traffic(world: World, conn: AsyncConnection[Any]) -> None:
@@ -63,7 +56,7 @@ async def test_counters_move_after_traffic(world: World, conn: AsyncConnection[A
             row = await cur.fetchone()
             return bool(row and row[0] > 0)
 
-        await wait_for(dead_failed)
+        await eventually(dead_failed)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{admin.port}") as channel:
             changed = await admin_pb2_grpc.AdminStub(channel).AbortJobs(
                 admin_pb2.AbortJobsRequest(selector=admin_pb2.JobSelector(

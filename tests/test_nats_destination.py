@@ -52,9 +52,9 @@ from router_service.senders.nats import NatsSender, event_name, token
 from router_service.trust import Trust
 from tests import factories
 from tests.certs import self_signed
+from tests.helpers import event
 from tests.pipeline import FAST_RETRIES, World, send, states, wait_until_finished
 from tests.services import Admin, admin, ingest, router, router_process
-from tests.test_ingest import event
 
 NATS_URL = os.environ.get("RELAYQ_TEST_NATS_URL", "nats://127.0.0.1:4222")
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"

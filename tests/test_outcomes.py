@@ -17,11 +17,10 @@ from jobsdb.queue import Outcome
 from router_service.model import Job
 from router_service.outcomes import OutcomeFlusher
 from tests import factories
-from tests.pipeline import World, send, states, wait_until_finished
+from tests.helpers import event
+from tests.pipeline import World, deliver_under_random_failures, send, states, wait_until_finished
 from tests.services import ingest, router
 from tests.sinks import OK, Answer
-from tests.test_ingest import event
-from tests.test_router import deliver_under_random_failures
 
 # Microseconds that a float of epoch seconds would round wrongly if they were ever computed
 # through one (0.1 and 0.7 have no exact binary form).

@@ -12,10 +12,10 @@ from psycopg import AsyncConnection
 
 from jobsdb import partitions
 from tests.factories import insert_jobs
+from tests.helpers import event
 from tests.pipeline import World, send, wait_until_finished
 from tests.services import ingest, router
 from tests.sinks import OK, Answer, Received
-from tests.test_ingest import event
 
 DAY = timedelta(days=1)
 P0 = "jobs_p00000000"

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tests.conftest import SERVER_DSN, dsn_for
 from tests.services import ingest
 
 
@@ -82,3 +84,36 @@ def test_relayq_migrate_reports_an_unreachable_database() -> None:
     result = _run(argv, {"RELAYQ_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/none"})
     assert result.returncode == 1
     assert "Postgres did not answer within 1s" in result.stderr
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [([sys.executable, "-c", "import ingest_service.main as m; m.main()"], "relayq-ingest"),
+     ([sys.executable, "-c", "import admin_service.main as m; m.main()"], "relayq-admin"),
+     ([sys.executable, "-c", "import router_service.main as m; m.main()"], "relayq-router"),
+     ([sys.executable, "-c", "import relayq.cli as c; c.main()", "migrate"], "relayq")],
+    ids=["ingest", "admin", "router", "relayq migrate"])
+@pytest.mark.parametrize(
+    ("dsn", "says"),
+    [(dsn_for("relayq_no_such_database"), 'database "relayq_no_such_database" does not exist'),
+     (SERVER_DSN.replace("postgres@", "relayq_no_such_role@", 1),
+      'role "relayq_no_such_role" does not exist')],
+    ids=["missing database", "unknown role"])
+def test_a_database_that_refuses_us_stops_every_process_at_once_with_its_message(
+        argv: list[str], name: str, dsn: str, says: str) -> None:
+    """Only a Postgres that does not answer is waited for (30 s by default)."""
+    assert "postgres@" in SERVER_DSN
+    started = time.monotonic()
+    result = _run(argv, {"RELAYQ_DATABASE_URL": dsn, "RELAYQ_ADMIN_TOKEN": "x" * 24,
+                         "RELAYQ_INGEST_ADDRESS": "127.0.0.1:0",
+                         "RELAYQ_ADMIN_ADDRESS": "127.0.0.1:0",
+                         "RELAYQ_ROUTER_ADDRESS": "127.0.0.1:0",
+                         "RELAYQ_INGEST_METRICS_ADDRESS": "off",
+                         "RELAYQ_ADMIN_METRICS_ADDRESS": "off",
+                         "RELAYQ_ROUTER_METRICS_ADDRESS": "off", "RELAYQ_LOG_FORMAT": "json"})
+    assert time.monotonic() - started < 2.0 + 1.5  # and the interpreter's start
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"{name}: Postgres refused the connection: {says}")
+    assert "Traceback" not in result.stderr

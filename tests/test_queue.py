@@ -14,8 +14,8 @@ from jobsdb import leases, queue
 from jobsdb.ingest import NewEvent, store_events
 from jobsdb.queue import Outcome
 from tests import factories
-
-NOW = datetime.now(UTC)
+from tests.helpers import NOW, outcome
+from tests.poll import eventually
 
 
 @pytest.fixture
@@ -38,11 +38,6 @@ async def add(conn: AsyncConnection[Any], dest: dict[str, int], *users: str) -> 
     async with conn.transaction():
         stored = await store_events(conn, events, ordering_partitions=64)
     return [s.job_ids[0] for s in stored]
-
-
-def outcome(job_id: int, state: queue.State, attempt: int = 1, **kw: Any) -> Outcome:
-    return Outcome(job_id=job_id, attempt=attempt, state=state, started_at=NOW, duration_ms=3,
-                   **kw)
 
 
 async def states(conn: AsyncConnection[Any]) -> dict[int, tuple[str, int | None]]:
@@ -156,11 +151,18 @@ async def test_parking_racing_an_operators_abort_never_strands_a_job(
             await operator.commit()
 
         aborting = asyncio.create_task(abort())
-        await asyncio.sleep(0.2)
+        await eventually(lambda: _waits_for_a_lock(conn, operator.info.backend_pid),
+                         within=10, every=0.02, what="the abort waiting for a lock")
         assert not aborting.done()  # the abort waits for the parking transaction
         await router.commit()
         await aborting
     assert (await states(conn))[a2] == ("pending", None)
+
+
+async def _waits_for_a_lock(conn: AsyncConnection[Any], pid: int) -> bool:
+    cur = await conn.execute(
+        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,))
+    return await cur.fetchone() == (True,)
 
 
 async def test_orphaned_waiting_jobs_are_released(

@@ -19,7 +19,7 @@ from jobsdb.pool import open_pool
 from jobsdb.queue import Wanted
 from router_service.reads import Reader
 from tests import factories
-from tests.test_queue import outcome
+from tests.helpers import outcome
 
 
 async def _world(conn: AsyncConnection[Any], rng: random.Random, destinations: int

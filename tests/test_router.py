@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import random
-from collections import defaultdict
 from datetime import timedelta
-from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from relayq.v1 import router_pb2
-from tests.pipeline import World, send, states, wait_until_finished
-from tests.services import ingest, router
+from tests import factories
+from tests.helpers import auth, event
+from tests.pipeline import (
+    World,
+    deliver_under_random_failures,
+    router_sees,
+    send,
+    states,
+    wait_until_finished,
+)
+from tests.poll import eventually
+from tests.services import Admin, Router, ingest, router
 from tests.sinks import OK, Answer, Received, WebhookSink
-from tests.test_ingest import event
+
+AUTH = Admin.auth()
 
 
 async def test_events_reach_a_webhook_with_their_metadata(world: World) -> None:
@@ -33,59 +43,6 @@ async def test_events_reach_a_webhook_with_their_metadata(world: World) -> None:
         "SELECT j.state::text, j.attempts, s.attempt, s.state::text, s.actor LIKE 'router:%%'"
         " FROM jobs j JOIN job_statuses s USING (job_id) WHERE j.destination_key = %s", (key,))
     assert set(await cur.fetchall()) == {("succeeded", 1, 1, "succeeded", True)}
-
-
-def _schedule(seed: int, fail: float, abort: float) -> Any:
-    """A random but reproducible answer per (job, attempt)."""
-
-    def answer(delivery: Received) -> Answer:
-        roll = random.Random(f"{seed}:{delivery.job_id}:{delivery.attempt}").random()
-        if roll < abort:
-            return Answer(404, body="no such thing")
-        if roll < abort + fail:
-            return Answer(503, body="try later")
-        return OK
-
-    return answer
-
-
-def _check_order(ids_by_user: dict[str, list[int]], oks: list[Received],
-                 final: dict[int, str]) -> None:
-    """Each user's successful deliveries arrived in ingest order, each job exactly once."""
-    seen: dict[str, list[int]] = defaultdict(list)
-    for delivery in oks:
-        seen[delivery.user_id].append(delivery.job_id)
-    for user, ids in ids_by_user.items():
-        expected = [j for j in ids if final[j] == "succeeded"]
-        assert seen[user] == expected, user
-
-
-async def deliver_under_random_failures(world: World, sink: Any, seed: int, *, users: int,
-                                        events: int, **router_env: str) -> dict[str, list[int]]:
-    """Send `events` events of `users` users through a router while the sink fails at random
-    (30% retryable, 5% aborting). Checks that every job ended succeeded or aborted, that each
-    user's accepted jobs reached the sink in order, and that every attempt the sink saw is on
-    record exactly once. Returns each user's job ids in ingest order."""
-    sink.answer = _schedule(seed, fail=0.3, abort=0.05)
-    rng = random.Random(seed)
-    names = [f"user-{i}" for i in range(users)]
-    sent = [event(f"m{i}", rng.choice(names)) for i in range(events)]
-    async with ingest(world.database) as service, router(world.database, **router_env):
-        ids = await send(service, world.source, sent)
-        await wait_until_finished(world.conn, len(ids))
-    final = await states(world.conn)
-    assert set(final.values()) <= {"succeeded", "aborted"}
-    ids_by_user: dict[str, list[int]] = defaultdict(list)
-    for e, job_id in zip(sent, ids, strict=True):
-        ids_by_user[e.user_id].append(job_id)
-    _check_order(ids_by_user, sink.oks, final)
-    cur = await world.conn.execute("SELECT job_id, count(*) FROM job_statuses GROUP BY job_id")
-    recorded = {r[0]: r[1] for r in await cur.fetchall()}
-    attempts: dict[int, int] = defaultdict(int)
-    for delivery in sink.received:
-        attempts[delivery.job_id] += 1
-    assert recorded == dict(attempts)
-    return ids_by_user
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -155,17 +112,15 @@ async def test_what_a_router_delivers_after_losing_its_lease_changes_nothing(
         await world.conn.execute(
             "UPDATE router_leases SET owner = 'thief', expires_at = now() + interval '1 hour'")
         membership = relay.app.engine.membership  # type: ignore[union-attr]
-        for _ in range(100):
-            if not membership.owned:
-                break
-            await asyncio.sleep(0.1)
+        await eventually(lambda: not membership.owned, within=10, what="the partitions lost")
         assert not membership.owned
         await world.webhook.wait_for(lambda: bool(world.webhook.oks))  # m1 answered
-        for _ in range(100):  # and its outcome written (or given up when the router stops)
+
+        async def recorded() -> bool:
             cur = await world.conn.execute("SELECT count(*) FROM job_statuses")
-            if await cur.fetchone() == (len(world.webhook.oks),):
-                break
-            await asyncio.sleep(0.1)
+            return await cur.fetchone() == (len(world.webhook.oks),)
+
+        await eventually(recorded, within=10, what="m1's attempt on record")
         first_pass = [r.message_id for r in world.webhook.oks]
         assert first_pass
         assert first_pass == ["m1", "m2", "m3"][:len(first_pass)]
@@ -257,7 +212,8 @@ async def test_a_paused_destination_holds_its_jobs_and_resumes_in_order(world: W
     key = await world.destination("hook", paused=True)
     async with ingest(world.database) as service, router(world.database) as r:
         ids = await send(service, world.source, [event(f"m{i}", "alice") for i in range(10)])
-        status = await r.status.GetStatus(router_pb2.GetStatusRequest(), timeout=5)
+        status = await r.status.GetStatus(router_pb2.GetStatusRequest(), metadata=AUTH,
+                                          timeout=5)
         assert len(world.webhook.received) == 0
         await world.conn.execute(
             "UPDATE destinations SET paused = false WHERE destination_key = %s", (key,))
@@ -272,7 +228,8 @@ async def test_router_status_reports_partitions_and_activity(world: World) -> No
     async with ingest(world.database) as service, router(world.database) as r:
         await send(service, world.source, [event(f"m{i}", f"u{i}") for i in range(10)])
         await world.webhook.wait_for(lambda: len(world.webhook.received) >= 1)
-        status = await r.status.GetStatus(router_pb2.GetStatusRequest(), timeout=5)
+        status = await r.status.GetStatus(router_pb2.GetStatusRequest(), metadata=AUTH,
+                                          timeout=5)
     assert status.partition_count == 64
     assert sorted(status.partitions) == list(range(64))
     (activity,) = status.destinations
@@ -282,18 +239,56 @@ async def test_router_status_reports_partitions_and_activity(world: World) -> No
     assert status.lease_expires_at.seconds > 0
 
 
+async def test_router_status_needs_an_admin_token_and_shows_a_tenant_only_its_own(
+        world: World) -> None:
+    await world.destination("hook", paused=True)
+    other = await factories.tenant(world.conn, "globex")
+    await factories.destination(world.conn, other, "globex-hook", paused=True)
+    acme_token = await factories.admin_token(world.conn, "acme")
+    request = router_pb2.GetStatusRequest()
+    async with router(world.database) as r:
+        await eventually(lambda: _status_ids(r, AUTH), what="both destinations in the status")
+        for metadata in ((), auth("not-a-token"), (("authorization", "Basic x"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await r.status.GetStatus(request, metadata=metadata, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "admin token" in (refused.value.details() or "")
+        assert await _status_ids(r, auth(acme_token)) == ["hook"]
+        assert await _status_ids(r, AUTH) == ["globex-hook", "hook"]
+        health = await health_pb2_grpc.HealthStub(r.channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_router_without_an_operator_token_answers_tenant_tokens_only(
+        world: World) -> None:
+    await world.destination("hook", paused=True)
+    acme_token = await factories.admin_token(world.conn, "acme")
+    async with router(world.database, RELAYQ_ADMIN_TOKEN="") as r:
+        await eventually(lambda: _status_ids(r, auth(acme_token)))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await r.status.GetStatus(router_pb2.GetStatusRequest(), metadata=AUTH, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def _status_ids(r: Router, metadata: tuple[tuple[str, str], ...]) -> list[str]:
+    status = await r.status.GetStatus(router_pb2.GetStatusRequest(), metadata=metadata,
+                                      timeout=5)
+    return sorted(d.destination_id for d in status.destinations)
+
+
 async def test_an_endpoint_change_reaches_a_running_router(world: World) -> None:
     key = await world.destination("hook")
     other = WebhookSink()
     await other.start()
     try:
-        async with ingest(world.database) as service, router(world.database):
+        async with ingest(world.database) as service, router(world.database) as running:
             await send(service, world.source, [event("m1")])
             await world.webhook.wait_for(lambda: len(world.webhook.oks) == 1)
             await world.conn.execute(
                 "UPDATE destinations SET endpoint = %s WHERE destination_key = %s",
                 (other.url, key))
-            await asyncio.sleep(0.5)  # the NOTIFY on relayq_config is asynchronous
+            await router_sees(running, "hook", endpoint=other.url)
             await send(service, world.source, [event("m2")])
             await other.wait_for(lambda: len(other.oks) == 1)
         assert [d.message_id for d in other.oks] == ["m2"]

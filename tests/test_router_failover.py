@@ -15,12 +15,12 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from relayq.ports import free_port
+from tests.helpers import event, owners
 from tests.pipeline import World, send, states, wait_until_finished
+from tests.poll import eventually
 from tests.services import ingest, router_process
 from tests.sinks import OK, Answer, Received
 from tests.tcpproxy import TCPProxy
-from tests.test_ingest import event
-from tests.test_router_processes import owners, wait_for
 
 pytestmark = pytest.mark.process
 
@@ -152,7 +152,7 @@ async def test_with_a_5s_lease_a_dead_routers_partitions_move_within_the_lease(
         async def split() -> bool:
             counts = await owners(world.conn)
             return len([o for o in counts if o]) == 2 and "" not in counts
-        await wait_for(split)
+        await eventually(split, every=0.2)
         async with ingest(world.database) as service:
             ids = await send(service, world.source, events)
         await world.webhook.wait_for(lambda: len(world.webhook.oks) >= 300)
@@ -161,7 +161,7 @@ async def test_with_a_5s_lease_a_dead_routers_partitions_move_within_the_lease(
 
         async def all_to_two() -> bool:
             return list((await owners(world.conn)).values()) == [64]
-        await wait_for(all_to_two, within=30)
+        await eventually(all_to_two, within=30, every=0.2)
         moved_after = time.monotonic() - killed
         await wait_until_finished(world.conn, len(ids))
     finally:

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from jobsdb.pool import open_pool
 from router_service.membership import Membership
+from tests.poll import eventually
 from tests.services import router
 
 
@@ -43,11 +44,7 @@ async def test_heartbeats_keep_the_lease_while_every_pooled_connection_is_busy(
                       RELAYQ_ROUTER_POOL_SIZE="3") as relay:
         engine = relay.app.engine
         assert engine is not None
-        for _ in range(50):
-            if engine.membership.usable():
-                break
-            await asyncio.sleep(0.1)
-        owned = engine.membership.usable()
+        owned = await eventually(engine.membership.usable, within=5, what="partitions owned")
         assert owned
         taken = [await engine.pool.getconn() for _ in range(3)]
         try:

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
-from typing import Any
 
 import pytest
-from psycopg import AsyncConnection
 
-from jobsdb import leases
+from tests.helpers import event, owners
 from tests.pipeline import World, send, states, wait_until_finished
+from tests.poll import eventually
 from tests.services import ingest, router_process
 from tests.sinks import Answer, Received
-from tests.test_ingest import event
 
 pytestmark = pytest.mark.process
 
@@ -28,21 +25,6 @@ def first_deliveries_in_order(ids_by_user: dict[str, list[int]], oks: list[Recei
             seen.add(delivery.job_id)
             firsts[delivery.user_id].append(delivery.job_id)
     assert dict(firsts) == dict(ids_by_user)
-
-
-async def owners(conn: AsyncConnection[Any]) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for owner in (await leases.owners(conn)).values():
-        counts[owner or ""] += 1
-    return dict(counts)
-
-
-async def wait_for(predicate: Any, within: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.2)
 
 
 async def test_kill_9_mid_delivery_then_restart_delivers_everything_in_order(
@@ -88,7 +70,7 @@ async def test_two_routers_share_the_keys_and_one_takes_over_when_the_other_dies
         async def split() -> bool:
             counts = await owners(world.conn)
             return len([o for o in counts if o]) == 2 and "" not in counts
-        await wait_for(split)
+        await eventually(split, every=0.2)
         async with ingest(world.database) as service:
             ids = await send(service, world.source, events)
         await world.webhook.wait_for(lambda: len(world.webhook.oks) >= 300)
@@ -97,7 +79,7 @@ async def test_two_routers_share_the_keys_and_one_takes_over_when_the_other_dies
         async def all_to_two() -> bool:
             counts = await owners(world.conn)
             return list(counts.values()) == [64] and "" not in counts
-        await wait_for(all_to_two)
+        await eventually(all_to_two, every=0.2)
         await wait_until_finished(world.conn, len(ids))
     finally:
         one.close()

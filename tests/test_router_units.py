@@ -25,6 +25,7 @@ from router_service.retry import (
     parse_retry_after,
 )
 from router_service.senders import SENDERS
+from tests.poll import eventually
 
 POLICY = RetryPolicy(min_backoff=1.0, max_backoff=60.0, max_attempts=5,
                      max_retry_window=timedelta(hours=1))
@@ -206,14 +207,12 @@ async def test_a_notification_during_a_read_makes_the_lane_read_again() -> None:
     sender: Any = SimpleNamespace(max_batch=1)
     lane = Lane(context, destination, sender)
     try:
-        await asyncio.sleep(0.01)
-        assert reader.reads == 1
+        await eventually(lambda: reader.reads == 1, within=5, every=0.01,
+                         what="the lane's first read")
         lane.notify()  # ingest committed jobs while the read was running
         reader.release.set()
-        for _ in range(100):
-            if reader.reads == 2:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: reader.reads == 2, within=5, every=0.01,
+                         what="a second read")
         assert reader.reads == 2
         assert not lane.dirty  # and then it rests: that read found everything
     finally:

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ import pytest
 from relayq.demo import progress
 from relayq.demo.sink import Endpoint
 from relayq.v1 import admin_pb2, admin_pb2_grpc
+from tests.helpers import auth
+from tests.poll import wait_until
 
 
 @dataclass
@@ -46,15 +47,15 @@ class Up:
         return f"--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}"
 
     def wait_info(self, within: float = 120.0) -> dict[str, Any]:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
+        def written() -> bool:
             if self.process.poll() is not None:
                 pytest.fail(f"relayq up exited with {self.process.returncode}\n{self.output()}")
-            if self.info_path.exists():
-                info: dict[str, Any] = json.loads(self.info_path.read_text())
-                return info
-            time.sleep(0.2)
-        pytest.fail(f"relayq up did not come up within {within:.0f}s\n{self.output()}")
+            return self.info_path.exists()
+
+        wait_until(written, within=within, every=0.2,
+                   what=lambda: f"relayq up coming up\n{self.output()}")
+        info: dict[str, Any] = json.loads(self.info_path.read_text())
+        return info
 
     def tree(self) -> list[psutil.Process]:
         return psutil.Process(self.process.pid).children(recursive=True)
@@ -90,18 +91,21 @@ def admin_stub(info: dict[str, Any]) -> tuple[grpc.Channel, admin_pb2_grpc.Admin
 def wait_for_deliveries(stub: admin_pb2_grpc.AdminStub, token: str, up: Up,
                         within: float = 60.0) -> dict[str, admin_pb2.DestinationStats]:
     """Until both demo destinations have delivered, and the flaky one has failed some."""
-    auth = (("authorization", f"Bearer {token}"),)
-    deadline = time.monotonic() + within
     seen: dict[str, admin_pb2.DestinationStats] = {}
-    while time.monotonic() < deadline:
-        stats = stub.GetStats(admin_pb2.GetStatsRequest(tenant_id="demo"), metadata=auth)
+
+    def delivered() -> bool:
+        nonlocal seen
+        stats = stub.GetStats(admin_pb2.GetStatsRequest(tenant_id="demo"),
+                              metadata=auth(token))
         seen = {d.destination_id: d for d in stats.destinations}
         healthy, flaky = seen.get("demo-healthy"), seen.get("demo-flaky")
-        if (healthy and flaky and healthy.counts.succeeded >= 50 and flaky.counts.succeeded >= 20
-                and flaky.counts.failed + flaky.counts.waiting + flaky.counts.aborted > 0):
-            return seen
-        time.sleep(0.5)
-    pytest.fail(f"no deliveries within {within:.0f}s: {seen}\n{up.output()}")
+        return bool(healthy and flaky and healthy.counts.succeeded >= 50
+                    and flaky.counts.succeeded >= 20
+                    and flaky.counts.failed + flaky.counts.waiting + flaky.counts.aborted > 0)
+
+    wait_until(delivered, within=within, every=0.5,
+               what=lambda: f"deliveries ({seen})\n{up.output()}")
+    return seen
 
 
 def assert_all_gone(procs: list[psutil.Process], within: float = 30.0) -> None:
@@ -171,6 +175,37 @@ def test_up_on_an_existing_database_and_sigterm(up_root: Path, database: str) ->
     up.process.send_signal(signal.SIGTERM)
     assert up.process.wait(60) == 0, up.output()
     assert_all_gone(tree, within=5)
+
+
+@pytest.mark.process
+@pytest.mark.timeout(240)
+def test_up_still_stops_on_sigterm_once_its_output_pipe_is_gone(
+        up_root: Path, database: str) -> None:
+    """`make up | tee log`, then tee dies: the next write fails with EPIPE, and the signal
+    handler, which wrote before it set the stop flag, made `relayq up` deaf to signals."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("RELAYQ_", "PG"))}
+    (up_root / "up.out").write_text("(a pipe)\n")
+    with (up_root / "up.err").open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from relayq.cli import main; main()", "up",
+             "--free-ports", "--no-demo-traffic", "--grace", "10"],
+            cwd=up_root, env={**environ, "RELAYQ_DATABASE_URL": database},
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+    up = Up(process, up_root)
+    try:
+        up.wait_info()
+        tree = up.tree()
+        assert process.stdout is not None
+        process.stdout.close()  # the reader is gone: the next write fails
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, up.output()
+        assert_all_gone(tree, within=5)
+        assert "Traceback" not in (up_root / "up.err").read_text()
+    finally:
+        # Deaf to signals, it would outlive the test (its command line names no folder for
+        # up_root's clean-up to find); its children follow it by their parent-death signal.
+        if process.poll() is None:
+            process.kill()
 
 
 @pytest.mark.process

@@ -119,3 +119,8 @@ SELECT
     (SELECT coalesce(string_agg(job_id::text, ',' ORDER BY ordinal), '')
      FROM numbered) AS job_ids,
     pg_notify('relayq_jobs', %(notify)s);
+
+-- name: parse_documents
+-- Parses event documents as store_events does (jsonb) and stores nothing: a group commit that
+-- Postgres refused asks it, half by half, which documents it refused.
+SELECT count(d::jsonb) FROM unnest(string_to_array(%(documents)s, E'\x1f')) AS d;

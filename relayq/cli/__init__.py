@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from jobsdb import errors as dberrors
-from relayq import logs
+from relayq import logs, terminal
 from relayq.cli import (
     connections,
     destinations,
@@ -47,11 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a tool killed by SIGPIPE exits with (128 + 13), as `yes | head` reports for `yes`.
+_EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logs.configure("warning", "text")
     try:
-        sys.exit(args.run(args))
+        status = args.run(args)
+        # Here, not at exit: a reader gone (`relayq stats | head -3`) is handled below.
+        sys.stdout.flush()
+        sys.exit(status)
+    except BrokenPipeError:
+        # Whoever read the output stopped reading: stop quietly, as `head` expects.
+        terminal.silence(sys.stdout)
+        sys.exit(_EXIT_BROKEN_PIPE)
     except ConfigError as exc:
         print(f"relayq: bad configuration: {exc}", file=sys.stderr)
         sys.exit(2)

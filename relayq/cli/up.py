@@ -29,7 +29,7 @@ import grpc
 
 from jobsdb import errors as dberrors
 from jobsdb import migrate
-from relayq import runtime
+from relayq import runtime, terminal
 from relayq.cli.children import Child, ChildFailed, python
 from relayq.cli.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from relayq.demo import configure, progress, traffic
@@ -94,9 +94,10 @@ class Ports:
         return f"127.0.0.1:{self.values[name]}"
 
 
-def _say(text: str, out: TextIO = sys.stdout) -> None:
-    out.write(text + "\n")
-    out.flush()
+def _say(text: str, out: TextIO | None = None) -> None:
+    # Output is only for whoever watches: once its reader is gone (`make up | tee log`, then
+    # tee dies) the cluster runs on, silently, and still stops on a signal.
+    terminal.write(text + "\n", out)
 
 
 class Cluster:
@@ -136,21 +137,22 @@ class Cluster:
         return 0
 
     def _signalled(self, sig: signal.Signals) -> None:
+        """Act first, then tell: telling may fail (a closed pipe), acting must not."""
         if self.stop.is_set():
             # A second Ctrl-C: no more waiting for drains.
-            _say(f"\nrelayq up: {sig.name} again: killing every process now")
             self.failure = self.failure or "stopped by force: the processes were killed"
             for child in self.children.values():
                 if child.running():
                     child.process.kill()
             if self.postgres is not None and self.postgres.process is not None:
                 self.postgres.process.send_signal(signal.SIGQUIT)  # immediate shutdown
+            _say(f"\nrelayq up: {sig.name} again: killed every process")
             return
-        _say(f"\nrelayq up: {sig.name}: stopping (traffic, services, then the database)"
-             "; Ctrl-C again to kill them at once...")
+        self.stop.set()
         if self.view is not None:
             self.view.interrupted()
-        self.stop.set()
+        _say(f"\nrelayq up: {sig.name}: stopping (traffic, services, then the database)"
+             "; Ctrl-C again to kill them at once...")
 
     async def _until_stopped(self, work: Awaitable[None]) -> bool:
         """Run `work` unless a signal comes first; True if it finished."""
@@ -193,6 +195,8 @@ class Cluster:
             "RELAYQ_ADMIN_TOKEN": self.token,
             "RELAYQ_ROUTER_POLL_SECONDS": "0.5",
             "RELAYQ_SHUTDOWN_GRACE_SECONDS": str(max(1.0, self.args.grace - 2)),
+            # Past this a child gives up draining and says so, rather than being killed unheard.
+            "RELAYQ_SHUTDOWN_TIMEOUT_SECONDS": str(max(1.5, self.args.grace - 1)),
             "PYTHONUNBUFFERED": "1",
         })
         for name, _ in SERVICES:
@@ -387,6 +391,8 @@ class Cluster:
             f" {admin} relayq.v1.Admin/GetStats",
             f"  grpcurl -plaintext -H 'authorization: Bearer {key}' -d '{event}'"
             f" {ingest} relayq.v1.Ingest/Ingest",
+            f"  grpcurl -plaintext -H 'authorization: Bearer {token}'"
+            f" {self.ports.address('router')} relayq.v1.RouterStatus/GetStatus",
             f"  curl -s http://{self.ports.address('router_metrics')}/metrics | grep ^relayq_",
             "",
         ]

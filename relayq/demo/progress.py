@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import aiohttp
 import grpc
 
+from relayq import terminal
 from relayq.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -116,14 +117,12 @@ class Progress:
     def draw(self, snap: Snapshot) -> None:
         if self._tty:
             lines = table(snap)
-            if self._drawn:
-                # Back to the top of the previous drawing, and clear to the end of the screen.
-                self._out.write(f"\x1b[{self._drawn}F\x1b[J")
-            self._out.write("\n".join(lines) + "\n")
+            # Back to the top of the previous drawing, and clear to the end of the screen.
+            back = f"\x1b[{self._drawn}F\x1b[J" if self._drawn else ""
+            terminal.write(back + "\n".join(lines) + "\n", self._out)
             self._drawn = len(lines)
         else:
-            self._out.write(line(snap) + "\n")
-        self._out.flush()
+            terminal.write(line(snap) + "\n", self._out)
 
     async def run(self, stop: asyncio.Event) -> None:
         timeout = aiohttp.ClientTimeout(total=2)

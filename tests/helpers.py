@@ -1,0 +1,52 @@
+"""Small builders several test modules share (a test module never imports another)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from jobsdb import leases, queue
+from jobsdb.queue import Outcome
+from relayq.v1 import ingest_pb2
+
+# When the tests' outcomes say their attempts started.
+NOW = datetime.now(UTC)
+
+
+def event(message_id: str, user: str = "u1", **properties: Any) -> ingest_pb2.Event:
+    return ingest_pb2.Event(
+        message_id=message_id,
+        user_id=user,
+        type="track",
+        event="Order Completed",
+        payload_json=json.dumps(properties or {"n": 1}),
+    )
+
+
+def auth(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying a bearer credential (a write key or an admin token)."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def count(conn: AsyncConnection[Any], table: str) -> int:
+    cur = await conn.execute(f"SELECT count(*) FROM {table}")
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def outcome(job_id: int, state: queue.State, attempt: int = 1, **kw: Any) -> Outcome:
+    return Outcome(job_id=job_id, attempt=attempt, state=state, started_at=NOW, duration_ms=3,
+                   **kw)
+
+
+async def owners(conn: AsyncConnection[Any]) -> dict[str, int]:
+    """How many ordering-key partitions each router holds ("" for the unowned)."""
+    counts: dict[str, int] = defaultdict(int)
+    for owner in (await leases.owners(conn)).values():
+        counts[owner or ""] += 1
+    return dict(counts)
