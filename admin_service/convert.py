@@ -55,6 +55,9 @@ def destination(row: catalog.Destination) -> admin_pb2.DestinationConfig:
             open_after_seconds=row.circuit_after_s, min_failures=row.circuit_min_failures,
             probe_every_seconds=row.circuit_probe_s, disabled=row.circuit_after_s == 0),
         circuit=circuit(row.circuit_opened_at, row.circuit_reason),
+        batch_policy=admin_pb2.BatchPolicy(max_events=row.batch_max_events,
+                                           max_bytes=row.batch_max_bytes,
+                                           linger_ms=row.batch_linger_ms),
     )
 
 
@@ -101,4 +104,4 @@ def status(row: jobsdb.StatusRow) -> common_pb2.JobStatus:
         attempt=row.attempt, state=STATES[row.state], error_code=row.error_code or "",
         response=row.response or "", started_at=timestamp(row.started_at),
         duration_ms=row.duration_ms or 0, retry_at=timestamp(row.retry_at), actor=row.actor,
-        reason=row.reason or "")
+        reason=row.reason or "", batch_id=row.batch or "")

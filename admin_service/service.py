@@ -187,6 +187,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         policy = validate.retry_policy("retry_policy", request.retry_policy)
         rate = validate.rate_limit("rate_limit", request.rate_limit)
         circuit = validate.circuit_policy("circuit_policy", request.circuit_policy)
+        batch = validate.batch_policy("batch_policy", kind, request.batch_policy)
         settings = catalog.DestinationSettings(
             name=validate.name("name", request.name),
             type=kind,
@@ -204,6 +205,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             circuit_after_s=circuit.open_after_seconds,
             circuit_min_failures=circuit.min_failures,
             circuit_probe_s=circuit.probe_every_seconds,
+            batch_max_events=batch.max_events,
+            batch_max_bytes=batch.max_bytes,
+            batch_linger_ms=batch.linger_ms,
         )
         async with transaction(self._pool) as conn:
             tenant = await catalog.get_tenant(conn, tenant_id, caller.scope)
@@ -561,6 +565,10 @@ def _destination_changes(request: admin_pb2.UpdateDestinationRequest,
         changes.update(circuit_after_s=circuit.open_after_seconds,
                        circuit_min_failures=circuit.min_failures,
                        circuit_probe_s=circuit.probe_every_seconds)
+    if request.HasField("batch_policy"):
+        batch = validate.batch_policy("batch_policy", current.type, request.batch_policy)
+        changes.update(batch_max_events=batch.max_events, batch_max_bytes=batch.max_bytes,
+                       batch_linger_ms=batch.linger_ms)
     if request.headers or request.replace_headers:
         changes["headers"] = validate.headers_update(
             "headers", current.type, current.headers, dict(request.headers),

@@ -146,6 +146,25 @@ def circuit_policy(field: str, policy: admin_pb2.CircuitPolicy) -> admin_pb2.Cir
     return merged
 
 
+def batch_policy(field: str, kind: str, policy: admin_pb2.BatchPolicy
+                 ) -> admin_pb2.BatchPolicy:
+    """The policy with zero fields taking their defaults; only types that batch take one."""
+    merged = admin_pb2.BatchPolicy(max_events=policy.max_events or 1,
+                                   max_bytes=policy.max_bytes or 1_048_576,
+                                   linger_ms=policy.linger_ms)
+    batched = merged.max_events > 1 or merged.linger_ms
+    if batched and not destination_types.TYPES[kind].batches:
+        raise bad(field, f"a {kind} destination takes no batch policy (webhooks do; gRPC"
+                         " destinations get batches of RELAYQ_ROUTER_GRPC_BATCH)")
+    if merged.max_events > 10_000:
+        raise bad(f"{field}.max_events", "at most 10000")
+    if not 1024 <= merged.max_bytes <= 64 * 1024 * 1024:
+        raise bad(f"{field}.max_bytes", "from 1024 to 67108864")
+    if merged.linger_ms > 60_000:
+        raise bad(f"{field}.linger_ms", "at most 60000 (a minute)")
+    return merged
+
+
 def circuit_reason(value: str) -> str:
     if not value.strip():
         raise bad("reason", "required when opening a circuit (it is shown to operators)")

@@ -1,7 +1,7 @@
 """Router benchmarks: throughput, end-to-end latency, and tenant isolation under a flood.
 
     .venv/bin/python bench/router.py --smoke      # every mode, tiny sizes, about a minute
-    .venv/bin/python bench/router.py throughput [--jobs 200000] [--kind grpc|webhook]
+    .venv/bin/python bench/router.py throughput [--jobs 200000] [--kind grpc|webhook] [--batch N]
                                                 [--destinations 50] [--tenants 1]
     .venv/bin/python bench/router.py idle [--destinations 10000] [--tenants 100]
     .venv/bin/python bench/router.py history [--rounds 12] [--jobs 100000] [--keep]
@@ -152,13 +152,16 @@ def preload(name: str, targets: list[Target], jobs: int, users: int = 10_000,
     asyncio.run(write())
 
 
-def throughput(jobs: int, kind: str, destinations: int, tenants: int) -> None:
+def throughput(jobs: int, kind: str, destinations: int, tenants: int, batch: int = 1) -> None:
     name = create_database()
     sink = Sink(kind)
     try:
         # Paused until the router is up, so that its start-up is not counted and none of the
         # work is done before the counting starts.
-        preload(name, configure(name, kind, sink.endpoint, destinations, tenants, paused=True),
+        columns: dict[str, object] = {"paused": True}
+        if batch > 1:
+            columns["batch_max_events"] = batch
+        preload(name, configure(name, kind, sink.endpoint, destinations, tenants, **columns),
                 jobs)
         port, metrics_port = free_port(), free_port()
         router = spawn("router_service.main", {
@@ -183,7 +186,8 @@ def throughput(jobs: int, kind: str, destinations: int, tenants: int) -> None:
         arrivals = sink.arrivals()
         first = min(arrivals.values())
         elapsed = max(arrivals.values()) - first
-        print(f"throughput ({kind} sink, {destinations:,} destinations of {tenants:,} tenants,"
+        shape = f"{kind} sink" + (f" taking batches of {batch}" if batch > 1 else "")
+        print(f"throughput ({shape}, {destinations:,} destinations of {tenants:,} tenants,"
               " 10,000 users, ordering on):"
               f" {len(arrivals):,} jobs in {elapsed:.1f}s = {len(arrivals) / elapsed:,.0f} jobs/s")
         # Delivered is not done: a job counts once its success is on record (until then a
@@ -539,6 +543,8 @@ def main() -> None:
     t.add_argument("--kind", choices=("grpc", "webhook"), default="grpc")
     t.add_argument("--destinations", type=int, default=50)
     t.add_argument("--tenants", type=int, default=1)
+    t.add_argument("--batch", type=int, default=1,
+                   help="webhooks: events per request (the destinations' batch_max_events)")
     h = commands.add_parser("history")
     h.add_argument("--rounds", type=int, default=12)
     h.add_argument("--jobs", type=int, default=100_000)
@@ -561,6 +567,7 @@ def main() -> None:
     if args.smoke:
         throughput(2_000, "grpc", 5, 1)
         throughput(1_000, "webhook", 5, 1)
+        throughput(1_000, "webhook", 5, 1, batch=10)
         idle(200, 10, 3)
         history(2, 2_000, False)
         latency(200, 3)
@@ -568,7 +575,7 @@ def main() -> None:
     elif args.command is None:
         parser.error("a mode (throughput, history, idle, latency, fairness) or --smoke")
     elif args.command == "throughput":
-        throughput(args.jobs, args.kind, args.destinations, args.tenants)
+        throughput(args.jobs, args.kind, args.destinations, args.tenants, args.batch)
     elif args.command == "history":
         history(args.rounds, args.jobs, args.keep)
     elif args.command == "idle":

@@ -85,8 +85,14 @@ class WebhookSink(asyncio.Protocol):
             self.body.append(body)
 
     def on_message_complete(self) -> None:
-        message_id = self.message_id or orjson.loads(b"".join(self.body))["messageId"]
-        self.arrivals.note(message_id, time.time())
+        now = time.time()
+        if self.message_id:
+            self.arrivals.note(self.message_id, now)
+        else:
+            document = orjson.loads(b"".join(self.body))
+            # A batch is an array of event documents, each with its messageId.
+            for event in document if isinstance(document, list) else [document]:
+                self.arrivals.note(event["messageId"], now)
         self.message_id, self.body = "", []
         self.transport.write(self.OK)
         if not self.parser.should_keep_alive():

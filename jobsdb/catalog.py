@@ -85,6 +85,11 @@ class Destination:
     circuit_probe_s: int
     circuit_opened_at: datetime | None
     circuit_reason: str | None
+    # Webhooks in batches (migrations/0011_webhook_batches.sql): at most this many events and
+    # bytes a request, waiting up to the linger for a fuller one. 1 event: no batching.
+    batch_max_events: int
+    batch_max_bytes: int
+    batch_linger_ms: int
     # Filled only by the router's load (jobsdb.destinations.load_all): the admin service's
     # reads never fetch secrets, so nothing it answers can show them.
     signing_secrets: tuple[SigningSecret, ...] = field(default=(), repr=False)
@@ -111,6 +116,9 @@ class DestinationSettings:
     circuit_after_s: int = 600
     circuit_min_failures: int = 20
     circuit_probe_s: int = 30
+    batch_max_events: int = 1
+    batch_max_bytes: int = 1_048_576
+    batch_linger_ms: int = 0
 
 
 # The columns UpdateDestination may change (a whitelist: the SQL is built from these names).
@@ -118,6 +126,7 @@ UPDATABLE = frozenset({
     "name", "endpoint", "headers", "min_backoff_ms", "max_backoff_ms", "max_attempts",
     "max_retry_window_s", "rate_per_second", "rate_burst", "concurrency", "timeout_ms", "paused",
     "circuit_after_s", "circuit_min_failures", "circuit_probe_s",
+    "batch_max_events", "batch_max_bytes", "batch_linger_ms",
 })
 
 

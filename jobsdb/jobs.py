@@ -68,6 +68,8 @@ class StatusRow:
     retry_at: datetime | None
     actor: str
     reason: str | None
+    # The webhook-id of the batch request that carried this attempt (None: not batched).
+    batch: str | None
 
 
 @dataclass(frozen=True, slots=True)

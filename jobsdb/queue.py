@@ -50,6 +50,8 @@ class Outcome(NamedTuple):
     response: str | None = None
     retry_at: datetime | None = None
     reason: str | None = None
+    # The webhook-id of the batch request that carried the attempt (None: not batched).
+    batch: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +145,8 @@ async def record_outcomes(
             "ok_attempts": ",".join([str(o.attempt) for o in ok]),
             "ok_started_at": ",".join(_epochs([o.started_at for o in ok])),
             "ok_durations_ms": ",".join([str(o.duration_ms) for o in ok]),
+            # Batch ids are webhook-ids (letters, digits, '_'): never a comma.
+            "ok_batches": ",".join([o.batch or "" for o in ok]),
             "job_ids": [o.job_id for o in rest],
             "attempts": [o.attempt for o in rest],
             "states": [o.state for o in rest],
@@ -152,6 +156,7 @@ async def record_outcomes(
             "durations_ms": [o.duration_ms for o in rest],
             "retry_at": [o.retry_at for o in rest],
             "reasons": [_storable(o.reason) for o in rest],
+            "batches": [o.batch for o in rest],
             "actor": actor,
             "owner": owner,
         },

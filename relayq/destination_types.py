@@ -34,6 +34,8 @@ class DestinationType:
     # Requests are signed with a secret of the destination's (Standard Webhooks): one is made
     # with the destination and can be rotated.
     signed: bool = False
+    # Takes a batch policy (several events a request, as a JSON array).
+    batches: bool = False
 
 
 def _webhook_endpoint(value: str) -> None:
@@ -171,8 +173,9 @@ def _nats_headers(values: dict[str, str]) -> dict[str, str]:
 
 
 WEBHOOK = DestinationType(
-    "webhook", "an http:// or https:// URL; each job is POSTed to it as JSON",
-    _webhook_endpoint, _webhook_headers, signed=True)
+    "webhook", "an http:// or https:// URL; each job is POSTed to it as JSON (or, with a"
+    " batch policy, many as a JSON array)",
+    _webhook_endpoint, _webhook_headers, signed=True, batches=True)
 GRPC = DestinationType(
     "grpc", "host:port, grpc://host:port or grpcs://host:port (TLS) of a relayq.v1.Destination",
     _grpc_endpoint, _grpc_headers, lowercase_headers=True)

@@ -135,24 +135,57 @@ class Barrier:
 
     # --- sending -------------------------------------------------------------------------
 
-    def take(self, limit: int, may_deliver: Callable[[int], bool]) -> list[Job]:
-        """Up to `limit` ready jobs to send together, smallest job id first, at most one per
-        user (only heads are ready). `may_deliver(partition)`: is that partition still ours?
-        A job of a partition that is not is forgotten (its new owner reads it)."""
+    def take(self, limit: int, may_deliver: Callable[[int], bool], *, per_user: int = 1,
+             max_bytes: int | None = None) -> list[Job]:
+        """Up to `limit` ready jobs to send together, in job order. `may_deliver(partition)`:
+        is that partition still ours? A job of a partition that is not is forgotten (its new
+        owner reads it).
+
+        A user's head job goes with up to `per_user - 1` of the jobs queued right behind it
+        (a batch the destination takes whole, in order: a JSON array); with 1, a batch holds
+        one job per user, so its jobs may be processed in any order. No job goes with or
+        ahead of an earlier one of its user that is failed or waiting: those are never read
+        as ready, and their users are frozen. `max_bytes` caps the payloads' total (a first
+        job larger than it still goes, alone)."""
         batch: list[Job] = []
+        size = 0
         while self.ready and len(batch) < limit:
             _, _, job = heapq.heappop(self.ready)
             if job.phase is not Phase.READY:
                 continue  # forgotten meanwhile
             if not may_deliver(job.partition):
                 self.forget(job)
-            elif job.user_id in self.frozen:
+                continue
+            if job.user_id in self.frozen:
                 job.phase = Phase.QUEUED  # thawing drops and re-reads it
-            else:
-                job.phase = Phase.FLIGHT
-                batch.append(job)
+                continue
+            if max_bytes is not None and batch and size + len(job.payload) > max_bytes:
+                self._push(job)  # next time
+                break
+            job.phase = Phase.FLIGHT
+            batch.append(job)
+            size += len(job.payload)
+            if per_user > 1:
+                size = self._take_followers(job, batch, limit, per_user, max_bytes, size)
+        if per_user > 1:
+            batch.sort(key=_job_order)
         self.in_flight += len(batch)
         return batch
+
+    def _take_followers(self, head: Job, batch: list[Job], limit: int, per_user: int,
+                        max_bytes: int | None, size: int) -> int:
+        """The jobs queued right behind `head`, into the batch after it (returns the size)."""
+        jobs = self.keys[head.user_id]
+        taken = 1
+        for job in jobs[jobs.index(head) + 1:]:
+            if (job.phase is not Phase.QUEUED or taken >= per_user or len(batch) >= limit
+                    or (max_bytes is not None and size + len(job.payload) > max_bytes)):
+                break
+            job.phase = Phase.FLIGHT
+            batch.append(job)
+            size += len(job.payload)
+            taken += 1
+        return size
 
     def returned(self, count: int) -> None:
         """Deliveries of `count` jobs came back (their answers are settled next)."""
@@ -168,14 +201,14 @@ class Barrier:
         whatever the policy's attempts and window say."""
         if result.verdict is Verdict.OK:
             return self._finish(job, Outcome(job.job_id, job.attempt, "succeeded", started,
-                                             duration_ms))
+                                             duration_ms, batch=result.batch))
         first = job.first_attempt_at or started
         if result.verdict is Verdict.RETRY and not (
                 may_give_up and gives_up(policy, job.attempt, first, now)):
             delay = max(backoff_delay(policy, job.attempt, rng), result.retry_after or 0.0)
             outcome = Outcome(job.job_id, job.attempt, "failed", started, duration_ms,
                               result.error_code, result.response,
-                              now + timedelta(seconds=delay))
+                              now + timedelta(seconds=delay), batch=result.batch)
             followers = [j for j in self.keys.get(job.user_id, ()) if j is not job
                          and j.phase in (Phase.QUEUED, Phase.READY)]
             for j in (job, *followers):
@@ -187,7 +220,7 @@ class Barrier:
                   else f"not retryable: {result.error_code}")
         return self._finish(job, Outcome(job.job_id, job.attempt, "aborted", started,
                                          duration_ms, result.error_code, result.response,
-                                         None, reason))
+                                         None, reason, result.batch))
 
     # --- what Postgres has recorded ------------------------------------------------------
 
@@ -278,6 +311,9 @@ class Barrier:
 
     def _make_ready(self, job: Job) -> None:
         job.phase = Phase.READY
+        self._push(job)
+
+    def _push(self, job: Job) -> None:
         heapq.heappush(self.ready, (job.job_id, next(self._pushes), job))
 
 

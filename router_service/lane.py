@@ -87,6 +87,8 @@ class Lane:
         self._dispatch_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
+        # Batches: when the wait for a fuller one ends (monotonic; None: not waiting).
+        self._linger_until: float | None = None
         self.task = asyncio.create_task(self._run(), name=f"lane-{destination.id}")
 
     # --- configuration -------------------------------------------------------------------
@@ -210,7 +212,8 @@ class Lane:
         # Read only when what we hold runs low: the read excludes everything held, and a small
         # exclusion list keeps it cheap.
         return (self.dirty and len(self.barrier.held) <= settings.max_held - settings.batch
-                and len(self.barrier.ready) < self.destination.concurrency)
+                and len(self.barrier.ready)
+                < self.destination.concurrency * max(1, self.sender.max_batch))
 
     async def _read(self, usable: frozenset[int]) -> None:
         settings = self.context.settings
@@ -237,12 +240,15 @@ class Lane:
             self.wake.set()
 
     async def _dispatch(self) -> None:
+        """Send ready jobs while the destination's concurrency (requests in flight: a batch
+        is one), its rate limit (jobs per second) and the router's fair scheduler allow."""
         destination = self.destination
         barrier = self.barrier
         scheduler = self.context.scheduler
         may_deliver = self.context.membership.may_deliver
         breaker = self.breaker
-        while barrier.ready and barrier.in_flight < destination.concurrency:
+        sender = self.sender
+        while barrier.ready and len(self._deliveries) < destination.concurrency:
             if breaker.is_open:
                 # Open circuit: one probe at a time, one per interval: the next job in order.
                 if barrier.in_flight:
@@ -251,8 +257,9 @@ class Lane:
                 if wait > 0:
                     self._wake_in(wait)
                     return
-            limit = 1 if breaker.is_open else min(self.sender.max_batch,
-                                                  destination.concurrency - barrier.in_flight)
+            elif self._lingering(sender.max_batch):
+                return
+            limit = 1 if breaker.is_open else sender.max_batch
             # The rate limit counts jobs, not requests: a batch of 100 takes 100 tokens.
             limit, wait = self.rate.take_up_to(limit)
             if not limit:
@@ -260,17 +267,33 @@ class Lane:
                 return
             await scheduler.acquire(destination.tenant_key, destination.destination_key)
             # Checked per job as it goes: the partition may have moved while we waited.
-            batch = barrier.take(limit, may_deliver)
+            batch = barrier.take(limit, may_deliver, per_user=sender.per_user,
+                                 max_bytes=sender.max_bytes)
             self.rate.give_back(limit - len(batch))
             if not batch:
                 scheduler.release()
                 continue
+            self._linger_until = None
             if breaker.is_open:
                 breaker.probed(time.monotonic())
                 log.info("probing an open circuit", extra={
                     "destination": destination.id, "job_id": batch[0].job_id})
             metrics.IN_FLIGHT.inc(len(batch))
             self._deliveries.add(self._spawn(self._deliver(batch)))
+
+    def _lingering(self, max_batch: int) -> bool:
+        """Wait (up to the destination's linger) for a fuller batch? Not when a full one is
+        ready, nor once the first job ready for this batch has waited the linger out."""
+        linger = self.destination.batch_linger_ms / 1000
+        if not linger or max_batch <= 1 or self.barrier.queued >= max_batch:
+            return False
+        now = time.monotonic()
+        if self._linger_until is None:
+            self._linger_until = now + linger
+        if now >= self._linger_until:
+            return False
+        self._wake_in(self._linger_until - now)
+        return True
 
     async def _deliver(self, jobs: list[Job]) -> None:
         started = datetime.now(UTC)

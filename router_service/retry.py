@@ -34,6 +34,8 @@ class Result:
     response: str = ""
     # The destination asked to wait at least this long (Retry-After, retry_after_ms).
     retry_after: float | None = None
+    # The webhook-id of the batch request that carried the job (batched webhooks only).
+    batch: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

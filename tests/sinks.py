@@ -84,6 +84,8 @@ class WebhookSink(Recorder):
         self.scheme = "http"
         # Deliveries whose sender went away before the answer (with cancel_on_disconnect).
         self.abandoned: list[Received] = []
+        # The job ids of each request, in arrival order (one each unless batched).
+        self.batches: list[list[int]] = []
 
     @property
     def url(self) -> str:
@@ -113,31 +115,51 @@ class WebhookSink(Recorder):
     async def _handle(self, request: web.Request) -> web.Response:
         raw = await request.read()
         body = json.loads(raw)
-        delivery = Received(
-            job_id=int(request.headers["X-Relayq-Job-Id"]),
-            message_id=request.headers["X-Relayq-Message-Id"],
-            user_id=body.get("userId") or body.get("anonymousId", ""),
-            attempt=int(request.headers["X-Relayq-Attempt"]),
-            body=body,
-            headers=dict(request.headers),
-            raw=raw,
-        )
-        answer = self.record(delivery)
-        self._open[delivery.user_id] = self._open.get(delivery.user_id, 0) + 1
-        self.max_open_per_user = max(self.max_open_per_user, self._open[delivery.user_id])
+        headers = dict(request.headers)
+        if isinstance(body, list):
+            # A batch: a JSON array of documents, their job ids and attempts in headers.
+            ids = [int(j) for j in request.headers["X-Relayq-Job-Ids"].split(",")]
+            attempts = [int(a) for a in request.headers["X-Relayq-Attempts"].split(",")]
+            deliveries = [Received(job_id, document["messageId"], _user(document), attempt,
+                                   document, headers, raw)
+                          for job_id, attempt, document in zip(ids, attempts, body, strict=True)]
+        else:
+            deliveries = [Received(
+                job_id=int(request.headers["X-Relayq-Job-Id"]),
+                message_id=request.headers["X-Relayq-Message-Id"],
+                user_id=_user(body),
+                attempt=int(request.headers["X-Relayq-Attempt"]),
+                body=body,
+                headers=headers,
+                raw=raw,
+            )]
+        self.batches.append([d.job_id for d in deliveries])
+        answers = [self.record(d) for d in deliveries]
+        # One answer for the request: the first that is not a success, if any.
+        answer = next((a for a in answers if a.status != 200), answers[0])
+        users = {d.user_id for d in deliveries}
+        for user in users:
+            self._open[user] = self._open.get(user, 0) + 1
+            self.max_open_per_user = max(self.max_open_per_user, self._open[user])
         try:
-            if answer.delay:
+            delay = max(a.delay for a in answers)
+            if delay:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._release.wait(), answer.delay)
+                    await asyncio.wait_for(self._release.wait(), delay)
         except asyncio.CancelledError:
-            self.abandoned.append(delivery)
+            self.abandoned.extend(deliveries)
             raise
         finally:
-            self._open[delivery.user_id] -= 1
+            for user in users:
+                self._open[user] -= 1
         if answer.status == 200:
-            self.oks.append(delivery)
+            self.oks.extend(deliveries)
         headers = {"Retry-After": str(int(answer.retry_after))} if answer.retry_after else {}
         return web.Response(status=answer.status, text=answer.body, headers=headers)
+
+
+def _user(document: dict[str, Any]) -> str:
+    return str(document.get("userId") or document.get("anonymousId", ""))
 
 
 class GrpcSink(Recorder, destination_pb2_grpc.DestinationServicer):

@@ -420,6 +420,24 @@ BAD_REQUESTS: list[tuple[str, str, Any, str]] = [
         id="rq_at_AbC"), "id"),
     ("ConnectSource", "across tenants", admin_pb2.ConnectSourceRequest(
         source_id="acme-web", destination_id="beta-hook"), "destination_id"),
+    ("CreateDestination", "a grpc destination with a batch policy",
+     admin_pb2.CreateDestinationRequest(tenant_id="acme", type="grpc", endpoint="h:1",
+                                        batch_policy=admin_pb2.BatchPolicy(max_events=10)),
+     "batch_policy"),
+    ("CreateDestination", "batches of too many events", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="webhook", endpoint="http://h/",
+        batch_policy=admin_pb2.BatchPolicy(max_events=10_001)), "batch_policy.max_events"),
+    ("CreateDestination", "batches of too few bytes", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="webhook", endpoint="http://h/",
+        batch_policy=admin_pb2.BatchPolicy(max_events=10, max_bytes=100)),
+     "batch_policy.max_bytes"),
+    ("UpdateDestination", "a linger over a minute", admin_pb2.UpdateDestinationRequest(
+        id="hook", batch_policy=admin_pb2.BatchPolicy(max_events=10, linger_ms=60_001)),
+     "batch_policy.linger_ms"),
+    ("CreateDestination", "a circuit probe over a day", admin_pb2.CreateDestinationRequest(
+        tenant_id="acme", type="webhook", endpoint="http://h/",
+        circuit_policy=admin_pb2.CircuitPolicy(probe_every_seconds=86_401)),
+     "circuit_policy.probe_every_seconds"),
 ]
 
 
@@ -504,3 +522,18 @@ async def test_a_reference_to_nothing_is_not_found_and_changes_nothing(
     assert failure.value.code() is grpc.StatusCode.NOT_FOUND
     assert message in (failure.value.details() or ""), failure.value.details()
     assert await _counts(conn) == before
+
+
+async def test_a_webhook_takes_a_batch_policy_and_shows_it(service: Admin) -> None:
+    await _tenant_source(service)
+    made = await service.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
+        id="bulk", tenant_id="acme", type="webhook", endpoint="http://h/",
+        batch_policy=admin_pb2.BatchPolicy(max_events=100, linger_ms=250)), metadata=AUTH)
+    assert made.batch_policy == admin_pb2.BatchPolicy(max_events=100, max_bytes=1_048_576,
+                                                      linger_ms=250)
+    changed = await service.stub.UpdateDestination(admin_pb2.UpdateDestinationRequest(
+        id="bulk", batch_policy=admin_pb2.BatchPolicy(max_events=1)), metadata=AUTH)
+    assert changed.batch_policy.max_events == 1  # back to one event a request
+    plain = await service.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
+        id="plain", tenant_id="acme", type="grpc", endpoint="h:1"), metadata=AUTH)
+    assert plain.batch_policy.max_events == 1

@@ -63,6 +63,37 @@ async def test_every_users_order_holds_under_random_failures(
         assert max(len(b) for b in world.grpc_sink.batches) > 1  # and batches do form
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_batched_webhooks_keep_every_users_order_under_random_failures(
+    world: World, seed: int
+) -> None:
+    """The same property with a webhook taking JSON arrays of up to 4 events: a batch is
+    answered as a whole (any element's failure fails it), so batches fail, retry and regroup;
+    each user's accepted events are still their jobs in order, each accepted exactly once."""
+    await world.destination("d", max_attempts=4, max_retry_window_s=0, batch_max_events=4)
+    ids_by_user = await deliver_under_random_failures(world, world.webhook, seed, users=25,
+                                                      events=400)
+    user_of = {j: u for u, ids in ids_by_user.items() for j in ids}
+    batches = world.webhook.batches
+    assert max(len(b) for b in batches) == 4  # batches form ...
+    assert all(b == sorted(b) for b in batches)  # ... in job order ...
+    assert any(len({user_of[j] for j in b}) < len(b) for b in batches)  # ... a user's together
+
+
+async def test_a_batch_waits_its_linger_for_more_events(world: World) -> None:
+    await world.destination("d", batch_max_events=10, batch_linger_ms=2000)
+    async with ingest(world.database) as service, router(world.database):
+        first = await send(service, world.source, [event(f"a{i}", f"u{i}") for i in range(3)])
+        second = await send(service, world.source, [event(f"b{i}", f"u{i}") for i in range(3)])
+        await wait_until_finished(world.conn, 6, within=20)
+    # One request for all six (unbatched, or without the linger, the first three go at once).
+    assert world.webhook.batches == [sorted(first + second)]
+    cur = await world.conn.execute("SELECT DISTINCT batch FROM job_statuses")
+    (batch_id,) = [r[0] for r in await cur.fetchall()]
+    assert batch_id.startswith(f"msg_b{min(first)}_")
+    assert {d.headers["webhook-id"] for d in world.webhook.received} == {batch_id}
+
+
 async def test_retry_metadata_is_kept_for_every_attempt(world: World) -> None:
     await world.destination("hook")
     world.webhook.answer = lambda d: Answer(503, body="busy " * 3000) if d.attempt < 3 else OK

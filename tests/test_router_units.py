@@ -203,7 +203,8 @@ async def test_a_notification_during_a_read_makes_the_lane_read_again() -> None:
         max_retry_window_s=60, rate_per_second=0.0, rate_burst=0, concurrency=4,
         timeout_ms=1000, paused=False, created_at=datetime.now(UTC),
         updated_at=datetime.now(UTC), circuit_after_s=600, circuit_min_failures=20,
-        circuit_probe_s=30, circuit_opened_at=None, circuit_reason=None)
+        circuit_probe_s=30, circuit_opened_at=None, circuit_reason=None, batch_max_events=1,
+        batch_max_bytes=1_048_576, batch_linger_ms=0)
     sender: Any = SimpleNamespace(max_batch=1)
     lane = Lane(context, destination, sender)
     try:

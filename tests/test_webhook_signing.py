@@ -18,7 +18,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
 from relayq.v1 import admin_pb2, common_pb2
-from tests.pipeline import World, send
+from tests.pipeline import World, send, wait_until_finished
 from tests.services import Admin, Ingest, admin, ingest, router
 from tests.sinks import OK, Answer, Received
 from tests.test_ingest import event
@@ -195,3 +195,26 @@ async def test_a_destination_without_a_secret_sends_no_signature_and_forges_none
     assert abs(int(delivery.headers["webhook-timestamp"]) - time.time()) < 60
     assert delivery.headers["Content-Type"] == "application/json"
     assert (delivery.headers["X-Api-Key"], delivery.headers["User-Agent"]) == ("k1", "ua")
+
+
+async def test_a_batch_is_signed_as_one_body_and_its_history_names_it(world: World) -> None:
+    """A JSON array of events is one request: one webhook-id and signature over the array
+    exactly as sent, verified by the reference verifier; each job's attempt records it."""
+    async with admin(world.database) as adm, ingest(world.database) as service, \
+            router(world.database):
+        created = await adm.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
+            id="bulk", tenant_id="acme", type="webhook", endpoint=world.webhook.url,
+            batch_policy=admin_pb2.BatchPolicy(max_events=50, linger_ms=1000)),
+            metadata=AUTH)
+        await adm.stub.ConnectSource(admin_pb2.ConnectSourceRequest(
+            source_id="web", destination_id="bulk"), metadata=AUTH)
+        ids = await send(service, world.source,
+                         [event(f"m{i}", f"user-{i % 3}") for i in range(12)])
+        await wait_until_finished(world.conn, 12)
+        job = await adm.stub.GetJob(admin_pb2.GetJobRequest(job_id=ids[5]), metadata=AUTH)
+    (request,) = {d.headers["webhook-id"]: d for d in world.webhook.received}.values()
+    assert verifies(created.signing_secret, request)
+    assert request.raw.startswith(b"[")  # the array as sent is what is signed
+    assert [d.job_id for d in world.webhook.oks] == ids  # job order, users interleaved
+    assert request.headers["webhook-id"].startswith(f"msg_b{ids[0]}_")
+    assert [h.batch_id for h in job.history] == [request.headers["webhook-id"]]

@@ -66,11 +66,13 @@ WHERE source_key = %(source_key)s
 INSERT INTO destinations (id, tenant_key, name, type, endpoint, headers, min_backoff_ms,
                           max_backoff_ms, max_attempts, max_retry_window_s, rate_per_second,
                           rate_burst, concurrency, timeout_ms, paused, circuit_after_s,
-                          circuit_min_failures, circuit_probe_s)
+                          circuit_min_failures, circuit_probe_s, batch_max_events,
+                          batch_max_bytes, batch_linger_ms)
 VALUES (%(id)s, %(tenant_key)s, %(name)s, %(type)s, %(endpoint)s, %(headers)s,
         %(min_backoff_ms)s, %(max_backoff_ms)s, %(max_attempts)s, %(max_retry_window_s)s,
         %(rate_per_second)s, %(rate_burst)s, %(concurrency)s, %(timeout_ms)s, %(paused)s,
-        %(circuit_after_s)s, %(circuit_min_failures)s, %(circuit_probe_s)s)
+        %(circuit_after_s)s, %(circuit_min_failures)s, %(circuit_probe_s)s,
+        %(batch_max_events)s, %(batch_max_bytes)s, %(batch_linger_ms)s)
 RETURNING destination_key;
 
 -- name: get_destination

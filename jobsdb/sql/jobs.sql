@@ -36,7 +36,7 @@ WHERE j.job_id = %(job_id)s
 -- name: history
 -- Every attempt and operator action, oldest first.
 SELECT attempt, state::text, error_code, response, started_at, duration_ms, retry_at, actor,
-       reason
+       reason, batch
 FROM job_statuses
 WHERE job_id = %(job_id)s
 ORDER BY recorded_at, attempt;

@@ -130,19 +130,21 @@ WITH leased AS (
 outcome AS (
     SELECT o.job_id, o.attempt, 'succeeded'::job_state AS state, NULL::text AS error_code,
            NULL::text AS response, to_timestamp(o.started_epoch) AS started_at, o.duration_ms,
-           NULL::timestamptz AS retry_at, NULL::text AS reason
+           NULL::timestamptz AS retry_at, NULL::text AS reason, nullif(o.batch, '') AS batch
     FROM unnest(string_to_array(%(ok_job_ids)s::text, ',')::bigint[],
                 string_to_array(%(ok_attempts)s::text, ',')::integer[],
                 string_to_array(%(ok_started_at)s::text, ',')::float8[],
-                string_to_array(%(ok_durations_ms)s::text, ',')::integer[])
-        AS o(job_id, attempt, started_epoch, duration_ms)
+                string_to_array(%(ok_durations_ms)s::text, ',')::integer[],
+                string_to_array(%(ok_batches)s::text, ','))
+        AS o(job_id, attempt, started_epoch, duration_ms, batch)
     UNION ALL
     SELECT *
     FROM unnest(%(job_ids)s::bigint[], %(attempts)s::integer[], %(states)s::job_state[],
                 %(error_codes)s::text[], %(responses)s::text[], %(started_at)s::timestamptz[],
-                %(durations_ms)s::integer[], %(retry_at)s::timestamptz[], %(reasons)s::text[])
+                %(durations_ms)s::integer[], %(retry_at)s::timestamptz[], %(reasons)s::text[],
+                %(batches)s::text[])
         AS o(job_id, attempt, state, error_code, response, started_at, duration_ms, retry_at,
-             reason)
+             reason, batch)
 ),
 moved AS (
     UPDATE jobs j
@@ -180,9 +182,9 @@ counted AS (
 ),
 logged AS (
     INSERT INTO job_statuses (job_id, attempt, state, error_code, response, started_at,
-                              duration_ms, retry_at, actor, reason)
+                              duration_ms, retry_at, actor, reason, batch)
     SELECT job_id, attempt, state, error_code, response, started_at, duration_ms, retry_at,
-           %(actor)s, reason
+           %(actor)s, reason, batch
     FROM outcome
 ),
 released AS (

@@ -100,6 +100,13 @@ def _settings(cmd: argparse.ArgumentParser) -> None:
                      help="... and at least this many attempts (default 20)")
     cmd.add_argument("--circuit-probe", type=units.seconds, metavar="DURATION",
                      help="while open, one probe delivery this often (default 30s)")
+    cmd.add_argument("--batch-max-events", type=int, metavar="N",
+                     help="webhooks: up to N events a request, as a JSON array (default 1: one"
+                          " event a request, as an object)")
+    cmd.add_argument("--batch-max-bytes", type=int, metavar="BYTES",
+                     help="webhooks: bytes of events a request at most (default 1048576)")
+    cmd.add_argument("--batch-linger", type=units.milliseconds, metavar="DURATION",
+                     help="webhooks: wait up to this for a fuller batch (default 0)")
 
 
 def create(admin: Admin, args: argparse.Namespace) -> int:
@@ -113,6 +120,8 @@ def create(admin: Admin, args: argparse.Namespace) -> int:
         request.rate_limit.CopyFrom(rate_limit(common_pb2.RateLimit(), args))
     if _circuit_given(args):
         request.circuit_policy.CopyFrom(_circuit_policy(admin_pb2.CircuitPolicy(), args))
+    if _batch_given(args):
+        request.batch_policy.CopyFrom(_batch_policy(admin_pb2.BatchPolicy(), args))
     return show(admin.call(admin.stub.CreateDestination, request), args)
 
 
@@ -123,7 +132,7 @@ def update(admin: Admin, args: argparse.Namespace) -> int:
                          ("concurrency", args.concurrency), ("timeout_ms", args.timeout)):
         if value is not None:
             setattr(request, field, value)
-    if _retry_given(args) or _rate_given(args) or _circuit_given(args):
+    if _retry_given(args) or _rate_given(args) or _circuit_given(args) or _batch_given(args):
         # The policies and the limit travel whole; start from the current ones so that
         # `--max-attempts 5` changes only that and keeps the backoffs.
         current = admin.call(admin.stub.GetDestination,
@@ -134,6 +143,8 @@ def update(admin: Admin, args: argparse.Namespace) -> int:
             request.rate_limit.CopyFrom(rate_limit(current.rate_limit, args))
         if _circuit_given(args):
             request.circuit_policy.CopyFrom(_circuit_policy(current.circuit_policy, args))
+        if _batch_given(args):
+            request.batch_policy.CopyFrom(_batch_policy(current.batch_policy, args))
     return show(admin.call(admin.stub.UpdateDestination, request), args)
 
 
@@ -219,6 +230,8 @@ def show(destination: admin_pb2.DestinationConfig, args: argparse.Namespace) -> 
          + (f" since {render.when(destination.circuit.opened_at)}:"
             f" {destination.circuit.reason}" if destination.circuit.open else "")),
         ("circuit policy", _circuit_policy_text(destination.circuit_policy)),
+        *([("batches", _batch_policy_text(destination.batch_policy))]
+          if destination.type == "webhook" else []),
         ("headers", render.header_names(destination.headers)),
         ("created", render.when(destination.created_at)),
         ("updated", render.when(destination.updated_at)),
@@ -256,6 +269,30 @@ def _circuit_policy(base: admin_pb2.CircuitPolicy, args: argparse.Namespace
     if args.circuit_probe is not None:
         policy.probe_every_seconds = args.circuit_probe
     return policy
+
+
+def _batch_given(args: argparse.Namespace) -> bool:
+    return any(v is not None for v in (args.batch_max_events, args.batch_max_bytes,
+                                       args.batch_linger))
+
+
+def _batch_policy(base: admin_pb2.BatchPolicy, args: argparse.Namespace
+                  ) -> admin_pb2.BatchPolicy:
+    policy = admin_pb2.BatchPolicy()
+    policy.CopyFrom(base)
+    for field, value in (("max_events", args.batch_max_events),
+                         ("max_bytes", args.batch_max_bytes), ("linger_ms", args.batch_linger)):
+        if value is not None:
+            setattr(policy, field, value)
+    return policy
+
+
+def _batch_policy_text(policy: admin_pb2.BatchPolicy) -> str:
+    if policy.max_events <= 1:
+        return "none: one event a request"
+    text = f"up to {policy.max_events} events and {policy.max_bytes:,} bytes a request"
+    return text + (f", waiting up to {render.millis(policy.linger_ms)} for more"
+                   if policy.linger_ms else "")
 
 
 def _circuit_state(circuit: admin_pb2.Circuit) -> str:

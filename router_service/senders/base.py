@@ -22,6 +22,12 @@ from router_service.trust import Trust
 class Sender(Protocol):
     # Jobs per deliver() call at most (1: one job per request).
     max_batch: int
+    # Jobs of one user a call may carry (in order): 1 when the destination may process a
+    # batch's jobs in any order or concurrently; more only when it takes a batch whole, in
+    # order (a webhook's JSON array).
+    per_user: int
+    # Payload bytes per call at most (None: no limit beyond max_batch).
+    max_bytes: int | None
 
     async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
         """One result per job, in the jobs' order. Never raises for the destination's

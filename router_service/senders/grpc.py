@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 
 class GrpcSender:
+    # A batch never holds two jobs of one user: the sink may process it in any order.
+    per_user: int = 1
+    max_bytes: int | None = None
+
     def __init__(self, destination: Destination, context: SenderContext) -> None:
         self.max_batch = context.grpc_batch
         self._destination_id = destination.id

@@ -54,6 +54,9 @@ _HEADER_FRAME = 12
 
 class NatsSender:
     max_batch = MAX_BATCH
+    # Jobs of a batch are published concurrently: never two of one user.
+    per_user: int = 1
+    max_bytes: int | None = None
 
     def __init__(self, destination: Destination, context: SenderContext) -> None:
         self._destination_id = destination.id

@@ -1,4 +1,5 @@
-"""Delivery to HTTP webhooks: one signed POST of the event document per job.
+"""Delivery to HTTP webhooks: one signed POST of the event document per job, or of a JSON
+array of many jobs' documents for a destination with a batch policy.
 
 Every request carries, besides the destination's own headers:
 - `X-Relayq-Message-Id`, `X-Relayq-Job-Id`, `X-Relayq-Attempt`: what relayq calls it;
@@ -9,6 +10,14 @@ Every request carries, besides the destination's own headers:
   drops exactly the repeats that at-least-once delivery can cause. The timestamp is the
   attempt's own, so a retry an hour later is not refused as a replay.
 
+A batch (batch_max_events above 1) is always an array, even of one event, in job order; a
+user's jobs may travel several in one array (in order), never with or ahead of an earlier one
+of theirs that failed. Its `webhook-id` is `msg_b<first job id>_<digest of the job ids>`: the
+same when the same jobs are retried together; the events in it carry their own messageId.
+X-Relayq-Job-Ids and X-Relayq-Attempts list each event's job id and attempt, in array order.
+The answer is the whole batch's: 2xx all succeeded, a retryable status retries all, another
+4xx gives all up.
+
 The request is written once as bytes: the lines that are the same for every job of the
 destination are built when the sender is (a changed endpoint, header or secret makes a new
 sender), and only the per-job lines, the signature and the body are added per request.
@@ -18,6 +27,8 @@ Only a bounded excerpt of an answer is read.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import ssl
 import time
@@ -40,10 +51,18 @@ def webhook_id(job_id: int) -> str:
     return f"msg_{job_id}"
 
 
-class WebhookSender:
-    max_batch = 1
+def batch_id(job_ids: Sequence[int]) -> str:
+    """A batch's webhook-id: stable for the same jobs, different for any other set."""
+    digest = hashlib.blake2b(",".join(map(str, job_ids)).encode(), digest_size=8).hexdigest()
+    return f"msg_b{job_ids[0]}_{digest}"
 
+
+class WebhookSender:
     def __init__(self, destination: Destination, context: SenderContext) -> None:
+        self.batched = destination.batch_max_events > 1
+        self.max_batch = destination.batch_max_events
+        self.per_user = destination.batch_max_events
+        self.max_bytes: int | None = destination.batch_max_bytes if self.batched else None
         self._pool = context.http
         self._timeout = destination.timeout_ms / 1000
         # A row the admin service would have refused (written by hand, or before a rule):
@@ -64,7 +83,20 @@ class WebhookSender:
                                      if self._refused is None else "")
 
     async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
+        if self.batched:
+            return [await self._post_batch(jobs)] * len(jobs)
         return [await self._post(job) for job in jobs]
+
+    async def _post_batch(self, jobs: Sequence[Job]) -> Result:
+        ids = [job.job_id for job in jobs]
+        msg_id = batch_id(ids)
+        body = ("[" + ",".join([job.payload for job in jobs]) + "]").encode()
+        result = await self._send(
+            msg_id, body,
+            f"X-Relayq-Job-Ids: {','.join(map(str, ids))}\r\n"
+            f"X-Relayq-Attempts: {','.join([str(job.attempt) for job in jobs])}\r\n")
+        # Every job's history says which request carried it.
+        return dataclasses.replace(result, batch=msg_id)
 
     async def _post(self, job: Job) -> Result:
         return await self._send(
