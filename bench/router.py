@@ -472,6 +472,7 @@ def latency(rate: float, seconds: float) -> None:
     finally:
         arrivals = cluster.stop()
     print(f"end-to-end latency at {rate:,.0f} events/s for {seconds:.0f}s (webhook sink):")
+    report("client send -> ingest ack", latencies(acked, sent), len(sent))
     report("ingest ack -> sink", latencies(arrivals, acked), len(acked))
     report("client send -> sink", latencies(arrivals, sent), len(sent))
 

@@ -16,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from jobsdb.catalog import Destination
 from jobsdb.errors import JobsDBError
+from jobsdb.queue import Outcome
 from relayq.tasks import cancel_and_wait
 from router_service import metrics
 from router_service.barrier import Barrier
@@ -89,6 +91,9 @@ class Lane:
         self._deliveries: set[asyncio.Task[None]] = set()
         # Batches: when the wait for a fuller one ends (monotonic; None: not waiting).
         self._linger_until: float | None = None
+        # Metrics observed per delivery and per job: their children looked up once.
+        self._delivery_seconds = metrics.DELIVERY_SECONDS.labels(destination.type)
+        self._end_to_end = metrics.END_TO_END_SECONDS
         self.task = asyncio.create_task(self._run(), name=f"lane-{destination.id}")
 
     # --- configuration -------------------------------------------------------------------
@@ -315,43 +320,55 @@ class Lane:
             self.barrier.returned(len(jobs))
             metrics.IN_FLIGHT.dec(len(jobs))
         seconds = time.perf_counter() - clock
-        metrics.DELIVERY_SECONDS.labels(self.destination.type).observe(seconds)
-        for job, result in zip(jobs, results, strict=True):
-            self._settle(job, result, started, seconds)
+        self._delivery_seconds.observe(seconds)
+        self._settle(jobs, results, started, seconds)
         self.wake.set()
         self.context.settled()
 
-    def _settle(self, job: Job, result: Result, started: datetime, seconds: float) -> None:
+    def _settle(self, jobs: list[Job], results: Sequence[Result], started: datetime,
+                seconds: float) -> None:
+        """Every job's answer of one delivery: outcomes handed to the flusher (the successes
+        as one hand-over), users moved along, failures scheduled, the circuit told."""
         now = datetime.now(UTC)
+        mono = time.monotonic()
         destination = self.destination
-        metrics.ATTEMPTS.labels(destination.id, result.verdict.value).inc()
-        if result.error_code == "429":
-            self.rate.too_many_requests(result.retry_after)
-        change = self.breaker.record(result, time.monotonic())
-        if change is not None:
-            self._circuit(change)
-        # An open circuit says the destination is down: its jobs wait, none is given up on.
-        settled = self.barrier.settle(job, result, started=started, now=now,
-                                      duration_ms=int(seconds * 1000), policy=self.policy,
-                                      may_give_up=not self.breaker.is_open)
-        outcome = settled.outcome
-        # The failed job and everything queued behind it are written together; the user
-        # stays frozen until they are.
-        self.context.flusher.add(self, outcome, park=settled.parks)
-        if outcome.state == "succeeded":
-            metrics.END_TO_END_SECONDS.observe((now - job.created_at).total_seconds())
-        elif outcome.state == "failed":
-            assert outcome.retry_at is not None
-            assert settled.retry_in is not None
-            self.due_at(outcome.retry_at)
-            log.info("delivery failed; will retry", extra={
-                "tenant": destination.tenant_id, "destination": destination.id,
-                "job_id": job.job_id, "attempt": job.attempt,
-                "error_code": result.error_code, "retry_in_s": round(settled.retry_in, 1)})
-        else:
-            log.warning("job aborted", extra={
-                "tenant": destination.tenant_id, "destination": destination.id,
-                "job_id": job.job_id, "attempt": job.attempt, "reason": outcome.reason})
+        duration_ms = int(seconds * 1000)
+        succeeded: list[Outcome] = []
+        counts: Counter[Verdict] = Counter()
+        for job, result in zip(jobs, results, strict=True):
+            counts[result.verdict] += 1
+            if result.error_code == "429":
+                self.rate.too_many_requests(result.retry_after)
+            change = self.breaker.record(result, mono)
+            if change is not None:
+                self._circuit(change)
+            # An open circuit says the destination is down: its jobs wait, none is given up.
+            settled = self.barrier.settle(job, result, started=started, now=now,
+                                          duration_ms=duration_ms, policy=self.policy,
+                                          may_give_up=not self.breaker.is_open)
+            outcome = settled.outcome
+            if outcome.state == "succeeded":
+                succeeded.append(outcome)
+                self._end_to_end.observe((now - job.created_at).total_seconds())
+                continue
+            # The failed job and everything queued behind it are written together; the user
+            # stays frozen until they are.
+            self.context.flusher.add(self, outcome, park=settled.parks)
+            if outcome.state == "failed":
+                assert outcome.retry_at is not None
+                assert settled.retry_in is not None
+                self.due_at(outcome.retry_at)
+                log.info("delivery failed; will retry", extra={
+                    "tenant": destination.tenant_id, "destination": destination.id,
+                    "job_id": job.job_id, "attempt": job.attempt,
+                    "error_code": result.error_code, "retry_in_s": round(settled.retry_in, 1)})
+            else:
+                log.warning("job aborted", extra={
+                    "tenant": destination.tenant_id, "destination": destination.id,
+                    "job_id": job.job_id, "attempt": job.attempt, "reason": outcome.reason})
+        self.context.flusher.add_many(self, succeeded)
+        for verdict, count in counts.items():
+            metrics.ATTEMPTS.labels(destination.id, verdict.value).inc(count)
 
     def _arm_due(self) -> None:
         if self._due_timer is not None:

@@ -52,14 +52,15 @@ class Lane(Protocol):
 
 @dataclass(slots=True)
 class _Entry:
-    """What one hand-over wrote: an attempt and the jobs parked with it travel together."""
+    """What one hand-over wrote: an attempt and the jobs parked with it travel together
+    (one outcome with its parks), or many successes of one delivery together (no parks)."""
 
     lane: Lane
-    outcome: Outcome | None
+    outcomes: Sequence[Outcome]
     parks: Sequence[tuple[Job, int]]
 
     def __len__(self) -> int:
-        return (self.outcome is not None) + len(self.parks)
+        return len(self.outcomes) + len(self.parks)
 
 
 @dataclass
@@ -108,11 +109,17 @@ class OutcomeFlusher:
         self._task = asyncio.create_task(self._run(), name="outcome-flusher")
 
     def add(self, lane: Lane, outcome: Outcome, park: Sequence[tuple[Job, int]] = ()) -> None:
-        self._append(_Entry(lane, outcome, tuple(park)))
+        self._append(_Entry(lane, (outcome,), tuple(park)))
+
+    def add_many(self, lane: Lane, outcomes: Sequence[Outcome]) -> None:
+        """Outcomes that park nothing (successes of one delivery), as few hand-overs as a
+        flush's cap allows."""
+        for start in range(0, len(outcomes), self._max_batch):
+            self._append(_Entry(lane, outcomes[start:start + self._max_batch], ()))
 
     def park(self, lane: Lane, parks: Sequence[tuple[Job, int]]) -> None:
         if parks:
-            self._append(_Entry(lane, None, tuple(parks)))
+            self._append(_Entry(lane, (), tuple(parks)))
 
     async def drain(self) -> None:
         """Wait until everything handed over so far is on record."""
@@ -185,8 +192,8 @@ class OutcomeFlusher:
         for entry in batch.entries:
             if id(entry) in written.refused:
                 continue
-            lane, outcome = entry.lane, entry.outcome
-            if outcome is not None:
+            lane = entry.lane
+            for outcome in entry.outcomes:
                 done[lane].append(outcome.job_id)
                 if outcome.state in ("succeeded", "aborted"):
                     ended.add(lane)
@@ -214,7 +221,7 @@ class OutcomeFlusher:
             try:
                 async with transaction(self._pool) as conn, conn.pipeline(), conn.transaction():
                     recorded = await queue.record_outcomes(
-                        conn, [e.outcome for e in entries if e.outcome is not None],
+                        conn, [o for e in entries for o in e.outcomes],
                         actor=self._actor, owner=self._router_id)
                     parked = await queue.hold(
                         conn, [(job.job_id, blocker) for e in entries for job, blocker in e.parks],
@@ -230,6 +237,10 @@ class OutcomeFlusher:
                 return await self._isolate(entries, exc)
 
     async def _isolate(self, entries: list[_Entry], exc: Exception) -> _Written:
+        if len(entries) == 1 and len(entries[0].outcomes) > 1:
+            # Many successes of one delivery: each on its own, to find the one refused.
+            (entry,) = entries
+            entries = [_Entry(entry.lane, (outcome,), ()) for outcome in entry.outcomes]
         if len(entries) > 1:
             half = len(entries) // 2
             first = await self._commit(entries[:half])  # in order: parks follow their blockers
@@ -238,8 +249,7 @@ class OutcomeFlusher:
                             first.refused | second.refused)
         (entry,) = entries
         safe = _sanitised(entry, exc)
-        job_ids = [e.job_id for e in ([entry.outcome] if entry.outcome else [])] + [
-            job.job_id for job, _ in entry.parks]
+        job_ids = [o.job_id for o in entry.outcomes] + [job.job_id for job, _ in entry.parks]
         if safe is not None:
             log.error("an outcome was refused (%s); recording it with a safe error text",
                       _describe(exc), extra={"job_id": job_ids[0]})
@@ -262,13 +272,15 @@ _SAFE_PREFIX = "[not storable: "
 def _sanitised(entry: _Entry, exc: Exception) -> _Entry | None:
     """The entry with the destination's words replaced by a note Postgres will take; None if
     there is nothing left to replace (it was sanitised already, or holds only parkings)."""
-    outcome = entry.outcome
-    if outcome is None or (outcome.response or "").startswith(_SAFE_PREFIX):
+    if len(entry.outcomes) != 1:
+        return None
+    (outcome,) = entry.outcomes
+    if (outcome.response or "").startswith(_SAFE_PREFIX):
         return None
     # Only the error's type: its message may quote the very text that was refused.
     note = f"{_SAFE_PREFIX}{type(exc).__name__}]"
-    return _Entry(entry.lane, outcome._replace(
-        error_code=_ascii(outcome.error_code), response=note, reason=_ascii(outcome.reason)),
+    return _Entry(entry.lane, (outcome._replace(
+        error_code=_ascii(outcome.error_code), response=note, reason=_ascii(outcome.reason)),),
         entry.parks)
 
 
