@@ -89,6 +89,10 @@ class Barrier:
     def empty(self) -> bool:
         return not self.held and not self.in_flight
 
+    @property
+    def reading(self) -> bool:
+        return self._reading
+
     # --- reading -------------------------------------------------------------------------
 
     def begin_read(self) -> None:

@@ -28,6 +28,7 @@ from jobsdb.pool import transaction
 from jobsdb.queue import RESPONSE_LIMIT
 from relayq.tasks import cancel_and_wait
 from router_service import metrics, senders
+from router_service.channels import GrpcChannels
 from router_service.fairness import FairScheduler
 from router_service.httpclient import HttpPool
 from router_service.identity import Identity
@@ -62,7 +63,7 @@ class EngineSettings:
     # A lane holding more jobs than this reads alone; the others' reads are grouped.
     read_alone_above: int = 100
     # Rows one grouped read may return at most, and grouped reads in flight at once.
-    read_max_rows: int = 10_000
+    read_max_rows: int = 50000
     read_concurrency: int = 2
     # A lane with nothing to do for this long is closed.
     lane_idle_seconds: float = 60.0
@@ -111,7 +112,8 @@ class Engine:
         http = HttpPool(self.trust.ssl_context, body_limit=RESPONSE_LIMIT,
                         max_idle_per_origin=self.settings.permits)
         self._senders = SenderContext(http=http, trust=self.trust,
-                                      grpc_batch=self.settings.grpc_batch)
+                                      grpc_batch=self.settings.grpc_batch,
+                                      grpc_channels=GrpcChannels(self.trust.grpc_credentials))
         await self._load_destinations()
         self.flusher.start()
         self.reader.start()
@@ -138,6 +140,7 @@ class Engine:
         await self.membership.leave()
         if self._senders is not None:
             await self._senders.http.close()
+            await self._senders.grpc_channels.close()
 
     # --- wake-ups ------------------------------------------------------------------------
 
@@ -193,7 +196,18 @@ class Engine:
             except JobsDBError as exc:
                 log.warning("poll failed: %s", exc)
                 continue
+            # A safety net for lost notifications. A lane that read since the last poll has
+            # seen what was committed before its read; one that is reading, or still holds
+            # jobs of its last read, has them in hand (their rows are still pending until
+            # recorded). Either reads again by itself or is caught by a later poll once it
+            # has delivered what it holds. With ten thousand busy destinations, notifying
+            # every one would be ten thousand reads a poll that find nothing new (measured:
+            # 6,700 of them in a run of 100,000 jobs).
+            recently = time.monotonic() - self.settings.poll_seconds
             for key in pending:
+                known = self.lanes.get(key)
+                if known is not None and (known.busy or known.read_at > recently):
+                    continue
                 lane = self.lane(key)
                 if lane is not None:
                     lane.notify()
@@ -251,16 +265,22 @@ class Engine:
 
     # --- membership callbacks ------------------------------------------------------------
 
+    def discover(self) -> None:
+        """Look for work at every destination now: what has pending jobs gets its lane
+        notified, and due retries their timers (at start, after a lost connection, when
+        partitions change hands). One query, not a read per destination."""
+        task = asyncio.create_task(self._discover_now(), name="discover")
+        self._discoveries.add(task)
+        task.add_done_callback(self._discoveries.discard)
+
     def _partitions_changed(self, gained: set[int], lost: set[int]) -> None:
         for lane in self.lanes.values():
             if lost:
                 lane.drop_partitions(lost)
-            lane.notify()
-        if gained:
-            # Jobs of newly owned partitions may wait at any destination: look at once.
-            task = asyncio.create_task(self._discover_now(), name="discover")
-            self._discoveries.add(task)
-            task.add_done_callback(self._discoveries.discard)
+            lane.wake.set()  # what it holds may be sendable again (after a fence)
+        # Jobs of newly owned partitions (or of partitions usable again) may wait at any
+        # destination: look for them at once.
+        self.discover()
 
     async def _discover_now(self) -> None:
         with contextlib.suppress(JobsDBError):

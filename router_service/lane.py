@@ -80,6 +80,7 @@ class Lane:
         # When the earliest known retry of this destination comes due (wall clock).
         self.next_due: datetime | None = None
         self.last_pickup: datetime | None = None
+        self.read_at = 0.0  # monotonic, when the last read began
         self.wake = asyncio.Event()
         self.wake.set()
         # Two wake-up timers: when the earliest known retry comes due, and when the next
@@ -158,6 +159,11 @@ class Lane:
         return self.barrier.held_by_partition
 
     @property
+    def busy(self) -> bool:
+        """Reading, or holding jobs it read: it will look for more by itself."""
+        return self.barrier.reading or not self.barrier.empty
+
+    @property
     def in_flight(self) -> int:
         return self.barrier.in_flight
 
@@ -225,6 +231,7 @@ class Lane:
         barrier = self.barrier
         limit = min(settings.batch, settings.max_held - len(barrier.held))
         barrier.begin_read()
+        self.read_at = time.monotonic()
         # Cleared before the read, not after: a notification that arrives while it runs may
         # be for jobs committed after its snapshot, and must make us read again.
         self.dirty = False

@@ -62,7 +62,7 @@ class RouterApp(ServiceApp[RouterConfig]):
         def reconnected() -> None:
             # Notifications sent while we were disconnected are lost: look everywhere.
             engine.on_config_notification()
-            engine.on_jobs_notification("*")
+            engine.discover()
 
         listener = Listener(
             config.database_url,
@@ -78,7 +78,7 @@ class RouterApp(ServiceApp[RouterConfig]):
                                         application_name=APP_NAME),
                 name="maintenance"))
         # Anything committed before we listened: look once now.
-        engine.on_jobs_notification("*")
+        engine.discover()
         if config.operator_token is None:
             log.warning("RELAYQ_ADMIN_TOKEN is not set: RouterStatus answers tenant-scoped admin"
                         " tokens only")

@@ -58,6 +58,7 @@ class Membership:
         # Heartbeats given up on while their statement hung; they end by themselves.
         self._hung: set[asyncio.Task[None]] = set()
         self._applied = 0.0  # when the newest heartbeat applied here began (monotonic)
+        self._usable: frozenset[int] = frozenset()  # owned - releasing, as of the last beat
         self.owned: set[int] = set()
         self.releasing: set[int] = set()
         self.partition_count = 0
@@ -70,10 +71,11 @@ class Membership:
         return self.lease.total_seconds() / 3
 
     def usable(self) -> frozenset[int]:
-        """Partitions this router may deliver right now."""
+        """Partitions this router may deliver right now (every lane asks on every wake-up:
+        the set is made once per change, not per question)."""
         if time.monotonic() >= self._valid_until:
             return frozenset()
-        return frozenset(self.owned - self.releasing)
+        return self._usable
 
     def may_deliver(self, partition: int) -> bool:
         """Checked for each job as it is sent: a lane may have waited (for a read, a permit)
@@ -145,6 +147,7 @@ class Membership:
         if excess > 0:
             # Give back the highest-numbered ones once their jobs are done.
             self.releasing |= set(sorted(self.owned - self.releasing, reverse=True)[:excess])
+        self._usable = frozenset(self.owned - self.releasing)
         self.partition_count = membership.partitions
         self.live_routers = membership.live_routers
         metrics.PARTITIONS_OWNED.set(len(self.owned - self.releasing))
@@ -189,4 +192,5 @@ class Membership:
         except JobsDBError as exc:
             log.warning("could not release leases (they expire by themselves): %s", exc)
         self.owned.clear()
+        self._usable = frozenset()
         metrics.PARTITIONS_OWNED.set(0)

@@ -45,6 +45,7 @@ from jobsdb.catalog import Destination
 from relayq import destination_types
 from relayq.ports import free_port
 from relayq.v1 import admin_pb2, ingest_pb2
+from router_service.channels import GrpcChannels
 from router_service.model import Job
 from router_service.retry import Verdict
 from router_service.senders import SenderContext
@@ -414,7 +415,9 @@ async def sender(conn: AsyncConnection[Any]) -> AsyncIterator[Any]:
     the router does, and closes them after the test."""
     made: list[NatsSender] = []
     async with aiohttp.ClientSession() as http:
-        context = SenderContext(http=http, trust=Trust(), grpc_batch=100)
+        trust = Trust()
+        context = SenderContext(http=http, trust=trust, grpc_batch=100,
+                                grpc_channels=GrpcChannels(trust.grpc_credentials))
 
         async def make(endpoint: str) -> NatsSender:
             made.append(NatsSender(await _destination(conn, endpoint), context))

@@ -9,6 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from jobsdb.ingest import NewEvent, store_events
 from relayq.v1 import router_pb2
 from tests import factories
 from tests.helpers import auth, event
@@ -272,9 +273,14 @@ async def test_router_status_reports_partitions_and_activity(world: World) -> No
 
 async def test_router_status_needs_an_admin_token_and_shows_a_tenant_only_its_own(
         world: World) -> None:
-    await world.destination("hook", paused=True)
+    hook = await world.destination("hook", paused=True)
     other = await factories.tenant(world.conn, "globex")
-    await factories.destination(world.conn, other, "globex-hook", paused=True)
+    globex_hook = await factories.destination(world.conn, other, "globex-hook", paused=True)
+    # A router works on (and shows) the destinations that have jobs: one each, held paused.
+    for tenant, destination in ((world.tenant, hook), (other, globex_hook)):
+        await store_events(world.conn, [NewEvent(world.source.key, tenant, f"m{destination}",
+                                                 "u", "{}", (destination,))],
+                           ordering_partitions=64)
     acme_token = await factories.admin_token(world.conn, "acme")
     request = router_pb2.GetStatusRequest()
     async with router(world.database) as r:
@@ -293,7 +299,9 @@ async def test_router_status_needs_an_admin_token_and_shows_a_tenant_only_its_ow
 
 async def test_a_router_without_an_operator_token_answers_tenant_tokens_only(
         world: World) -> None:
-    await world.destination("hook", paused=True)
+    hook = await world.destination("hook", paused=True)
+    await store_events(world.conn, [NewEvent(world.source.key, world.tenant, "m1", "u", "{}",
+                                             (hook,))], ordering_partitions=64)
     acme_token = await factories.admin_token(world.conn, "acme")
     async with router(world.database, RELAYQ_ADMIN_TOKEN="") as r:
         await eventually(lambda: _status_ids(r, auth(acme_token)))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Protocol
 
 from jobsdb.catalog import Destination
+from router_service.channels import GrpcChannels
 from router_service.httpclient import HttpPool
 from router_service.model import Job
 from router_service.retry import Result
@@ -47,6 +48,8 @@ class SenderContext:
     trust: Trust
     # Jobs per Deliver call to a gRPC destination (RELAYQ_ROUTER_GRPC_BATCH).
     grpc_batch: int
+    # gRPC channels, one per server, shared by its destinations.
+    grpc_channels: GrpcChannels
 
 
 # Destination columns the lane applies itself (retry policy, rate, concurrency, pausing, the

@@ -57,9 +57,9 @@ class GrpcSender:
         except endpoints.NotForGrpc as exc:
             self._unusable = str(exc)
             endpoint = endpoints.GrpcEndpoint(destination.endpoint, tls=False)  # never called
-        self._channel = (grpc.aio.secure_channel(endpoint.target, context.trust.grpc_credentials)
-                         if endpoint.tls
-                         else grpc.aio.insecure_channel(endpoint.target))
+        self._channels = context.grpc_channels
+        self._endpoint = endpoint
+        self._channel = self._channels.acquire(endpoint)
         self._stub = destination_pb2_grpc.DestinationStub(self._channel)
 
     async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
@@ -85,7 +85,8 @@ class GrpcSender:
         return [_result(answers.get(j.job_id)) for j in jobs]
 
     async def close(self) -> None:
-        await self._channel.close(None)
+        """Lets go of the channel; it closes when no destination uses it any more."""
+        await self._channels.release(self._endpoint)
 
 
 def _error_code(code: grpc.StatusCode, details: str) -> str:
