@@ -14,6 +14,7 @@ from router_service.circuit import Breaker, Change, CircuitPolicy
 from router_service.retry import Result, Verdict
 from tests.helpers import event
 from tests.pipeline import World, send, states, wait_until_finished
+from tests.poll import eventually
 from tests.services import Admin, admin, ingest, router
 from tests.sinks import OK, Answer
 
@@ -101,26 +102,26 @@ async def test_a_destination_failing_for_a_while_is_only_probed_until_it_recover
                                                    metadata=Admin.auth())
             return answer.circuit
 
-        deadline = asyncio.get_running_loop().time() + 20
-        while not (await circuit()).open:
-            assert asyncio.get_running_loop().time() < deadline, "the circuit never opened"
-            await asyncio.sleep(0.1)
+        async def is_open() -> bool:
+            return (await circuit()).open
+
+        await eventually(is_open, within=20, what="the circuit opening")
         opened = await circuit()
         assert "every attempt failed" in opened.reason
         status = await relay.status.GetStatus(router_pb2.GetStatusRequest(),
                                               metadata=Admin.auth(), timeout=5)
         assert [d.circuit_open for d in status.destinations] == [True]
-        # While open: a probe a second, nothing more.
+        # While open: a probe a second, nothing more (a rate, so watched over a while).
         before = len(world.webhook.received)
         await asyncio.sleep(3.2)
         assert len(world.webhook.received) - before <= 4
         assert "aborted" not in set((await states(world.conn)).values())
         down = False
         await wait_until_finished(world.conn, len(ids), within=30)
-        deadline = asyncio.get_running_loop().time() + 10
-        while (await circuit()).open:
-            assert asyncio.get_running_loop().time() < deadline, "the circuit never closed"
-            await asyncio.sleep(0.1)
+        async def is_closed() -> bool:
+            return not (await circuit()).open
+
+        await eventually(is_closed, within=10, what="the circuit closing")
     assert set((await states(world.conn)).values()) == {"succeeded"}
     by_user: dict[str, list[int]] = defaultdict(list)
     for delivery in world.webhook.oks:
@@ -134,7 +135,7 @@ async def test_a_destination_failing_for_a_while_is_only_probed_until_it_recover
 async def test_an_operator_opens_and_closes_a_circuit_by_hand(world: World) -> None:
     await world.destination("hook", circuit_probe_s=3)
     world.webhook.answer = lambda _: Answer(503)
-    async with ingest(world.database) as service, router(world.database), \
+    async with ingest(world.database) as service, router(world.database) as relay, \
             admin(world.database) as adm:
         opened = await adm.stub.SetCircuit(admin_pb2.SetCircuitRequest(
             destination_id="hook", open=True, reason="their maintenance window"),
@@ -142,10 +143,14 @@ async def test_an_operator_opens_and_closes_a_circuit_by_hand(world: World) -> N
         assert opened.circuit.open
         assert opened.circuit.reason == "their maintenance window (admin:operator)"
         # The router hears of it (a configuration NOTIFY) before the jobs come.
-        await asyncio.sleep(0.5)
+        engine = relay.app.engine
+        assert engine is not None
+        await eventually(lambda: any(d.circuit_opened_at is not None
+                                     for d in engine.destinations.values()),
+                         what="the router seeing the open circuit")
         ids = await send(service, world.source, [event(f"m{i}", "alice") for i in range(5)])
         await world.webhook.wait_for(lambda: len(world.webhook.received) >= 1, within=10)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # an absence, watched for a while
         assert len(world.webhook.received) == 1  # one probe, the next 3 s away
         world.webhook.answer = lambda _: OK
         closed = await adm.stub.SetCircuit(admin_pb2.SetCircuitRequest(
