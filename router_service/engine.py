@@ -119,7 +119,7 @@ class Engine:
         self.reader.start()
         await self._first_beat()
         for coro, name in ((self.membership.run(), "membership"), (self._poll(), "poll"),
-                           (self._watch_config(), "config")):
+                           (self._watch_config(), "config"), (self._watch_loop(), "loop-lag")):
             self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def stop(self, grace: float) -> None:
@@ -216,6 +216,22 @@ class Engine:
                 if lane is not None:
                     lane.due_at(when)
             await self._close_idle_lanes()
+
+    async def _watch_loop(self) -> None:
+        """How late the event loop runs: ten timers a second, each measured against its time;
+        once a second the second-latest of them (one GC pause is not congestion) goes to the
+        fair scheduler, which holds back the heaviest tenant while the loop runs late."""
+        loop = asyncio.get_running_loop()
+        samples: list[float] = []
+        while True:
+            planned = loop.time() + 0.1
+            await asyncio.sleep(0.1)
+            lag = max(0.0, loop.time() - planned)
+            metrics.LOOP_LAG.observe(lag)
+            samples.append(lag)
+            if len(samples) >= 10:
+                self.scheduler.loop_lag(sorted(samples)[-2])
+                samples.clear()
 
     async def _watch_config(self) -> None:
         while True:

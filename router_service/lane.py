@@ -283,7 +283,7 @@ class Lane:
                                  max_bytes=sender.max_bytes)
             self.rate.give_back(limit - len(batch))
             if not batch:
-                scheduler.release()
+                scheduler.release(destination.tenant_key)
                 continue
             self._linger_until = None
             if breaker.is_open:
@@ -323,7 +323,7 @@ class Lane:
                           extra={"destination": self.destination.id})
             results = [Result(Verdict.RETRY, "internal", repr(exc))] * len(jobs)
         finally:
-            self.context.scheduler.release()
+            self.context.scheduler.release(self.destination.tenant_key)
             self.barrier.returned(len(jobs))
             metrics.IN_FLIGHT.dec(len(jobs))
         seconds = time.perf_counter() - clock

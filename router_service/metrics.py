@@ -60,3 +60,8 @@ CIRCUIT_CHANGES = Counter(
     "relayq_router_circuit_changes_total",
     "Circuits this router opened (every attempt failing) or closed (a probe succeeded).",
     ["to"])
+LOOP_LAG = Histogram(
+    "relayq_router_loop_lag_seconds",
+    "How late the router's event loop ran a timer: its queue of work. While it runs late and"
+    " several tenants deliver, the heaviest is held back (router_service.fairness).",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))

@@ -147,9 +147,11 @@ async def test_free_permits_go_round_robin_across_tenants_then_destinations() ->
                 asyncio.create_task(want("b", "b1")),
                 asyncio.create_task(want("c", "c1"))]
     await asyncio.sleep(0)
+    holders = ["a"]  # who holds the one permit, in the order it was granted
     for _ in range(len(waiting)):
-        scheduler.release()
+        scheduler.release(holders.pop(0))
         await asyncio.sleep(0)
+        holders.append(order[-1][0])
     await asyncio.gather(*waiting)
     # b and c are served after one of a's, not after all of a's backlog.
     assert order[:3] == ["a1", "b1", "c1"]
@@ -164,9 +166,43 @@ async def test_a_cancelled_waiter_gives_up_its_place() -> None:
     await asyncio.sleep(0)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    scheduler.release()
+    scheduler.release("a")
     assert scheduler.in_use == 0
     assert scheduler.waiting == 0
+
+
+async def test_while_the_loop_runs_late_the_heaviest_of_several_tenants_is_held_back() -> None:
+    """CPU, not permits, runs short under a flood: the loop's lag caps the tenant with the
+    most in flight at half of it, a light tenant is never held back, and the cap grows back
+    as the loop keeps up."""
+    clock = Clock()
+    scheduler = FairScheduler(permits=100, clock=clock)
+    for _ in range(40):
+        await scheduler.acquire("heavy", "h")
+    await scheduler.acquire("light", "l")
+    scheduler.loop_lag(0.020)  # late: the heavy one is capped at 20
+    assert scheduler.caps == {"heavy": 20}
+    held = asyncio.create_task(scheduler.acquire("heavy", "h"))
+    await asyncio.sleep(0)
+    assert not held.done()  # 40 in flight, cap 20: it waits though permits are free ...
+    await scheduler.acquire("light", "l")  # ... while the light tenant goes at once
+    for _ in range(21):
+        scheduler.release("heavy")
+    await asyncio.sleep(0)
+    assert held.done()  # under its cap again: its turn
+    scheduler.loop_lag(0.001)  # keeping up: the cap grows by a tenth
+    assert scheduler.caps == {"heavy": 22}
+    clock.now += 10  # only one tenant delivering: no cap at all
+    scheduler.loop_lag(0.020)
+    assert scheduler.caps == {}
+
+
+async def test_one_tenant_alone_is_never_held_back() -> None:
+    scheduler = FairScheduler(permits=100)
+    for _ in range(50):
+        await scheduler.acquire("only", "d")
+    scheduler.loop_lag(0.5)
+    assert scheduler.caps == {}
 
 
 # ---- the lane's wake-ups ----
