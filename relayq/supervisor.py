@@ -129,9 +129,12 @@ def run(name: str, load: Callable[[Env], Config], config: Config, plan: Plan[Con
         reservation = addresses.reserve(server.address_variable, server.address)
     except addresses.AddressUnusable as exc:
         return 1, f"{name}: {exc}"
-    directory = tempfile.mkdtemp(prefix=f"{name}-metrics-")
+    directory: str | None = None
     stop_metrics: Callable[[], None] | None = None
     try:
+        if server.metrics_address is not None:
+            # Where the workers count, for the supervisor to add up; none without /metrics.
+            directory = tempfile.mkdtemp(prefix=f"{name}-metrics-")
         # Again with the port bound (the system's choice, for port 0): a router's default id
         # is made of it. Each worker's own settings are checked here too, once.
         base = {k: v for k, v in os.environ.items() if k not in _MULTIPROC}
@@ -140,28 +143,31 @@ def run(name: str, load: Callable[[Env], Config], config: Config, plan: Plan[Con
                     for index in range(1, count + 1)]
         for environ in environs:
             load(Env(environ))
-        if server.metrics_address is not None:
+        if directory is not None:
             stop_metrics = _serve_metrics(server, directory)
         return runtime.run(_Supervisor(name, plan, config, environs, timeout, directory).run())
     except ConfigError as exc:
         return 2, f"{name}: bad configuration: {exc}"
     except addresses.AddressUnusable as exc:
         return 1, f"{name}: {exc}"
+    except OSError as exc:  # mkdtemp: TMPDIR unwritable, say
+        return 1, f"{name}: cannot make a directory for the workers' metrics: {exc}"
     finally:
         if stop_metrics is not None:
             stop_metrics()
         reservation.close()
-        shutil.rmtree(directory, ignore_errors=True)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _environment(base: Mapping[str, str], config: Config, plan: Plan[Config], index: int,
-                 address: str, directory: str) -> dict[str, str]:
+                 address: str, directory: str | None) -> dict[str, str]:
     server = config.server
     return {
         **base,
         server.address_variable: address,
         server.metrics_variable: "off",  # the supervisor serves everyone's
-        "PROMETHEUS_MULTIPROC_DIR": directory,
+        **({"PROMETHEUS_MULTIPROC_DIR": directory} if directory is not None else {}),
         "RELAYQ_MIGRATE": "false",  # the supervisor did, or checked
         worker.INDEX: str(index),
         worker.SUPERVISOR: str(os.getpid()),
@@ -281,7 +287,8 @@ class _Worker:
 
 class _Supervisor(Generic[Config]):
     def __init__(self, name: str, plan: Plan[Config], config: Config,
-                 environs: list[dict[str, str]], timeout: float, directory: str) -> None:
+                 environs: list[dict[str, str]], timeout: float, directory: str | None
+                 ) -> None:
         self.name = name
         self.plan = plan
         self.config = config
@@ -362,8 +369,9 @@ class _Supervisor(Generic[Config]):
                     w.signal(signal.SIGTERM)
                 code = await w.ended()
                 assert w.process is not None
-                multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
-                    w.process.pid, self.directory)
+                if self.directory is not None:
+                    multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
+                        w.process.pid, self.directory)
             if self.ending:
                 return
             what = f"worker {w.index} {w.describe(code)}"
