@@ -104,6 +104,12 @@ def wait_ready(port: int, timeout: float = 30) -> None:
     raise SystemExit(f"nothing answered on port {port}")
 
 
+# Every service one process unless a benchmark asks for workers (RELAYQ_*_WORKERS in `env`):
+# a figure stays comparable with the runs before workers existed, the CPU per event read from
+# one pid is the service's, and a kill -9 (bench/chaos.py) kills what it names.
+ONE_PROCESS = {"RELAYQ_INGEST_WORKERS": "1", "RELAYQ_ROUTER_WORKERS": "1"}
+
+
 def spawn(module: str, env: Mapping[str, str], cpus: str | None = None
           ) -> subprocess.Popen[bytes]:
     """Run a service's main(); profiled when RELAYQ_BENCH_PROFILE names an output prefix.
@@ -117,7 +123,8 @@ def spawn(module: str, env: Mapping[str, str], cpus: str | None = None
     it profiles their supervisor only.
     """
     command = service_command(module, cpus)
-    process = subprocess.Popen(command, env={**os.environ, "RELAYQ_LOG_LEVEL": "warning", **env})
+    process = subprocess.Popen(command, env={**os.environ, **ONE_PROCESS,
+                                             "RELAYQ_LOG_LEVEL": "warning", **env})
     profile = os.environ.get("RELAYQ_BENCH_PROFILE")
     if profile:
         py_spy = Path(sys.executable).with_name("py-spy")
