@@ -70,9 +70,12 @@ async def test_a_port_taken_after_the_check_still_stops_everything_the_app_start
 
 
 @pytest.mark.process
-def test_sigterm_while_waiting_for_postgres_stops_at_once() -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_while_waiting_for_postgres_stops_at_once(workers: str) -> None:
+    """With workers, their supervisor waits for Postgres before starting any."""
     process = launch("ingest_service.main", quiet_env(
-        "postgresql://postgres@127.0.0.1:9/none", RELAYQ_LOG_LEVEL="info"))
+        "postgresql://postgres@127.0.0.1:9/none", RELAYQ_LOG_LEVEL="info",
+        RELAYQ_INGEST_WORKERS=workers))
     assert process.stderr is not None
     # Until it says it waits: the signal must land in the wait, not before the handlers.
     for line in process.stderr:
