@@ -39,6 +39,7 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
@@ -134,7 +135,8 @@ def run(name: str, load: Callable[[Env], Config], config: Config, plan: Plan[Con
     try:
         if server.metrics_address is not None:
             # Where the workers count, for the supervisor to add up; none without /metrics.
-            directory = tempfile.mkdtemp(prefix=f"{name}-metrics-")
+            _remove_orphans(name)
+            directory = tempfile.mkdtemp(prefix=f"{name}-metrics-{os.getpid()}-")
         # Again with the port bound (the system's choice, for port 0): a router's default id
         # is made of it. Each worker's own settings are checked here too, once.
         base = {k: v for k, v in os.environ.items() if k not in _MULTIPROC}
@@ -158,6 +160,21 @@ def run(name: str, load: Callable[[Env], Config], config: Config, plan: Plan[Con
         reservation.close()
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def _remove_orphans(name: str) -> None:
+    """Remove the metrics directories of this service's supervisors that are gone: one killed
+    outright (SIGKILL, the OOM killer) had no chance to. The pid is in the name."""
+    for path in Path(tempfile.gettempdir()).glob(f"{name}-metrics-*-*"):
+        pid = path.name[len(name) + len("-metrics-"):].partition("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # alive, another user's
 
 
 def _environment(base: Mapping[str, str], config: Config, plan: Plan[Config], index: int,
@@ -436,6 +453,8 @@ class _Supervisor(Generic[Config]):
                     extra={"service": self.name})
         for w in self.workers:
             w.signal(signal.SIGKILL)
+        if self.directory is not None:  # dying of the signal skips run()'s cleaning up
+            shutil.rmtree(self.directory, ignore_errors=True)
         for handler in logging.getLogger().handlers:
             handler.flush()
         sys.stderr.flush()

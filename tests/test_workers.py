@@ -8,6 +8,8 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -71,15 +73,30 @@ async def ingest_on_each(channels: list[grpc.aio.Channel], source: factories.Sou
         for c, channel in enumerate(channels)))
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    with subprocess.Popen([sys.executable, "-c", "pass"]) as ended:
+        ended.wait(30)
+    return ended.pid
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
 async def serving(service_: Service, workers: int) -> None:
     await eventually(lambda: sample(service_.scrape(), "relayq_workers") == workers,
                      what=service_.log)
 
 
 async def test_ingest_workers_share_the_port_add_up_their_counts_and_one_killed_comes_back(
-        database: str, web: factories.Source) -> None:
-    with service("ingest", database, RELAYQ_INGEST_WORKERS="2") as ingest_:
+        database: str, web: factories.Source, tmp_path: Path) -> None:
+    # What a supervisor killed outright left behind: removed by the next one to start.
+    (tmp_path / f"relayq-ingest-metrics-{dead_pid()}-left").mkdir()
+    with service("ingest", database, RELAYQ_INGEST_WORKERS="2", TMPDIR=str(tmp_path)) as ingest_:
         await serving(ingest_, 2)
+        [mine] = listing(tmp_path)
+        assert mine.startswith(f"relayq-ingest-metrics-{ingest_.process.process.pid}-")
         first = ingest_.process.workers()
         assert len(first) == 2
         channels = connections(ingest_.port, 24)
@@ -113,6 +130,7 @@ async def test_ingest_workers_share_the_port_add_up_their_counts_and_one_killed_
         for channel in channels:
             await channel.close()
         assert ingest_.process.terminate() == 0, ingest_.log()
+    assert listing(tmp_path) == []
 
 
 async def test_sigterm_drains_every_ingest_worker(
