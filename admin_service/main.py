@@ -44,7 +44,6 @@ class AdminApp(ServiceApp[AdminConfig]):
             config.server,
             [(admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
               lambda server: admin_pb2_grpc.add_AdminServicer_to_server(servicer, server))],
-            options=[("grpc.so_reuseport", 0)],
         )
 
     async def stop(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import os
 import secrets
 import signal
@@ -103,15 +104,27 @@ def wait_ready(port: int, timeout: float = 30) -> None:
     raise SystemExit(f"nothing answered on port {port}")
 
 
-def spawn(module: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+# Every service one process unless a benchmark asks for workers (RELAYQ_*_WORKERS in `env`):
+# a figure stays comparable with the runs before workers existed, the CPU per event read from
+# one pid is the service's, and a kill -9 (bench/chaos.py) kills what it names.
+ONE_PROCESS = {"RELAYQ_INGEST_WORKERS": "1", "RELAYQ_ROUTER_WORKERS": "1"}
+
+
+def spawn(module: str, env: Mapping[str, str], cpus: str | None = None
+          ) -> subprocess.Popen[bytes]:
     """Run a service's main(); profiled when RELAYQ_BENCH_PROFILE names an output prefix.
+
+    `cpus` ("0", "0,1"): run it under `taskset -c`, it and its workers on those CPUs only
+    (the workers' default count follows: one per CPU it may use).
 
     py-spy attaches to the running service rather than starting it: a profiler that owns the
     process is stopped by the benchmark's SIGTERM before it writes anything. Attached, it
-    writes `<prefix>.<service>` (raw collapsed stacks) when the service exits.
+    writes `<prefix>.<service>` (raw collapsed stacks) when the service exits; with workers,
+    it profiles their supervisor only.
     """
-    command = [sys.executable, "-c", f"import {module} as m; m.main()"]
-    process = subprocess.Popen(command, env={**os.environ, "RELAYQ_LOG_LEVEL": "warning", **env})
+    command = service_command(module, cpus)
+    process = subprocess.Popen(command, env={**os.environ, **ONE_PROCESS,
+                                             "RELAYQ_LOG_LEVEL": "warning", **env})
     profile = os.environ.get("RELAYQ_BENCH_PROFILE")
     if profile:
         py_spy = Path(sys.executable).with_name("py-spy")
@@ -134,10 +147,42 @@ def _wait_profilers() -> None:
             profiler.send_signal(signal.SIGINT)
 
 
+def service_command(module: str, cpus: str | None = None) -> list[str]:
+    command = [sys.executable, "-c", f"import {module} as m; m.main()"]
+    return ["taskset", "-c", cpus, *command] if cpus else command
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def workers_of(pid: int) -> list[int]:
+    """The live child processes of `pid` (a service's workers, when it supervises some)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return sorted(children)
+
+
+def service_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of a service process and of each of its workers, by pid."""
+    used = {}
+    for process in (pid, *workers_of(pid)):
+        with contextlib.suppress(OSError):  # a worker gone meanwhile
+            used[process] = cpu_seconds(process)
+    return used
+
+
+def cpu_since(before: dict[int, float], now: dict[int, float]) -> float:
+    """CPU seconds used between two service_cpu readings (a worker new since counts whole)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in now.items())
 
 
 def percentile(values: list[float], fraction: float) -> float:

@@ -45,11 +45,14 @@ from bench.common import (
     SERVER,
     add_source,
     cpu_seconds,
+    cpu_since,
     create_database,
     drop_database,
     dsn_for,
     free_port,
     percentile,
+    service_command,
+    service_cpu,
     wait_ready,
 )
 from ingest_service.config import Limits
@@ -159,13 +162,17 @@ def client_process(port: int, write_key: str, prefix: str, clients: int, batches
     ]
 
     async def run() -> tuple[int, list[float]]:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        call = channel.unary_unary("/relayq.v1.Ingest/Ingest",
-                                   response_deserializer=ingest_pb2.IngestResponse.FromString)
+        # A connection per client (gRPC would otherwise share one between the channels of a
+        # process): workers sharing the port each get the connections the kernel gives them.
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                              options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in requests]
         metadata = (("authorization", f"Bearer {write_key}"),)
         latencies: list[float] = []
 
-        async def one_client(mine: list[bytes]) -> int:
+        async def one_client(channel: grpc.aio.Channel, mine: list[bytes]) -> int:
+            call = channel.unary_unary("/relayq.v1.Ingest/Ingest",
+                                       response_deserializer=ingest_pb2.IngestResponse.FromString)
             accepted = 0
             for body in mine:
                 t0 = time.perf_counter()
@@ -174,9 +181,12 @@ def client_process(port: int, write_key: str, prefix: str, clients: int, batches
                 accepted += response.accepted
             return accepted
 
+        await asyncio.gather(*(channel.channel_ready() for channel in channels))
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        counts = await asyncio.gather(*(one_client(r) for r in requests))
-        await channel.close()
+        counts = await asyncio.gather(*(one_client(c, r) for c, r in zip(channels, requests,
+                                                                           strict=True)))
+        for channel in channels:
+            await channel.close()
         return sum(counts), latencies
 
     cpu_before = time.process_time()
@@ -211,16 +221,19 @@ def producer_process(port: int, write_key: str, events: int, batch_events: int,
 
 
 def through_ingest(events: int, load: str, processes: int, clients: int,
-                   producer_batch: int, producer_in_flight: int, profile: str | None = None
+                   producer_batch: int, producer_in_flight: int, profile: str | None = None,
+                   workers: str = "1", cpus: str | None = None
                    ) -> tuple[float, list[float], str]:
-    """events/s through a relayq-ingest process fed by raw stubs or by one Producer."""
+    """events/s through relayq-ingest (RELAYQ_INGEST_WORKERS=`workers`, on `cpus` when given)
+    fed by raw stubs or by one Producer."""
     name, write_key, *_ = prepared_database()
     port, metrics_port = free_port(), free_port()
     env = {**os.environ, "RELAYQ_DATABASE_URL": dsn_for(name),
            "RELAYQ_INGEST_ADDRESS": f"127.0.0.1:{port}",
            "RELAYQ_INGEST_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
-           "RELAYQ_LOG_LEVEL": "warning", "RELAYQ_MAINTENANCE": "false"}
-    command = [sys.executable, "-c", "import ingest_service.main as m; m.main()"]
+           "RELAYQ_LOG_LEVEL": "warning", "RELAYQ_MAINTENANCE": "false",
+           "RELAYQ_INGEST_WORKERS": workers}
+    command = service_command("ingest_service.main", cpus)
     if profile:  # py-spy (pip install py-spy) samples the server; collapsed stacks to a file
         command = ["py-spy", "record", "--format", "raw", "--rate", "200", "-o", profile,
                    "--", *command]
@@ -243,7 +256,7 @@ def through_ingest(events: int, load: str, processes: int, clients: int,
                                              start_at, results))
                        for p in range(processes)]
         backends = _backend_pids(name)
-        server_cpu_before = cpu_seconds(proc.pid)
+        server_cpu_before = service_cpu(proc.pid)
         postgres_cpu_before = sum(cpu_seconds(p) for p in backends)
         for w in workers:
             w.start()
@@ -255,11 +268,13 @@ def through_ingest(events: int, load: str, processes: int, clients: int,
         latencies = [x for o in outcomes for x in o[2]]
         client_cpu = sum(o[3] for o in outcomes)
         flushes = _flush_stats(metrics_port)
-        server_cpu = cpu_seconds(proc.pid) - server_cpu_before
+        server_cpu_now = service_cpu(proc.pid)
+        server_cpu = cpu_since(server_cpu_before, server_cpu_now)
         postgres_cpu = sum(cpu_seconds(p) for p in backends) - postgres_cpu_before
         per_event = 1e6 / max(1, accepted)
         flushes += (f"\n  CPU per event: clients {client_cpu * per_event:.0f} us,"
-                    f" ingest process {server_cpu * per_event:.0f} us,"
+                    f" ingest {server_cpu * per_event:.0f} us"
+                    f"{_split(server_cpu_before, server_cpu_now, proc.pid)},"
                     f" its Postgres backends {postgres_cpu * per_event:.0f} us")
         if accepted != expected:
             raise SystemExit(f"accepted {accepted} of {expected} events")
@@ -268,6 +283,15 @@ def through_ingest(events: int, load: str, processes: int, clients: int,
         proc.send_signal(signal.SIGINT if profile else signal.SIGTERM)
         proc.wait(60)
         drop_database(name)
+
+
+def _split(before: dict[int, float], now: dict[int, float], supervisor: int) -> str:
+    """How the CPU was spread over the workers, when there are several."""
+    workers = [pid for pid in now if pid != supervisor]
+    if len(workers) < 2:
+        return ""
+    used = [now[pid] - before.get(pid, 0.0) for pid in workers]
+    return " (workers " + " + ".join(f"{u / max(1e-9, sum(used)):.0%}" for u in used) + ")"
 
 
 def _backend_pids(database: str) -> list[int]:
@@ -293,6 +317,11 @@ def _flush_stats(metrics_port: int) -> str:
     return f"{count:.0f} group commits, {jobs:.0f} jobs and {millis:.1f} ms each on average"
 
 
+def _shape(args: argparse.Namespace) -> str:
+    where = f" on CPUs {args.service_cpus}" if args.service_cpus else ""
+    return f" ({args.workers} worker{'s' if args.workers != '1' else ''}{where})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=300_000)
@@ -307,11 +336,23 @@ def main() -> None:
     parser.add_argument("--profile", metavar="FILE",
                         help="record the ingest server with py-spy (collapsed stacks) into FILE")
     parser.add_argument("--skip-raw", action="store_true", help="no raw COPY baseline")
+    parser.add_argument("--workers", default="1",
+                        help="RELAYQ_INGEST_WORKERS for the server (default 1; 'auto': one per"
+                             " CPU it may use)")
+    parser.add_argument("--service-cpus", metavar="LIST",
+                        help="run the server under `taskset -c LIST` (e.g. 0 or 0,1); the"
+                             " clients and Postgres still run anywhere")
+    parser.add_argument("--scaling", type=int, metavar="ROUNDS",
+                        help="instead: raw stubs into 1 worker on CPU 0, 1 worker on CPUs 0,1"
+                             " and 2 workers on CPUs 0,1, in turn, ROUNDS times")
     parser.add_argument("--smoke", action="store_true",
                         help="a few seconds: 4,000 events, every mode (checks the script runs)")
     args = parser.parse_args()
     if args.smoke:
         args.events = 4_000
+    if args.scaling:
+        scaling(args.events, args.processes, args.clients, args.scaling)
+        return
 
     raw = float("nan") if args.skip_raw else raw_copy(args.events)
     print(f"raw COPY, 1 connection, commit per {BATCH} events: {raw:,.0f} events/s")
@@ -319,21 +360,44 @@ def main() -> None:
     for load in (("stubs", "producer") if args.load == "both" else (args.load,)):
         rate, latencies, flushes = through_ingest(
             args.events, load, args.processes, args.clients, args.producer_batch,
-            args.producer_in_flight, args.profile)
+            args.producer_in_flight, args.profile, args.workers, args.service_cpus)
         rates[load] = rate
         if load == "stubs":
             p50 = statistics.median(latencies) * 1000
             p99 = percentile(latencies, 0.99) * 1000
-            print(f"relayq-ingest, {args.processes}x{args.clients} raw stub clients, batches of"
+            print(f"relayq-ingest{_shape(args)}, {args.processes}x{args.clients} raw stub"
+                  " clients, batches of"
                   f" {BATCH}: {rate:,.0f} events/s (request latency p50 {p50:.1f} ms,"
                   f" p99 {p99:.1f} ms)")
         else:
-            print(f"relayq-ingest, 1 process with 1 Producer (batch {args.producer_batch},"
+            print(f"relayq-ingest{_shape(args)}, 1 process with 1 Producer (batch"
+                  f" {args.producer_batch},"
                   f" {args.producer_in_flight} in flight): {rate:,.0f} events/s")
         print(f"  {flushes}")
         print(f"ratio ingest/raw: {rate / raw:.2f}")
     if len(rates) == 2:
         print(f"ratio producer/raw stubs: {rates['producer'] / rates['stubs']:.2f}")
+    if args.smoke:  # the workers' path too
+        scaling(args.events, args.processes, args.clients, 1, SCALING[-1:])
+
+
+# (RELAYQ_INGEST_WORKERS, CPUs the service may use): one core, then two, first for one process.
+SCALING = (("1", "0"), ("1", "0,1"), ("2", "0,1"))
+
+
+def scaling(events: int, processes: int, clients: int, rounds: int,
+            shapes: tuple[tuple[str, str], ...] = SCALING) -> None:
+    """The same load into each shape in turn, `rounds` times: one core to two."""
+    rates: dict[tuple[str, str], list[float]] = {shape: [] for shape in shapes}
+    for round_ in range(1, rounds + 1):
+        for workers, cpus in shapes:
+            rate, latencies, flushes = through_ingest(events, "stubs", processes, clients, 0, 0,
+                                                      workers=workers, cpus=cpus)
+            rates[workers, cpus].append(rate)
+            print(f"round {round_}: {workers} worker(s) on CPUs {cpus}: {rate:,.0f} events/s"
+                  f" (p99 {percentile(latencies, 0.99) * 1000:.0f} ms); {flushes.strip()}")
+    for (workers, cpus), seen in rates.items():
+        print(f"{workers} worker(s) on CPUs {cpus}: {min(seen):,.0f}-{max(seen):,.0f} events/s")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     .venv/bin/python bench/router.py --smoke      # every mode, tiny sizes, about a minute
     .venv/bin/python bench/router.py throughput [--jobs 200000] [--kind grpc|webhook] [--batch N]
                                                 [--destinations 50] [--tenants 1]
+                                                [--workers 1] [--service-cpus 0,1]
+    .venv/bin/python bench/router.py scaling [--jobs 200000] [--rounds 3]
     .venv/bin/python bench/router.py idle [--destinations 10000] [--tenants 100]
     .venv/bin/python bench/router.py history [--rounds 12] [--jobs 100000] [--keep]
     .venv/bin/python bench/router.py latency [--rate 1000] [--seconds 20]
@@ -11,6 +13,8 @@
 throughput: jobs for 10,000 users and 50 destinations are written straight into a fresh
 database, then one relayq-router delivers them (ordering on, as always) to a sink process that
 answers at once. Jobs/s is measured at the sink, from the first arrival to the last.
+
+scaling: throughput with one router worker on one core, one on two, two on two, in turn.
 
 history: rounds of jobs through one router, finished partitions dropped between rounds (or
 kept): throughput and database size per round.
@@ -49,14 +53,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     add_source,
     cpu_seconds,
+    cpu_since,
     create_database,
     drop_database,
     dsn_for,
     free_port,
     histogram_means,
     percentile,
+    service_cpu,
     spawn,
     wait_ready,
+    workers_of,
 )
 from bench.ingest import payload
 from jobsdb import partitions
@@ -152,7 +159,11 @@ def preload(name: str, targets: list[Target], jobs: int, users: int = 10_000,
     asyncio.run(write())
 
 
-def throughput(jobs: int, kind: str, destinations: int, tenants: int, batch: int = 1) -> None:
+def throughput(jobs: int, kind: str, destinations: int, tenants: int, workers: str = "1",
+               cpus: str | None = None, batch: int = 1) -> tuple[float, float, float]:
+    """One router service (RELAYQ_ROUTER_WORKERS=`workers`, on `cpus` when given) delivers a
+    backlog (to webhooks taking `batch` events a request). Returns jobs/s delivered and
+    recorded, and the router's CPU per job (us)."""
     name = create_database()
     sink = Sink(kind)
     try:
@@ -167,17 +178,19 @@ def throughput(jobs: int, kind: str, destinations: int, tenants: int, batch: int
         router = spawn("router_service.main", {
             **QUIET, "RELAYQ_DATABASE_URL": dsn_for(name),
             "RELAYQ_ROUTER_ADDRESS": f"127.0.0.1:{port}",
-            "RELAYQ_ROUTER_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"})
+            "RELAYQ_ROUTER_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
+            "RELAYQ_ROUTER_WORKERS": workers}, cpus)
         wait_ready(port)
         time.sleep(1.0)  # its first heartbeat and reads are done
+        _wait_split(name, len(workers_of(router.pid)) or 1)
         # The router's pool opens connections as it needs them: backends that appear later
         # started from nothing (and are found at the end, before the router lets them go).
         backends = {p: cpu_seconds(p) for p in _backends(name)}
-        router_cpu, sink_cpu = cpu_seconds(router.pid), cpu_seconds(sink.process.pid)
+        router_before, sink_cpu = service_cpu(router.pid), cpu_seconds(sink.process.pid)
         with psycopg.connect(dsn_for(name), autocommit=True) as conn:
             conn.execute("UPDATE destinations SET paused = false")
         recorded_at = _wait_finished(name, jobs)
-        router_cpu = cpu_seconds(router.pid) - router_cpu
+        router_cpu = cpu_since(router_before, service_cpu(router.pid))
         sink_cpu = cpu_seconds(sink.process.pid) - sink_cpu
         pg_cpu = sum(cpu_seconds(p) - backends.get(p, 0.0) for p in _backends(name))
         stats = histogram_means(metrics_port, "relayq_router_pickup_jobs",
@@ -186,9 +199,10 @@ def throughput(jobs: int, kind: str, destinations: int, tenants: int, batch: int
         arrivals = sink.arrivals()
         first = min(arrivals.values())
         elapsed = max(arrivals.values()) - first
-        shape = f"{kind} sink" + (f" taking batches of {batch}" if batch > 1 else "")
-        print(f"throughput ({shape}, {destinations:,} destinations of {tenants:,} tenants,"
-              " 10,000 users, ordering on):"
+        shape = (f"{workers} worker(s)" + (f" on CPUs {cpus}" if cpus else "")
+                 + f", {kind} sink" + (f" taking batches of {batch}" if batch > 1 else ""))
+        print(f"throughput ({shape}, {destinations:,} destinations of"
+              f" {tenants:,} tenants, 10,000 users, ordering on):"
               f" {len(arrivals):,} jobs in {elapsed:.1f}s = {len(arrivals) / elapsed:,.0f} jobs/s")
         # Delivered is not done: a job counts once its success is on record (until then a
         # crash would deliver it again), and a router that delivers faster than it records
@@ -201,10 +215,44 @@ def throughput(jobs: int, kind: str, destinations: int, tenants: int, batch: int
         print(f"  {pickups[0]:,.0f} reads of {pickups[1]:.0f} jobs on average; {flushes[0]:,.0f}"
               f" outcome transactions of {flushes[1]:.0f} jobs,"
               f" {stats['relayq_router_flush_seconds'][1] * 1000:.1f} ms each")
+        return (len(arrivals) / elapsed, jobs / (recorded_at - first), router_cpu / jobs * 1e6)
     finally:
         if sink.process.poll() is None:
             sink.process.kill()
         drop_database(name)
+
+
+def _wait_split(name: str, routers: int, within: float = 60) -> None:
+    """Until `routers` routers (a service's workers) hold every partition between them, each
+    its share: a worker that started a moment after another first waits for it to give back
+    what it took alone (within two heartbeats)."""
+    deadline = time.monotonic() + within
+    with psycopg.connect(dsn_for(name), autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            rows = conn.execute("SELECT owner, count(*) FROM router_leases WHERE expires_at >"
+                                " now() GROUP BY owner").fetchall()
+            held = sorted(int(count) for owner, count in rows if owner is not None)
+            if len(held) == routers and sum(held) == 64 and held[-1] - held[0] <= 1:
+                return
+            time.sleep(0.2)
+    raise SystemExit(f"the partitions were not split between {routers} routers in time")
+
+
+# (RELAYQ_ROUTER_WORKERS, CPUs the service may use): one core, then two, first for one process.
+SCALING = (("1", "0"), ("1", "0,1"), ("2", "0,1"))
+
+
+def scaling(jobs: int, rounds: int, shapes: tuple[tuple[str, str], ...] = SCALING) -> None:
+    """The same backlog through each shape in turn, `rounds` times: one core to two."""
+    seen: dict[tuple[str, str], list[tuple[float, float, float]]] = {s: [] for s in shapes}
+    for _ in range(rounds):
+        for workers, cpus in shapes:
+            seen[workers, cpus].append(throughput(jobs, "grpc", 50, 1, workers, cpus))
+    for (workers, cpus), figures in seen.items():
+        delivered, recorded, cpu = zip(*figures, strict=True)
+        print(f"{workers} worker(s) on CPUs {cpus}: delivered {min(delivered):,.0f}-"
+              f"{max(delivered):,.0f}, recorded {min(recorded):,.0f}-{max(recorded):,.0f}"
+              f" jobs/s; router CPU {min(cpu):.0f}-{max(cpu):.0f} us per job")
 
 
 def _backends(name: str) -> list[int]:
@@ -546,6 +594,15 @@ def main() -> None:
     t.add_argument("--tenants", type=int, default=1)
     t.add_argument("--batch", type=int, default=1,
                    help="webhooks: events per request (the destinations' batch_max_events)")
+    t.add_argument("--workers", default="1",
+                   help="RELAYQ_ROUTER_WORKERS (default 1; 'auto': one per CPU it may use)")
+    t.add_argument("--service-cpus", metavar="LIST",
+                   help="run the router under `taskset -c LIST` (e.g. 0 or 0,1); the sink and"
+                        " Postgres still run anywhere")
+    sc = commands.add_parser("scaling", help="throughput (gRPC, 50 destinations) of 1 worker on"
+                             " CPU 0, 1 worker on CPUs 0,1, 2 workers on CPUs 0,1, in turn")
+    sc.add_argument("--jobs", type=int, default=200_000)
+    sc.add_argument("--rounds", type=int, default=3)
     h = commands.add_parser("history")
     h.add_argument("--rounds", type=int, default=12)
     h.add_argument("--jobs", type=int, default=100_000)
@@ -569,14 +626,18 @@ def main() -> None:
         throughput(2_000, "grpc", 5, 1)
         throughput(1_000, "webhook", 5, 1)
         throughput(1_000, "webhook", 5, 1, batch=10)
+        scaling(2_000, 1, SCALING[-1:])
         idle(200, 10, 3)
         history(2, 2_000, False)
         latency(200, 3)
         fairness(3, 1_000)
     elif args.command is None:
-        parser.error("a mode (throughput, history, idle, latency, fairness) or --smoke")
+        parser.error("a mode (throughput, scaling, history, idle, latency, fairness) or --smoke")
     elif args.command == "throughput":
-        throughput(args.jobs, args.kind, args.destinations, args.tenants, args.batch)
+        throughput(args.jobs, args.kind, args.destinations, args.tenants, args.workers,
+                   args.service_cpus, args.batch)
+    elif args.command == "scaling":
+        scaling(args.jobs, args.rounds)
     elif args.command == "history":
         history(args.rounds, args.jobs, args.keep)
     elif args.command == "idle":

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from jobsdb import maintenance
 from relayq import limits as defaults
-from relayq.config import Env, ServerConfig, maintenance_policy
+from relayq.config import Env, ServerConfig, maintenance_policy, workers
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class IngestConfig:
     migrate: bool
     maintenance: maintenance.Policy | None
     startup_timeout_seconds: float
+    # Processes serving the port (relayq.supervisor); 1: this process alone.
+    workers: int = 1
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> IngestConfig:
@@ -65,4 +67,5 @@ class IngestConfig:
             maintenance=maintenance_policy(env),
             startup_timeout_seconds=env.number(
                 "RELAYQ_STARTUP_TIMEOUT_SECONDS", 30.0, maximum=3600),
+            workers=workers(env, "RELAYQ_INGEST_WORKERS", "auto"),
         )

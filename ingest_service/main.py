@@ -19,7 +19,7 @@ from jobsdb import maintenance, migrate, partitions
 from jobsdb.ingest import NewEvent, Stored, store_events, unstorable
 from jobsdb.listen import Listener
 from jobsdb.pool import connection, open_pool, transaction
-from relayq import process
+from relayq import process, supervisor
 from relayq.app import ServiceApp
 from relayq.server import start_server
 from relayq.tasks import cancel_and_wait
@@ -84,7 +84,6 @@ class IngestApp(ServiceApp[IngestConfig]):
                 # INVALID_ARGUMENT naming the limit (validate.prepare): gRPC's own refusal is
                 # RESOURCE_EXHAUSTED, which clients retry as if it were a rate limit.
                 ("grpc.max_receive_message_length", 2 * config.limits.max_request_bytes),
-                ("grpc.so_reuseport", 0),
             ],
         )
 
@@ -152,5 +151,10 @@ class IngestApp(ServiceApp[IngestConfig]):
             log.warning("could not create job partitions: %s", exc)
 
 
+# RELAYQ_INGEST_WORKERS processes serving one port: connections are spread over them.
+WORKERS = supervisor.Plan[IngestConfig](module=__name__, count=lambda config: config.workers,
+                                         prepare=supervisor.migrated(APP_NAME))
+
+
 def main() -> None:
-    process.main(APP_NAME, IngestConfig.from_env, IngestApp.start)
+    process.main(APP_NAME, IngestConfig.from_env, IngestApp.start, WORKERS)

@@ -30,6 +30,19 @@ class Membership:
         return math.ceil(self.partitions / max(1, self.live_routers))
 
 
+@dataclass(frozen=True, slots=True)
+class LiveRouter:
+    router_id: str
+    started_at: datetime
+    heartbeat_at: datetime
+    partitions: int
+
+
+async def live_routers(conn: AsyncConnection[Any]) -> list[LiveRouter]:
+    cur = await conn.execute(query("leases.sql", "live_routers"))
+    return [LiveRouter(r[0], r[1], r[2], int(r[3])) for r in await cur.fetchall()]
+
+
 async def claim_identity(conn: AsyncConnection[Any], router_id: str) -> bool:
     """Take the router id's session lock (see leases.sql); False if another session has it."""
     cur = await conn.execute(query("leases.sql", "claim_identity"),

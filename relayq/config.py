@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from jobsdb import maintenance
+from relayq import cpus, worker
 
 
 class ConfigError(Exception):
@@ -28,6 +29,10 @@ class Env:
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self._environ = os.environ if environ is None else environ
+
+    @property
+    def environ(self) -> Mapping[str, str]:
+        return self._environ
 
     def text(self, name: str, default: str) -> str:
         return self._environ.get(name, default).strip() or default
@@ -140,6 +145,9 @@ class ServerConfig:
     # reported as the setting to change.
     address_variable: str = "address"
     metrics_variable: str = "metrics address"
+    # A worker of a supervisor (relayq.supervisor): binds the gRPC port with SO_REUSEPORT,
+    # beside the other workers. Otherwise a port someone else listens on is refused.
+    share_port: bool = False
 
     @classmethod
     def from_env(cls, env: Env, service: str, default_port: int, default_metrics_port: int
@@ -154,7 +162,23 @@ class ServerConfig:
             grace_seconds=env.number("RELAYQ_SHUTDOWN_GRACE_SECONDS", 10.0, maximum=600),
             address_variable=f"{prefix}_ADDRESS",
             metrics_variable=f"{prefix}_METRICS_ADDRESS",
+            share_port=worker.index(env.environ) is not None,
         )
+
+
+MAX_WORKERS = 64
+
+
+def workers(env: Env, variable: str, default: str) -> int:
+    """How many processes serve (RELAYQ_INGEST_WORKERS, RELAYQ_ROUTER_WORKERS): a number, or
+    `auto`: one per CPU this process may use (relayq.cpus). docs/operations.md says which
+    default each service has, measured, and when to choose otherwise."""
+    raw = env.text(variable, default).lower()
+    if raw == "auto":
+        return min(MAX_WORKERS, cpus.usable())
+    if not raw.isdigit():
+        raise ConfigError(variable, f"expected a whole number or auto, got {raw!r}")
+    return env.integer(variable, 1, minimum=1, maximum=MAX_WORKERS)
 
 
 def maintenance_policy(env: Env) -> maintenance.Policy | None:

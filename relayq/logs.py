@@ -58,21 +58,38 @@ LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("auto", "json", "text")
 
 
-def configure_from_env(env: Env) -> None:
+def configure_from_env(env: Env, every_record: dict[str, Any] | None = None) -> None:
     """RELAYQ_LOG_LEVEL (debug, info, warning, error) and RELAYQ_LOG_FORMAT (auto, json, text)."""
     configure(env.choice("RELAYQ_LOG_LEVEL", "info", LEVELS),
-              env.choice("RELAYQ_LOG_FORMAT", "auto", FORMATS))
+              env.choice("RELAYQ_LOG_FORMAT", "auto", FORMATS), every_record)
 
 
-def configure(level: str = "info", fmt: str = "auto") -> None:
-    """fmt: 'json', 'text', or 'auto' (text on a terminal, JSON otherwise)."""
+def configure(level: str = "info", fmt: str = "auto",
+              every_record: dict[str, Any] | None = None) -> None:
+    """fmt: 'json', 'text', or 'auto' (text on a terminal, JSON otherwise). `every_record`:
+    fields every line carries (a worker's number, so that the lines of workers sharing one
+    stderr can be told apart)."""
     if fmt == "auto":
         fmt = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    if every_record:
+        handler.addFilter(_Stamp(every_record))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class _Stamp(logging.Filter):
+    def __init__(self, stamp: dict[str, Any]) -> None:
+        super().__init__()
+        self._stamp = stamp
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self._stamp.items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
 
 
 class Throttled:

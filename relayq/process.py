@@ -6,6 +6,10 @@ outdated schema) or did not finish draining within RELAYQ_SHUTDOWN_TIMEOUT_SECON
 clean shutdown after SIGTERM or SIGINT. A second SIGTERM or SIGINT ends the process at once,
 killed by that signal.
 
+A service that runs several workers (RELAYQ_INGEST_WORKERS, RELAYQ_ROUTER_WORKERS) becomes
+their supervisor here (relayq.supervisor), with the same statuses; each worker is this same
+main() again, told by its environment that it is one (relayq.worker).
+
 No stop may hang the process. Draining has an overall deadline, and whatever background task
 still runs once the app has stopped (a library's task that swallowed its cancellation, as
 psycopg_pool's workers can on Python 3.11) is abandoned rather than waited for: asyncio's own
@@ -22,14 +26,16 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol
 
 from jobsdb.errors import JobsDBError
-from relayq import logs, runtime
+from relayq import logs, runtime, supervisor
 from relayq.addresses import AddressUnusable
-from relayq.config import ConfigError, Env, ServerConfig
+from relayq.config import ConfigError, Env
 from relayq.server import check_addresses
+from relayq.supervisor import Config
 from relayq.tasks import cancel_and_wait
+from relayq.worker import Link
 
 log = logging.getLogger(__name__)
 
@@ -41,38 +47,41 @@ class App(Protocol):
     async def stop(self) -> None: ...
 
 
-class Served(Protocol):
-    @property
-    def server(self) -> ServerConfig: ...
-
-
-Config = TypeVar("Config", bound=Served)
-
-
 def main(name: str, load: Callable[[Env], Config],
-         start: Callable[[Config], Awaitable[App]]) -> None:
-    """Read the configuration, run the app until a signal, stop it within the deadline."""
+         start: Callable[[Config], Awaitable[App]],
+         workers: supervisor.Plan[Config] | None = None) -> None:
+    """Read the configuration, run the app until a signal, stop it within the deadline; or,
+    when `workers` says there are to be several, supervise them."""
+    global _link
     env = Env()
+    link = _link = Link()
     try:
         config = load(env)
-        logs.configure_from_env(env)
+        logs.configure_from_env(env, {"worker": link.index} if link.is_worker else None)
         timeout = env.number("RELAYQ_SHUTDOWN_TIMEOUT_SECONDS", 30.0, minimum=0.1, maximum=3600)
+        count = 1 if workers is None or link.is_worker else workers.count(config)
     except ConfigError as exc:
         _exit(2, f"{name}: bad configuration: {exc}")
+    if count > 1:
+        assert workers is not None
+        _exit(*supervisor.run(name, load, config, workers, count, timeout))
+    if link.is_worker:
+        link.tie_to_supervisor()
     try:
         # Before anything starts (migrations, pools): a taken port is the commonest mistake.
         check_addresses(config.server)
     except AddressUnusable as exc:
         _exit(1, f"{name}: {exc}")
-    _exit(*runtime.run(_Service(name, timeout).run(config, start)))
+    _exit(*runtime.run(_Service(name, timeout, link).run(config, start)))
 
 
 class _Service:
     """One run of an app: started and stopped around the signals the process gets."""
 
-    def __init__(self, name: str, timeout: float) -> None:
+    def __init__(self, name: str, timeout: float, link: Link) -> None:
         self.name = name
         self.timeout = timeout
+        self.link = link
         self.stop = asyncio.Event()
 
     async def run(self, config: Config, start: Callable[[Config], Awaitable[App]]
@@ -99,6 +108,7 @@ class _Service:
             log.error("could not start", exc_info=failure, extra={"service": self.name})
             return await self._leave(1, f"{self.name}: could not start: {failure!r}")
         app = starting.result()
+        self.link.ready()
         await self.stop.wait()
         log.info("shutting down", extra={"service": self.name})
         await self._within_deadline(asyncio.ensure_future(app.stop()))
@@ -136,6 +146,11 @@ class _Service:
         if not self.stop.is_set():
             self.stop.set()
             return
+        if self.link.is_worker:
+            # The copy a process group's signal or the supervisor's forwarding sends: a worker
+            # is ended at once by its supervisor only (relayq.worker).
+            log.info("%s again: draining goes on", sig.name, extra={"service": self.name})
+            return
         log.warning("%s again: exiting at once", sig.name, extra={"service": self.name})
         _flush()
         # Die of the signal itself, so a parent or shell sees what ended the process.
@@ -153,13 +168,26 @@ def _flush() -> None:
 
 def _abandon(status: int, message: str = "") -> NoReturn:
     """Exit now, skipping asyncio's teardown (which would wait for tasks that never end)."""
-    if message:
-        print(message, file=sys.stderr)
+    _say(message)
     _flush()
     os._exit(status)
 
 
 def _exit(status: int, message: str = "") -> NoReturn:
-    if message:
-        print(message, file=sys.stderr)
+    _say(message)
     sys.exit(status)
+
+
+def _say(message: str) -> None:
+    """The process's last word on stderr; a worker's goes to its supervisor, which prints
+    it once for all workers."""
+    if not message:
+        return
+    if _link.is_worker:
+        _link.failed(message)
+    else:
+        print(message, file=sys.stderr)
+
+
+# This process's link to its supervisor (inert unless it is a worker).
+_link = Link({})

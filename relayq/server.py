@@ -59,7 +59,10 @@ async def start_server(
     left listening then.
     """
     check_addresses(config)
-    server = grpc.aio.server(options=list(options))
+    # gRPC sets SO_REUSEPORT unless told not to, and would then share a port with any other
+    # server of the same user that does too, splitting its connections silently. Only
+    # workers of one supervisor share their port (relayq.addresses, relayq.supervisor).
+    server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", int(config.share_port))])
     # Generated add_*_to_server functions call only the two methods a Registrar has.
     registrar = cast(grpc.aio.Server, Registrar(server))
     for _, register in services:
@@ -105,7 +108,7 @@ async def start_server(
 
 def check_addresses(config: ServerConfig) -> None:
     """Raise AddressUnusable if the gRPC or the metrics address cannot be bound right now."""
-    addresses.check(config.address_variable, config.address)
+    addresses.check(config.address_variable, config.address, shared=config.share_port)
     if config.metrics_address is not None:
         addresses.check(config.metrics_variable, config.metrics_address)
 

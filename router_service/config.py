@@ -10,8 +10,11 @@ from datetime import timedelta
 
 from jobsdb import maintenance
 from relayq.auth import operator_token
-from relayq.config import ConfigError, Env, ServerConfig, maintenance_policy
+from relayq.config import ConfigError, Env, ServerConfig, maintenance_policy, workers
 from router_service.engine import EngineSettings
+
+# Long enough for any host name and port; workers add `/<number>` to it.
+MAX_ID = 200
 
 
 @dataclass(frozen=True)
@@ -26,14 +29,17 @@ class RouterConfig:
     # RouterStatus answers the operator with this token, and tenant tokens for their own
     # tenant. None: tenant tokens only (delivery never depends on it).
     operator_token: str | None = None
+    # Router processes sharing the port and the leases (relayq.supervisor), each a router of
+    # its own; 1: this process alone.
+    workers: int = 1
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> RouterConfig:
         env = env or Env()
         server = ServerConfig.from_env(env, "router", 50053, 9153)
         router_id = env.text("RELAYQ_ROUTER_ID", default_router_id(server.address))
-        if len(router_id) > 200:
-            raise ConfigError("RELAYQ_ROUTER_ID", "longer than 200 characters")
+        if len(router_id) > MAX_ID:
+            raise ConfigError("RELAYQ_ROUTER_ID", f"longer than {MAX_ID} characters")
         batch = env.integer("RELAYQ_ROUTER_BATCH", 500, minimum=1, maximum=10_000)
         return cls(
             database_url=env.database_url(),
@@ -65,6 +71,7 @@ class RouterConfig:
             startup_timeout_seconds=env.number(
                 "RELAYQ_STARTUP_TIMEOUT_SECONDS", 30.0, maximum=3600),
             operator_token=operator_token(env, required=False),
+            workers=workers(env, "RELAYQ_ROUTER_WORKERS", "1"),
         )
 
 
@@ -78,3 +85,10 @@ def default_router_id(address: str) -> str:
     if port in ("", "0"):
         return f"{host}-{os.getpid()}-{secrets.token_hex(2)}"
     return f"{host}:{port}"
+
+
+def worker_id(router_id: str, index: int) -> str:
+    """A router worker's id: its supervisor's (RELAYQ_ROUTER_ID, or `<host>:<port>`) and its
+    number, the same across restarts of the worker, so a restarted worker takes its own leases
+    back at once as a restarted router does."""
+    return f"{router_id}/{index}"

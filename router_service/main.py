@@ -10,13 +10,13 @@ from psycopg_pool import AsyncConnectionPool
 from jobsdb import maintenance, migrate
 from jobsdb.listen import Listener
 from jobsdb.pool import open_pool
-from relayq import process
+from relayq import process, supervisor
 from relayq.app import ServiceApp
 from relayq.auth import Authenticator
 from relayq.server import start_server
 from relayq.tasks import cancel_and_wait
 from relayq.v1 import router_pb2, router_pb2_grpc
-from router_service.config import RouterConfig
+from router_service.config import RouterConfig, worker_id
 from router_service.engine import Engine
 from router_service.identity import Identity
 from router_service.status import RouterStatusServicer
@@ -82,12 +82,12 @@ class RouterApp(ServiceApp[RouterConfig]):
         if config.operator_token is None:
             log.warning("RELAYQ_ADMIN_TOKEN is not set: RouterStatus answers tenant-scoped admin"
                         " tokens only")
-        servicer = RouterStatusServicer(engine, Authenticator(self._pool, config.operator_token))
+        servicer = RouterStatusServicer(engine, Authenticator(self._pool, config.operator_token),
+                                        self._pool)
         self._server = await start_server(
             config.server,
             [(router_pb2.DESCRIPTOR.services_by_name["RouterStatus"].full_name,
               lambda server: router_pb2_grpc.add_RouterStatusServicer_to_server(servicer, server))],
-            options=[("grpc.so_reuseport", 0)],
         )
 
     async def stop(self) -> None:
@@ -107,5 +107,13 @@ class RouterApp(ServiceApp[RouterConfig]):
             await self._identity.release()
 
 
+# RELAYQ_ROUTER_WORKERS routers in one service, sharing its port and, as any routers do, the
+# partition leases; each under an id of its own.
+WORKERS = supervisor.Plan[RouterConfig](
+    module=__name__, count=lambda config: config.workers, prepare=supervisor.migrated(APP_NAME),
+    environment=lambda config, index: {
+        "RELAYQ_ROUTER_ID": worker_id(config.engine.router_id, index)})
+
+
 def main() -> None:
-    process.main(APP_NAME, RouterConfig.from_env, RouterApp.start)
+    process.main(APP_NAME, RouterConfig.from_env, RouterApp.start, WORKERS)

@@ -20,10 +20,15 @@ END_TO_END_SECONDS = Histogram(
     "From the job's creation (ingest commit) to the destination's success answer.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )
-IN_FLIGHT = Gauge("relayq_router_in_flight", "Deliveries in flight.")
+# With workers (RELAYQ_ROUTER_WORKERS) the supervisor serves every worker's metrics as one:
+# counters and histograms add up by themselves; a gauge says how (multiprocess_mode), over the
+# workers alive: in flight and partitions add up, every worker knows every destination.
+IN_FLIGHT = Gauge("relayq_router_in_flight", "Deliveries in flight.", multiprocess_mode="livesum")
 PARTITIONS_OWNED = Gauge(
-    "relayq_router_partitions_owned", "Partitions of the ordering-key space this router holds.")
-DESTINATIONS = Gauge("relayq_router_destinations", "Destinations known to this router.")
+    "relayq_router_partitions_owned", "Partitions of the ordering-key space this router holds.",
+    multiprocess_mode="livesum")
+DESTINATIONS = Gauge("relayq_router_destinations", "Destinations known to this router.",
+                     multiprocess_mode="livemax")
 PICKUP_JOBS = Histogram(
     "relayq_router_pickup_jobs", "Jobs returned by one read of a destination's queue.",
     buckets=(0, 1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
@@ -55,7 +60,8 @@ UNRECORDABLE = Counter(
     ["how"])
 CIRCUITS_OPEN = Gauge(
     "relayq_router_circuits_open",
-    "Destinations whose circuit is open (every attempt failed for a while): only probed.")
+    "Destinations whose circuit is open (every attempt failed for a while): only probed.",
+    multiprocess_mode="livemax")
 CIRCUIT_CHANGES = Counter(
     "relayq_router_circuit_changes_total",
     "Circuits this router opened (every attempt failing) or closed (a probe succeeded).",

@@ -1,7 +1,12 @@
 """relayq.v1.RouterStatus: what this router owns and is doing, for operators and tests.
 
 It names every tenant's destinations, so it asks for an admin token as the admin API does: the
-operator token sees everything, a tenant token only its tenant's destinations."""
+operator token sees everything, a tenant token only its tenant's destinations.
+
+Workers of one router service (RELAYQ_ROUTER_WORKERS) share its port, and whichever worker the
+connection reached answers, for itself. So that one call still shows the whole service, every
+answer lists every live router from Postgres, workers included, with the partitions each
+holds: what they have in common is the database, not memory."""
 
 from __future__ import annotations
 
@@ -10,7 +15,10 @@ from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from psycopg_pool import AsyncConnectionPool
 
+from jobsdb import leases
+from jobsdb.pool import transaction
 from relayq.auth import Authenticator
 from relayq.rpc import handle_errors
 from relayq.v1 import router_pb2, router_pb2_grpc
@@ -18,9 +26,10 @@ from router_service.engine import Engine
 
 
 class RouterStatusServicer(router_pb2_grpc.RouterStatusServicer):
-    def __init__(self, engine: Engine, auth: Authenticator) -> None:
+    def __init__(self, engine: Engine, auth: Authenticator, pool: AsyncConnectionPool) -> None:
         self._engine = engine
         self._auth = auth
+        self._pool = pool
 
     @handle_errors
     async def GetStatus(
@@ -52,6 +61,12 @@ class RouterStatusServicer(router_pb2_grpc.RouterStatusServicer):
             if lane.last_pickup is not None:
                 activity.last_pickup_at.CopyFrom(_timestamp(lane.last_pickup))
             response.destinations.append(activity)
+        async with transaction(self._pool) as conn:
+            for router in await leases.live_routers(conn):
+                response.routers.append(router_pb2.RouterMember(
+                    router_id=router.router_id, partitions=router.partitions,
+                    started_at=_timestamp(router.started_at),
+                    heartbeat_at=_timestamp(router.heartbeat_at)))
         return response
 
 

@@ -12,6 +12,7 @@ from psycopg import AsyncConnection
 from jobsdb import leases, queue
 from jobsdb.queue import Outcome
 from relayq.v1 import ingest_pb2
+from tests.sinks import Received
 
 # When the tests' outcomes say their attempts started.
 NOW = datetime.now(UTC)
@@ -50,3 +51,15 @@ async def owners(conn: AsyncConnection[Any]) -> dict[str, int]:
     for owner in (await leases.owners(conn)).values():
         counts[owner or ""] += 1
     return dict(counts)
+
+
+def first_deliveries_in_order(ids_by_user: dict[str, list[int]], oks: list[Received]) -> None:
+    """At-least-once: duplicates may follow a crash, but each user's first successful
+    deliveries are exactly that user's jobs in ingest order."""
+    firsts: dict[str, list[int]] = defaultdict(list)
+    seen: set[int] = set()
+    for delivery in oks:
+        if delivery.job_id not in seen:
+            seen.add(delivery.job_id)
+            firsts[delivery.user_id].append(delivery.job_id)
+    assert dict(firsts) == dict(ids_by_user)

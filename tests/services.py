@@ -11,8 +11,10 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+import pytest
 
 from admin_service.config import AdminConfig
 from admin_service.main import AdminApp
@@ -30,7 +32,8 @@ OPERATOR_TOKEN = "test-operator-token-0123456789"
 
 def quiet_env(database_url: str, **extra: str) -> dict[str, str]:
     """Settings for a service under test: loopback port 0, no metrics, no maintenance loop,
-    and a router tuned to react within a second (short leases, frequent polls)."""
+    one process (whatever the machine's CPUs: the workers' own tests ask for them), and a
+    router tuned to react within a second (short leases, frequent polls)."""
     return {
         "RELAYQ_DATABASE_URL": database_url,
         "RELAYQ_INGEST_ADDRESS": "127.0.0.1:0",
@@ -44,6 +47,8 @@ def quiet_env(database_url: str, **extra: str) -> dict[str, str]:
         "RELAYQ_ROUTER_POLL_SECONDS": "0.5",
         "RELAYQ_MAINTENANCE": "false",
         "RELAYQ_SHUTDOWN_GRACE_SECONDS": "5",
+        "RELAYQ_INGEST_WORKERS": "1",
+        "RELAYQ_ROUTER_WORKERS": "1",
         **extra,
     }
 
@@ -140,6 +145,10 @@ class ServiceProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(10)
 
+    def workers(self) -> list[int]:
+        """The pids of its workers (RELAYQ_*_WORKERS above 1), from /proc (Linux)."""
+        return children(self.process.pid)
+
     def terminate(self, timeout: float = 30.0) -> int:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout)
@@ -152,6 +161,27 @@ class ServiceProcess:
         if self.process.poll() is None:
             self.kill()
         self._log.close()
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its parent counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def router_process(database_url: str, *, port: int | None = None, wait: bool = True,
@@ -180,3 +210,26 @@ def admin_process(database_url: str, **extra: str) -> ServiceProcess:
     service = ServiceProcess("admin_service.main", env, port)
     service.wait_ready()
     return service
+
+
+def launch(module: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """A service's main() with `env` alone of the RELAYQ_ and PG variables, its output piped."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RELAYQ_", "PG"))}
+    return subprocess.Popen(
+        [sys.executable, "-c", f"import {module} as m; m.main()"],
+        env={**clean, **env, "RELAYQ_LOG_FORMAT": "json"}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """Its output once it exits; killed (and the test failed) if it does not in time."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(f"still running after {timeout}s")
+
+
+def finish_stderr(process: subprocess.Popen[str], timeout: float) -> str:
+    return finish(process, timeout)[1]

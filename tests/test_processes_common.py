@@ -57,6 +57,7 @@ def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
                      id="missing certificate"),
         pytest.param({"RELAYQ_MIGRATE": "perhaps"}, "RELAYQ_MIGRATE", id="not a boolean"),
         pytest.param({"RELAYQ_LOG_LEVEL": "loud"}, "RELAYQ_LOG_LEVEL", id="log level"),
+        pytest.param({"RELAYQ_INGEST_WORKERS": "0"}, "RELAYQ_INGEST_WORKERS", id="workers"),
     ],
 )
 def test_bad_configuration_stops_ingest_at_start_naming_the_variable(
@@ -111,7 +112,9 @@ def test_a_database_that_refuses_us_stops_every_process_at_once_with_its_message
                          "RELAYQ_ROUTER_ADDRESS": "127.0.0.1:0",
                          "RELAYQ_INGEST_METRICS_ADDRESS": "off",
                          "RELAYQ_ADMIN_METRICS_ADDRESS": "off",
-                         "RELAYQ_ROUTER_METRICS_ADDRESS": "off", "RELAYQ_LOG_FORMAT": "json"})
+                         "RELAYQ_ROUTER_METRICS_ADDRESS": "off", "RELAYQ_LOG_FORMAT": "json",
+                         # One process; tests/test_workers.py has the supervisors' case.
+                         "RELAYQ_INGEST_WORKERS": "1", "RELAYQ_ROUTER_WORKERS": "1"})
     assert time.monotonic() - started < 2.0 + 1.5  # and the interpreter's start
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (

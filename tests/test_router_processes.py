@@ -6,25 +6,13 @@ from collections import defaultdict
 
 import pytest
 
-from tests.helpers import event, owners
+from tests.helpers import event, first_deliveries_in_order, owners
 from tests.pipeline import World, send, states, wait_until_finished
 from tests.poll import eventually
 from tests.services import ingest, router_process
-from tests.sinks import Answer, Received
+from tests.sinks import Answer
 
 pytestmark = pytest.mark.process
-
-
-def first_deliveries_in_order(ids_by_user: dict[str, list[int]], oks: list[Received]) -> None:
-    """At-least-once: duplicates may follow a crash, but each user's first successful
-    deliveries are exactly that user's jobs in ingest order."""
-    firsts: dict[str, list[int]] = defaultdict(list)
-    seen: set[int] = set()
-    for delivery in oks:
-        if delivery.job_id not in seen:
-            seen.add(delivery.job_id)
-            firsts[delivery.user_id].append(delivery.job_id)
-    assert dict(firsts) == dict(ids_by_user)
 
 
 async def test_kill_9_mid_delivery_then_restart_delivers_everything_in_order(

@@ -4,11 +4,8 @@ that does not finish, a second signal. Real processes, real signals."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,8 +21,8 @@ from relayq.config import Env
 from relayq.v1 import ingest_pb2, ingest_pb2_grpc
 from tests import factories
 from tests.helpers import auth, event
-from tests.poll import eventually
-from tests.services import ingest_process, quiet_env
+from tests.poll import eventually, wait_until
+from tests.services import finish, gone, ingest_process, launch, quiet_env
 
 SERVICES = [("ingest", "ingest_service.main"), ("admin", "admin_service.main"),
             ("router", "router_service.main")]
@@ -40,24 +37,6 @@ def taken() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def _finish(process: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
-    """Its output once it exits; killed (and the test failed) if it does not in time."""
-    try:
-        return process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        pytest.fail(f"still running after {timeout}s")
-
-
-def _start(module: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RELAYQ_", "PG"))}
-    return subprocess.Popen(
-        [sys.executable, "-c", f"import {module} as m; m.main()"],
-        env={**clean, **env, "RELAYQ_LOG_FORMAT": "json"}, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 @pytest.mark.process
 @pytest.mark.parametrize("which", ["grpc", "metrics"])
 @pytest.mark.parametrize(("service", "module"), SERVICES, ids=[s for s, _ in SERVICES])
@@ -66,8 +45,8 @@ def test_a_taken_port_stops_the_service_at_once_naming_the_variable(
     variable = f"RELAYQ_{service.upper()}_{'ADDRESS' if which == 'grpc' else 'METRICS_ADDRESS'}"
     address = f"127.0.0.1:{taken}"
     started = time.monotonic()
-    process = _start(module, quiet_env(database, **{variable: address}))
-    _, err = _finish(process, 30)
+    process = launch(module, quiet_env(database, **{variable: address}))
+    _, err = finish(process, 30)
     took = time.monotonic() - started
     assert process.returncode == 1, err
     assert err.strip().splitlines() == [
@@ -91,9 +70,12 @@ async def test_a_port_taken_after_the_check_still_stops_everything_the_app_start
 
 
 @pytest.mark.process
-def test_sigterm_while_waiting_for_postgres_stops_at_once() -> None:
-    process = _start("ingest_service.main", quiet_env(
-        "postgresql://postgres@127.0.0.1:9/none", RELAYQ_LOG_LEVEL="info"))
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_while_waiting_for_postgres_stops_at_once(workers: str) -> None:
+    """With workers, their supervisor waits for Postgres before starting any."""
+    process = launch("ingest_service.main", quiet_env(
+        "postgresql://postgres@127.0.0.1:9/none", RELAYQ_LOG_LEVEL="info",
+        RELAYQ_INGEST_WORKERS=workers))
     assert process.stderr is not None
     # Until it says it waits: the signal must land in the wait, not before the handlers.
     for line in process.stderr:
@@ -101,7 +83,7 @@ def test_sigterm_while_waiting_for_postgres_stops_at_once() -> None:
             break
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    _finish(process, 10)
+    finish(process, 10)
     assert process.returncode == 0
     assert time.monotonic() - started < 2.0
 
@@ -129,10 +111,12 @@ def _waiting_for_lock(database: str) -> bool:
 
 
 @pytest.mark.process
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_drain_past_the_deadline_exits_non_zero_with_nothing_acknowledged_lost(
-        database: str, web: factories.Source) -> None:
+        database: str, web: factories.Source, workers: str) -> None:
+    """With workers, the one stuck exits 1 at the deadline, and so does their supervisor."""
     service, blocker, call = await _stuck_ingest(
-        database, web, RELAYQ_SHUTDOWN_TIMEOUT_SECONDS="2")
+        database, web, RELAYQ_SHUTDOWN_TIMEOUT_SECONDS="2", RELAYQ_INGEST_WORKERS=workers)
     try:
         started = time.monotonic()
         code = service.terminate(timeout=15)
@@ -151,9 +135,14 @@ async def test_a_drain_past_the_deadline_exits_non_zero_with_nothing_acknowledge
 
 
 @pytest.mark.process
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_second_sigterm_ends_a_drain_at_once(
-        database: str, web: factories.Source) -> None:
-    service, blocker, call = await _stuck_ingest(database, web)  # the default 30 s deadline
+        database: str, web: factories.Source, workers: str) -> None:
+    """With workers, their supervisor kills them: none is left behind."""
+    # The default 30 s deadline.
+    service, blocker, call = await _stuck_ingest(database, web, RELAYQ_INGEST_WORKERS=workers)
+    children = service.workers()
+    assert len(children) == (0 if workers == "1" else 2)
     try:
         service.process.send_signal(signal.SIGTERM)
         await eventually(lambda: "shutting down" in service.stderr(), within=10, every=0.05,
@@ -163,6 +152,8 @@ async def test_a_second_sigterm_ends_a_drain_at_once(
         assert service.process.wait(5) == -signal.SIGTERM
         assert time.monotonic() - started < 1.0
         assert "SIGTERM again: exiting at once" in service.stderr()
+        wait_until(lambda: all(gone(pid) for pid in children), within=5,
+                   what="the workers killed")
         call.cancel()
     finally:
         blocker.close()

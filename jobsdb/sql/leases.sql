@@ -60,6 +60,15 @@ DELETE FROM router_nodes WHERE router_id = %(router_id)s;
 -- Routers silent for a while are removed, so the live count stays honest.
 DELETE FROM router_nodes WHERE expires_at < now() - interval '1 minute';
 
+-- name: live_routers
+-- Every router alive (heartbeated within its lease) and how many partitions it holds now.
+SELECT n.router_id, n.started_at, n.heartbeat_at,
+       (SELECT count(*) FROM router_leases l
+        WHERE l.owner = n.router_id AND l.expires_at > now()) AS partitions
+FROM router_nodes n
+WHERE n.expires_at > now()
+ORDER BY n.router_id;
+
 -- name: owners
 SELECT partition, owner, expires_at FROM router_leases ORDER BY partition;
 

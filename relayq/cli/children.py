@@ -21,7 +21,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from relayq.cli.embedded import parent_death_signal
+from relayq.worker import die_with_parent
 
 
 class ChildFailed(Exception):
@@ -45,7 +45,7 @@ class Child:
         self.process = subprocess.Popen(
             list(command), env=dict(env), stdin=subprocess.DEVNULL, stdout=self._log,
             stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=parent_death_signal(signal.SIGTERM))
+            preexec_fn=die_with_parent(signal.SIGTERM))
 
     @property
     def pid(self) -> int:

@@ -16,8 +16,6 @@ can traverse the folders above the data and the binaries (search permission only
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import importlib.util
 import os
 import pwd
@@ -25,7 +23,6 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -34,6 +31,7 @@ import psycopg
 from psycopg import sql
 
 from relayq.ports import free_port
+from relayq.worker import die_with_parent
 
 SERVICE_USER = "relayq"
 DATABASE = "relayq"
@@ -56,20 +54,6 @@ def binaries() -> Path:
     if not (path / "postgres").exists():
         raise EmbeddedPostgresError(f"no postgres binary under {path}")
     return path
-
-
-def parent_death_signal(sig: signal.Signals) -> Callable[[], None]:
-    """A preexec_fn: the child gets `sig` when its parent dies (Linux; a no-op elsewhere).
-
-    Runs in the child after subprocess has switched user, because a change of credentials
-    clears the setting.
-    """
-    def set_it() -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            pr_set_pdeathsig = 1
-            libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
-    return set_it
 
 
 def _service_user() -> pwd.struct_passwd | None:
@@ -167,7 +151,7 @@ class EmbeddedPostgres:
              "-p", str(self.port), "-k", "", "-c", "max_connections=200", *fast],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             cwd=self.data_dir, start_new_session=True,
-            preexec_fn=parent_death_signal(signal.SIGQUIT) if self.tied_to_parent else None,
+            preexec_fn=die_with_parent(signal.SIGQUIT) if self.tied_to_parent else None,
             **as_user)  # type: ignore[call-overload]
         self._wait_ready(timeout)
         self._create_database()
