@@ -240,16 +240,20 @@ def _long_exponent(text: str) -> bool:
     for such a number: its exponent marker follows mantissa digits that follow a character
     a JSON value can follow."""
     for pattern in _LONG_EXPONENT:
-        for match in pattern.finditer(text):
-            at = match.start() - 1
+        # search(), not finditer(): the usual text has no match, and finditer allocates a
+        # scanner (a tracked object, so it also counts toward the next garbage collection).
+        match = pattern.search(text)
+        while match is not None:
+            marker = match.start()
+            at = marker - 1
             while at >= 0 and text[at] in _MANTISSA:
                 at -= 1
-            if at == match.start() - 1:
-                continue  # no digit before the marker: a letter in a string
-            if at >= 0 and text[at] == "-":
-                at -= 1
-            if at < 0 or text[at] in _BEFORE_VALUE:
-                return True
+            if at != marker - 1:  # else no digit before the marker: a letter in a string
+                if at >= 0 and text[at] == "-":
+                    at -= 1
+                if at < 0 or text[at] in _BEFORE_VALUE:
+                    return True
+            match = pattern.search(text, marker + 1)
     return False
 
 
