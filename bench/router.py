@@ -27,7 +27,10 @@ event arrived. Reported: p50/p99 of arrival minus ack (and minus send).
 
 fairness: tenant B sends 100 events/s to its webhook and its p50/p99 (ack to arrival) are
 measured alone, then again while tenant A floods its own webhook with as many events as ingest
-takes, on top of a 100,000-job backlog.
+takes, on top of a 100,000-job backlog. B's time is also split where it is spent: send -> ack
+(ingest: validation and the group commit), ack -> dispatch (queued in relayq until the router
+starts the delivery: the attempt's started_at, from the router's clock on this machine), and
+dispatch -> sink.
 """
 
 from __future__ import annotations
@@ -503,10 +506,10 @@ def latencies(arrivals: dict[str, float], since: dict[str, float]) -> list[float
     return [max(0.0, arrivals[m] - t) * 1000 for m, t in since.items() if m in arrivals]
 
 
-def report(label: str, values: list[float], expected: int) -> float:
+def report(label: str, values: list[float], expected: int, counted: str = "arrived") -> float:
     p50, p99 = statistics.median(values), percentile(values, 0.99)
     print(f"  {label}: p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(values):,} of {expected:,}"
-          " events arrived)")
+          f" events {counted})")
     return p99
 
 
@@ -533,7 +536,6 @@ def fairness(seconds: float, flood_rate: float) -> None:
     try:
         alone_sent, alone = asyncio.run(paced(cluster.ingest_port, key_b, "b-alone", 100,
                                               seconds))
-        del alone_sent
         with psycopg.connect(dsn_for(cluster.name), autocommit=True) as conn:
             row = conn.execute("SELECT source_key, tenant_key FROM sources"
                                " WHERE id = 'tenant-a-web'").fetchone()
@@ -559,15 +561,16 @@ def fairness(seconds: float, flood_rate: float) -> None:
                                    seconds + 2, batch=100)
             return len(acked)
 
-        async def both() -> tuple[dict[str, float], int]:
+        async def both() -> tuple[dict[str, float], dict[str, float], int]:
             await backlog()
             flooding = asyncio.create_task(flood_at_rate())
             await asyncio.sleep(1)
-            _, acked = await paced(cluster.ingest_port, key_b, "b-flood", 100, seconds)
-            return acked, await flooding
+            sent, acked = await paced(cluster.ingest_port, key_b, "b-flood", 100, seconds)
+            return sent, acked, await flooding
 
-        under_flood, flooded = asyncio.run(both())
+        flood_sent, under_flood, flooded = asyncio.run(both())
         time.sleep(2)
+        dispatched = _dispatch_times(cluster.name, "tenant-b-web")
     finally:
         arrivals = cluster.stop()
     delivered_a = sum(1 for m in arrivals if m.startswith("a-"))
@@ -575,10 +578,31 @@ def fairness(seconds: float, flood_rate: float) -> None:
     p99_alone = report("B alone, ack -> sink", latencies(arrivals, alone), len(alone))
     p99_flood = report("B while A floods, ack -> sink", latencies(arrivals, under_flood),
                        len(under_flood))
+    for label, sent, acked in (("alone", alone_sent, alone),
+                               ("while A floods", flood_sent, under_flood)):
+        print(f"  B {label}, where the time goes:")
+        report("  send -> ack (ingest)", [(acked[m] - t) * 1000 for m, t in sent.items()],
+               len(sent), "acknowledged")
+        report("  ack -> dispatch (queued in relayq)", latencies(dispatched, acked),
+               len(acked), "dispatched")
+        report("  dispatch -> sink", latencies(arrivals, {m: dispatched[m] for m in acked
+                                                          if m in dispatched}), len(acked))
     rate = f"{flood_rate:,.0f} events/s" if flood_rate > 0 else "as fast as ingest takes them"
     print(f"  A sent {flooded:,} events ({rate}) on top of a 100,000-job backlog;"
           f" {delivered_a:,} of A's jobs were delivered")
     print(f"  B's p99 under the flood / alone: {p99_flood / p99_alone:.2f}")
+
+
+def _dispatch_times(name: str, source: str) -> dict[str, float]:
+    """When the router started each first delivery of the source's jobs (job_statuses'
+    started_at is taken from the router's clock as it sends), by message id."""
+    with psycopg.connect(dsn_for(name), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT j.message_id, extract(epoch FROM s.started_at)::float8 FROM jobs j"
+            " JOIN job_statuses s ON s.job_id = j.job_id AND s.attempt = 1"
+            " JOIN sources o ON o.source_key = j.source_key WHERE o.id = %s",
+            (source,)).fetchall()
+    return {str(m): float(t) for m, t in rows}
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Group commit: the events of many concurrent RPCs go into Postgres in one COPY and one commit.
+"""Group commit: the events of many concurrent RPCs go into Postgres in one statement and one
+commit.
 
 A commit costs the same for one row or thousands, so sharing it is what lets throughput not
 depend on how well each client batches. A flush starts when a flush slot is free and either the
@@ -6,6 +7,16 @@ oldest waiting request has waited `delay` or `max_jobs` jobs are waiting. Under 
 are busy, requests pile up meanwhile, and flushes grow by themselves; when idle, a request
 waits at most `delay`. Every request learns its outcome only after the commit (or the failure)
 of the flush that carried it.
+
+Fairness between sources: a flood from one source must not make another wait behind it.
+Requests wait in turns by source (a flush takes one request of each source that has any, then
+again), so a source's request is in the next flush however many another has queued. And a
+*light* request (its source has nothing else queued or being flushed, and it carries at most
+`light_max_jobs` jobs: a service sending now and then) goes to an express slot of its own,
+which flushes light requests only: it neither waits for a general slot behind other sources'
+flushes of thousands of jobs nor shares one. A source that sends more than that is not light;
+its requests keep their order (one that was waiting as light moves ahead of the rest of its
+source), as flushes of one source start in the order its requests came.
 
 When Postgres refuses a flush for its data (validation should have caught it; this is the
 second line), no other request pays more than one retry: the refused events are found by
@@ -54,6 +65,53 @@ class _Request:
     jobs: int
     future: asyncio.Future[list[Stored]]
     queued_at: float
+    # The source whose write key sent it (every event of a request has the same).
+    source: int
+    taken: bool = False
+
+
+class _Queue:
+    """Requests waiting for a flush, taken in turns by source: one request from each source
+    that has any, then again, so a source with a thousand requests queued puts one of them
+    ahead of another source's first, not a thousand."""
+
+    def __init__(self) -> None:
+        # Insertion order is the turn order; a source that was served goes to the back.
+        self._by_source: dict[int, deque[_Request]] = {}
+        self.jobs = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._by_source)
+
+    def push(self, request: _Request) -> None:
+        self._by_source.setdefault(request.source, deque()).append(request)
+        self.jobs += request.jobs
+
+    def push_front(self, request: _Request) -> None:
+        waiting = self._by_source.pop(request.source, deque())
+        waiting.appendleft(request)
+        # Back in its turn, and first in it: it was submitted before the rest of its source.
+        self._by_source = {request.source: waiting, **self._by_source}
+        self.jobs += request.jobs
+
+    def take(self, max_jobs: int) -> list[_Request]:
+        """At least one request, then more in turns while they fit in max_jobs."""
+        taken: list[_Request] = []
+        jobs = 0
+        while self._by_source:
+            source, waiting = next(iter(self._by_source.items()))
+            request = waiting[0]
+            if taken and jobs + request.jobs > max_jobs:
+                break
+            waiting.popleft()
+            del self._by_source[source]
+            if waiting:
+                self._by_source[source] = waiting
+            request.taken = True
+            taken.append(request)
+            jobs += request.jobs
+        self.jobs -= jobs
+        return taken
 
 
 class GroupCommitter:
@@ -66,6 +124,7 @@ class GroupCommitter:
         concurrency: int,
         on_flushed: Callable[[int, float], None] = lambda jobs, seconds: None,
         probe: ProbeFn = _nothing_to_blame,
+        light_max_jobs: int = 100,
     ) -> None:
         self._store = store
         self._probe = probe
@@ -73,12 +132,23 @@ class GroupCommitter:
         self._refusals = Throttled(log, 10.0)
         self._delay = delay
         self._max_jobs = max_jobs
-        self._slots = asyncio.Semaphore(concurrency)
+        self._light_max_jobs = light_max_jobs
         self._on_flushed = on_flushed
-        self._queue: deque[_Request] = deque()
-        self._queued_jobs = 0
-        self._arrived = asyncio.Event()
-        self._full = asyncio.Event()
+        # Requests of sources with nothing else outstanding (light), by source, in arrival
+        # order, and all the others in turns by source.
+        self._light: dict[int, _Request] = {}
+        self._light_jobs = 0
+        self._queue = _Queue()
+        # Requests queued or being flushed, per source.
+        self._outstanding: dict[int, int] = {}
+        # Every request in arrival order, taken ones dropped lazily: the oldest waiting one
+        # (the flush delay counts from it) without a scan of the sources.
+        self._arrivals: deque[_Request] = deque()
+        self._free = concurrency
+        # The express slot flushes light requests only: one never waits for a slot behind
+        # other sources' flushes, nor shares a flush with their thousands of jobs.
+        self._express_free = 1 if light_max_jobs > 0 else 0
+        self._wake = asyncio.Event()
         self._flushes: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
@@ -93,18 +163,30 @@ class GroupCommitter:
         future: asyncio.Future[list[Stored]] = asyncio.get_running_loop().create_future()
         # An event with no destination still claims its message id: it counts as one row.
         jobs = sum(max(1, len(e.destination_keys)) for e in events)
-        self._queue.append(_Request(events, jobs, future, time.monotonic()))
-        self._queued_jobs += jobs
-        self._arrived.set()
-        if self._queued_jobs >= self._max_jobs:
-            self._full.set()
+        source = events[0].source_key if events else -1
+        request = _Request(events, jobs, future, time.monotonic(), source)
+        outstanding = self._outstanding.get(source, 0)
+        self._outstanding[source] = outstanding + 1
+        if outstanding == 0 and jobs <= self._light_max_jobs:
+            self._light[source] = request
+            self._light_jobs += jobs
+        else:
+            earlier = self._light.pop(source, None)
+            if earlier is not None:
+                # Not light after all: its source sends more. It goes first among them, so a
+                # source's requests still start flushing in the order they came.
+                self._light_jobs -= earlier.jobs
+                self._queue.push_front(earlier)
+            self._queue.push(request)
+        self._arrivals.append(request)
+        if self._free or self._express_free:  # else the end of a flush wakes the runner
+            self._wake.set()
         return await future
 
     async def close(self) -> None:
         """Flush what is queued, wait for every flush in flight, stop."""
         self._closing = True
-        self._full.set()
-        self._arrived.set()
+        self._wake.set()
         if self._runner is not None:
             await self._runner
         if self._flushes:
@@ -112,46 +194,100 @@ class GroupCommitter:
 
     async def _run(self) -> None:
         while True:
-            await self._arrived.wait()
-            if not self._queue:
-                if self._closing:
-                    return
-                self._arrived.clear()
-                continue
-            await self._slots.acquire()
-            wait = self._queue[0].queued_at + self._delay - time.monotonic() if self._queue else 0
-            if wait > 0 and not self._full.is_set():
+            self._wake.clear()
+            wait = self._start_flushes()
+            if self._closing and not self._light and not self._queue:
+                return
+            if wait is None:
+                await self._wake.wait()
+            else:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), wait)
-            batch = self._take()
-            if not batch:
-                self._slots.release()
-                continue
-            task = asyncio.create_task(self._flush(batch), name="group-commit-flush")
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
+                    await asyncio.wait_for(self._wake.wait(), wait)
 
-    def _take(self) -> list[_Request]:
+    def _start_flushes(self) -> float | None:
+        """Start every flush that is due and has a slot; return how long until the next one
+        is due (None: none is, until something arrives or a flush ends).
+
+        A flush is due when its oldest request has waited `delay` or `max_jobs` jobs wait:
+        under load the slots are busy, requests pile up meanwhile, and flushes grow by
+        themselves; when idle, a request waits at most `delay`."""
+        now = time.monotonic()
+        wait: float | None = None
+        arrivals = self._arrivals
+        while arrivals and arrivals[0].taken:
+            arrivals.popleft()
+        while self._light and self._express_free:
+            due = self._due(self._light_oldest(), self._light_jobs, now)
+            if due > 0:
+                wait = due
+                break
+            self._express_free -= 1
+            self._spawn(self._take_light(), express=True)
+        while self._free and (self._queue or self._light):
+            # Light requests use a general slot only when no other request waits for one.
+            if self._queue:
+                due = self._due(self._oldest(), self._queue.jobs, now)
+            else:
+                due = self._due(self._light_oldest(), self._light_jobs, now)
+            if due > 0:
+                wait = due if wait is None else min(wait, due)
+                break
+            self._free -= 1
+            batch = self._queue.take(self._max_jobs) if self._queue else self._take_light()
+            self._spawn(batch, express=False)
+        return wait
+
+    def _due(self, oldest: float, jobs: int, now: float) -> float:
+        if self._closing or jobs >= self._max_jobs:
+            return 0.0
+        return max(0.0, oldest + self._delay - now)
+
+    def _oldest(self) -> float:
+        """When the oldest request not yet taken arrived (light ones included: a general
+        flush is due no later than the light request that waited longest)."""
+        arrivals = self._arrivals
+        while arrivals[0].taken:
+            arrivals.popleft()
+        return arrivals[0].queued_at
+
+    def _light_oldest(self) -> float:
+        return next(iter(self._light.values())).queued_at
+
+    def _take_light(self) -> list[_Request]:
         taken: list[_Request] = []
         jobs = 0
-        while self._queue and (not taken or jobs + self._queue[0].jobs <= self._max_jobs):
-            request = self._queue.popleft()
+        for source, request in list(self._light.items()):
+            if taken and jobs + request.jobs > self._max_jobs:
+                break
+            del self._light[source]
+            request.taken = True
             taken.append(request)
             jobs += request.jobs
-        self._queued_jobs -= jobs
-        if self._queued_jobs < self._max_jobs and not self._closing:
-            self._full.clear()
-        if not self._queue and not self._closing:
-            self._arrived.clear()
+        self._light_jobs -= jobs
         return taken
 
-    async def _flush(self, batch: list[_Request]) -> None:
+    def _spawn(self, batch: list[_Request], *, express: bool) -> None:
+        task = asyncio.create_task(self._flush(batch, express), name="group-commit-flush")
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, batch: list[_Request], express: bool) -> None:
         try:
             started = time.perf_counter()
             await self._flush_together(batch)
             self._on_flushed(sum(r.jobs for r in batch), time.perf_counter() - started)
         finally:
-            self._slots.release()
+            if express:
+                self._express_free += 1
+            else:
+                self._free += 1
+            for request in batch:
+                left = self._outstanding[request.source] - 1
+                if left:
+                    self._outstanding[request.source] = left
+                else:
+                    del self._outstanding[request.source]
+            self._wake.set()
 
     async def _flush_together(self, batch: list[_Request]) -> None:
         events = [event for request in batch for event in request.events]

@@ -25,7 +25,8 @@ class IngestConfig:
     flush_delay_seconds: float
     # ... and takes at most this many jobs.
     flush_max_jobs: int
-    # Flushes in flight at once, each on its own connection.
+    # Flushes in flight at once, each on its own connection (plus the committer's express
+    # slot, which flushes only requests of sources sending now and then).
     flush_concurrency: int
     pool_size: int
     route_cache_seconds: float
@@ -59,7 +60,7 @@ class IngestConfig:
                 "RELAYQ_INGEST_FLUSH_MAX_JOBS", 5000, minimum=1, maximum=1_000_000),
             flush_concurrency=flush_concurrency,
             pool_size=env.integer(
-                "RELAYQ_INGEST_POOL_SIZE", flush_concurrency + 2, minimum=flush_concurrency + 1,
+                "RELAYQ_INGEST_POOL_SIZE", flush_concurrency + 3, minimum=flush_concurrency + 1,
                 maximum=1000),
             route_cache_seconds=env.number(
                 "RELAYQ_INGEST_ROUTE_CACHE_SECONDS", 5.0, maximum=3600),

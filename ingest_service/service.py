@@ -135,10 +135,15 @@ def _response(
             results[index] = ingest_pb2.EventResult(
                 message_id=event.message_id, status=_DUPLICATE)
             duplicates += 1
-        else:
+        elif event.filtered_keys:
             results[index] = ingest_pb2.EventResult(
                 message_id=event.message_id, status=_ACCEPTED, job_ids=outcome.job_ids,
                 destinations=len(outcome.job_ids), filtered_out=len(event.filtered_keys))
+            accepted += 1
+        else:  # the usual case, with one argument less (each costs ~0.4 us here)
+            results[index] = ingest_pb2.EventResult(
+                message_id=event.message_id, status=_ACCEPTED, job_ids=outcome.job_ids,
+                destinations=len(outcome.job_ids))
             accepted += 1
     events = request.events
     for index, reason in prepared.rejected.items():

@@ -69,9 +69,11 @@ async def store_events(
             seen.add(key)
             unique.append((event, stored))
 
-    job_events: list[str] = []
-    job_destinations: list[str] = []
-    job_partitions: list[str] = []
+    # Each event's destinations and their ordering partitions, ';'-joined. Events of one
+    # source share a tuple of destinations, so its text is made once per flush.
+    destination_texts: dict[tuple[int, ...], str] = {}
+    destinations: list[str] = []
+    partitions: list[str] = []
     # Events that filters kept from some destinations, each with the index (1-based) of its
     # set of such destinations: events of one kind share a set, so a flush sends a few sets
     # and one number per event, not a pair per event and destination.
@@ -79,28 +81,32 @@ async def store_events(
     filtered_sets: list[str] = []
     sets: dict[tuple[int, ...], str] = {}
     for position, (event, _) in enumerate(unique, start=1):
-        for destination_key in event.destination_keys:
-            job_events.append(str(position))
-            job_destinations.append(str(destination_key))
-            job_partitions.append(
-                str(partition_of(destination_key, event.user_id, ordering_partitions)))
+        keys = event.destination_keys
+        text = destination_texts.get(keys)
+        if text is None:
+            text = destination_texts[keys] = ";".join(map(str, keys))
+        destinations.append(text)
+        user = event.user_id
+        if len(keys) == 1:
+            partitions.append(str(partition_of(keys[0], user, ordering_partitions)))
+        else:
+            partitions.append(";".join(
+                str(partition_of(key, user, ordering_partitions)) for key in keys))
         if event.filtered_keys:
             index = sets.get(event.filtered_keys)
             if index is None:
                 index = sets[event.filtered_keys] = str(len(sets) + 1)
             filtered_events.append(str(position))
             filtered_sets.append(index)
-    destinations = sorted({d for e, _ in unique for d in e.destination_keys})
-    notify = ",".join(map(str, destinations))
+    notify = ",".join(map(str, sorted({d for keys in destination_texts for d in keys})))
     params = {
         "message_ids": _joined([e.message_id for e, _ in unique]),
-        "source_keys": ",".join(str(e.source_key) for e, _ in unique),
-        "tenant_keys": ",".join(str(e.tenant_key) for e, _ in unique),
+        "source_keys": ",".join([str(e.source_key) for e, _ in unique]),
+        "tenant_keys": ",".join([str(e.tenant_key) for e, _ in unique]),
         "user_ids": _joined([e.user_id for e, _ in unique]),
         "documents": _joined([e.document for e, _ in unique]),
-        "job_events": ",".join(job_events),
-        "job_destinations": ",".join(job_destinations),
-        "job_partitions": ",".join(job_partitions),
+        "destinations": ",".join(destinations),
+        "partitions": ",".join(partitions),
         "filtered_events": ",".join(filtered_events),
         "filtered_sets": ",".join(filtered_sets),
         "sets": "|".join(";".join(map(str, keys)) for keys in sets),
@@ -114,10 +120,13 @@ async def store_events(
 
     for position in duplicates.split(",") if duplicates else ():
         unique[int(position) - 1][1].duplicate = True
-    ids = iter(int(j) for j in job_ids.split(",")) if job_ids else iter(())
+    ids = list(map(int, job_ids.split(","))) if job_ids else []
+    taken = 0
     for event, stored in unique:
         if not stored.duplicate:
-            stored.job_ids.extend(next(ids) for _ in event.destination_keys)
+            count = len(event.destination_keys)
+            stored.job_ids = ids[taken:taken + count]
+            taken += count
     return results
 
 

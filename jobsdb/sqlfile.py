@@ -1,7 +1,10 @@
 """Named SQL queries, loaded once from jobsdb/sql/*.sql.
 
 A file holds blocks introduced by `-- name: <query>`; the comment lines that follow the marker
-document the query and stay in the text Postgres sees (harmless, and handy in pg_stat_statements).
+document the query for its readers. Postgres sees the query without its comment lines, under
+one line naming it (`-- ingest.sql store_events`, handy in pg_stat_activity and
+pg_stat_statements): psycopg parses a query text of more than 4 KB again on every execution,
+and the long comments of the hottest queries (store_events, record_outcomes) took them past it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ def queries(filename: str) -> dict[str, LiteralString]:
             raise ValueError(f"{filename}: query {name!r} is defined twice")
         # The files ship with the package and are reviewed like code: they are as literal as
         # the strings in a .py file, which is what LiteralString asks for.
-        found[name] = cast(LiteralString, body.strip())
+        lines = [line for line in body.strip().splitlines()
+                 if not line.lstrip().startswith("--")]
+        statement = "\n".join([f"-- {filename} {name}", *lines])
+        found[name] = cast(LiteralString, statement)  # type: ignore[redundant-cast]
     return found
 
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ingest_service import validate
 from ingest_service.committer import EventsRefused, GroupCommitter
 from ingest_service.config import Limits
 from ingest_service.quota import MAX_WAIT, SourceQuotas
@@ -63,6 +64,29 @@ def test_anonymous_id_is_the_ordering_key_without_a_user_id() -> None:
 def test_valid_json_that_orjson_refuses_is_still_accepted() -> None:
     event = build(message_id="m", user_id="u", payload_json='{"big": 1e400}')
     assert event.document.endswith('"properties":{"big": 1e400}}')
+
+
+@pytest.mark.parametrize(("text", "suspect"), [
+    ('{"n": 1e12345}', True),
+    ('{"n":[-1.5E-00001]}', True),
+    ('{"a": 1,\n"n":\t0e+99999}', True),
+    ('{"checkout_id": "9be12345f0a1c2d3"}', False),  # a hex id: inside a string
+    ('{"sku": "lot-3e123456"}', False),
+    ('{"note": "see 1e99999"}', True),  # looks like a number: the exact check decides
+    ('{"n": 1.5e300}', False),
+])
+def test_the_long_exponent_screen_skips_strings_that_cannot_be_numbers(text: str,
+                                                                       suspect: bool) -> None:
+    """Only a screen (the standard library's exact check follows a yes), but it must never
+    say no to a number, and should say it to hex ids, common in real payloads."""
+    assert validate._long_exponent(text) is suspect
+
+
+def test_a_number_beyond_postgres_is_refused_and_a_hex_id_like_it_is_not() -> None:
+    with pytest.raises(EventRejected, match="beyond what Postgres can store"):
+        build(message_id="m", user_id="u", payload_json='{"n": 1e-99999}')
+    event = build(message_id="m", user_id="u", payload_json='{"id": "0e99999"}')
+    assert json.loads(event.document)["properties"] == {"id": "0e99999"}
 
 
 def test_an_event_without_a_body_has_empty_properties() -> None:
@@ -180,6 +204,102 @@ async def test_a_flush_never_takes_more_than_max_jobs() -> None:
     await committer.close()
     assert sum(flushes) == 60
     assert max(flushes) <= 9
+
+
+class _HeldStore:
+    """A store that notes each flush's events as (source, message id) and holds it until the
+    test releases it: what is flushed together, and when, is then the test's to see."""
+
+    def __init__(self) -> None:
+        self.flushes: list[list[tuple[int, str]]] = []
+        self.gates: list[asyncio.Event] = []
+        self._changed = asyncio.Condition()
+        self._open = False
+
+    async def __call__(self, events: Sequence[NewEvent]) -> list[Stored]:
+        gate = asyncio.Event()
+        if self._open:
+            gate.set()
+        self.gates.append(gate)
+        self.flushes.append([(e.source_key, e.message_id) for e in events])
+        async with self._changed:
+            self._changed.notify_all()
+        await gate.wait()
+        return [Stored(duplicate=False, job_ids=[1]) for _ in events]
+
+    async def started(self, count: int) -> None:
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: len(self.flushes) >= count), 5)
+
+    def release(self, *, from_now_on: bool = False) -> None:
+        """Let every flush begun so far end (and, from_now_on, every later one at once)."""
+        self._open = from_now_on
+        for gate in self.gates:
+            gate.set()
+
+
+def _from(source: int, prefix: str, n: int) -> list[NewEvent]:
+    return [NewEvent(source, 1, f"{prefix}{i}", "u", "{}", (1,)) for i in range(n)]
+
+
+async def test_a_light_request_is_flushed_alone_while_another_source_holds_every_slot() -> None:
+    """Tenant B's occasional small request neither waits behind tenant A's flushes nor
+    shares one with A's thousands of jobs (issue 13, item 6)."""
+    store = _HeldStore()
+    committer = GroupCommitter(store, delay=0.001, max_jobs=600, concurrency=2)
+    committer.start()
+    flood = [asyncio.create_task(committer.submit(_from(1, f"a{r}-", 300))) for r in range(10)]
+    await store.started(2)  # both general slots hold A's flushes, six requests of A wait
+    light = asyncio.create_task(committer.submit(_from(2, "b", 5)))
+    await store.started(3)
+    assert store.flushes[2] == [(2, f"b{i}") for i in range(5)]
+    store.gates[2].set()
+    assert len(await asyncio.wait_for(light, 5)) == 5
+    assert not any(task.done() for task in flood)
+    store.release(from_now_on=True)
+    await asyncio.gather(*flood)
+    await committer.close()
+    assert sorted(len(f) for f in store.flushes) == [5, 600, 600, 600, 600, 600]
+
+
+async def test_waiting_requests_are_taken_in_turns_by_source() -> None:
+    """One request of each source per turn: C's first request is in the first flush although
+    A queued five before it."""
+    store = _HeldStore()
+    committer = GroupCommitter(store, delay=0.01, max_jobs=400, concurrency=1)
+    committer.start()
+    submitted = [committer.submit(_from(1, f"a{r}-", 200)) for r in range(5)]
+    submitted += [committer.submit(_from(3, f"c{r}-", 200)) for r in range(2)]
+    everything = asyncio.gather(*submitted)
+    for flushes in range(1, 5):
+        await store.started(flushes)
+        store.release()
+    await everything
+    await committer.close()
+    requests = [sorted({message_id.split("-")[0] for _, message_id in f})
+                for f in store.flushes]
+    assert requests == [["a0", "c0"], ["a1", "c1"], ["a2", "a3"], ["a4"]]
+
+
+async def test_a_source_that_sends_more_keeps_its_order_and_leaves_the_express_slot() -> None:
+    """R1 waits as light; R2 of the same source arrives before R1 is flushed: R1 is no longer
+    light, and is flushed with or before R2, never after it."""
+    store = _HeldStore()
+    committer = GroupCommitter(store, delay=0.01, max_jobs=1000, concurrency=1)
+    committer.start()
+    holder = asyncio.create_task(committer.submit(_from(9, "y", 200)))
+    await store.started(1)  # the one general slot is busy; the express slot is free
+    first = asyncio.create_task(committer.submit(_from(5, "r1-", 3)))
+    second = asyncio.create_task(committer.submit(_from(5, "r2-", 3)))
+    await asyncio.sleep(0.05)  # far past the delay: an express flush of R1 would have begun
+    assert len(store.flushes) == 1
+    store.release()
+    await store.started(2)
+    store.release()
+    await asyncio.gather(holder, first, second)
+    await committer.close()
+    assert [m for _, m in store.flushes[1]] == [f"r1-{i}" for i in range(3)] + [
+        f"r2-{i}" for i in range(3)]
 
 
 async def test_a_refused_flush_with_no_event_to_blame_is_retried_request_by_request() -> None:

@@ -101,6 +101,48 @@ async def test_a_key_is_a_duplicate_for_the_whole_window_and_forgotten_after(
     assert not await accepted("resent")
 
 
+async def test_a_flush_writes_a_job_per_destination_in_input_order_with_its_partition(
+    conn: AsyncConnection[Any],
+) -> None:
+    """Fan-out, destination order, an event for no destination, a duplicate within the flush
+    and one already seen: ids follow input order, each job in its ordering partition."""
+    tenant = await factories.tenant(conn)
+    source = await factories.source(conn, tenant)
+    d1 = await factories.destination(conn, tenant, "d1")
+    d2 = await factories.destination(conn, tenant, "d2")
+    async with conn.transaction():
+        await store_events(conn, [NewEvent(source.key, tenant, "seen", "u0", "{}", (d1,))],
+                           ordering_partitions=64)
+    events = [
+        NewEvent(source.key, tenant, "e1", "alice", '{"n": 1}', (d1, d2)),
+        NewEvent(source.key, tenant, "seen", "u0", "{}", (d1,)),
+        NewEvent(source.key, tenant, "e2", "bob", '{"n": 2}', ()),
+        NewEvent(source.key, tenant, "e1", "alice", '{"n": 1}', (d1, d2)),
+        NewEvent(source.key, tenant, "e3", "carol", '{"n": 3}', (d2, d1)),
+    ]
+    async with conn.transaction():
+        stored = await store_events(conn, events, ordering_partitions=64)
+    assert [s.duplicate for s in stored] == [False, True, False, True, False]
+    assert [len(s.job_ids) for s in stored] == [2, 0, 0, 0, 2]
+    ids = stored[0].job_ids + stored[4].job_ids
+    assert ids == sorted(ids)
+    cur = await conn.execute(
+        "SELECT job_id, destination_key, ordering_partition, user_id, message_id, payload"
+        " FROM jobs WHERE job_id = ANY(%s) ORDER BY job_id", (ids,))
+    assert await cur.fetchall() == [
+        (ids[0], d1, partition_of(d1, "alice", 64), "alice", "e1", {"n": 1}),
+        (ids[1], d2, partition_of(d2, "alice", 64), "alice", "e1", {"n": 1}),
+        (ids[2], d2, partition_of(d2, "carol", 64), "carol", "e3", {"n": 3}),
+        (ids[3], d1, partition_of(d1, "carol", 64), "carol", "e3", {"n": 3}),
+    ]
+    # The event for no destination claimed its id all the same.
+    async with conn.transaction():
+        (again,) = await store_events(
+            conn, [NewEvent(source.key, tenant, "e2", "bob", "{}", (d1,))],
+            ordering_partitions=64)
+    assert again.duplicate
+
+
 async def test_maintenance_runs_in_one_process_at_a_time(database: str) -> None:
     policy = maintenance.Policy(dedupe_window=timedelta(hours=1), retention=timedelta(days=1))
     results = await asyncio.gather(*(

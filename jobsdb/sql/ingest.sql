@@ -15,11 +15,16 @@ SELECT pg_advisory_xact_lock_shared(%(lock)s);
 --
 -- Inputs are strings split in SQL: binding arrays of thousands of strings costs more in the
 -- driver than everything else. Text fields are joined by the unit separator, which valid JSON
--- never contains and ingest refuses in ids.
+-- never contains and ingest refuses in ids. Each event carries its own destinations and their
+-- ordering partitions (';' within an event, ',' between events), so jobs come from the event
+-- row itself rather than from a list of jobs joined back to the events.
 --
 -- Claiming: a pair claimed by a concurrent transaction makes ON CONFLICT wait for it: if it
 -- commits the pair is a duplicate here, if it rolls back the pair is ours. Older generations
--- are only read (the outer query cannot see the rows this statement inserts).
+-- are only read (the outer query cannot see the rows this statement inserts); the claim
+-- returns the generation it wrote, and the probe of the others compares against it, so
+-- Postgres prunes the current generation's partition from that probe (measured: with one
+-- generation, as after a fresh install, an index probe per event less).
 --
 -- Ordering: job ids are drawn from the sequence in input order (nextval over a sorted
 -- subquery), so a batch's events keep their order for every destination.
@@ -28,61 +33,56 @@ SELECT pg_advisory_xact_lock_shared(%(lock)s);
 -- turns out a duplicate: a spurious wake-up costs one empty read.
 WITH event AS (
     SELECT e.position, e.message_id, e.source_key::integer AS source_key,
-           e.tenant_key::integer AS tenant_key, e.user_id, e.document
+           e.tenant_key::integer AS tenant_key, e.user_id, e.document, e.destinations,
+           e.partitions
     FROM unnest(string_to_array(%(message_ids)s, E'\x1f'),
                 string_to_array(%(source_keys)s, ','),
                 string_to_array(%(tenant_keys)s, ','),
                 string_to_array(%(user_ids)s, E'\x1f'),
-                string_to_array(%(documents)s, E'\x1f'))
-         WITH ORDINALITY AS e(message_id, source_key, tenant_key, user_id, document, position)
-),
-job AS (
-    SELECT j.ordinal, j.position::bigint AS position,
-           j.destination_key::integer AS destination_key, j.partition::smallint AS partition
-    FROM unnest(string_to_array(%(job_events)s, ','),
-                string_to_array(%(job_destinations)s, ','),
-                string_to_array(%(job_partitions)s, ','))
-         WITH ORDINALITY AS j(position, destination_key, partition, ordinal)
-),
-filtered AS (
-    -- Events some filters kept out, each with the number of its set of such destinations:
-    -- %(sets)s is 'key;key|key;key;key', set n being its n-th part.
-    SELECT f.position::bigint AS position, f.kept_out::integer AS kept_out
-    FROM unnest(string_to_array(%(filtered_events)s, ','),
-                string_to_array(%(filtered_sets)s, ','))
-         AS f(position, kept_out)
-),
-generation AS (
-    SELECT max(generation) AS current FROM dedup_generations
+                string_to_array(%(documents)s, E'\x1f'),
+                string_to_array(%(destinations)s, ','),
+                string_to_array(%(partitions)s, ','))
+         WITH ORDINALITY AS e(message_id, source_key, tenant_key, user_id, document,
+                              destinations, partitions, position)
 ),
 claimed AS (
     INSERT INTO dedup_keys (source_key, message_id, generation)
-    SELECT e.source_key, e.message_id, g.current
-    FROM event e CROSS JOIN generation g
+    SELECT e.source_key, e.message_id, (SELECT max(generation) FROM dedup_generations)
+    FROM event e
     ORDER BY e.source_key, e.message_id
     ON CONFLICT DO NOTHING
-    RETURNING source_key, message_id
+    RETURNING source_key, message_id, generation
 ),
 fresh AS (
-    SELECT e.position
+    SELECT e.position, e.message_id, e.source_key, e.tenant_key, e.user_id, e.document,
+           e.destinations, e.partitions
     FROM event e
     JOIN claimed c ON c.source_key = e.source_key AND c.message_id = e.message_id
     WHERE NOT EXISTS (
-        SELECT 1 FROM dedup_keys d, generation g
+        SELECT 1 FROM dedup_keys d
         WHERE d.source_key = e.source_key
           AND d.message_id = e.message_id
-          AND d.generation < g.current
+          AND d.generation < c.generation
     )
 ),
 numbered AS (
     SELECT nextval('jobs_job_id_seq') AS job_id, ordered.*
     FROM (
-        SELECT j.ordinal, j.destination_key, j.partition, e.tenant_key, e.source_key,
-               e.user_id, e.message_id, e.document
-        FROM job j
-        JOIN event e USING (position)
-        WHERE j.position IN (SELECT position FROM fresh)
-        ORDER BY j.ordinal
+        SELECT position, ordinal, destination_key::integer AS destination_key,
+               partition::smallint AS partition, tenant_key, source_key, user_id, message_id,
+               document
+        FROM (
+            -- Set-returning functions in the select list run in step, a row at a time: a
+            -- lateral unnest per event would build a tuplestore per event instead.
+            SELECT f.position, f.tenant_key, f.source_key, f.user_id, f.message_id,
+                   f.document,
+                   unnest(string_to_array(f.destinations, ';')) AS destination_key,
+                   unnest(string_to_array(f.partitions, ';')) AS partition,
+                   generate_series(1, cardinality(string_to_array(f.destinations, ';')))
+                       AS ordinal
+            FROM fresh f
+        ) per_job
+        ORDER BY position, ordinal
     ) ordered
 ),
 inserted AS (
@@ -91,6 +91,16 @@ inserted AS (
     SELECT job_id, destination_key, tenant_key, source_key, partition, user_id, message_id,
            document::jsonb
     FROM numbered
+),
+filtered AS (
+    -- Events some filters kept out, each with the number of its set of such destinations:
+    -- %(sets)s is 'key;key|key;key;key', set n being its n-th part. The one-time filter skips
+    -- the whole count when no event of the flush was kept out anywhere (the usual case).
+    SELECT f.position::bigint AS position, f.kept_out::integer AS kept_out
+    FROM unnest(string_to_array(%(filtered_events)s, ','),
+                string_to_array(%(filtered_sets)s, ','))
+         AS f(position, kept_out)
+    WHERE %(filtered_events)s <> ''
 ),
 -- Rows keyed by this backend (see jobsdb/migrations/0008_connection_filters.sql): no other
 -- transaction writes them, so this never waits for a concurrent flush.
@@ -102,8 +112,7 @@ counted AS (
     FROM (
         SELECT e.source_key, f.kept_out, count(*) AS events
         FROM filtered f
-        JOIN event e USING (position)
-        WHERE f.position IN (SELECT position FROM fresh)
+        JOIN fresh e USING (position)
         GROUP BY e.source_key, f.kept_out
     ) per_set
     CROSS JOIN LATERAL unnest(string_to_array(
@@ -116,7 +125,7 @@ counted AS (
 SELECT
     (SELECT coalesce(string_agg(position::text, ','), '')
      FROM event WHERE position NOT IN (SELECT position FROM fresh)) AS duplicates,
-    (SELECT coalesce(string_agg(job_id::text, ',' ORDER BY ordinal), '')
+    (SELECT coalesce(string_agg(job_id::text, ',' ORDER BY position, ordinal), '')
      FROM numbered) AS job_ids,
     pg_notify('relayq_jobs', %(notify)s);
 
