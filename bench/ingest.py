@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +153,12 @@ def raw_copy(events: int) -> float:
 # --- ingest through gRPC -----------------------------------------------------------------
 
 def client_process(port: int, write_key: str, prefix: str, clients: int, batches: int,
-                   start_at: float, results: Any) -> None:
-    """Raw stubs: `clients` gRPC clients sending pre-serialised batches one after another."""
+                   start_at: float, results: Any,
+                   make: Callable[[str, int], ingest_pb2.Event] = event) -> None:
+    """Raw stubs: `clients` gRPC clients sending pre-serialised batches one after another,
+    of events `make` makes (a module-level function: it travels to a spawned process)."""
     requests = [
-        [ingest_pb2.IngestRequest(events=[event(f"{prefix}c{c}", b * BATCH + i)
+        [ingest_pb2.IngestRequest(events=[make(f"{prefix}c{c}", b * BATCH + i)
                                           for i in range(BATCH)]).SerializeToString()
          for b in range(batches)]
         for c in range(clients)

@@ -22,7 +22,6 @@ ingest process's CPU per event for each source and round, then the medians and t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import multiprocessing
 import secrets
@@ -31,9 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-import grpc
 import orjson
 import psycopg
 
@@ -50,6 +47,7 @@ from bench.common import (
     spawn,
     wait_ready,
 )
+from bench.ingest import client_process
 from relayq.v1 import ingest_pb2
 
 BATCH = 100
@@ -114,37 +112,6 @@ def prepare(name: str) -> dict[str, str]:
     return keys
 
 
-def client_process(port: int, write_key: str, prefix: str, clients: int, batches: int,
-                   start_at: float, results: Any) -> None:
-    requests = [
-        [ingest_pb2.IngestRequest(events=[event(f"{prefix}c{c}", b * BATCH + i)
-                                          for i in range(BATCH)]).SerializeToString()
-         for b in range(batches)]
-        for c in range(clients)
-    ]
-
-    async def run() -> int:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        call = channel.unary_unary("/relayq.v1.Ingest/Ingest",
-                                   response_deserializer=ingest_pb2.IngestResponse.FromString)
-        metadata = (("authorization", f"Bearer {write_key}"),)
-
-        async def one_client(mine: list[bytes]) -> int:
-            accepted = 0
-            for body in mine:
-                response = await call(body, metadata=metadata, timeout=120)
-                accepted += response.accepted
-            return accepted
-
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        counts = await asyncio.gather(*(one_client(r) for r in requests))
-        await channel.close()
-        return sum(counts)
-
-    accepted = asyncio.run(run())
-    results.put((accepted, time.time()))
-
-
 def backends(database: str) -> list[int]:
     """The Postgres backends serving the database (ingest's pool and maintenance)."""
     with psycopg.connect(SERVER, autocommit=True) as conn:
@@ -170,7 +137,7 @@ def phase(port: int, ingest_pid: int, database: str, write_key: str, prefix: str
     start_at = time.time() + 2 + 0.5 * processes
     workers = [context.Process(target=client_process,
                                args=(port, write_key, f"{prefix}p{p}", clients, batches,
-                                     start_at, results))
+                                     start_at, results, event))
                for p in range(processes)]
     for worker in workers:
         worker.start()
