@@ -2,11 +2,12 @@
 commit.
 
 A commit costs the same for one row or thousands, so sharing it is what lets throughput not
-depend on how well each client batches. A flush starts when a flush slot is free and either the
-oldest waiting request has waited `delay` or `max_jobs` jobs are waiting. Under load the slots
-are busy, requests pile up meanwhile, and flushes grow by themselves; when idle, a request
-waits at most `delay`. Every request learns its outcome only after the commit (or the failure)
-of the flush that carried it.
+depend on how well each client batches. A flush starts when a flush slot is free and either
+nothing is being flushed (an idle ingest commits a request at once: waiting could only add
+latency), the oldest waiting request has waited `delay`, or `max_jobs` jobs are waiting.
+Under load the slots are busy, requests pile up meanwhile, and flushes grow by themselves.
+Every request learns its outcome only after the commit (or the failure) of the flush that
+carried it.
 
 Fairness between sources: a flood from one source must not make another wait behind it.
 Requests wait in turns by source (a flush takes one request of each source that has any, then
@@ -145,6 +146,7 @@ class GroupCommitter:
         # (the flush delay counts from it) without a scan of the sources.
         self._arrivals: deque[_Request] = deque()
         self._free = concurrency
+        self._slots = concurrency
         # The express slot flushes light requests only: one never waits for a slot behind
         # other sources' flushes, nor shares a flush with their thousands of jobs.
         self._express_free = 1 if light_max_jobs > 0 else 0
@@ -217,18 +219,20 @@ class GroupCommitter:
         while arrivals and arrivals[0].taken:
             arrivals.popleft()
         while self._light and self._express_free:
-            due = self._due(self._light_oldest(), self._light_jobs, now)
-            if due > 0:
-                wait = due
-                break
+            # A light request is flushed at once: the express slot is for latency, and light
+            # requests that arrive while it is busy share its next flush.
             self._express_free -= 1
             self._spawn(self._take_light(), express=True)
         while self._free and (self._queue or self._light):
             # Light requests use a general slot only when no other request waits for one.
+            # Nothing being flushed: nothing to share a commit with by waiting, so go at once.
+            # Under load, requests gather while flushes are in flight, and each flush takes
+            # what gathered (waiting `delay` at most for more).
+            idle = self._free == self._slots
             if self._queue:
-                due = self._due(self._oldest(), self._queue.jobs, now)
+                due = 0.0 if idle else self._due(self._oldest(), self._queue.jobs, now)
             else:
-                due = self._due(self._light_oldest(), self._light_jobs, now)
+                due = 0.0 if idle else self._due(self._light_oldest(), self._light_jobs, now)
             if due > 0:
                 wait = due if wait is None else min(wait, due)
                 break

@@ -191,6 +191,33 @@ async def test_requests_arriving_together_share_one_flush() -> None:
     assert len(flushes) <= 3
 
 
+async def test_an_idle_committer_flushes_a_request_at_once() -> None:
+    """Nothing being flushed: waiting the delay could only add latency (a client sending now
+    and then would pay it on every request). Requests that come while a flush is in flight
+    gather for the next one."""
+    flushes: list[int] = []
+    release = asyncio.Event()
+
+    async def store(events: Sequence[NewEvent]) -> list[Stored]:
+        flushes.append(len(events))
+        if len(flushes) == 1:
+            await release.wait()
+        return [Stored(duplicate=False, job_ids=[1]) for _ in events]
+
+    committer = GroupCommitter(store, delay=10.0, max_jobs=1000, concurrency=1,
+                               light_max_jobs=0)
+    committer.start()
+    first = asyncio.create_task(committer.submit(_events(1)))
+    await asyncio.sleep(0.05)
+    assert flushes == [1]  # at once, not after the 10 s delay
+    later = [asyncio.create_task(committer.submit(_events(1))) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, *later), 5)
+    await committer.close()
+    assert flushes == [1, 3]  # the three that came meanwhile shared the next flush
+
+
 async def test_a_flush_never_takes_more_than_max_jobs() -> None:
     flushes: list[int] = []
 
