@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
@@ -91,6 +92,25 @@ def _chown_tree(path: Path, user: pwd.struct_passwd) -> None:
             os.lchown(name, user.pw_uid, user.pw_gid)
 
 
+def _run_as(user: pwd.struct_passwd | None,
+            forks: bool) -> tuple[dict[str, object], list[str]]:
+    """How to start a child as `user`: Popen arguments, or a command prefix.
+
+    setpriv changes user after exec, so Popen can start it with vfork. Popen's own `user=`
+    makes it fork, and a fork runs gRPC's fork handlers, which crash the child (SIGSEGV
+    before exec) while other threads are calling into gRPC: bench/chaos.py restarts
+    Postgres with gRPC busy in the same process. When Popen forks anyway (`forks`: a
+    preexec_fn sets the parent-death signal) its `user=` is kept, because it changes user
+    before the preexec_fn runs, and a change of user after it (setpriv) clears the signal."""
+    if user is None:
+        return {}, []
+    setpriv = shutil.which("setpriv")
+    if forks or setpriv is None:
+        return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}, []
+    return {}, [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
+                "--clear-groups"]
+
+
 @dataclass
 class EmbeddedPostgres:
     """A Postgres cluster in `data_dir`, served on 127.0.0.1:`port` while started."""
@@ -130,13 +150,12 @@ class EmbeddedPostgres:
             if self.data_dir.stat().st_uid != user.pw_uid:
                 _chown_tree(self.data_dir, user)
         self.data_dir.chmod(0o700)
-        as_user: dict[str, object] = {} if user is None else {
-            "user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        as_user, drop = _run_as(user, forks=self.tied_to_parent)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"}
         self._log = self.log_file.open("ab")
         if not (self.data_dir / "PG_VERSION").exists():
             result = subprocess.run(
-                [str(bindir / "initdb"), "-D", str(self.data_dir), "--username=postgres",
+                [*drop, str(bindir / "initdb"), "-D", str(self.data_dir), "--username=postgres",
                  "--auth=trust", "--encoding=UTF8", "--no-instructions"],
                 stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir,
                 check=False, **as_user)  # type: ignore[call-overload]
@@ -147,7 +166,7 @@ class EmbeddedPostgres:
         fast = [] if self.durable else [
             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         self.process = subprocess.Popen(
-            [str(bindir / "postgres"), "-D", str(self.data_dir), "-h", "127.0.0.1",
+            [*drop, str(bindir / "postgres"), "-D", str(self.data_dir), "-h", "127.0.0.1",
              "-p", str(self.port), "-k", "", "-c", "max_connections=200", *fast],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             cwd=self.data_dir, start_new_session=True,
@@ -163,7 +182,7 @@ class EmbeddedPostgres:
             if self.process.poll() is not None:
                 raise EmbeddedPostgresError(
                     f"postgres exited at start (exit {self.process.returncode});"
-                    f" see {self.log_file}")
+                    f" see {self.log_file}{self._log_tail()}")
             try:
                 with psycopg.connect(self.server_dsn, connect_timeout=2):
                     return
@@ -172,8 +191,17 @@ class EmbeddedPostgres:
                     self.stop()
                     raise EmbeddedPostgresError(
                         f"postgres did not answer within {timeout:.0f}s;"
-                        f" see {self.log_file}") from None
+                        f" see {self.log_file}{self._log_tail()}") from None
                 time.sleep(0.1)
+
+    def _log_tail(self, lines: int = 5) -> str:
+        """The last lines of the server's log, to go with an error: a crash at start is
+        explained there, and the folder may be gone by the time anyone looks."""
+        try:
+            tail = self.log_file.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "".join(f"\n  | {line}" for line in tail)
 
     def _create_database(self) -> None:
         with psycopg.connect(self.server_dsn, autocommit=True) as conn:
