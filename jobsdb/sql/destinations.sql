@@ -1,14 +1,18 @@
 -- name: load_all
--- Every destination with what the router needs to deliver to it. Read whole on start and on
--- every configuration change: ten thousand rows are one quick query.
-SELECT *
-FROM destination_rows
-ORDER BY destination_key;
-
--- name: load_signing_secrets
--- Every webhook signing secret in force, newest first per destination (router_service.signing
--- signs with each). Secrets are read nowhere else.
-SELECT destination_key, secret, expires_at
-FROM destination_secrets
-WHERE expires_at IS NULL OR expires_at > now()
-ORDER BY destination_key, secret_id DESC;
+-- Every destination with what the router needs to deliver to it, and its webhook signing
+-- secrets in force, newest first (router_service.signing signs with each; secrets are read
+-- nowhere else). Read whole on start and on every configuration change. One statement, so
+-- one snapshot: a destination is never loaded without the secret it was created with.
+SELECT d.*,
+       coalesce(s.secrets, '{}') AS secrets,
+       coalesce(s.expiries, '{}') AS expiries
+FROM destination_rows d
+LEFT JOIN (
+    SELECT destination_key,
+           array_agg(secret ORDER BY secret_id DESC) AS secrets,
+           array_agg(expires_at ORDER BY secret_id DESC) AS expiries
+    FROM destination_secrets
+    WHERE expires_at IS NULL OR expires_at > now()
+    GROUP BY destination_key
+) s ON s.destination_key = d.destination_key
+ORDER BY d.destination_key;
