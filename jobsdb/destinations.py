@@ -5,7 +5,7 @@ through the same view (destination_rows) as the admin service reads them one at 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, LiteralString
 
 from psycopg import AsyncConnection
 from psycopg.rows import kwargs_row
@@ -29,3 +29,27 @@ async def load_all(conn: AsyncConnection[Any]) -> dict[int, Destination]:
     cur = conn.cursor(row_factory=kwargs_row(destination))
     await cur.execute(query("destinations.sql", "load_all"), binary=True)
     return {row.destination_key: row for row in await cur.fetchall()}
+
+
+# A digest of exactly what load_all reads, made by Postgres (the statement wraps load_all's).
+_DIGEST: LiteralString = (
+    "SELECT md5(string_agg(loaded::text, E'\\n' ORDER BY loaded.destination_key))"
+    " FROM (" + query("destinations.sql", "load_all").rstrip().removesuffix(";") + ") AS loaded")
+
+
+async def load_if_changed(conn: AsyncConnection[Any], last_digest: str | None
+                          ) -> tuple[str, dict[int, Destination]] | None:
+    """Every destination (load_all) and a digest of them all, or None when the digest is
+    still `last_digest`: nothing changed since that load.
+
+    The router reloads at every configuration change and every 30 s, on its event loop;
+    at ten thousand destinations making the rows costs it ~200 ms of CPU, a stall for every
+    lane, while the digest costs it nothing (Postgres ~60 ms, awaited). Must be the first
+    statement of its transaction: the digest and the rows then come from one snapshot, so
+    the digest kept is that of the rows loaded, and a change undone later is not missed."""
+    await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    row = await (await conn.execute(_DIGEST)).fetchone()
+    digest = (row[0] if row is not None else None) or ""  # "": no destinations at all
+    if digest == last_digest:
+        return None
+    return digest, await load_all(conn)

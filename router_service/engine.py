@@ -102,6 +102,8 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._discoveries: set[asyncio.Task[None]] = set()
         self._reload = asyncio.Event()
+        # Of the destinations last loaded (jobsdb.destinations.load_if_changed).
+        self._destinations_digest: str | None = None
         # Destinations of a type this router has no sender for (logged once each).
         self._unknown_types: set[int] = set()
 
@@ -249,7 +251,10 @@ class Engine:
 
     async def _load_destinations(self) -> None:
         async with transaction(self.pool) as conn:
-            loaded = await destinations_db.load_all(conn)
+            found = await destinations_db.load_if_changed(conn, self._destinations_digest)
+        if found is None:
+            return
+        self._destinations_digest, loaded = found
         for key, row in loaded.items():
             lane = self.lanes.get(key)
             old = self.destinations.get(key)

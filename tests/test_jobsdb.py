@@ -11,7 +11,7 @@ import pytest
 from psycopg import AsyncConnection
 from psycopg import errors as pgerrors
 
-from jobsdb import dedupe, errors, jobs, maintenance, migrate, partitions
+from jobsdb import dedupe, destinations, errors, jobs, maintenance, migrate, partitions
 from jobsdb.ingest import NewEvent, store_events
 from jobsdb.keyspace import partition_of
 from tests import factories
@@ -214,3 +214,44 @@ def test_a_connection_postgres_refuses_for_good_is_not_retried(
                                    + server_says.removeprefix("FATAL:").strip())
     else:
         assert isinstance(translated, errors.DatabaseUnavailable)
+
+
+async def test_destinations_load_again_only_when_something_they_hold_changed(
+        database: str, conn: AsyncConnection[Any]) -> None:
+    """The router's reload: a digest of what load_all reads says whether to make the rows
+    again; any change is seen, one undone later included, and a signing secret expiring."""
+    async def reload(last: str | None) -> tuple[str, dict[int, Any]] | None:
+        async with await psycopg.AsyncConnection.connect(database) as reader, \
+                reader.transaction():
+            return await destinations.load_if_changed(reader, last)
+
+    first = await reload(None)
+    assert first is not None
+    assert first[1] == {}
+    assert await reload(first[0]) is None
+
+    tenant = await factories.tenant(conn)
+    key = await factories.destination(conn, tenant, "hook")
+    await conn.execute("INSERT INTO destination_secrets (destination_key, secret)"
+                       " VALUES (%s, 'whsec_AAAA')", (key,))
+    created = await reload(first[0])
+    assert created is not None
+    digest, rows = created
+    assert [s.secret for s in rows[key].signing_secrets] == ["whsec_AAAA"]
+    assert await reload(digest) is None
+
+    await conn.execute("UPDATE destinations SET paused = true WHERE destination_key = %s", (key,))
+    paused = await reload(digest)
+    assert paused is not None
+    assert paused[1][key].paused
+    await conn.execute("UPDATE destinations SET paused = false WHERE destination_key = %s", (key,))
+    resumed = await reload(paused[0])
+    assert resumed is not None
+    assert not resumed[1][key].paused
+    assert resumed[0] == digest  # the same rows as before: the same digest
+
+    await conn.execute("UPDATE destination_secrets SET expires_at = now() - interval '1 second'"
+                       " WHERE destination_key = %s", (key,))
+    expired = await reload(digest)
+    assert expired is not None
+    assert expired[1][key].signing_secrets == ()
