@@ -1,6 +1,7 @@
-"""Every destination at once, as the router loads them on start and on each configuration
-change (ten thousand rows are one quick query). The rows are jobsdb.catalog.Destination, read
-through the same view (destination_rows) as the admin service reads them one at a time."""
+"""Every destination at once, as the router loads them on start and after a configuration
+change that touched one (a digest Postgres makes says whether it did). The rows are
+jobsdb.catalog.Destination, read through the same view (destination_rows) as the admin
+service reads them one at a time."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 -- name: load_all
 -- Every destination with what the router needs to deliver to it, and its webhook signing
 -- secrets in force, newest first (router_service.signing signs with each; secrets are read
--- nowhere else). Read whole on start and on every configuration change. One statement, so
--- one snapshot: a destination is never loaded without the secret it was created with.
+-- nowhere else). Read whole on start and whenever a digest of this very statement changes
+-- (jobsdb.destinations.load_if_changed). One statement, so one snapshot: a destination is
+-- never loaded without the secret it was created with.
 SELECT d.*,
        coalesce(s.secrets, '{}') AS secrets,
        coalesce(s.expiries, '{}') AS expiries
