@@ -20,7 +20,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from admin_service import convert, metrics, validate
-from jobsdb import catalog
+from jobsdb import catalog, subscriptions
 from jobsdb import errors as dberrors
 from jobsdb import jobs as jobsdb
 from jobsdb.filters import FilterError, compile_filter
@@ -52,7 +52,8 @@ def selection(text: str) -> jobsdb.Selection:
                               violations=[("filter", exc.message)]) from None
     if compiled is None:
         return jobsdb.EVERYTHING
-    return jobsdb.Selection(compiled.where, tuple(compiled.params))
+    return jobsdb.Selection(compiled.where, tuple(compiled.params),
+                            subscriptions.states(compiled.node))
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
