@@ -5,6 +5,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY protos/ protos/
 COPY relayq/ relayq/
+COPY filterlang/ filterlang/
 COPY jobsdb/ jobsdb/
 COPY ingest_service/ ingest_service/
 COPY router_service/ router_service/
