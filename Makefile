@@ -6,10 +6,13 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install test test-process lint proto up clean bench-smoke
 
-$(STAMP): pyproject.toml setup.py protos/generate.py $(wildcard protos/relayq/v1/*.proto)
+# Two distributions, both editable: relayq-client (client/: relayq.client and the generated
+# relayq.v1) and relayq (the services), which depends on it.
+$(STAMP): pyproject.toml client/pyproject.toml client/setup.py protos/generate.py \
+		$(wildcard protos/relayq/v1/*.proto)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e './client[speedups]' -e '.[dev]'
 	touch $@
 
 install: $(STAMP)
@@ -43,9 +46,10 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# Regenerate relayq/v1 from protos/ (installs do it too).
+# Regenerate relayq.v1 (client/src/relayq/v1) from protos/ (installs do it too).
 proto: install
 	$(BIN)/python protos/generate.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info relayq/v1/*_pb2*
+	rm -rf $(VENV) build *.egg-info client/build client/src/*.egg-info \
+		client/src/relayq/v1/*_pb2* relayq/v1
