@@ -26,11 +26,11 @@ up: install
 # (default postgresql://postgres@127.0.0.1:5432/postgres), or an embedded one under
 # .relayq/test-pgdata when nothing answers there.
 test: install
-	$(BIN)/python -m relayq.cli.testdb $(BIN)/pytest
+	$(BIN)/python -m tools.testdb $(BIN)/pytest
 
 # Only the tests that start, kill -9 and restart service processes.
 test-process: install
-	$(BIN)/python -m relayq.cli.testdb $(BIN)/pytest -m process
+	$(BIN)/python -m tools.testdb $(BIN)/pytest -m process
 
 # Every benchmark at a size that takes seconds: figures printed, nothing asserted but that
 # they run (CI runs this, so a benchmark cannot rot unnoticed).
