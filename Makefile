@@ -26,6 +26,7 @@ up: install
 # (default postgresql://postgres@127.0.0.1:5432/postgres), or an embedded one under
 # .relayq/test-pgdata when nothing answers there.
 test: install
+	@echo "make test: the whole suite, usually 8-10 minutes on 2 cores (pytest prints the time at the end)"
 	$(BIN)/python -m tools.testdb $(BIN)/pytest
 
 # Only the tests that start, kill -9 and restart service processes.
