@@ -18,13 +18,12 @@ from typing import Any
 import pytest
 from psycopg import AsyncConnection
 
-from tests import factories
+from tests import factories, readme
 from tests.services import ingest
 
 pytestmark = pytest.mark.process
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 
 # Run by the fresh environment's Python: every installed distribution, and the names each
 # requires (extras and requirements whose markers do not apply left out).
@@ -63,9 +62,8 @@ def _closure(roots: set[str], requires: dict[str, list[str]]) -> set[str]:
 
 
 def producer_snippet() -> str:
-    block = README.read_text(encoding="utf-8").split("<!-- producer-snippet: begin -->")[1]
-    block = block.split("<!-- producer-snippet: end -->")[0]
-    return block.strip().removeprefix("```python").removesuffix("```")
+    """The README's send.py: the producer library as a service uses it."""
+    return next(b.code for b in readme.blocks("by-hand") if b.file == "send.py")
 
 
 @pytest.fixture(scope="module")
@@ -119,4 +117,4 @@ async def test_the_readme_producer_snippet_runs_from_the_client_alone(
                  "RELAYQ_WRITE_KEY": web.write_key})
         out, err = await asyncio.wait_for(child.communicate(), 60)
     assert child.returncode == 0, err.decode()
-    assert out.decode().split()[0] == "ACCEPTED", out.decode()
+    assert out.decode().strip() == "ACCEPTED", out.decode()
