@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,12 +69,19 @@ def producer_snippet() -> str:
 
 @pytest.fixture(scope="module")
 def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh virtual environment with `pip install client/` and nothing else."""
-    venv = tmp_path_factory.mktemp("client") / "venv"
+    """A fresh virtual environment with `pip install client/` and nothing else.
+
+    From a copy of client/ with its links followed, as an sdist has it: so the build leaves
+    nothing in the checkout, and shows the client builds from its own folder alone."""
+    here = tmp_path_factory.mktemp("client")
+    source = here / "client"
+    shutil.copytree(ROOT / "client", source, ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", "*_pb2*", "__pycache__"))
+    venv = here / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     done = subprocess.run(
         [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
-         str(ROOT / "client")], capture_output=True, text=True, timeout=300)
+         str(source)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return venv / "bin" / "python"
 
