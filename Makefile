@@ -11,6 +11,7 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml client/pyproject.toml client/setup.py protos/generate.py \
 		$(wildcard protos/relayq/v1/*.proto)
 	$(PYTHON) -m venv $(VENV)
+	rm -rf relayq/v1  # generated there by checkouts from before relayq-client: now stale
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e './client[speedups]' -e '.[dev]'
 	touch $@
