@@ -20,10 +20,11 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from admin_service import convert, metrics, validate
+from filterlang.errors import FilterError
 from jobsdb import catalog, subscriptions
 from jobsdb import errors as dberrors
 from jobsdb import jobs as jobsdb
-from jobsdb.filters import FilterError, compile_filter
+from jobsdb.filters import compile_filter
 from jobsdb.pool import transaction
 from relayq import destination_types
 from relayq.auth import Authenticator, Caller

@@ -20,10 +20,10 @@ import orjson
 from psycopg import AsyncConnection, sql
 from psycopg.rows import class_row
 
+from filterlang.errors import FilterError
+from filterlang.events import compile_event_filter
 from jobsdb import subscriptions
 from jobsdb.errors import NotFound
-from jobsdb.event_filters import compile_event_filter
-from jobsdb.filters import FilterError
 from jobsdb.keyspace import SLOT_BITS, event_of, slot_of
 from jobsdb.sqlfile import query
 

@@ -18,19 +18,11 @@ from typing import Any, Final
 
 from psycopg import sql
 
-from jobsdb.event_filters import DOCUMENT_FIELDS, EVENTS, TEXT_FIELDS
-from jobsdb.filters import (
-    And,
-    Compare,
-    Field,
-    FilterError,
-    InList,
-    Node,
-    Not,
-    Or,
-    compile_node,
-    parse,
-)
+from filterlang.errors import FilterError
+from filterlang.events import DOCUMENT_FIELDS, EVENTS, TEXT_FIELDS
+from filterlang.nodes import And, Compare, Field, InList, Node, Not, Or
+from filterlang.parser import parse
+from jobsdb.filters import compile_node
 
 STATES: Final = frozenset({"pending", "failed", "waiting", "succeeded", "aborted"})
 # What a job without a row can be.

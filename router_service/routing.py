@@ -15,9 +15,9 @@ from typing import Any
 
 import orjson
 
+from filterlang.errors import FilterError
+from filterlang.events import EventFilter, compile_event_filter
 from jobsdb.destinations import Connection
-from jobsdb.event_filters import EventFilter, compile_event_filter
-from jobsdb.filters import FilterError
 
 log = logging.getLogger(__name__)
 

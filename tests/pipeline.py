@@ -6,6 +6,7 @@ everywhere.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -13,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from google.protobuf import json_format
 from psycopg import AsyncConnection, sql
 
+from filterlang.events import compile_event_filter
 from jobsdb import jobs, keyspace
 from relayq.v1 import ingest_pb2
 from tests import factories
@@ -72,8 +75,8 @@ async def send(service: Ingest, source: factories.Source, events: list[ingest_pb
                ) -> list[int]:
     """Ingest events in batches of 100; returns the ids of the jobs they make, in order: for
     each accepted event, one per destination it is addressed to (those it names, or every
-    enabled connection of the source), in destination order. (Connection filters are not
-    applied here: tests of filters look at what was delivered.)"""
+    enabled connection of the source) whose filter takes it, in destination order (what
+    ingest answered before the event log; routers decide it now when they read the event)."""
     accepted: list[tuple[ingest_pb2.Event, int]] = []
     for start in range(0, len(events), 100):
         batch = events[start:start + 100]
@@ -84,17 +87,33 @@ async def send(service: Ingest, source: factories.Source, events: list[ingest_pb
                      if r.status == ingest_pb2.EventResult.ACCEPTED]
     async with await AsyncConnection.connect(service.app.config.database_url) as conn:
         cur = await conn.execute(
-            "SELECT d.id, c.destination_key, c.slot FROM connections c"
+            "SELECT d.id, c.destination_key, c.slot, c.event_filter FROM connections c"
             " JOIN destinations d USING (destination_key)"
             " WHERE c.source_key = %s AND c.enabled ORDER BY c.destination_key",
             (source.key,))
-        connected = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
+        connected = {row[0]: (row[1], row[2], row[3]) for row in await cur.fetchall()}
     ids: list[int] = []
     for e, event_id in accepted:
         named = [connected[d] for d in e.destination_ids if d in connected]
-        for _, slot in sorted(set(named)) if e.destination_ids else connected.values():
-            ids.append(keyspace.job_id(event_id, slot))
+        for _, slot, text in sorted(set(named)) if e.destination_ids else connected.values():
+            subscription = compile_event_filter(text) if text else None
+            if subscription is None or subscription.matches(_document(e)):
+                ids.append(keyspace.job_id(event_id, slot))
     return ids
+
+
+def _document(e: ingest_pb2.Event) -> dict[str, Any]:
+    """The fields of an event as connection filters read them (ingest builds the document)."""
+    document: dict[str, Any] = {"messageId": e.message_id}
+    for name, key in (("type", "type"), ("event", "event"), ("user_id", "userId"),
+                      ("anonymous_id", "anonymousId")):
+        if getattr(e, name):
+            document[key] = getattr(e, name)
+    document["properties"] = (json_format.MessageToDict(e.properties)
+                              if e.HasField("properties") else json.loads(e.payload_json or "{}"))
+    if e.context_json:
+        document["context"] = json.loads(e.context_json)
+    return document
 
 
 async def states(conn: AsyncConnection[Any],
