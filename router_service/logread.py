@@ -78,8 +78,9 @@ class LogReader:
         self._own: list[_OwnRead] = []
         self._own_arrived = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        # The log's horizon at the last read (for RouterStatus and the reads of lagging ones).
+        # The log's horizon at the last read, and how many reads there have been.
         self.horizon = 0
+        self.reads = 0
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self.run(), name="log-read"),
@@ -140,6 +141,7 @@ class LogReader:
         async with transaction(self._pool) as conn, conn.pipeline():
             read = await eventlog.read(conn, wanted)
         self.horizon = read.horizon
+        self.reads += 1
         metrics.LOG_READ_EVENTS.observe(len(read.events))
         by_partition: dict[int, int] = Counter(e.partition for e in read.events)
         last: dict[int, int] = {}
