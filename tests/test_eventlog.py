@@ -211,7 +211,7 @@ async def test_held_open_ingest_transaction_is_delivered_in_order_after_passes(
             assert engine is not None
             held = await store_events(writer, [NewEvent(
                 world.source.key, world.source.tenant_key, "slow", "alice",
-                '{"event": "first"}')], ordering_partitions=64)
+                '{"messageId": "slow", "userId": "alice"}')], ordering_partitions=64)
             slow_id = held[0].event_id
             assert slow_id is not None
             await send(service, world.source, [event("a2", "alice"), event("b1", "bob")])
@@ -277,7 +277,7 @@ async def test_migrating_a_backlog(empty_database: str) -> None:
                 " message_id, payload) VALUES (%s, %s, %s, %s, 0, %s, %s, %s,"
                 " CASE WHEN %s = 'failed' THEN now() END, %s, %s, %s)",
                 (job_id, d, tenant, source.key, state, attempts, blocked, state, user, message,
-                 psycopg.types.json.Jsonb({"messageId": message})))
+                 psycopg.types.json.Jsonb({"messageId": message, "userId": user})))
         await conn.execute("INSERT INTO job_statuses (job_id, attempt, state, error_code,"
                            " started_at, actor) VALUES (1, 2, 'failed', '503', now(), 'r')")
         await migrate.migrate(conn)
