@@ -228,13 +228,14 @@ async def get_job(conn: Conn, job_id: int, scope: int | None) -> tuple[JobRow, l
     await cur.execute(query("jobs.sql", "get_row"), {"job_id": job_id, "scope": scope})
     row = await cur.fetchone()
     history = await _history(conn, job_id)
+    delivered = await _deliveries(conn, job_id)
     if row is not None:
-        return row, history
+        # Its first attempt may have gone well from the log before an operator replayed it.
+        return row, sorted([*delivered, *history], key=lambda s: s.started_at)
     logged = await _logged_job(conn, job_id, scope)
     if logged is None:
         raise NotFound(f"job {job_id} not found")
-    derived, event_id, destination_key = logged
-    delivered = await _deliveries(conn, event_id, destination_key)
+    derived, event_id = logged
     if delivered:
         first = delivered[0]
         derived = dataclasses.replace(derived, state="succeeded", attempts=1,
@@ -248,7 +249,7 @@ async def get_job(conn: Conn, job_id: int, scope: int | None) -> tuple[JobRow, l
 
 
 async def _logged_job(conn: Conn, job_id: int, scope: int | None
-                      ) -> tuple[JobRow, int, int] | None:
+                      ) -> tuple[JobRow, int] | None:
     cur = await conn.execute(query("jobs.sql", "get_event_job"),
                              {"event_id": event_of(job_id), "slot": slot_of(job_id),
                               "scope": scope})
@@ -265,7 +266,7 @@ async def _logged_job(conn: Conn, job_id: int, scope: int | None
     row = JobRow(job_id, tenant_id, source_id, destination_id, user_id, message_id,
                  "pending" if pending else "succeeded", 0 if pending else 1, None, None, None,
                  created_at, created_at, None, document)
-    return row, event_id, destination_key
+    return row, event_id
 
 
 def _takes(event_filter: str | None, document: str) -> bool:
@@ -284,10 +285,11 @@ async def _history(conn: Conn, job_id: int) -> list[StatusRow]:
     return await cur.fetchall()
 
 
-async def _deliveries(conn: Conn, event_id: int, destination_key: int) -> list[StatusRow]:
-    """A logged job's deliveries, as history entries (its first attempt, or repeats)."""
+async def _deliveries(conn: Conn, job_id: int) -> list[StatusRow]:
+    """A job's deliveries from the log, as history entries (its first attempt, or the
+    repeats of one delivered again after a crash)."""
     cur = await conn.execute(query("jobs.sql", "delivered"),
-                             {"event_id": event_id, "destination_key": destination_key})
+                             {"event_id": event_of(job_id), "slot": slot_of(job_id)})
     return [StatusRow(1, "succeeded", None, status, started_at, duration_ms, None, actor,
                       None, batch)
             for _, actor, started_at, duration_ms, status, batch in await cur.fetchall()]

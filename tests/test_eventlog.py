@@ -17,7 +17,7 @@ from jobsdb.eventlog import Delivered, NewRow, Parked, Request, Wanted, WantedFo
 from jobsdb.ingest import NewEvent, store_events
 from tests import factories
 from tests.helpers import event
-from tests.pipeline import World, send, states, wait_until_finished
+from tests.pipeline import World, send, wait_until_finished
 from tests.services import ingest, router
 from tests.sinks import WebhookSink
 

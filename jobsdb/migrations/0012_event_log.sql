@@ -295,6 +295,20 @@ CREATE TABLE deliveries (
 CREATE INDEX deliveries_span_idx ON deliveries USING gist (
     box(point(destination_key, first_event_id), point(destination_key, last_event_id)));
 
+-- Whether an event's delivery to a destination is on record. Operators' queries ask it of
+-- the jobs above a cursor (the cursors follow the deliveries a moment later), so that a job
+-- delivered and recorded is never shown as pending. Inlined (a STABLE SQL function).
+CREATE FUNCTION relayq_delivered(of_destination integer, of_event bigint) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM deliveries d
+        WHERE box(point(d.destination_key, d.first_event_id),
+                  point(d.destination_key, d.last_event_id))
+              @> box(point(of_destination, of_event), point(of_destination, of_event))
+          AND of_event = ANY(d.event_ids))
+$$;
+
 -- ---------------------------------------------------------------------------------------
 -- Jobs still unfinished in the old table, carried over.
 -- ---------------------------------------------------------------------------------------

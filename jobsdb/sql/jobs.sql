@@ -8,8 +8,9 @@
 -- - a job without one is an event of the log at a destination its source is connected to
 --   (enabled), that names that destination or none, and that the connection's filter takes
 --   (its filter now: a filter changed since applies to what it is asked about now); it is
---   `pending` above the destination's cursor in its partition (its own, or the partition's
---   frontier), `succeeded` at or below it.
+--   `succeeded` at or below the destination's cursor in its partition (its own, or the
+--   partition's frontier) and above it once its delivery is on record (the cursors follow
+--   the deliveries a moment later), `pending` otherwise.
 --
 -- Queries with `{...}` slots are built by jobsdb.jobs from fixed fragments, every value a
 -- parameter; their parameters are therefore positional (%s), in the order the slots and
@@ -29,10 +30,12 @@
  SELECT j.*
  FROM (SELECT (e.event_id << 16) | c.slot AS job_id, c.destination_key, e.tenant_key,
               e.source_key, e.ordering_partition, e.user_id, e.message_id,
-              CASE WHEN e.event_id > coalesce(dc.position, l.frontier) THEN 'pending'
-                   ELSE 'succeeded' END::job_state AS state,
-              CASE WHEN e.event_id > coalesce(dc.position, l.frontier) THEN 0 ELSE 1 END
-                  AS attempts,
+              CASE WHEN e.event_id > coalesce(dc.position, l.frontier)
+                        AND NOT relayq_delivered(c.destination_key, e.event_id)
+                   THEN 'pending' ELSE 'succeeded' END::job_state AS state,
+              CASE WHEN e.event_id > coalesce(dc.position, l.frontier)
+                        AND NOT relayq_delivered(c.destination_key, e.event_id)
+                   THEN 0 ELSE 1 END AS attempts,
               NULL::timestamptz AS retry_at, NULL::bigint AS blocked_by, NULL::text AS error_code,
               e.created_at, e.created_at AS updated_at, NULL::timestamptz AS first_attempt_at,
               e.document, e.document::jsonb AS payload, false AS has_row
@@ -116,16 +119,20 @@ WHERE job_id = %(job_id)s
 ORDER BY recorded_at, attempt;
 
 -- name: delivered
--- The deliveries of an event to a destination read from the log: which request carried it,
--- when, and what the destination answered (the GiST index finds the rows whose span holds
--- the event; the array says whether this event is among theirs).
+-- The deliveries of a job read from the log (its event to the destination of the
+-- connection its id names): which request carried it, when, and what the destination
+-- answered (the GiST index finds the rows whose span holds the event; the array says
+-- whether this event is among theirs).
 SELECT d.recorded_at, d.actor, d.started_at[d.requests[x.n]] AS started_at,
        d.duration_ms[d.requests[x.n]] AS duration_ms, d.status[d.requests[x.n]] AS status,
        nullif(d.batch[d.requests[x.n]], '') AS batch
-FROM deliveries d
-CROSS JOIN LATERAL (SELECT array_position(d.event_ids, %(event_id)s::bigint) AS n) x
-WHERE box(point(d.destination_key, d.first_event_id), point(d.destination_key, d.last_event_id))
-      @> box(point(%(destination_key)s, %(event_id)s), point(%(destination_key)s, %(event_id)s))
+FROM events e
+JOIN connections c ON c.source_key = e.source_key AND c.slot = %(slot)s
+JOIN deliveries d
+  ON box(point(d.destination_key, d.first_event_id), point(d.destination_key, d.last_event_id))
+     @> box(point(c.destination_key, e.event_id), point(c.destination_key, e.event_id))
+CROSS JOIN LATERAL (SELECT array_position(d.event_ids, e.event_id) AS n) x
+WHERE e.event_id = %(event_id)s
   AND x.n IS NOT NULL
 ORDER BY d.recorded_at;
 
@@ -364,6 +371,7 @@ WITH tail AS (
           AND (%s::integer IS NULL OR c.destination_key = %s)
           AND (%s::integer IS NULL OR e.tenant_key = %s)
           AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.job_id = (e.event_id << 16) | c.slot)
+          AND NOT relayq_delivered(c.destination_key, e.event_id)
     ) j
     WHERE {subscribed}
     GROUP BY j.destination_key
