@@ -93,15 +93,21 @@ async def insert_jobs(conn: AsyncConnection[Any], count: int, *, start: int | No
     ]
     async with conn.transaction():
         stored = await store_events(conn, events, ordering_partitions=64)
-        cur = await conn.execute(
-            "INSERT INTO jobs (job_id, destination_key, tenant_key, source_key,"
-            " ordering_partition, state, created_at, user_id, message_id)"
-            " SELECT (e.event_id << 16) | c.slot, c.destination_key, e.tenant_key,"
-            " e.source_key, e.ordering_partition, 'pending', e.created_at, e.user_id,"
-            " e.message_id FROM events e JOIN connections c ON c.source_key = e.source_key"
-            " WHERE e.event_id = ANY(%s) ORDER BY 1 RETURNING job_id",
-            ([s.event_id for s in stored],))
-        return [int(r[0]) for r in await cur.fetchall()]
+        return await pending_rows(conn, [s.event_id for s in stored if s.event_id])
+
+
+async def pending_rows(conn: AsyncConnection[Any], event_ids: list[int]) -> list[int]:
+    """Pending rows (as a released waiter has: the row path) for these events at every
+    destination they are addressed to; returns the job ids in job order."""
+    cur = await conn.execute(
+        "INSERT INTO jobs (job_id, destination_key, tenant_key, source_key,"
+        " ordering_partition, state, created_at, user_id, message_id)"
+        " SELECT (e.event_id << 16) | c.slot, c.destination_key, e.tenant_key,"
+        " e.source_key, e.ordering_partition, 'pending', e.created_at, e.user_id,"
+        " e.message_id FROM events e JOIN connections c ON c.source_key = e.source_key"
+        "  AND (e.destinations IS NULL OR c.destination_key = ANY(e.destinations))"
+        " WHERE e.event_id = ANY(%s) ORDER BY 1 RETURNING job_id", (event_ids,))
+    return sorted(int(r[0]) for r in await cur.fetchall())
 
 
 async def admin_token(conn: AsyncConnection[Any], tenant_id: str) -> str:
