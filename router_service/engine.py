@@ -276,6 +276,8 @@ class Engine:
                         parsed = document(event.document)
                     if route.filter.evaluate(parsed) is not True:
                         filtered[event.source_key, key] += 1
+                        if (kept := self.destinations.get(key)) is not None:
+                            metrics.FILTERED.labels(kept.id).inc()
                         continue
                 space = room.get(key)
                 if space is None:
