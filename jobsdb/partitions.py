@@ -162,7 +162,7 @@ async def sweep(
                     outcome = await compact(conn, number, retention=retention)
                     tried_compaction = outcome is not Compaction.IN_USE
                     if outcome is Compaction.DONE:
-                        swept.compacted.append(names["events"].as_string(None))
+                        swept.compacted.append(partition_name("events", number))
                     if outcome in (Compaction.DONE, Compaction.NOTHING_TO_REMOVE):
                         # Anything finishing from now on is removable a retention period later.
                         watch = Watch(sparse_at=now)

@@ -397,3 +397,13 @@ SELECT mj.job_id, s.attempt, s.state, s.error_code, s.response, s.started_at, s.
        s.retry_at, s.actor, s.reason, s.recorded_at, s.batch
 FROM job_statuses_v1 s
 JOIN migrated_jobs mj ON mj.old_id = s.job_id;
+
+-- A database that had no jobs (a new install) keeps nothing of the old tables.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM jobs_v1) THEN
+        DROP TABLE jobs_v1, job_statuses_v1;
+        DROP SEQUENCE jobs_v1_job_id_seq;
+    END IF;
+END
+$$;
