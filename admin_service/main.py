@@ -37,7 +37,8 @@ class AdminApp(ServiceApp[AdminConfig]):
         self._pool = await open_pool(config.database_url, application_name=APP_NAME,
                                      min_size=1, max_size=config.pool_size,
                                      statement_timeout_ms=config.statement_timeout_ms)
-        servicer = AdminServicer(self._pool, Authenticator(self._pool, config.operator_token))
+        servicer = AdminServicer(self._pool, Authenticator(self._pool, config.operator_token),
+                                 config.destination_policy)
         if config.server.metrics_address is not None:
             self._job_states = jobmetrics.register(self._pool)
         self._server = await start_server(

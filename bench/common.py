@@ -108,6 +108,9 @@ def wait_ready(port: int, timeout: float = 30) -> None:
 # a figure stays comparable with the runs before workers existed, the CPU per event read from
 # one pid is the service's, and a kill -9 (bench/chaos.py) kills what it names.
 ONE_PROCESS = {"RELAYQ_INGEST_WORKERS": "1", "RELAYQ_ROUTER_WORKERS": "1"}
+# The benchmarks' sinks are on loopback, which the network policy refuses to destinations by
+# default (relayq.netpolicy): every service they start allows loopback, and only loopback.
+LOCAL_DESTINATIONS = {"RELAYQ_DESTINATION_ALLOW_NETWORKS": "127.0.0.0/8,::1/128"}
 
 
 def spawn(module: str, env: Mapping[str, str], cpus: str | None = None
@@ -123,7 +126,7 @@ def spawn(module: str, env: Mapping[str, str], cpus: str | None = None
     it profiles their supervisor only.
     """
     command = service_command(module, cpus)
-    process = subprocess.Popen(command, env={**os.environ, **ONE_PROCESS,
+    process = subprocess.Popen(command, env={**os.environ, **ONE_PROCESS, **LOCAL_DESTINATIONS,
                                              "RELAYQ_LOG_LEVEL": "warning", **env})
     profile = os.environ.get("RELAYQ_BENCH_PROFILE")
     if profile:

@@ -10,7 +10,14 @@ from datetime import timedelta
 
 from jobsdb import maintenance
 from relayq.auth import operator_token
-from relayq.config import ConfigError, Env, ServerConfig, maintenance_policy, workers
+from relayq.config import (
+    ConfigError,
+    Env,
+    ServerConfig,
+    destination_policy,
+    maintenance_policy,
+    workers,
+)
 from router_service.engine import EngineSettings
 
 # Long enough for any host name and port; workers add `/<number>` to it.
@@ -64,6 +71,7 @@ class RouterConfig:
                 read_alone_above=env.integer("RELAYQ_ROUTER_READ_ALONE_ABOVE", 100, minimum=0,
                                              maximum=1_000_000),
                 destination_ca_file=env.file("RELAYQ_DESTINATION_CA_FILE"),
+                destination_policy=destination_policy(env),
             ),
             pool_size=env.integer("RELAYQ_ROUTER_POOL_SIZE", 8, minimum=3, maximum=1000),
             migrate=env.flag("RELAYQ_MIGRATE", True),

@@ -11,8 +11,19 @@ from psycopg import AsyncConnection
 
 from jobsdb import leases, queue
 from jobsdb.queue import Outcome
+from relayq.netpolicy import NetworkPolicy
 from relayq.v1 import ingest_pb2
+from router_service.resolver import Resolver
 from tests.sinks import Received
+
+# Tests send only to this machine, and loopback is refused to destinations by default
+# (relayq.netpolicy): every router and admin under test allows it, and nothing else.
+LOOPBACK_NETWORKS = "127.0.0.0/8,::1/128"
+
+
+def loopback_resolver() -> Resolver:
+    """A router's resolver allowing loopback, as the services under test have it."""
+    return Resolver(NetworkPolicy.parse(LOOPBACK_NETWORKS))
 
 # When the tests' outcomes say their attempts started.
 NOW = datetime.now(UTC)

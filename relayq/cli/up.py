@@ -194,6 +194,12 @@ class Cluster:
             "RELAYQ_LOG_FORMAT": "json",
             "RELAYQ_ADMIN_TOKEN": self.token,
             "RELAYQ_ROUTER_POLL_SECONDS": "0.5",
+            # The demo sink is on loopback, which destinations may not reach by default
+            # (relayq.netpolicy): this local cluster allows loopback, plus what the caller
+            # allows.
+            "RELAYQ_DESTINATION_ALLOW_NETWORKS": ",".join(filter(None, (
+                "127.0.0.0/8,::1/128",
+                os.environ.get("RELAYQ_DESTINATION_ALLOW_NETWORKS", "").strip()))),
             "RELAYQ_SHUTDOWN_GRACE_SECONDS": str(max(1.0, self.args.grace - 2)),
             # Past this a child gives up draining and says so, rather than being killed unheard.
             "RELAYQ_SHUTDOWN_TIMEOUT_SECONDS": str(max(1.5, self.args.grace - 1)),
