@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from jobsdb import sealing
 from relayq.auth import operator_token
-from relayq.config import Env, ServerConfig, destination_policy
+from relayq.config import Env, ServerConfig, destination_policy, secret_keys
 from relayq.netpolicy import NetworkPolicy
 
 
@@ -22,6 +23,8 @@ class AdminConfig:
     startup_timeout_seconds: float
     # Endpoints written as addresses the router would refuse are refused when set.
     destination_policy: NetworkPolicy = field(default_factory=NetworkPolicy)
+    # RELAYQ_SECRET_KEYS: what seals and opens destinations' secrets (jobsdb.sealing).
+    keyring: sealing.Keyring | None = None
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> AdminConfig:
@@ -39,4 +42,5 @@ class AdminConfig:
             startup_timeout_seconds=env.number(
                 "RELAYQ_STARTUP_TIMEOUT_SECONDS", 30.0, maximum=3600),
             destination_policy=destination_policy(env),
+            keyring=secret_keys(env),
         )

@@ -55,6 +55,16 @@ class QueryCanceled(JobsDBError):
     """A statement ran past its statement_timeout or lock_timeout."""
 
 
+class SealError(JobsDBError):
+    """A sealed secret that cannot be opened (jobsdb.sealing): a key not given, or a damaged
+    value."""
+
+
+class KeysRefused(SealError):
+    """The database holds secrets sealed under keys this process was not given: a wrong or
+    missing RELAYQ_SECRET_KEYS. Stops the process at start."""
+
+
 def translate(exc: BaseException) -> JobsDBError:
     """Map a driver or pool exception to a jobsdb error. The only place that inspects them."""
     if isinstance(exc, JobsDBError):

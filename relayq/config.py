@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from jobsdb import maintenance
+from jobsdb import maintenance, sealing
 from relayq import cpus, netpolicy, worker
 
 
@@ -204,3 +204,12 @@ def destination_policy(env: Env) -> netpolicy.NetworkPolicy:
         return netpolicy.NetworkPolicy.parse(env.environ.get(variable, ""))
     except ValueError as exc:
         raise ConfigError(variable, str(exc)) from None
+
+
+def secret_keys(env: Env) -> sealing.Keyring:
+    """RELAYQ_SECRET_KEYS: the keys secrets are sealed under at rest (jobsdb.sealing), the
+    first sealing, all opening. Required where secrets are read or written (router, admin)."""
+    try:
+        return sealing.Keyring.parse(env.environ.get(sealing.VARIABLE, ""))
+    except ValueError as exc:
+        raise ConfigError(sealing.VARIABLE, str(exc)) from None

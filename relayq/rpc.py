@@ -78,6 +78,8 @@ _DB_ERRORS: dict[type[dberrors.JobsDBError], grpc.StatusCode] = {
     dberrors.InvalidReference: grpc.StatusCode.FAILED_PRECONDITION,
     dberrors.ConstraintViolation: grpc.StatusCode.INVALID_ARGUMENT,
     dberrors.QueryCanceled: grpc.StatusCode.DEADLINE_EXCEEDED,
+    # A destination's secrets sealed under a key this process was not given.
+    dberrors.SealError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-from jobsdb import maintenance
+from jobsdb import maintenance, sealing
 from relayq.auth import operator_token
 from relayq.config import (
     ConfigError,
@@ -16,6 +16,7 @@ from relayq.config import (
     ServerConfig,
     destination_policy,
     maintenance_policy,
+    secret_keys,
     workers,
 )
 from router_service.engine import EngineSettings
@@ -36,6 +37,8 @@ class RouterConfig:
     # RouterStatus answers the operator with this token, and tenant tokens for their own
     # tenant. None: tenant tokens only (delivery never depends on it).
     operator_token: str | None = None
+    # RELAYQ_SECRET_KEYS: what opens destinations' sealed secrets (jobsdb.sealing).
+    keyring: sealing.Keyring | None = None
     # Router processes sharing the port and the leases (relayq.supervisor), each a router of
     # its own; 1: this process alone.
     workers: int = 1
@@ -80,6 +83,7 @@ class RouterConfig:
                 "RELAYQ_STARTUP_TIMEOUT_SECONDS", 30.0, maximum=3600),
             operator_token=operator_token(env, required=False),
             workers=workers(env, "RELAYQ_ROUTER_WORKERS", "1"),
+            keyring=secret_keys(env),
         )
 
 

@@ -25,7 +25,7 @@ from relayq.ports import free_port
 from relayq.v1 import admin_pb2_grpc, ingest_pb2_grpc, router_pb2_grpc
 from router_service.config import RouterConfig
 from router_service.main import RouterApp
-from tests.helpers import LOOPBACK_NETWORKS
+from tests.helpers import LOOPBACK_NETWORKS, TEST_SECRET_KEY
 
 # The operator token every test admin server is started with.
 OPERATOR_TOKEN = "test-operator-token-0123456789"
@@ -53,6 +53,8 @@ def quiet_env(database_url: str, **extra: str) -> dict[str, str]:
         # Destinations under test are on this machine, which the network policy refuses by
         # default (relayq.netpolicy): allow loopback, and only loopback.
         "RELAYQ_DESTINATION_ALLOW_NETWORKS": LOOPBACK_NETWORKS,
+        # Secrets are sealed at rest; routers and admin need the key (jobsdb.sealing).
+        "RELAYQ_SECRET_KEYS": TEST_SECRET_KEY,
         **extra,
     }
 
