@@ -195,17 +195,17 @@ async def seal_all(conn: AsyncConnection[Any], keyring: Keyring, *, rekey: bool)
     re-seal under the first key what another key sealed. The caller owns the transaction;
     rows are locked as they are read, so two processes doing it at once wait for each
     other. Returns how many values changed."""
-    changed = 0
-    cur = await conn.execute(query("secrets.sql", "signing_secrets_to_seal"))
+    secrets: list[dict[str, Any]] = []
+    cur = conn.cursor()
+    await cur.execute(query("secrets.sql", "signing_secrets_to_seal"))
     for secret_id, secret, sealed in await cur.fetchall():
         if sealed is not None and (not rekey or keyring.is_current(sealed)):
             continue
         plain = secret if sealed is None else keyring.open_text(sealed, SIGNING_SECRET)
-        await conn.execute(query("secrets.sql", "set_sealed_signing_secret"),
-                           {"secret_id": secret_id,
-                            "sealed": keyring.seal_text(plain, SIGNING_SECRET)})
-        changed += 1
-    cur = await conn.execute(query("secrets.sql", "destinations_to_seal"))
+        secrets.append({"secret_id": secret_id,
+                        "sealed": keyring.seal_text(plain, SIGNING_SECRET)})
+    rows: list[dict[str, Any]] = []
+    await cur.execute(query("secrets.sql", "destinations_to_seal"))
     for key, endpoint, headers, sealed_endpoint, sealed_headers in await cur.fetchall():
         stale = [s for s in (sealed_endpoint, sealed_headers) if s is not None
                  and not keyring.is_current(s)]
@@ -216,11 +216,15 @@ async def seal_all(conn: AsyncConnection[Any], keyring: Keyring, *, rekey: bool)
             endpoint = keyring.open_text(sealed_endpoint, ENDPOINT)
         plain_headers = {**keyring.open_headers(sealed_headers), **headers}
         shown, new_endpoint = keyring.seal_endpoint(endpoint)
-        await conn.execute(query("secrets.sql", "set_sealed_destination"), {
-            "destination_key": key, "endpoint": shown, "sealed_endpoint": new_endpoint,
-            "sealed_headers": keyring.seal_headers(plain_headers)})
-        changed += 1
-    return changed
+        rows.append({"destination_key": key, "endpoint": shown,
+                     "sealed_endpoint": new_endpoint,
+                     "sealed_headers": keyring.seal_headers(plain_headers)})
+    # executemany pipelines the updates: one round trip for thousands, not one each.
+    if secrets:
+        await cur.executemany(query("secrets.sql", "set_sealed_signing_secret"), secrets)
+    if rows:
+        await cur.executemany(query("secrets.sql", "set_sealed_destination"), rows)
+    return len(secrets) + len(rows)
 
 
 async def lock(conn: AsyncConnection[Any]) -> None:
