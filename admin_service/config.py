@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from jobsdb import sealing
 from relayq.auth import operator_token
-from relayq.config import Env, ServerConfig
+from relayq.config import Env, ServerConfig, destination_policy, secret_keys
+from relayq.netpolicy import NetworkPolicy
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,10 @@ class AdminConfig:
     statement_timeout_ms: int
     migrate: bool
     startup_timeout_seconds: float
+    # Endpoints written as addresses the router would refuse are refused when set.
+    destination_policy: NetworkPolicy = field(default_factory=NetworkPolicy)
+    # RELAYQ_SECRET_KEYS: what seals and opens destinations' secrets (jobsdb.sealing).
+    keyring: sealing.Keyring | None = None
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> AdminConfig:
@@ -35,4 +41,6 @@ class AdminConfig:
             migrate=env.flag("RELAYQ_MIGRATE", True),
             startup_timeout_seconds=env.number(
                 "RELAYQ_STARTUP_TIMEOUT_SECONDS", 30.0, maximum=3600),
+            destination_policy=destination_policy(env),
+            keyring=secret_keys(env),
         )

@@ -8,7 +8,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from admin_service.config import AdminConfig
 from admin_service.service import AdminServicer
-from jobsdb import migrate
+from jobsdb import migrate, sealing
 from jobsdb.pool import open_pool
 from relayq import jobmetrics, process
 from relayq.app import ServiceApp
@@ -34,10 +34,14 @@ class AdminApp(ServiceApp[AdminConfig]):
         await migrate.prepare(config.database_url, apply=config.migrate,
                               wait_seconds=config.startup_timeout_seconds,
                               application_name=APP_NAME)
+        if config.keyring is not None:
+            await sealing.start(config.database_url, config.keyring,
+                                application_name=APP_NAME)
         self._pool = await open_pool(config.database_url, application_name=APP_NAME,
                                      min_size=1, max_size=config.pool_size,
                                      statement_timeout_ms=config.statement_timeout_ms)
-        servicer = AdminServicer(self._pool, Authenticator(self._pool, config.operator_token))
+        servicer = AdminServicer(self._pool, Authenticator(self._pool, config.operator_token),
+                                 config.destination_policy)
         if config.server.metrics_address is not None:
             self._job_states = jobmetrics.register(self._pool)
         self._server = await start_server(

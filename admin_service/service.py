@@ -28,6 +28,7 @@ from jobsdb.filters import compile_filter
 from jobsdb.pool import transaction
 from relayq import destination_types
 from relayq.auth import Authenticator, Caller
+from relayq.netpolicy import NetworkPolicy
 from relayq.rpc import FailedPrecondition, InvalidArgument, handle_errors
 from relayq.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
@@ -58,8 +59,11 @@ def selection(text: str) -> jobsdb.Selection:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, pool: AsyncConnectionPool, auth: Authenticator) -> None:
+    def __init__(self, pool: AsyncConnectionPool, auth: Authenticator,
+                 policy: NetworkPolicy | None = None) -> None:
         self._pool = pool
+        # Where destinations may connect: endpoints written as refused addresses are refused.
+        self._policy = policy or NetworkPolicy()
         self._auth = auth
 
     # --- tenants -------------------------------------------------------------------------
@@ -193,7 +197,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         settings = catalog.DestinationSettings(
             name=validate.name("name", request.name),
             type=kind,
-            endpoint=validate.endpoint("endpoint", kind, request.endpoint),
+            endpoint=validate.endpoint("endpoint", kind, request.endpoint, self._policy),
             headers=validate.headers("headers", kind, dict(request.headers)),
             min_backoff_ms=policy.min_backoff_ms,
             max_backoff_ms=policy.max_backoff_ms,
@@ -228,7 +232,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         destination_id = validate.reference("id", request.id)
         async with transaction(self._pool) as conn:
             current = await catalog.get_destination(conn, destination_id, caller.scope)
-            changes = _destination_changes(request, current)
+            changes = _destination_changes(request, current, self._policy)
             row = await catalog.update_destination(conn, current, changes)
         _changed(caller, "updated destination", tenant=row.tenant_id, destination=row.id,
                  fields=sorted(changes))
@@ -541,12 +545,14 @@ def _selector(request_selector: admin_pb2.JobSelector) -> jobsdb.Selection:
 
 
 def _destination_changes(request: admin_pb2.UpdateDestinationRequest,
-                         current: catalog.Destination) -> dict[str, Any]:
+                         current: catalog.Destination, networks: NetworkPolicy
+                         ) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     if request.HasField("name"):
         changes["name"] = validate.name("name", request.name)
     if request.HasField("endpoint"):
-        changes["endpoint"] = validate.endpoint("endpoint", current.type, request.endpoint)
+        changes["endpoint"] = validate.endpoint("endpoint", current.type, request.endpoint,
+                                                networks)
     if request.HasField("retry_policy"):
         policy = validate.retry_policy("retry_policy", request.retry_policy)
         changes.update(min_backoff_ms=policy.min_backoff_ms,

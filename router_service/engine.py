@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from jobsdb.eventlog import LoggedEvent
 from jobsdb.keyspace import partition_of
 from jobsdb.pool import transaction
 from jobsdb.queue import RESPONSE_LIMIT
+from relayq.netpolicy import NetworkPolicy
 from relayq.tasks import cancel_and_wait
 from router_service import metrics, senders
 from router_service.channels import GrpcChannels
@@ -44,6 +45,7 @@ from router_service.membership import Membership
 from router_service.model import Job
 from router_service.outcomes import OutcomeFlusher, Roots
 from router_service.reads import Reader
+from router_service.resolver import Resolver
 from router_service.routing import Routing, document
 from router_service.senders import Sender, SenderContext
 from router_service.tracks import Positions
@@ -81,6 +83,8 @@ class EngineSettings:
     log_window: int = 0
     # Extra certificate authorities for https:// and grpcs:// destinations (router_service.trust).
     destination_ca_file: Path | None = None
+    # Where destinations may connect (relayq.netpolicy): public addresses and these networks.
+    destination_policy: NetworkPolicy = field(default_factory=NetworkPolicy)
 
 
 class Engine:
@@ -137,11 +141,12 @@ class Engine:
         # Idle connections per origin: as many as deliveries can be in flight to it at once,
         # so a receiver taking every permit does not have its connections closed and opened
         # again as the requests come and go.
-        http = HttpPool(self.trust.ssl_context, body_limit=RESPONSE_LIMIT,
+        resolver = Resolver(self.settings.destination_policy)
+        http = HttpPool(self.trust.ssl_context, body_limit=RESPONSE_LIMIT, resolver=resolver,
                         max_idle_per_origin=self.settings.permits)
-        self._senders = SenderContext(http=http, trust=self.trust,
-                                      grpc_batch=self.settings.grpc_batch,
-                                      grpc_channels=GrpcChannels(self.trust.grpc_credentials))
+        self._senders = SenderContext(
+            http=http, trust=self.trust, grpc_batch=self.settings.grpc_batch,
+            grpc_channels=GrpcChannels(self.trust.grpc_credentials, resolver), resolver=resolver)
         await self._load_destinations()
         self.flusher.start()
         self.reader.start()
