@@ -41,7 +41,9 @@ def test_the_document_carries_the_envelope_and_the_properties() -> None:
     event = build(message_id="m1", user_id="u1", anonymous_id="a1", type="track",
                   event="Signed Up", payload_json='{"plan": "pro", "n": 10000000000000000000001}')
     assert event.user_id == "u1"
-    assert event.destination_keys == (10, 11)
+    # Named none: for every connection of the source, which the routers look up when they
+    # read the event (ingest no longer lists the connected destinations per event).
+    assert event.destinations is None
     assert json.loads(event.document) == {
         "messageId": "m1", "type": "track", "event": "Signed Up", "userId": "u1",
         "anonymousId": "a1", "timestamp": NOW, "receivedAt": NOW,
@@ -144,7 +146,7 @@ def test_an_escaped_backslash_before_u0000_is_not_a_nul() -> None:
 
 def test_named_destinations_are_deduplicated_in_order() -> None:
     event = build(message_id="m", user_id="u", destination_ids=["d2", "d1", "d2"])
-    assert event.destination_keys == (11, 10)
+    assert event.destinations == (11, 10)
 
 
 def test_prepare_collects_per_event_reasons_and_refuses_bad_batches() -> None:
@@ -180,7 +182,7 @@ async def test_requests_arriving_together_share_one_flush() -> None:
     async def store(events: Sequence[NewEvent]) -> list[Stored]:
         flushes.append(len(events))
         await asyncio.sleep(0.01)
-        return [Stored(duplicate=False, job_ids=[1]) for _ in events]
+        return [Stored(duplicate=False, event_id=1) for _ in events]
 
     committer = GroupCommitter(store, delay=0.02, max_jobs=1000, concurrency=1)
     committer.start()
@@ -202,7 +204,7 @@ async def test_an_idle_committer_flushes_a_request_at_once() -> None:
         flushes.append(len(events))
         if len(flushes) == 1:
             await release.wait()
-        return [Stored(duplicate=False, job_ids=[1]) for _ in events]
+        return [Stored(duplicate=False, event_id=1) for _ in events]
 
     committer = GroupCommitter(store, delay=10.0, max_jobs=1000, concurrency=1,
                                light_max_jobs=0)
@@ -252,7 +254,7 @@ class _HeldStore:
         async with self._changed:
             self._changed.notify_all()
         await gate.wait()
-        return [Stored(duplicate=False, job_ids=[1]) for _ in events]
+        return [Stored(duplicate=False, event_id=1) for _ in events]
 
     async def started(self, count: int) -> None:
         async with self._changed:
@@ -466,7 +468,7 @@ class _RefusingCommitter:
         if refused:
             raise EventsRefused(refused)
         self.stored.append([e.message_id for e in events])
-        return [Stored(duplicate=False, job_ids=[n]) for n, _ in enumerate(events)]
+        return [Stored(duplicate=False, event_id=n + 1) for n, _ in enumerate(events)]
 
 
 @pytest.mark.parametrize("partial", [False, True])
