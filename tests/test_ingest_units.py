@@ -220,6 +220,27 @@ async def test_an_idle_committer_flushes_a_request_at_once() -> None:
     assert flushes == [1, 3]  # the three that came meanwhile shared the next flush
 
 
+async def test_a_store_that_fails_unexpectedly_fails_its_requests_at_once() -> None:
+    """A fault that is not Postgres's answer (a bug) must not leave clients waiting for
+    their deadlines with nothing left to answer them; the committer goes on."""
+    calls = 0
+
+    async def store(events: Sequence[NewEvent]) -> list[Stored]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TypeError("a bug")
+        return [Stored(duplicate=False, event_id=n + 1) for n, _ in enumerate(events)]
+
+    committer = GroupCommitter(store, delay=0.01, max_jobs=1000, concurrency=1)
+    committer.start()
+    with pytest.raises(TypeError, match="a bug"):
+        await asyncio.wait_for(committer.submit(_events(2)), 5)
+    assert await asyncio.wait_for(committer.submit(_events(1)), 5) == [
+        Stored(duplicate=False, event_id=1)]
+    await committer.close()
+
+
 async def test_a_flush_never_takes_more_than_max_jobs() -> None:
     flushes: list[int] = []
 
