@@ -433,7 +433,7 @@ async def test_an_event_sent_once_its_source_is_connected_is_delivered(world: Wo
         await router_connects(running, world.source.key, "late")
         job = job_id(sent.results[0].event_id, 1)
         await eventually(lambda: any(r.job_id == job for r in world.webhook.oks),
-                         within=10, what="the event delivered to the new connection")
+                         within=5, what="the event delivered to the new connection")
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -454,7 +454,7 @@ async def test_an_accepted_event_with_a_number_beyond_a_double_is_delivered_thro
     async with ingest(world.database) as service, router(world.database):
         ids = await pipeline_send(service, world.source, [event("m1", "u1"), big,
                                                          event("m3", "u3")])
-        await wait_until_finished(world.conn, len(ids), within=8)
+        await wait_until_finished(world.conn, len(ids), within=5)
     assert sorted(r.message_id for r in world.webhook.oks) == ["big", "m1", "m3"]
 
 
