@@ -322,19 +322,19 @@ def history(rounds: int, jobs: int, keep: bool) -> None:
 
 async def _next_partition(name: str) -> None:
     async with await psycopg.AsyncConnection.connect(dsn_for(name), autocommit=True) as conn:
-        size = (await partitions.settings(conn)).job_partition_size
-        cur = await conn.execute("SELECT last_value FROM jobs_job_id_seq")
+        size = (await partitions.settings(conn)).event_partition_size
+        cur = await conn.execute("SELECT last_value FROM events_event_id_seq")
         row = await cur.fetchone()
         start = (int(row[0]) // size + 1) * size if row else size
-        await partitions.ensure(conn, upto_job_id=start)
-        await conn.execute("SELECT setval('jobs_job_id_seq', %s)", (start,))
+        await partitions.ensure(conn, upto_event_id=start)
+        await conn.execute("SELECT setval('events_event_id_seq', %s)", (start,))
 
 
 def _footprint(name: str) -> tuple[float, int]:
     with psycopg.connect(dsn_for(name), autocommit=True) as conn:
         row = conn.execute(
             "SELECT pg_database_size(current_database()) / 1e6,"
-            " (SELECT count(*) FROM pg_inherits WHERE inhparent = 'jobs'::regclass)").fetchone()
+            " (SELECT count(*) FROM pg_inherits WHERE inhparent = 'events'::regclass)").fetchone()
     assert row is not None
     return float(row[0]), int(row[1])
 
@@ -594,14 +594,17 @@ def fairness(seconds: float, flood_rate: float) -> None:
 
 
 def _dispatch_times(name: str, source: str) -> dict[str, float]:
-    """When the router started each first delivery of the source's jobs (job_statuses'
+    """When the router started each first delivery of the source's events (a delivery's
     started_at is taken from the router's clock as it sends), by message id."""
     with psycopg.connect(dsn_for(name), autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT j.message_id, extract(epoch FROM s.started_at)::float8 FROM jobs j"
-            " JOIN job_statuses s ON s.job_id = j.job_id AND s.attempt = 1"
-            " JOIN sources o ON o.source_key = j.source_key WHERE o.id = %s",
-            (source,)).fetchall()
+            "SELECT e.message_id, min(extract(epoch FROM"
+            "        d.started_at[d.requests[x.n]]))::float8"
+            " FROM deliveries d"
+            " CROSS JOIN LATERAL unnest(d.event_ids) WITH ORDINALITY AS x(event_id, n)"
+            " JOIN events e ON e.event_id = x.event_id"
+            " JOIN sources o ON o.source_key = e.source_key WHERE o.id = %s"
+            " GROUP BY e.message_id", (source,)).fetchall()
     return {str(m): float(t) for m, t in rows}
 
 

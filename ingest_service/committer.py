@@ -280,6 +280,11 @@ class GroupCommitter:
             started = time.perf_counter()
             await self._flush_together(batch)
             self._on_flushed(sum(r.jobs for r in batch), time.perf_counter() - started)
+        except Exception as exc:
+            # Not Postgres's answer but a fault of ours: the requests fail now, rather than
+            # wait for their deadlines with nothing left to answer them.
+            log.exception("a group commit failed")
+            _fail(batch, exc)
         finally:
             if express:
                 self._express_free += 1
