@@ -81,9 +81,11 @@ class Loaded(NamedTuple):
     connections: list[Connection]
 
 
-async def load_if_changed(conn: AsyncConnection[Any], last_digest: str | None) -> Loaded | None:
-    """Every destination (load_all) and enabled connection, and a digest of them all, or None
-    when the digest is still `last_digest`: nothing changed since that load.
+async def load_if_changed(conn: AsyncConnection[Any], last_digest: str | None
+                          ) -> tuple[int, Loaded | None]:
+    """The connections' version (migration 0012), and every destination (load_all) and
+    enabled connection with a digest of them all, or None when the digest is still
+    `last_digest`: nothing changed since that load.
 
     The router reloads at every configuration change and every 30 s, on its event loop;
     at ten thousand destinations making the rows costs it ~200 ms of CPU, a stall for every
@@ -91,8 +93,10 @@ async def load_if_changed(conn: AsyncConnection[Any], last_digest: str | None) -
     statement of its transaction: the digest and the rows then come from one snapshot, so
     the digest kept is that of the rows loaded, and a change undone later is not missed."""
     await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    cur = await conn.execute("SELECT version FROM relayq_config_version")
+    version = int((await cur.fetchone() or [0])[0])
     row = await (await conn.execute(_DIGEST)).fetchone()
     digest = (row[0] if row is not None else None) or ""
     if digest == last_digest:
-        return None
-    return Loaded(digest, await load_all(conn), await load_connections(conn))
+        return version, None
+    return version, Loaded(digest, await load_all(conn), await load_connections(conn))

@@ -61,6 +61,8 @@ class Read:
     # to the last id returned per partition, or to horizon - 1 where fewer than asked came.
     horizon: int
     events: list[LoggedEvent]
+    # The connections' version in the read's snapshot (0 when nothing was read).
+    config_version: int = 0
 
 
 async def read(conn: Conn, wanted: Sequence[Wanted]) -> Read:
@@ -75,11 +77,15 @@ async def read(conn: Conn, wanted: Sequence[Wanted]) -> Read:
     }, binary=True)
     row = await horizon_cur.fetchone()
     assert row is not None
-    return Read(int(row[0]), [LoggedEvent(*r) for r in await cur.fetchall()])
+    rows = await cur.fetchall()
+    return Read(int(row[0]), [LoggedEvent(*r[:-1]) for r in rows],
+                int(rows[0][-1]) if rows else 0)
 
 
-async def read_for(conn: Conn, wanted: Sequence[WantedFor]) -> dict[int, list[LoggedEvent]]:
-    """Each destination's events in the partitions it reads on its own, by destination."""
+async def read_for(conn: Conn, wanted: Sequence[WantedFor]
+                   ) -> tuple[dict[int, list[LoggedEvent]], int]:
+    """Each destination's events in the partitions it reads on its own, by destination, and
+    the connections' version in the read's snapshot (0 when nothing was read)."""
     cur = await conn.execute(query("eventlog.sql", "read_for"), {
         "destination_keys": [w.destination_key for w in wanted],
         "partitions": [w.partition for w in wanted],
@@ -89,9 +95,11 @@ async def read_for(conn: Conn, wanted: Sequence[WantedFor]) -> dict[int, list[Lo
         "sources": [";".join(map(str, w.sources)) for w in wanted],
     }, binary=True)
     found: dict[int, list[LoggedEvent]] = {w.destination_key: [] for w in wanted}
+    version = 0
     for row in await cur.fetchall():
-        found[row[0]].append(LoggedEvent(*row[1:]))
-    return found
+        found[row[0]].append(LoggedEvent(*row[1:-1]))
+        version = int(row[-1])
+    return found, version
 
 
 # --- taking partitions over ------------------------------------------------------------------

@@ -106,9 +106,14 @@ class Engine:
                              window=settings.log_window or settings.batch,
                              poll_seconds=settings.poll_seconds,
                              usable=lambda: self.membership.usable(),
-                             fan_out=self._fan_out, on_stalled=self._stalled)
+                             fan_out=self._fan_out, on_stalled=self._stalled,
+                             ensure_config=self.ensure_config)
         self.cursors = CursorWriter(pool, self.positions, settings.router_id)
         self._taking: set[int] = set()
+        # The connections' version this router's routing was loaded at, and one load at a
+        # time.
+        self.config_version = 0
+        self._loading = asyncio.Lock()
         self.reader = Reader(pool, alone_above=settings.read_alone_above,
                              max_rows=settings.read_max_rows,
                              concurrency=settings.read_concurrency)
@@ -416,19 +421,33 @@ class Engine:
             await asyncio.sleep(0.2)  # one reload for a burst of changes
             self._reload.clear()
             try:
-                await self._load_destinations()
+                async with self._loading:
+                    await self._load_destinations()
             except JobsDBError as exc:
                 log.warning("reloading destinations failed: %s", exc)
                 self._reload.set()
                 await asyncio.sleep(1)
 
+    async def ensure_config(self, version: int) -> None:
+        """Events were read in a snapshot where the connections' version is `version`: load
+        the connections again first if ours are older, or an event sent after a connection
+        was made would be handed out without it (and never again: the cursors move on)."""
+        while self.config_version < version:
+            async with self._loading:
+                if self.config_version >= version:
+                    return
+                await self._load_destinations()
+
     async def _load_destinations(self) -> None:
         async with transaction(self.pool) as conn:
-            found = await destinations_db.load_if_changed(conn, self._destinations_digest)
+            version, found = await destinations_db.load_if_changed(
+                conn, self._destinations_digest)
         if found is None:
+            self.config_version = max(self.config_version, version)
             return
         self._destinations_digest, loaded, connections = found
         self.routing = Routing(connections)
+        self.config_version = max(self.config_version, version)
         for key, row in loaded.items():
             lane = self.lanes.get(key)
             old = self.destinations.get(key)

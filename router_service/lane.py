@@ -325,8 +325,7 @@ class Lane:
         lagging = {p: after for p, after in positions.lagging(key).items() if p in usable}
         if not lagging:
             return
-        routing = context.routing()
-        sources = routing.sources_of.get(key, ())
+        sources = context.routing().sources_of.get(key, ())
         each = max(1, self.room // len(lagging))
         wanted = [WantedFor(key, p, after, positions.position[p], each, sources)
                   for p, after in sorted(lagging.items())]
@@ -335,6 +334,12 @@ class Lane:
             events = await context.log.read_own(wanted) if sources else []
         finally:
             self._reading_own = False
+        # The read may have found the connections changed (read_own loads them again): read
+        # with the sources as they are now, or a new source's events would be passed over.
+        routing = context.routing()
+        if routing.sources_of.get(key, ()) != sources:
+            self.wake.set()
+            return
         read: dict[int, list[LoggedEvent]] = {}
         for event in events:
             read.setdefault(event.partition, []).append(event)

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from psycopg_pool import AsyncConnectionPool
@@ -63,6 +63,7 @@ class LogReader:
         usable: Callable[[], Collection[int]],
         fan_out: Callable[[list[LoggedEvent]], None],
         on_stalled: Callable[[int, list[int]], None],
+        ensure_config: Callable[[int], Awaitable[None]],
     ) -> None:
         self._pool = pool
         self._positions = positions
@@ -73,6 +74,8 @@ class LogReader:
         self._usable = usable
         self._fan_out = fan_out
         self._on_stalled = on_stalled
+        # Loads the connections again when a read saw a newer version of them.
+        self.ensure_config = ensure_config
         self._wake = asyncio.Event()
         self._stalls: dict[int, _Stall] = {}
         self._own: list[_OwnRead] = []
@@ -156,6 +159,8 @@ class LogReader:
                 full = True
             else:
                 positions.read_shared(w.partition, read.horizon - 1)
+        if read.events:
+            await self.ensure_config(read.config_version)
         events = [e for e in read.events if positions.reading(e.partition)]
         if events:
             self._fan_out(events)
@@ -177,11 +182,15 @@ class LogReader:
 
     async def read_own(self, wanted: Sequence[WantedFor]) -> list[LoggedEvent]:
         """One destination's events in the partitions it reads on its own (grouped with the
-        other lagging destinations' reads waiting at the same moment)."""
+        other lagging destinations' reads waiting at the same moment), once the router's
+        connections are at least as new as the read's."""
         request = _OwnRead(list(wanted))
         self._own.append(request)
         self._own_arrived.set()
-        return await request.future
+        events, version = await request.future
+        if events:
+            await self.ensure_config(version)
+        return events
 
     async def _own_reads(self) -> None:
         while True:
@@ -194,7 +203,8 @@ class LogReader:
                 continue
             try:
                 async with transaction(self._pool) as conn:
-                    found = await eventlog.read_for(conn, [w for r in batch for w in r.wanted])
+                    found, version = await eventlog.read_for(
+                        conn, [w for r in batch for w in r.wanted])
             except asyncio.CancelledError:
                 for request in batch:
                     request.future.cancel()
@@ -207,13 +217,13 @@ class LogReader:
             for request in batch:
                 if not request.future.done():
                     key = request.wanted[0].destination_key
-                    request.future.set_result(found.get(key, []))
+                    request.future.set_result((found.get(key, []), version))
 
 
 @dataclass
 class _OwnRead:
     wanted: list[WantedFor]
-    future: asyncio.Future[list[LoggedEvent]] = field(
+    future: asyncio.Future[tuple[list[LoggedEvent], int]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
 

@@ -8,6 +8,7 @@ compiled once per filter text (a reload recompiles nothing that did not change).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -57,8 +58,18 @@ class Routing:
 
 def document(text: str) -> Mapping[str, Any]:
     """An event document as filters read it (parsed once per event, only when a filter
-    needs it)."""
-    parsed = orjson.loads(text)
+    needs it). Ingest accepts JSON that orjson refuses (numbers beyond a double's range):
+    the standard library reads those (as ingest's validation did). A document neither can
+    read (nothing ingest accepts) reads as empty: a filter over it is unknown, so it does not
+    match, and the other events of the read go on."""
+    try:
+        parsed = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:
+            parsed = json.loads(text)
+        except (ValueError, RecursionError):
+            log.error("an event document that is not JSON; no connection filter takes it")
+            return {}
     return parsed if isinstance(parsed, dict) else {}
 
 

@@ -407,3 +407,36 @@ BEGIN
     END IF;
 END
 $$;
+
+-- ---------------------------------------------------------------------------------------
+-- Which connections a router's reads must see. Routers apply connections when they read
+-- an event: a router that read an event sent after a connection was made, before it
+-- reloaded its connections, would skip that event for the new destination for good. So
+-- every read also returns this version, in its own snapshot, and a router whose
+-- connections are older reloads them before it hands any event out. Bumped at commit (a
+-- deferred trigger: the version row is the last lock a transaction takes, so it never
+-- takes part in a deadlock), once per transaction.
+-- ---------------------------------------------------------------------------------------
+
+CREATE TABLE relayq_config_version (
+    one      boolean PRIMARY KEY DEFAULT true CHECK (one),
+    version  bigint NOT NULL,
+    -- The transaction that bumped it last (each bumps it once).
+    bumped_by  xid8
+);
+
+INSERT INTO relayq_config_version (version) VALUES (0);
+
+CREATE FUNCTION relayq_config_bump() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE relayq_config_version
+    SET version = version + 1, bumped_by = pg_current_xact_id()
+    WHERE bumped_by IS DISTINCT FROM pg_current_xact_id();
+    RETURN NULL;
+END;
+$$;
+
+CREATE CONSTRAINT TRIGGER connections_version AFTER INSERT OR UPDATE OR DELETE ON connections
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION relayq_config_bump();

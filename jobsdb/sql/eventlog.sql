@@ -15,9 +15,12 @@ SELECT set_config('relayq.horizon', event_log_horizon()::text, true)::bigint AS 
 
 -- name: read
 -- Each wanted partition's events after `after`, below the horizon, in id order, up to
--- `lim` each: one index scan per partition (events_partition_idx).
+-- `lim` each: one index scan per partition (events_partition_idx). With the version of the
+-- connections in this same snapshot (migration 0012): a router whose connections are older
+-- reloads them before it hands these events out.
 SELECT e.event_id, e.ordering_partition, e.source_key, e.tenant_key, e.created_at,
-       e.user_id, e.message_id, e.destinations, e.document
+       e.user_id, e.message_id, e.destinations, e.document,
+       (SELECT version FROM relayq_config_version) AS config_version
 FROM unnest(%(partitions)s::smallint[], %(afters)s::bigint[], %(limits)s::integer[])
      AS w(partition, after, lim)
 CROSS JOIN LATERAL (
@@ -37,7 +40,8 @@ ORDER BY e.ordering_partition, e.event_id;
 -- partition). `upto` is at most where the router's shared read has been, which is below the
 -- horizon already. Sources travel as ';'-joined keys, one text per wanted row.
 SELECT w.destination_key, e.event_id, e.ordering_partition, e.source_key, e.tenant_key,
-       e.created_at, e.user_id, e.message_id, e.destinations, e.document
+       e.created_at, e.user_id, e.message_id, e.destinations, e.document,
+       (SELECT version FROM relayq_config_version) AS config_version
 FROM unnest(%(destination_keys)s::integer[], %(partitions)s::smallint[],
             %(afters)s::bigint[], %(uptos)s::bigint[], %(limits)s::integer[],
             %(sources)s::text[])
