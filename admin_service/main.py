@@ -7,6 +7,7 @@ import logging
 from psycopg_pool import AsyncConnectionPool
 
 from admin_service.config import AdminConfig
+from admin_service.ops import Operations
 from admin_service.service import AdminServicer
 from jobsdb import migrate
 from jobsdb.pool import open_pool
@@ -37,7 +38,8 @@ class AdminApp(ServiceApp[AdminConfig]):
         self._pool = await open_pool(config.database_url, application_name=APP_NAME,
                                      min_size=1, max_size=config.pool_size,
                                      statement_timeout_ms=config.statement_timeout_ms)
-        servicer = AdminServicer(self._pool, Authenticator(self._pool, config.operator_token))
+        servicer = AdminServicer(Operations(self._pool),
+                                  Authenticator(self._pool, config.operator_token))
         if config.server.metrics_address is not None:
             self._job_states = jobmetrics.register(self._pool)
         self._server = await start_server(
