@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-process lint proto up clean bench-smoke
+.PHONY: install test test-process lint proto up clean bench-smoke browser console-screenshots
 
 $(STAMP): pyproject.toml setup.py protos/generate.py $(wildcard protos/relayq/v1/*.proto)
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,20 @@ up: install
 # .relayq/test-pgdata when nothing answers there.
 test: install
 	$(BIN)/python -m relayq.cli.testdb $(BIN)/pytest
+
+# Debian's Chromium and its driver, for the console's browser tests (tests/test_console.py),
+# installed only when missing: nothing is downloaded at test time.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "installing chromium and chromium-driver (Debian) for the browser tests"; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver fonts-liberation >/dev/null; \
+	fi
+
+# The console's browser tests, saving their screenshots into docs/console/ (docs/console.md).
+console-screenshots: install browser
+	RELAYQ_CONSOLE_SCREENSHOTS=docs/console $(BIN)/python -m relayq.cli.testdb \
+		$(BIN)/pytest tests/test_console.py
 
 # Only the tests that start, kill -9 and restart service processes.
 test-process: install

@@ -37,7 +37,9 @@ async def _or_again(request: web.Request, action: Awaitable[web.StreamResponse],
         status, message = http_status(exc)
         if status not in (400, 403, 409):
             raise
-        return await again(request, message, form)
+        page = await again(request, message, form)
+        page.set_status(status)
+        return page
 
 
 async def _listing(request: web.Request, kind: str, operation: Callable[[Caller, Any],
