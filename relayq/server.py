@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from relayq import addresses
+from relayq import addresses, poolmetrics
 from relayq.config import ServerConfig
 from relayq.decoding import Registrar
 
@@ -39,10 +40,13 @@ class RunningServer:
     service_names: tuple[str, ...]
     metrics_port: int | None
     _stop_metrics: Callable[[], None] | None
+    _pool_metrics: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self._pool_metrics is not None:
+            await poolmetrics.stop(self._pool_metrics)
         if self._stop_metrics is not None:
             self._stop_metrics()
 
@@ -103,7 +107,11 @@ async def start_server(
         extra={"services": ",".join(names), "port": port, "tls": config.tls is not None,
                "metrics_port": metrics_port},
     )
-    return RunningServer(server, port, health, names, metrics_port, stop_metrics)
+    # Served here, or by this worker's supervisor (PROMETHEUS_MULTIPROC_DIR).
+    reported = config.metrics_address is not None or bool(
+        os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    return RunningServer(server, port, health, names, metrics_port, stop_metrics,
+                         poolmetrics.start() if reported else None)
 
 
 def check_addresses(config: ServerConfig) -> None:
