@@ -64,11 +64,13 @@ def application(parts: Console) -> web.Application:
 @dataclass
 class ConsoleServer:
     runner: web.AppRunner
+    parts: Console
     port: int
     url: str
 
     async def stop(self) -> None:
         await self.runner.cleanup()
+        await self.parts.stats.close()
 
 
 async def start(config: ConsoleConfig, ops: Operations, pool: AsyncConnectionPool,
@@ -100,4 +102,4 @@ async def start(config: ConsoleConfig, ops: Operations, pool: AsyncConnectionPoo
         shown = f"[{shown}]"
     url = f"{'https' if tls else 'http'}://{shown}:{port}/"
     log.info("console serving at %s", url, extra={"console_url": url, "address": config.address})
-    return ConsoleServer(runner, port, url)
+    return ConsoleServer(runner, parts, port, url)
