@@ -35,9 +35,15 @@ browser:
 	fi
 
 # The console's browser tests, saving their screenshots into docs/console/ (docs/console.md).
+# Quantised with pngquant when it is installed (Debian's pngquant), to keep them small.
 console-screenshots: install browser
 	RELAYQ_CONSOLE_SCREENSHOTS=docs/console $(BIN)/python -m relayq.cli.testdb \
 		$(BIN)/pytest tests/test_console.py
+	@if command -v pngquant >/dev/null; then \
+		for f in docs/console/*.png; do \
+			pngquant --force --skip-if-larger --quality=70-90 --output "$$f" "$$f" || true; \
+		done; \
+	fi
 
 # Only the tests that start, kill -9 and restart service processes.
 test-process: install
