@@ -8,7 +8,7 @@ import secrets
 from aiohttp import web
 
 from admin_service.console.sessions import COOKIE
-from admin_service.console.web import console, render, same_origin, see_other
+from admin_service.console.web import SIGNIN_CSRF, console, render, same_origin, see_other
 from relayq.rpc import Unauthenticated
 
 # The sign-in form's own CSRF token: a cookie the form must echo (double submit), so no
@@ -18,7 +18,7 @@ SIGNIN_COOKIE = "relayq_signin"
 
 async def form(request: web.Request) -> web.Response:
     token = request.cookies.get(SIGNIN_COOKIE) or secrets.token_urlsafe(24)
-    request["signin_csrf"] = token
+    request[SIGNIN_CSRF] = token
     response = render(request, "sign_in.html", error="")
     _set_cookie(request, response, SIGNIN_COOKIE, token, max_age=3600)
     return response
@@ -54,7 +54,7 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
 
 async def _again(request: web.Request, error: str, status: int) -> web.Response:
     token = secrets.token_urlsafe(24)
-    request["signin_csrf"] = token
+    request[SIGNIN_CSRF] = token
     response = render(request, "sign_in.html", status=status, error=error)
     _set_cookie(request, response, SIGNIN_COOKIE, token, max_age=3600)
     return response

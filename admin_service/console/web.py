@@ -52,6 +52,10 @@ class Console:
 
 
 CONSOLE = web.AppKey("console", Console)
+# The signed-in session of a request (every page but the public ones has one).
+SESSION = web.RequestKey("session", Session)
+# The sign-in form's own CSRF token, for the page that shows the form.
+SIGNIN_CSRF = web.RequestKey("signin_csrf", str)
 
 
 def console(request: web.Request) -> Console:
@@ -59,17 +63,16 @@ def console(request: web.Request) -> Console:
 
 
 def session(request: web.Request) -> Session:
-    found: Session = request["session"]
-    return found
+    return request[SESSION]
 
 
 def render(request: web.Request, template: str, *, status: int = 200,
            **context: Any) -> web.Response:
     parts = console(request)
-    current: Session | None = request.get("session")
+    current = request.get(SESSION)
     text = parts.templates.get_template(template).render(
         session=current, caller=current.caller if current else None,
-        csrf=current.csrf if current else request.get("signin_csrf", ""),
+        csrf=current.csrf if current else request.get(SIGNIN_CSRF, ""),
         static=parts.static.url, path=request.path, **context)
     return web.Response(text=text, status=status, content_type="text/html")
 
@@ -120,7 +123,7 @@ async def signed_in(request: web.Request, handler: Handler) -> web.StreamRespons
     found = await console(request).sessions.find(cookie) if cookie else None
     if found is None:
         return _to_sign_in(request)
-    request["session"] = found
+    request[SESSION] = found
     if request.method == "POST":
         form = await request.post()
         given = str(form.get("csrf", "")) or request.headers.get("X-CSRF-Token", "")
