@@ -60,6 +60,13 @@ class Snapshot:
     rows: Sequence[Stats]
     taken: float
     _orders: dict[tuple[str, bool], list[Stats]] = field(default_factory=dict)
+    _totals: dict[str, Totals] = field(default_factory=dict)
+
+    def totals(self, search: str, rows: Sequence[Stats]) -> Totals:
+        """The sums over `rows`, the ones `search` matches (kept per search)."""
+        if search not in self._totals:
+            self._totals[search] = _totals(rows)
+        return self._totals[search]
 
     def ordered(self, sort: str, descending: bool) -> list[Stats]:
         key = (sort, descending)
@@ -118,7 +125,8 @@ def table(snapshot: Snapshot, view: View) -> Table:
     page = min(view.page, pages)
     start = (page - 1) * PER_PAGE
     return Table(rows[start:start + PER_PAGE], len(rows), pages,
-                 View(view.search, view.sort, view.descending, page), _totals(rows),
+                 View(view.search, view.sort, view.descending, page),
+                 snapshot.totals(view.search, rows),
                  time.monotonic() - snapshot.taken)
 
 
