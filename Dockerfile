@@ -2,15 +2,19 @@
 # relayq-admin and the demo sink from it, each with its own command.
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml README.md ./
 COPY protos/ protos/
+# client/protos is a link to ../protos (copied above).
+COPY client/ client/
 COPY relayq/ relayq/
+COPY filterlang/ filterlang/
 COPY jobsdb/ jobsdb/
 COPY ingest_service/ ingest_service/
 COPY router_service/ router_service/
 COPY admin_service/ admin_service/
-# The build generates relayq/v1 from protos/ (setup.py), so the wheel carries the gRPC code.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# Two wheels: relayq-client (its build generates relayq/v1 from protos/, client/setup.py) and
+# relayq, which depends on it; --no-deps so pip looks for relayq-client nowhere but here.
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ./client .
 
 FROM python:3.11-slim
 RUN useradd --system --create-home --uid 10001 relayq

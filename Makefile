@@ -6,10 +6,14 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install test test-process lint proto up clean bench-smoke browser console-screenshots
 
-$(STAMP): pyproject.toml setup.py protos/generate.py $(wildcard protos/relayq/v1/*.proto)
+# Two distributions, both editable: relayq-client (client/: relayq.client and the generated
+# relayq.v1) and relayq (the services), which depends on it.
+$(STAMP): pyproject.toml client/pyproject.toml client/setup.py protos/generate.py \
+		$(wildcard protos/relayq/v1/*.proto)
 	$(PYTHON) -m venv $(VENV)
+	rm -rf relayq/v1  # generated there by checkouts from before relayq-client: now stale
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e './client[speedups]' -e '.[dev]'
 	touch $@
 
 install: $(STAMP)
@@ -23,7 +27,8 @@ up: install
 # (default postgresql://postgres@127.0.0.1:5432/postgres), or an embedded one under
 # .relayq/test-pgdata when nothing answers there.
 test: install
-	$(BIN)/python -m relayq.cli.testdb $(BIN)/pytest
+	@echo "make test: the whole suite, usually 8-10 minutes on 2 cores (pytest prints the time at the end)"
+	$(BIN)/python -m tools.testdb $(BIN)/pytest
 
 # Debian's Chromium and its driver, for the console's browser tests (tests/test_console.py),
 # installed only when missing: nothing is downloaded at test time.
@@ -37,7 +42,7 @@ browser:
 # The console's browser tests, saving their screenshots into docs/console/ (docs/console.md).
 # Quantised with pngquant when it is installed (Debian's pngquant), to keep them small.
 console-screenshots: install browser
-	RELAYQ_CONSOLE_SCREENSHOTS=docs/console $(BIN)/python -m relayq.cli.testdb \
+	RELAYQ_CONSOLE_SCREENSHOTS=docs/console $(BIN)/python -m tools.testdb \
 		$(BIN)/pytest tests/test_console.py
 	@if command -v pngquant >/dev/null; then \
 		for f in docs/console/*.png; do \
@@ -47,7 +52,7 @@ console-screenshots: install browser
 
 # Only the tests that start, kill -9 and restart service processes.
 test-process: install
-	$(BIN)/python -m relayq.cli.testdb $(BIN)/pytest -m process
+	$(BIN)/python -m tools.testdb $(BIN)/pytest -m process
 
 # Every benchmark at a size that takes seconds: figures printed, nothing asserted but that
 # they run (CI runs this, so a benchmark cannot rot unnoticed).
@@ -63,9 +68,10 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# Regenerate relayq/v1 from protos/ (installs do it too).
+# Regenerate relayq.v1 (client/src/relayq/v1) from protos/ (installs do it too).
 proto: install
 	$(BIN)/python protos/generate.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info relayq/v1/*_pb2*
+	rm -rf $(VENV) build *.egg-info client/build client/src/*.egg-info \
+		client/src/relayq/v1/*_pb2* relayq/v1

@@ -9,8 +9,8 @@ import math
 import re
 import secrets
 
-from jobsdb.event_filters import compile_event_filter
-from jobsdb.filters import FilterError
+from filterlang.errors import FilterError
+from filterlang.events import compile_event_filter
 from relayq import destination_types
 from relayq.rpc import InvalidArgument
 from relayq.v1 import admin_pb2, common_pb2

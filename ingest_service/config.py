@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jobsdb import maintenance
-from relayq import limits as defaults
+from relayq.client import limits as defaults
 from relayq.config import Env, ServerConfig, maintenance_policy, workers
 
 

@@ -18,7 +18,7 @@ from google.protobuf import json_format, timestamp_pb2
 from ingest_service.config import Limits
 from jobsdb.ingest import NewEvent
 from jobsdb.write_keys import SourceRoute
-from relayq.limits import MAX_MESSAGE_ID, MAX_NAME, MAX_USER_ID
+from relayq.client.limits import MAX_MESSAGE_ID, MAX_NAME, MAX_USER_ID
 from relayq.rpc import InvalidArgument
 from relayq.v1 import ingest_pb2
 

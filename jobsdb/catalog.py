@@ -334,7 +334,7 @@ async def rotate_signing_secret(conn: Conn, destination: Destination, grace_seco
 async def connect(conn: Conn, source: Source, destination: Destination,
                   event_filter: str | None = None) -> Connection:
     """Connect (or enable again); `event_filter` None keeps an existing connection's filter,
-    "" clears it. The caller checks the filter compiles (jobsdb.event_filters)."""
+    "" clears it. The caller checks the filter compiles (filterlang.events)."""
     return await _one(conn, Connection, "connect", {
         "source_key": source.source_key, "destination_key": destination.destination_key,
         "source_id": source.id, "destination_id": destination.id,

@@ -11,8 +11,8 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
-from jobsdb.event_filters import EventFilter, compile_event_filter
-from jobsdb.filters import FilterError
+from filterlang.errors import FilterError
+from filterlang.events import EventFilter, compile_event_filter
 from jobsdb.keys import hash_secret
 from jobsdb.sqlfile import query
 

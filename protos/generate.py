@@ -1,7 +1,10 @@
 """Generate relayq's Python gRPC code from protos/. The one command: python protos/generate.py
 
-The output lands in relayq/v1/ and is never edited by hand or committed; setup.py runs this
-on every build (editable installs included), so `pip install -e .` leaves working code behind.
+The output is the package relayq.v1 of the relayq-client distribution (client/src/relayq/v1/),
+never edited by hand or committed; client/setup.py runs this on every build of the client
+(editable installs included), so `pip install -e client` leaves working code behind. The
+client's build finds this file as client/protos/generate.py (client/protos is a link to this
+folder, which an sdist turns into a copy), so the client builds from its own folder alone.
 Type stubs come from mypy-protobuf (a build requirement), so the services type-check against
 the real messages and service stubs.
 """
@@ -12,9 +15,10 @@ import pathlib
 import shutil
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-PROTO_ROOT = ROOT / "protos"
-OUT = ROOT
+# Not resolved: through client/protos this is the client's own copy (in an sdist, a real one).
+PROTO_ROOT = pathlib.Path(__file__).absolute().parent
+# Where `python protos/generate.py` writes in a checkout: the client's sources.
+OUT = PROTO_ROOT.parent / "client" / "src"
 
 
 def _plugin(name: str) -> str | None:
@@ -24,7 +28,7 @@ def _plugin(name: str) -> str | None:
     return shutil.which(name)
 
 
-def generate() -> None:
+def generate(out: pathlib.Path = OUT) -> None:
     from grpc_tools import protoc  # imported late: only builds and developers need it
 
     include = pathlib.Path(protoc.__file__).parent / "_proto"
@@ -35,21 +39,21 @@ def generate() -> None:
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
-        f"--python_out={OUT}",
-        f"--grpc_python_out={OUT}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
     ]
     mypy, mypy_grpc = _plugin("protoc-gen-mypy"), _plugin("protoc-gen-mypy_grpc")
     if mypy and mypy_grpc:
         args += [
             f"--plugin=protoc-gen-mypy={mypy}",
             f"--plugin=protoc-gen-mypy_grpc={mypy_grpc}",
-            f"--mypy_out={OUT}",
-            f"--mypy_grpc_out={OUT}",
+            f"--mypy_out={out}",
+            f"--mypy_grpc_out={out}",
         ]
     else:  # plain stubs for messages only; enough to run, not to type-check the services
         print("protos/generate.py: mypy-protobuf not found, generating plain .pyi",
               file=sys.stderr)
-        args.append(f"--pyi_out={OUT}")
+        args.append(f"--pyi_out={out}")
     args += protos
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed: " + " ".join(args))

@@ -1,8 +1,8 @@
 """The README's grpcurl commands, run as grpcurl runs them: through server reflection alone.
 
-A small reflection-based client (no generated code: descriptors come from the server) parses
-each command in the README's admin block and calls a real relayq-admin process with it, so
-the documented commands keep working.
+A small reflection-based client (tests/grpcurl.py: no generated code, descriptors come from
+the server) parses each command in the README's admin block and calls a real relayq-admin
+process with it, so the documented commands keep working.
 """
 
 from __future__ import annotations
@@ -10,15 +10,8 @@ from __future__ import annotations
 import asyncio
 import shlex
 from pathlib import Path
-from typing import Any
 
-import grpc
-from google.protobuf import descriptor_pool, json_format
-from google.protobuf.message_factory import GetMessageClass
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
-    ProtoReflectionDescriptorDatabase,
-)
-
+from tests.grpcurl import grpcurl
 from tests.helpers import event
 from tests.pipeline import World, send, states
 from tests.poll import eventually
@@ -51,45 +44,6 @@ def readme_commands() -> list[tuple[list[str], str | None]]:
     return commands
 
 
-def grpcurl(argv: list[str], stdin: str | None, address: str, env: dict[str, str]) -> Any:
-    """What grpcurl does with -plaintext, -H, -d and list / describe / a method call."""
-    args = iter(argv[1:])
-    headers: list[tuple[str, str]] = []
-    data = None
-    rest = []
-    for arg in args:
-        if arg == "-plaintext":
-            continue
-        if arg == "-H":
-            name, _, value = next(args).partition(":")
-            for key, val in env.items():
-                value = value.replace(f"${key}", val)
-            headers.append((name.strip().lower(), value.strip()))
-        elif arg == "-d":
-            data = next(args)
-        else:
-            rest.append(arg)
-    documented, *command = rest
-    assert documented == DOCUMENTED_ADDRESS
-    with grpc.insecure_channel(address) as channel:
-        database = ProtoReflectionDescriptorDatabase(channel)
-        pool = descriptor_pool.DescriptorPool(database)
-        if command == ["list"]:
-            return sorted(database.get_services())
-        if command[0] == "describe":
-            return sorted(pool.FindServiceByName(command[1]).methods_by_name)
-        service_name, method_name = command[0].rsplit("/", 1)
-        method = pool.FindServiceByName(service_name).methods_by_name[method_name]
-        request_class = GetMessageClass(method.input_type)
-        response_class = GetMessageClass(method.output_type)
-        body = stdin if data == "@" else data
-        request = json_format.Parse(body or "{}", request_class())
-        call = channel.unary_unary(f"/{service_name}/{method_name}",
-                                   request_serializer=request_class.SerializeToString,
-                                   response_deserializer=response_class.FromString)
-        return json_format.MessageToDict(call(request, metadata=headers, timeout=10))
-
-
 def test_the_readme_documents_list_describe_listjobs_peekjobs_retryjobs() -> None:
     calls = [argv[-1] for argv, _ in readme_commands()]
     assert calls[:2] == ["list", "relayq.v1.Admin"]
@@ -117,7 +71,8 @@ async def test_readme_grpcurl_commands_work_through_reflection(world: World) -> 
             await eventually(failed, within=10, every=0.05, what=f"job {job_id} failed")
             results = []
             for argv, stdin in readme_commands():
-                results.append(await asyncio.to_thread(grpcurl, argv, stdin, address, env))
+                results.append(await asyncio.to_thread(
+                    grpcurl, argv, stdin, {DOCUMENTED_ADDRESS: address}, env))
             listed, described, listed_jobs, peeked, dry, retried = results
             assert "relayq.v1.Admin" in listed
             assert "grpc.health.v1.Health" in listed

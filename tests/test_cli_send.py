@@ -137,6 +137,30 @@ async def test_events_never_acknowledged_are_written_to_rejected_and_fail_the_ru
     assert record["event"]["message_id"] == "m1"
 
 
+async def test_a_wrong_write_key_is_refused_once_not_left_unacknowledged(
+    database: str, conn: AsyncConnection[Any], web: factories.Source, tmp_path: Path
+) -> None:
+    """Ingest answers a wrong key with UNAUTHENTICATED for every batch: the events are
+    counted refused (not "not acknowledged": ingest did answer), said once in the summary,
+    and not logged again for each batch (eight users: several lanes, several batches)."""
+    rejected = tmp_path / "rejected.jsonl"
+    data = b"".join(line(user_id=f"u{i}", event="e", message_id=f"k-{i}") for i in range(8))
+    async with ingest(database) as service:
+        status, out, err = await relayq_send(
+            "--ingest", f"127.0.0.1:{service.app.port}", "--rejected", str(rejected),
+            env={"RELAYQ_WRITE_KEY": web.write_key + "-wrong"}, stdin=data)
+    assert status == 1
+    assert "refused            8  (the write key or the source: nothing stored)" in out
+    assert "not acknowledged   0" in out
+    assert ("ingest refused the write key (--write-key or RELAYQ_WRITE_KEY): UNAUTHENTICATED"
+            in out)
+    assert "UNAUTHENTICATED" not in err, err  # no log line per batch
+    records = [json.loads(r) for r in rejected.read_text().splitlines()]
+    assert sorted(r["event"]["message_id"] for r in records) == [f"k-{i}" for i in range(8)]
+    assert {r["status"] for r in records} == {"refused"}
+    assert await stored(conn) == 0
+
+
 @pytest.mark.parametrize(("args", "env", "message"), [
     ((), {}, "RELAYQ_WRITE_KEY: no write key"),
     (("--write-key", "k", "missing.jsonl"), {}, "missing.jsonl: no such file"),

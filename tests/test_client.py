@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -37,7 +36,6 @@ from tests.certs import needs_openssl, self_signed
 from tests.services import Ingest, ingest
 
 MakeProducer = Callable[..., Producer]
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest.fixture
@@ -421,22 +419,3 @@ async def test_tls_with_a_ca_file(
                               write_key=web.write_key, delivery_timeout=1)
         with pytest.raises(DeliveryFailed):
             await asyncio.wrap_future(plaintext.send(user_id="u1", event="e"))
-
-
-async def test_the_readme_producer_snippet_runs_as_written(
-    database: str, conn: AsyncConnection[Any], web: factories.Source
-) -> None:
-    readme = README.read_text()
-    block = readme.split("<!-- producer-snippet: begin -->")[1].split(
-        "<!-- producer-snippet: end -->")[0]
-    code = block.strip().removeprefix("```python").removesuffix("```")
-    async with ingest(database) as service:
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "RELAYQ_INGEST_ADDRESS": address(service),
-                 "RELAYQ_WRITE_KEY": web.write_key})
-        out, err = await asyncio.wait_for(child.communicate(), 60)
-    assert child.returncode == 0, err.decode()
-    job_ids = await job_ids_by_message(conn)
-    assert out.decode().strip() == f"ACCEPTED ({next(iter(job_ids.values()))[0]},)"

@@ -1,18 +1,26 @@
-"""relayq.client's pure parts: message ids, lanes, backoff waits, handles, options."""
+"""relayq.client's pure parts: message ids, lanes, backoff waits, handles, options, JSON."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import enum
 import gc
+import json
 import random
 import threading
 import time
 import uuid
+from datetime import UTC, date, datetime
+from datetime import time as clock
+from decimal import Decimal
+from typing import Any
 
 import grpc
+import orjson
 import pytest
 
-from relayq.client import InvalidOption, Producer
+from relayq.client import InvalidOption, Producer, jsontext
 from relayq.client.handles import Handle
 from relayq.client.ids import MessageIds
 from relayq.client.lanes import Item, Lanes, Offer
@@ -33,7 +41,7 @@ def test_message_ids_are_uuidv7_unique_and_sorted_in_the_order_made() -> None:
 
 def test_waits_grow_with_full_jitter_and_never_undercut_retry_info() -> None:
     gen = waits(0.1, 2.0, random.Random(7))
-    gen.send(None)  # as backoff primes it
+    gen.send(None)  # as the engine primes it
     plain = Retryable(grpc.StatusCode.UNAVAILABLE, "down", None)
     seen = [gen.send(plain) for _ in range(12)]
     assert all(0.1 <= w <= 2.0 for w in seen)
@@ -178,3 +186,58 @@ def test_bad_options_fail_when_the_producer_is_made(options: dict[str, object],
     with pytest.raises(InvalidOption) as caught:
         Producer(**{"write_key": "rq_wk_x", **options})
     assert message in str(caught.value)
+
+
+class _Plan(enum.Enum):
+    PRO = "pro"
+
+
+class _Tier(enum.IntEnum):
+    GOLD = 3
+
+
+@dataclasses.dataclass
+class _Order:
+    id: str
+    total: float
+    placed: date
+    lines: list[Any]
+
+
+# What send() may be given as properties: JSON, and what orjson writes of its own accord.
+JSON_VALUES: list[dict[Any, Any]] = [
+    {"order_id": "1001", "revenue": 42.5, "items": [1, 2.0, "three", None, True, False]},
+    {"é": "naïve ☃ \u2028", "big": 1e16, "small": 1e-7, "zero": -0.0, "ints": (1, -2)},
+    {"nan": float("nan"), "inf": float("inf"), "deep": [{"x": float("-inf")}]},
+    {"at": datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), "naive": datetime(2026, 1, 2),
+     "day": date(2026, 1, 2), "clock": clock(1, 2, 3, 4), "id": uuid.UUID(int=5)},
+    {"plan": _Plan.PRO, "tier": _Tier.GOLD},
+    {"order": _Order("o1", float("nan"), date(2020, 1, 1), [_Plan.PRO, {"n": 1}])},
+    # orjson refuses these; the standard library takes them, with either.
+    {"huge": 2**70, 1: "a key that is not text"},
+]
+
+
+@pytest.mark.parametrize("value", JSON_VALUES)
+def test_properties_without_orjson_are_what_orjson_writes(value: dict[Any, Any]) -> None:
+    """relayq-client depends on grpcio and protobuf only; orjson is an extra. The standard
+    library's path must give the same JSON, so an event means the same either way."""
+    assert jsontext.orjson is not None  # this suite's environment has the extra
+    assert json.loads(jsontext.standard_dumps(value)) == json.loads(jsontext.dumps(value))
+    assert jsontext.standard_dumps({"x": value}).startswith('{"x":{')  # compact, as orjson
+
+
+@pytest.mark.parametrize("value", [{"s": {1}}, {"b": b"x"}, {"d": Decimal("1.5")},
+                                   {"t": clock(1, tzinfo=UTC)}])
+def test_what_is_not_json_is_refused_without_orjson_too(value: dict[str, Any]) -> None:
+    with pytest.raises(TypeError):
+        orjson.dumps(value)
+    with pytest.raises(TypeError):
+        jsontext.standard_dumps(value)
+
+
+def test_a_circular_structure_is_refused_without_orjson_too() -> None:
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    with pytest.raises(ValueError, match="Circular"):
+        jsontext.standard_dumps(loop)

@@ -1,4 +1,4 @@
-"""Connection filters as ingest evaluates them: jobsdb.event_filters on hand-made events.
+"""Connection filters as ingest evaluates them: filterlang.events on hand-made events.
 
 The random comparison with Postgres (the job filters' SQL on the same documents) is in
 tests/test_subscriptions.py; here each rule is spelled out once, with the event it is about.
@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from jobsdb.event_filters import compile_event_filter
-from jobsdb.filters import FilterError
+from filterlang.errors import FilterError
+from filterlang.events import compile_event_filter
 
 ORDER: dict[str, Any] = orjson.loads(orjson.dumps({
     "type": "track",

@@ -12,22 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
+from filterlang.errors import FilterError
+from filterlang.nodes import And, Compare, Field, InList, IsNull, Like, Node, Not, Or, Value
+from filterlang.parser import MAX_LENGTH
 from jobsdb import filters
-from jobsdb.filters import (
-    And,
-    Compare,
-    Compiled,
-    Field,
-    FilterError,
-    InList,
-    IsNull,
-    Like,
-    Not,
-    Or,
-    Value,
-    compile_filter,
-    parse,
-)
+from jobsdb.filters import Compiled, compile_filter, parse
 
 _LONG_IN = "job_id IN (" + ",".join(str(i) for i in range(1001)) + ")"
 _AT_1001ST = len("job_id IN (" + ",".join(str(i) for i in range(1000)) + ",") + 1
@@ -167,7 +156,7 @@ def n(number: int | str) -> Value:
      InList(field("payload", "flag"), (Value("boolean", True), Value("boolean", False)))),
     ("payload.city = 'Zürich'", Compare(field("payload", "city"), "=", s("Zürich"))),
 ])
-def test_valid_filters_parse_to_their_tree(text: str, tree: filters.Node) -> None:
+def test_valid_filters_parse_to_their_tree(text: str, tree: Node) -> None:
     assert parse(text) == tree
 
 
@@ -461,7 +450,7 @@ def test_any_text_compiles_or_raises_filter_error(
     except FilterError as caught:
         error = caught
     if error is not None:
-        assert 1 <= error.position <= max(len(text) + 1, filters.MAX_LENGTH + 1)
+        assert 1 <= error.position <= max(len(text) + 1, MAX_LENGTH + 1)
         assert error.message.startswith(f"column {error.position}: expected ")
         return
     if compiled is not None:

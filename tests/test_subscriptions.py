@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import AsyncConnection, sql
 
+from filterlang.events import compile_event_filter
 from ingest_service import metrics
 from jobsdb import jobs, write_keys
-from jobsdb.event_filters import compile_event_filter
 from jobsdb.filters import compile_filter
 from jobsdb.ingest import NewEvent, store_events
 from relayq.v1 import admin_pb2, ingest_pb2

@@ -16,10 +16,11 @@ from typing import Any
 
 from admin_service import convert, metrics, paging, validate
 from admin_service.ops.base import Concern, changed
+from filterlang.errors import FilterError
 from jobsdb import catalog
 from jobsdb import errors as dberrors
 from jobsdb import jobs as jobsdb
-from jobsdb.filters import FilterError, compile_filter
+from jobsdb.filters import compile_filter
 from jobsdb.pool import transaction
 from relayq.auth import Caller
 from relayq.rpc import InvalidArgument

@@ -238,29 +238,3 @@ class EmbeddedPostgres:
             self._log.close()
             self._log = None
         return code
-
-
-
-def run_with_test_database(command: list[str], data_dir: Path) -> int:
-    """Run `command` (the test suite) against the PostgreSQL in RELAYQ_TEST_DATABASE_URL, or,
-    when nothing answers there, against an embedded one started for the run: so `make test`
-    works on a machine with no PostgreSQL at all."""
-    dsn = os.environ.get("RELAYQ_TEST_DATABASE_URL",
-                         "postgresql://postgres@127.0.0.1:5432/postgres")
-    try:
-        with psycopg.connect(dsn, connect_timeout=3):
-            pass
-    except psycopg.OperationalError:
-        pass
-    else:
-        return subprocess.call(command)
-    print(f"no PostgreSQL answers at {dsn}; starting an embedded one in {data_dir}",
-          flush=True)
-    server = EmbeddedPostgres(data_dir, data_dir.parent / "logs" / "test-postgres.log")
-    server.start(preferred_port=0)
-    try:
-        env = {**os.environ, "RELAYQ_TEST_DATABASE_URL": server.server_dsn}
-        return subprocess.call(command, env=env)
-    finally:
-        server.stop()
-

@@ -4,14 +4,20 @@ Every event goes through relayq.client.Producer, as a service's events would: ba
 retried with backoff, de-duplicated by message id. What was not stored is written to
 `--rejected FILE` as JSON lines ({"file", "line", "status", "reason", "event"}) with its
 message id filled in, so the file can be fixed and sent again without storing anything twice.
-Exit status: 0 when every event was accepted (or was a duplicate), 1 when any was rejected or
-not acknowledged, 2 for bad options or an unreadable file.
+Exit status: 0 when every event was accepted (or was a duplicate), 1 when any was rejected,
+refused or not acknowledged, 2 for bad options or an unreadable file.
+
+Refused is its own outcome: ingest answered, and refused the write key (UNAUTHENTICATED) or
+the source (PERMISSION_DENIED, disabled), so the events are fine and nothing of them was
+stored. The producer logs an error for every batch refused so; here the summary says it once,
+so those log lines are left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import logging
 import sys
 import threading
 import time
@@ -21,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
+import grpc
 import orjson
 
 from relayq.cli import lines
 from relayq.cli.progress import ProgressLine
 from relayq.client import (
+    DeliveryFailed,
     InvalidEvent,
     InvalidOption,
     Producer,
@@ -70,6 +78,8 @@ class Tally:
     read: int = 0
     # Lines refused before sending: not JSON, not an event, or what send() refused.
     refused: int = 0
+    # Events ingest refused whole for the write key or the source (REFUSALS).
+    key_refused: int = 0
     first_failure: str = ""
     started: float = field(default_factory=time.monotonic)
 
@@ -130,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
     interrupted = False
     with ExitStack() as stack:
         stack.callback(rejected.close)
+        client_log = logging.getLogger("relayq.client")
+        client_log.addFilter(_said_in_the_summary)
+        stack.callback(client_log.removeFilter, _said_in_the_summary)
         stack.enter_context(ProgressLine(lambda: _progress(producer, tally), sys.stderr))
         try:
             _send_all(producer, sources, tally, rejected)
@@ -181,9 +194,27 @@ def _on_answer(source: str, number: int, event: dict[str, Any], tally: Tally,
                 rejected.write(source, number, "rejected", result.reason, event)
             return
         reason = str(error)  # DeliveryFailed or ProducerClosed: each names the gRPC code
+        if isinstance(error, DeliveryFailed) and error.code in REFUSALS:
+            tally.key_refused += 1
+            tally.first_failure = tally.first_failure or (
+                f"line {number}: ingest refused {REFUSALS[error.code]}: {reason}")
+            rejected.write(source, number, "refused", reason, event)
+            return
         tally.first_failure = tally.first_failure or f"line {number}: {reason}"
         rejected.write(source, number, "not acknowledged", reason, event)
     return answered
+
+
+# Answers that refuse every event of a batch for who sent it, not for what: what was refused.
+REFUSALS = {
+    grpc.StatusCode.UNAUTHENTICATED: "the write key (--write-key or RELAYQ_WRITE_KEY)",
+    grpc.StatusCode.PERMISSION_DENIED: "the source",
+}
+
+
+def _said_in_the_summary(record: logging.LogRecord) -> bool:
+    """Leave out the producer's error line for each batch refused for its key or source."""
+    return getattr(record, "code", None) not in {code.name for code in REFUSALS}
 
 
 def _lines(sources: list[str]) -> Iterator[tuple[str, int, bytes]]:
@@ -205,7 +236,9 @@ def _progress(producer: Producer, tally: Tally) -> str:
     answered = counters.accepted + counters.duplicate + counters.rejected
     return (f"relayq send: {tally.read:,} read · {counters.accepted:,} accepted ·"
             f" {counters.duplicate:,} duplicates · {counters.rejected + tally.refused:,}"
-            f" rejected · {counters.dropped:,} failed · {answered / elapsed:,.0f} events/s")
+            f" rejected · {tally.key_refused:,} refused ·"
+            f" {counters.dropped - tally.key_refused:,} failed · {answered / elapsed:,.0f}"
+            " events/s")
 
 
 def _summary(producer: Producer, tally: Tally, rejected: RejectedFile, address: str,
@@ -219,7 +252,9 @@ def _summary(producer: Producer, tally: Tally, rejected: RejectedFile, address: 
         f"  accepted           {counters.accepted:,}",
         f"  duplicates         {counters.duplicate:,}  (already stored, not stored again)",
         f"  rejected           {counters.rejected + tally.refused:,}",
-        f"  not acknowledged   {counters.dropped:,}",
+        f"  refused            {tally.key_refused:,}  (the write key or the source: nothing"
+        " stored)",
+        f"  not acknowledged   {counters.dropped - tally.key_refused:,}",
     ]
     if tally.first_failure:
         lines_out.append(f"  first problem: {tally.first_failure}")

@@ -2,8 +2,8 @@
 
 Producer and AsyncProducer take the same keyword arguments; each becomes a field here.
 Defaults follow what Kafka's producer and the Segment/RudderStack libraries do, scaled to
-ingest's limits (relayq.limits): batches of up to 500 events or 1 MiB, a 10 ms linger, four
-batches in flight, a buffer of 10,000 events or 32 MiB that blocks senders for up to 30 s
+ingest's limits (relayq.client.limits): batches of up to 500 events or 1 MiB, a 10 ms linger,
+four batches in flight, a buffer of 10,000 events or 32 MiB that blocks senders for up to 30 s
 when full, 10 s per call and two minutes to get each event acknowledged.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from relayq import limits
+from relayq.client import limits
 from relayq.client.errors import InvalidOption
 
 WhenFull = Literal["block", "raise"]

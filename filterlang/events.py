@@ -3,7 +3,7 @@
     event IN ('Order Completed', 'Order Refunded') AND properties.revenue >= 100
         AND NOT context.library.name LIKE 'test-%'
 
-The grammar, the tokenizer and FilterError (1-based columns) are jobsdb.filters'; the fields
+The grammar, the parser and FilterError (1-based columns) are filterlang's; the fields
 are the event's as delivered: `type`, `event`, `user_id`, `anonymous_id` (text; missing when the
 event has none) and `properties.<path>`, `context.<path>` (paths into the JSON objects, an
 integer segment indexing an array, as payload.<path> in job filters).
@@ -39,25 +39,25 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Final, NoReturn, TypeAlias
+from typing import Any, Final, TypeAlias
 
-from jobsdb.filters import (
-    MAX_LENGTH,
+from filterlang.errors import reject_null, reject_operator, reject_value
+from filterlang.like import like_matcher
+from filterlang.nodes import (
+    ORDERING,
     And,
     Compare,
     Field,
-    FilterError,
     InList,
     IsNull,
-    Language,
     Like,
     Node,
     Not,
     Or,
     Predicate,
     Value,
-    parse,
 )
+from filterlang.parser import Language, is_empty, parse
 
 # Filter field -> key in the delivered event document (jobsdb.ingest's document, built by
 # ingest_service.validate): the text fields of the envelope.
@@ -99,7 +99,7 @@ def compile_event_filter(text: str) -> EventFilter | None:
     """Compile a connection filter; None for an empty one (every event passes).
 
     Raises FilterError, with the column, for anything the language refuses."""
-    if len(text) <= MAX_LENGTH and not text.strip():
+    if is_empty(text):
         return None
     node = parse(text, EVENTS)
     return EventFilter(text, _compile(node))
@@ -145,7 +145,6 @@ _COMPARE: Final[dict[str, Callable[[Any, Any], bool]]] = {
     "=": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
     ">": operator.gt, ">=": operator.ge,
 }
-_ORDERING: Final = ("<", "<=", ">", ">=")
 
 
 def _predicate(node: Predicate) -> _Test:
@@ -158,17 +157,16 @@ def _predicate(node: Predicate) -> _Test:
         return _like(get, node)
     values = node.values if isinstance(node, InList) else (node.value,)
     for value in values:
-        if value.kind == "null":
-            _reject_value(value, "a value (use IS NULL or IS NOT NULL to test for null)")
+        reject_null(value)
     if node.field.name in TEXT_FIELDS:
         # The envelope's fields are always text: a number or TRUE could never match.
         for value in values:
             if value.kind != "string":
-                _reject_value(value, f"a quoted string for {node.field.name}")
+                reject_value(value, f"a quoted string for {node.field.name}")
     kind = values[0].kind
     for value in values:
         if value.kind != kind:
-            _reject_value(value, f"a {kind} like the first value (the values of an IN list on "
+            reject_value(value, f"a {kind} like the first value (the values of an IN list on "
                                  f"{node.field.name} share one JSON type)")
     if kind == "string":
         # A string is compared as is; any other value by its text form.
@@ -176,9 +174,8 @@ def _predicate(node: Predicate) -> _Test:
     if kind == "number":
         # bool is not among them: True is an int in Python, never a number in JSON.
         return _compared(get, node, [_number(v) for v in values], (int, float), None)
-    if isinstance(node, Compare) and node.op in _ORDERING:
-        raise FilterError(node.position, f"an operator for {_field_name(node.field)} "
-                          "(=, !=, IN, NOT IN) to compare with TRUE or FALSE", f"'{node.op}'")
+    if isinstance(node, Compare) and node.op in ORDERING:
+        reject_operator(node, "=, !=, IN, NOT IN", " to compare with TRUE or FALSE")
     return _compared(get, node, [v.value for v in values], (bool,), None)
 
 
@@ -218,7 +215,7 @@ def _compared(get: _Get, node: Compare | InList, literals: list[Any],
 
 def _like(get: _Get, node: Like) -> _Test:
     assert isinstance(node.pattern.value, str)
-    match = _like_matcher(node.pattern.value)
+    match = like_matcher(node.pattern.value)
     negated = node.negated
 
     def like(event: Event) -> bool | None:
@@ -228,15 +225,6 @@ def _like(get: _Get, node: Like) -> _Test:
         return match(text) is not negated
 
     return like
-
-
-def _field_name(subject: Field) -> str:
-    return ".".join((subject.name, *subject.path))
-
-
-def _reject_value(value: Value, expected: str) -> NoReturn:
-    raise FilterError(value.position, expected,
-                      value.text if value.kind == "string" else f"'{value.text}'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,55 +321,3 @@ def _number(value: Value) -> int | float:
     if value.value == value.value.to_integral_value():
         return int(value.value)
     return float(value.value)
-
-
-# ---------------------------------------------------------------------------------------------
-# LIKE without backtracking.
-# ---------------------------------------------------------------------------------------------
-
-
-def _like_matcher(pattern: str) -> Callable[[str], bool]:
-    """A LIKE pattern as a function of the text.
-
-    The pattern is split at each unescaped %; every piece between them is a fixed number of
-    characters (literals and _). The first piece must match at the start, the last at the end,
-    and each middle one is taken at its leftmost match after the previous one: with only %
-    between fixed-length pieces, the leftmost choice never loses a match, so nothing is ever
-    retried. A regular expression of `.*` runs could backtrack for a very long time on a
-    pattern like '%a%a%a%a%b', and a tenant's filter must not be able to stall ingest.
-    """
-    pieces: list[list[str]] = [[]]
-    escaped = False
-    for ch in pattern:
-        if escaped:
-            pieces[-1].append(re.escape(ch))
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == "%":
-            pieces.append([])
-        elif ch == "_":
-            pieces[-1].append(".")
-        else:
-            pieces[-1].append(re.escape(ch))
-    compiled = [(re.compile("".join(p), re.DOTALL), len(p)) for p in pieces]
-    if len(compiled) == 1:
-        exact = compiled[0][0]
-        return lambda text: exact.fullmatch(text) is not None
-    (first, first_length), middle, (last, last_length) = compiled[0], compiled[1:-1], compiled[-1]
-
-    def like(text: str) -> bool:
-        end = len(text) - last_length
-        if end < first_length or first.match(text) is None or last.match(text, end) is None:
-            return False
-        position = first_length
-        for piece, length in middle:
-            if length == 0:
-                continue
-            found = piece.search(text, position, end)
-            if found is None:
-                return False
-            position = found.end()
-        return True
-
-    return like

@@ -4,6 +4,9 @@ One place, so a client checks an event against the very numbers the server will 
 the two cannot drift apart. The batch and byte limits are ingest's defaults: an operator can
 change them (RELAYQ_INGEST_MAX_*), and a producer talking to such a server is given the same
 values as options. The id and name lengths are fixed: they are part of the protocol.
+
+It lives in the producer's distribution (relayq-client), which the server's depends on, so
+the producer has it without the server and the server imports it from here.
 """
 
 from __future__ import annotations

@@ -29,9 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import backoff
 import grpc
-from backoff.types import Details
 
 from relayq.client.errors import DeliveryFailed, ProducerClosed
 from relayq.client.events import PARTIAL_SUCCESS
@@ -225,7 +223,7 @@ class Engine:
                 self._fail(lane, part, DeliveryFailed(f"{code.name}: {details}", code=code,
                                                       attempts=1))
             except Retryable as exc:
-                attempts = getattr(exc, "attempts", 0)
+                attempts = exc.attempts
                 log.error("relayq producer: giving up on %d events after %d tries: %s",
                           len(part), attempts, exc, extra={"code": exc.code.name})
                 self._fail(lane, part, DeliveryFailed(
@@ -244,17 +242,23 @@ class Engine:
                 self._answered(lane, part, response)
 
     async def _attempts(self, items: list[Item]) -> ingest_pb2.IngestResponse:
-        """Send one batch, retrying what is worth retrying (retry.py), with `backoff`."""
+        """Send one batch, retrying what is worth retrying (retry.py) with its waits, until
+        an answer, a failure not worth retrying (AioRpcError), or the retries or the time
+        run out (the last Retryable)."""
         options = self.options
         request = b"".join([item.frame for item in items]) + PARTIAL_SUCCESS
         deadline = items[0].at + options.delivery_timeout  # items[0] is the oldest
-        if deadline <= time.monotonic():
+        start = time.monotonic()
+        if deadline <= start:
             raise _Expired
+        max_tries = None if options.max_retries is None else options.max_retries + 1
+        max_time = deadline - start
+        wait = waits(options.backoff_min, options.backoff_max)
+        wait.send(None)
         tries = 0
-
-        async def attempt() -> ingest_pb2.IngestResponse:
-            nonlocal tries
+        while True:
             tries += 1
+            elapsed = time.monotonic() - start
             timeout = min(options.call_timeout, max(0.001, deadline - time.monotonic()))
             try:
                 response: ingest_pb2.IngestResponse = await self._call(
@@ -264,35 +268,25 @@ class Engine:
                 code = exc.code()
                 if code not in RETRYABLE:
                     raise
-                failure = Retryable(code, exc.details() or "", retry_after(exc))
-                failure.attempts = tries  # type: ignore[attr-defined]
-                raise failure from None
-
-        def giveup(failure: Exception) -> bool:
+                failure = Retryable(code, exc.details() or "", retry_after(exc), tries)
             # A wait the server asks for that outlasts the deadline: no point waiting.
-            wait = getattr(failure, "retry_after", None)
-            return wait is not None and time.monotonic() + wait > deadline
+            too_late = (failure.retry_after is not None
+                        and time.monotonic() + failure.retry_after > deadline)
+            if too_late or tries == max_tries or elapsed >= max_time:
+                raise failure
+            seconds = min(wait.send(failure), max_time - elapsed)
+            self._retrying(items, failure, seconds)
+            await asyncio.sleep(seconds)
 
-        retrying: Callable[[], Any] = backoff.on_exception(
-            waits, Retryable, max_tries=None if options.max_retries is None
-            else options.max_retries + 1, max_time=deadline - time.monotonic(),
-            giveup=giveup, jitter=None, on_backoff=self._on_backoff(items), logger=None,
-            minimum=options.backoff_min, maximum=options.backoff_max)(attempt)
-        response: ingest_pb2.IngestResponse = await retrying()
-        return response
-
-    def _on_backoff(self, items: list[Item]) -> Callable[[Details], None]:
-        def report(details: Details) -> None:
-            self._counts.retried += len(items)
-            failure: Retryable = details["exception"]  # type: ignore[typeddict-item]
-            # The first retry of a batch is worth a warning; the rest of the same outage
-            # would only repeat it.
-            level = logging.WARNING if details["tries"] == 1 else logging.DEBUG
-            log.log(level, "relayq producer: %s; retrying %d events in %.2fs (try %d)",
-                    failure, len(items), details["wait"], details["tries"] + 1,
-                    extra={"code": failure.code.name, "events": len(items),
-                           "wait_seconds": round(details["wait"], 3)})
-        return report
+    def _retrying(self, items: list[Item], failure: Retryable, seconds: float) -> None:
+        self._counts.retried += len(items)
+        # The first retry of a batch is worth a warning; the rest of the same outage would
+        # only repeat it.
+        level = logging.WARNING if failure.attempts == 1 else logging.DEBUG
+        log.log(level, "relayq producer: %s; retrying %d events in %.2fs (try %d)",
+                failure, len(items), seconds, failure.attempts + 1,
+                extra={"code": failure.code.name, "events": len(items),
+                       "wait_seconds": round(seconds, 3)})
 
     # ---- answers ----
 

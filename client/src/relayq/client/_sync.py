@@ -20,8 +20,6 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
-import uvloop
-
 from relayq.client.engine import Engine
 from relayq.client.errors import BufferFull, ProducerClosed
 from relayq.client.events import encode
@@ -54,8 +52,7 @@ class Producer:
         self._space = threading.Condition()
         self._waiting = 0
         self._engine.on_space = self._room_freed
-        # uvloop: the engine's loop is private to us, and libuv's costs less CPU per event.
-        self._loop = uvloop.new_event_loop()
+        self._loop = _new_event_loop()
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(started,),
                                         name="relayq-producer", daemon=True)
@@ -158,3 +155,13 @@ class Producer:
 
 # ProducerClosed is what send() raises after close(); re-exported for the type's users.
 __all__ = ["Producer", "ProducerClosed"]
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's when it is installed (relayq-client[speedups]): the engine's loop is private
+    to the producer, and libuv's costs less CPU per event. asyncio's own otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()

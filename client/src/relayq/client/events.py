@@ -8,18 +8,17 @@ and a retry sends the very same bytes, so the same message ids.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from google.protobuf import timestamp_pb2
 
+from relayq.client import jsontext
 from relayq.client.errors import InvalidEvent
 from relayq.client.ids import MessageIds
-from relayq.limits import MAX_MESSAGE_ID, MAX_NAME, MAX_USER_ID
+from relayq.client.limits import MAX_MESSAGE_ID, MAX_NAME, MAX_USER_ID
 from relayq.v1 import ingest_pb2
 
 # The envelope ingest wraps around properties: {"messageId":"","timestamp":"2026-01-01T...Z",
@@ -107,13 +106,7 @@ def _json_object(name: str, value: object) -> str:
     if type(value) is not dict and not isinstance(value, Mapping):
         raise InvalidEvent(f"{name}: expected a JSON object (a dict), got {type(value).__name__}")
     try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        pass
-    # orjson refuses integers beyond 64 bits and dict subclasses it does not know; the
-    # standard library takes those. NaN and Infinity are not JSON: refused.
-    try:
-        return json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        return jsontext.dumps(value)
     except (TypeError, ValueError) as exc:
         raise InvalidEvent(f"{name}: not JSON: {exc}") from None
 

@@ -22,8 +22,8 @@ class InvalidEvent(ClientError, ValueError):
     """send() was given an event that ingest would refuse; the message names the field.
 
     Raised by send() itself: nothing was queued. The checks are the server's size limits
-    (relayq.limits) and required fields; what only the server can judge (a destination id not
-    connected to the source, say) comes back as a REJECTED result instead.
+    (relayq.client.limits) and required fields; what only the server can judge (a destination
+    id not connected to the source, say) comes back as a REJECTED result instead.
     """
 
 
