@@ -167,7 +167,7 @@ async def overview_latency(base: str, samples: int) -> list[float]:
     behind the answers as they age. (A scope's first viewer waits for one GetStats of every
     destination instead: the gRPC table's "GetStats: everything", plus the same page.)"""
     times = []
-    pages = ["/?sort=pending&dir=desc", "/?q=d09&sort=oldest", "/?sort=destination&page=150",
+    pages = ["/?sort=pending&dir=desc", "/?q=d000&sort=oldest", "/?sort=destination&page=150",
              "/?sort=failed&dir=desc&page=3", "/"]
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
         await signed_in(session, base)
