@@ -10,9 +10,11 @@ relayq-ingest (ten jobs each, left pending: no router runs, so the backlog is re
 relayq-admin with its console as its own process and measures, from this process:
 
 1. admin gRPC calls (a selective ListJobs, GetJob, PeekJobs, GetStats of one destination, a
-   page of ListDestinations), median and p99 over --calls calls, with no console open;
+   page of ListDestinations, GetStats of everything), median and p99 over --calls calls, with
+   no console open;
 2. the same while --viewers signed-in consoles poll the overview as htmx does (every two
-   seconds, each sorted differently, one searching), for at least --seconds;
+   seconds, each sorted differently, one searching); 1 and 2 alternate in four rounds, so
+   the machine's other load weighs on both alike;
 3. the overview page's answer time, sorted, searched and paged (a scope's very first viewer
    waits for one GetStats of every destination instead, timed in the first table).
 """
@@ -53,6 +55,8 @@ CONNECTED = 10
 # How often the console's overview refreshes itself (overview_rows.html, hx-trigger).
 POLL_SECONDS = 2.0
 SORTS = ["pending", "oldest", "failed", "destination", "delivered"]
+# Rounds of calls without and with consoles open, alternating.
+ROUNDS = 4
 
 
 def fill(name: str, destinations: int) -> list[str]:
@@ -195,7 +199,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--viewers", type=int, default=5)
     parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=6.0,
+                        help="the least time consoles stay open in each of the rounds")
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--smoke", action="store_true",
                         help="a few seconds: 1,000 destinations, 2,000 events, 20 calls")
@@ -221,10 +226,20 @@ def main() -> None:
         ingest(ports["ingest"], keys, args.events)
         processes[0].terminate()
         base = f"http://127.0.0.1:{ports['console']}"
+        alone: dict[str, list[float]] = {}
+        viewed: dict[str, list[float]] = {}
+        polls: list[float] = []
         with grpc.insecure_channel(f"127.0.0.1:{ports['admin']}") as channel:
             calls = grpc_calls(admin_pb2_grpc.AdminStub(channel))
-            alone = time_calls(calls, args.calls)
-            viewed, polls = asyncio.run(with_viewers(base, args, calls))
+            # Alternating rounds, so that whatever else the machine does meanwhile weighs on
+            # both sides alike.
+            for _ in range(ROUNDS):
+                for label, times in time_calls(calls, args.calls // ROUNDS).items():
+                    alone.setdefault(label, []).extend(times)
+                round_viewed, round_polls = asyncio.run(with_viewers(base, args, calls))
+                for label, times in round_viewed.items():
+                    viewed.setdefault(label, []).extend(times)
+                polls += round_polls
         views = asyncio.run(overview_latency(base, args.samples))
         print(f"\n{args.destinations:,} destinations, {args.events * CONNECTED:,} pending jobs;"
               f" {args.viewers} consoles polling every {POLL_SECONDS:g} s in the second part")
@@ -251,7 +266,7 @@ async def with_viewers(base: str, args: argparse.Namespace,
     tasks = [asyncio.create_task(viewer(base, i, stop, polls)) for i in range(args.viewers)]
     await asyncio.sleep(POLL_SECONDS)  # every console open and polling
     began = time.monotonic()
-    result = await asyncio.to_thread(time_calls, calls, args.calls)
+    result = await asyncio.to_thread(time_calls, calls, args.calls // ROUNDS)
     await asyncio.sleep(max(0.0, args.seconds - (time.monotonic() - began)))
     stop.set()
     await asyncio.gather(*tasks)
