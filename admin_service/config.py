@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from jobsdb import sealing
 from relayq.auth import operator_token
-from relayq.config import ConfigError, Env, ServerConfig, TLSConfig
+from relayq.config import (
+    ConfigError,
+    Env,
+    ServerConfig,
+    TLSConfig,
+    destination_policy,
+    secret_keys,
+)
+from relayq.netpolicy import NetworkPolicy
 
 CONSOLE_ADDRESS = "RELAYQ_ADMIN_CONSOLE_ADDRESS"
 
@@ -53,6 +62,10 @@ class AdminConfig:
     statement_timeout_ms: int
     migrate: bool
     startup_timeout_seconds: float
+    # Endpoints written as addresses the router would refuse are refused when set.
+    destination_policy: NetworkPolicy = field(default_factory=NetworkPolicy)
+    # RELAYQ_SECRET_KEYS: what seals and opens destinations' secrets (jobsdb.sealing).
+    keyring: sealing.Keyring | None = None
     console: ConsoleConfig | None = None
 
     @classmethod
@@ -71,5 +84,7 @@ class AdminConfig:
             migrate=env.flag("RELAYQ_MIGRATE", True),
             startup_timeout_seconds=env.number(
                 "RELAYQ_STARTUP_TIMEOUT_SECONDS", 30.0, maximum=3600),
+            destination_policy=destination_policy(env),
+            keyring=secret_keys(env),
             console=ConsoleConfig.from_env(env, server.tls),
         )

@@ -10,7 +10,7 @@ from admin_service.config import CONSOLE_ADDRESS, AdminConfig
 from admin_service.console import server as console_server
 from admin_service.ops import Operations
 from admin_service.service import AdminServicer
-from jobsdb import migrate
+from jobsdb import migrate, sealing
 from jobsdb.pool import open_pool
 from relayq import addresses, jobmetrics, process
 from relayq.app import ServiceApp
@@ -41,10 +41,13 @@ class AdminApp(ServiceApp[AdminConfig]):
         await migrate.prepare(config.database_url, apply=config.migrate,
                               wait_seconds=config.startup_timeout_seconds,
                               application_name=APP_NAME)
+        if config.keyring is not None:
+            await sealing.start(config.database_url, config.keyring,
+                                application_name=APP_NAME)
         self._pool = await open_pool(config.database_url, application_name=APP_NAME,
                                      min_size=1, max_size=config.pool_size,
                                      statement_timeout_ms=config.statement_timeout_ms)
-        ops = Operations(self._pool)
+        ops = Operations(self._pool, config.destination_policy)
         auth = Authenticator(self._pool, config.operator_token)
         servicer = AdminServicer(ops, auth)
         if config.server.metrics_address is not None:

@@ -11,7 +11,7 @@ import secrets
 
 from filterlang.errors import FilterError
 from filterlang.events import compile_event_filter
-from relayq import destination_types
+from relayq import destination_types, netpolicy
 from relayq.rpc import InvalidArgument
 from relayq.v1 import admin_pb2, common_pb2
 
@@ -79,17 +79,27 @@ def reason(value: str) -> str:
     return value
 
 
-def endpoint(field: str, kind: str, value: str) -> str:
+def endpoint(field: str, kind: str, value: str, policy: netpolicy.NetworkPolicy) -> str:
+    """A usable endpoint of the type, whose host, when it is written as an address (or is
+    `localhost`), the network policy allows. A name is not resolved here: where it leads is
+    checked by the router at every attempt, on the address it connects to."""
     if not value:
         raise bad(field, "required")
     if (len(value) > MAX_ENDPOINT or not value.isprintable()
             or any(c.isspace() for c in value)):
         raise bad(field, f"must be at most {MAX_ENDPOINT} characters without spaces or"
                          " control characters")
+    destination_type = destination_types.TYPES[kind]
     try:
-        destination_types.TYPES[kind].check_endpoint(value)
+        destination_type.check_endpoint(value)
     except destination_types.Unusable as exc:
         raise bad(field, str(exc)) from None
+    address = netpolicy.known_address(destination_type.host(value))
+    if address is not None:
+        try:
+            policy.check(address)
+        except netpolicy.Refused as refused:
+            raise bad(field, netpolicy.explain(refused)) from None
     return value
 
 

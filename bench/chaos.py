@@ -13,7 +13,11 @@ every batch not acknowledged, with the same message ids, until it is. Meanwhile:
 - every few seconds a random relayq process is killed with SIGKILL and started again;
 - once, Postgres is crashed (`-m immediate`: SIGQUIT to the postmaster) and restarted;
 - once, the proxied router's connection to Postgres stops moving bytes for three leases
-  (the other router must take its partitions; it must stop its own deliveries first).
+  (the other router must take its partitions; it must stop its own deliveries first);
+- once, the disk under relayq's tables is full for a while: the database's tablespace is on
+  a tmpfs of its own, shrunk to what it holds (`--full-disk-seconds`, then grown back). Its
+  WAL is elsewhere, as it should be in production (a full WAL disk stops Postgres itself).
+  Needs root (mount); without it this fault is skipped, and the report says so.
 
 At the end the clients stop, the queue drains, and the receiver's log is checked: every
 acknowledged event delivered (missing must be 0), every user's first deliveries in the order
@@ -29,6 +33,7 @@ import contextlib
 import itertools
 import json
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -44,16 +49,52 @@ from pathlib import Path
 import grpc
 import psycopg
 from aiohttp import web
+from psycopg import sql
 
 from bench.common import add_source, free_port, spawn, wait_ready
 from jobsdb import migrate
 from jobsdb.keyspace import partition_of
+from relayq.cli import embedded
 from relayq.cli.embedded import EmbeddedPostgres
 from relayq.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.tcpproxy import TCPProxy
 
 LEASE = 5
 ADMIN_TOKEN = "chaos-operator-token-0123456789"
+
+
+class SmallDisk:
+    """A tmpfs for the tablespace of relayq's tables, that can be made full (shrunk to what
+    it holds, so no RAM goes to ballast) and given room again."""
+
+    def __init__(self, path: Path, owner: pwd.struct_passwd | None, size_mb: int = 4096) -> None:
+        self.path = path
+        self.size = f"{size_mb}m"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size},mode=0755", "tmpfs",
+                        str(path)], check=True)
+        self.tablespace = path / "tablespace"
+        self.tablespace.mkdir()
+        if owner is not None:
+            os.chown(self.tablespace, owner.pw_uid, owner.pw_gid)
+
+    def fill(self) -> None:
+        """Shrink it to what it holds (a little more if it grew meanwhile)."""
+        for _ in range(20):
+            stat = os.statvfs(self.path)
+            used = (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+            done = subprocess.run(["mount", "-o", f"remount,size={used + 65536}",
+                                   str(self.path)], capture_output=True)
+            if done.returncode == 0:
+                return
+        raise RuntimeError(f"could not shrink {self.path}: {done.stderr!r}")
+
+    def free(self) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={self.size}", str(self.path)],
+                       check=True)
+
+    def remove(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], check=False)
 
 
 @dataclass
@@ -133,6 +174,8 @@ class Clients:
     acked: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     ack_times: list[float] = field(default_factory=list)
     resends: int = 0
+    # Why batches were refused: status code -> count.
+    refusals: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     running: bool = True
 
     async def run(self) -> None:
@@ -159,8 +202,9 @@ class Clients:
                 try:
                     await stub.Ingest(request, metadata=metadata, timeout=5)
                     break
-                except grpc.aio.AioRpcError:
+                except grpc.aio.AioRpcError as exc:
                     self.resends += 1
+                    self.refusals[exc.code().name] += 1
                     await asyncio.sleep(wait)
                     wait = min(2.0, wait * 2)
             now = time.monotonic()
@@ -190,7 +234,17 @@ async def soak(args: argparse.Namespace) -> int:
     await receiver.start()
     proxy = TCPProxy("127.0.0.1", postgres.port)
     await proxy.start()
+    disk: SmallDisk | None = None
     dsn = postgres.dsn
+    if os.geteuid() == 0:
+        # relayq's tables in a database whose tablespace is on a disk the soak can fill.
+        disk = SmallDisk(workdir / "disk", embedded._service_user())
+        _mounts.append(disk)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE TABLESPACE small LOCATION {}").format(
+                sql.Literal(str(disk.tablespace))))
+            conn.execute("CREATE DATABASE chaos TABLESPACE small")
+        dsn = dsn.rpartition("/")[0] + "/chaos"
     proxied = dsn.replace(f":{postgres.port}/", f":{proxy.port}/")
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
         await migrate.migrate(c)
@@ -242,7 +296,9 @@ async def soak(args: argparse.Namespace) -> int:
         return {u for u in all_users if partition_of(destination_key, u, 64) in owned}
 
     pg_at, stall_at = started + duration * 0.3, started + duration * 0.7
+    full_at = started + duration * 0.5
     pg_done = stall_done = False
+    full_done = disk is None
     next_kill = started + args.kill_every
     # Every process in turn, in an order the seed shuffles, a router first (so even the
     # shortest run kills one).
@@ -263,6 +319,16 @@ async def soak(args: argparse.Namespace) -> int:
                 postgres.start(port)  # blocks this loop for a moment: Postgres is down anyway
                 assert postgres.port == port, "Postgres came back on another port"
                 faults.append(("postgres restart", now, time.monotonic() - now, None))
+                next_kill = time.monotonic() + args.kill_every
+            elif not full_done and now >= full_at:
+                full_done = True
+                assert disk is not None
+                print(f"[{now - started:6.1f}s] the disk of relayq's tables is full for"
+                      f" {args.full_disk_seconds:g}s", flush=True)
+                disk.fill()
+                await asyncio.sleep(args.full_disk_seconds)
+                disk.free()
+                faults.append(("disk full", now, args.full_disk_seconds, None))
                 next_kill = time.monotonic() + args.kill_every
             elif not stall_done and now >= stall_at:
                 stall_done = True
@@ -308,6 +374,9 @@ async def soak(args: argparse.Namespace) -> int:
     proxy.resume()
     await proxy.cut()
     postgres.stop()
+    if disk is not None:
+        disk.remove()
+        _mounts.remove(disk)
 
     missing = len(wanted - delivered)
     firsts: dict[str, list[int]] = defaultdict(list)
@@ -330,7 +399,10 @@ async def soak(args: argparse.Namespace) -> int:
     print(f"  missing at the receiver   {missing:>10,}   (must be 0)")
     print(f"  per-user order violations {violations:>10,}   (must be 0)")
     print(f"  duplicates delivered      {duplicates:>10,}   (at least once: in flight at a fault)")
-    print(f"  batches re-sent by clients{clients.resends:>10,}")
+    print(f"  batches re-sent by clients{clients.resends:>10,}   "
+          + ", ".join(f"{code} {n:,}" for code, n in sorted(clients.refusals.items())))
+    if disk is None:
+        print("  (no disk-full fault: it needs root, to mount a tmpfs)")
     print("  faults: what, at, back up after, longest pause after it in deliveries (of the")
     print("  users whose partitions a router held, for a router) and in acknowledgements")
     for what, when, ready, held_up in faults:
@@ -355,6 +427,12 @@ async def soak_and_clean_up(args: argparse.Namespace) -> int:
         for process in _children():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process, signal.SIGKILL)
+        for disk in _mounts:  # nor a tmpfs mount
+            disk.remove()
+
+
+# Mounted by the soak, to unmount whatever happens.
+_mounts: list[SmallDisk] = []
 
 
 def _children() -> list[int]:
@@ -376,10 +454,13 @@ def main() -> None:
     parser.add_argument("--fail-share", type=float, default=0.05)
     parser.add_argument("--drain-seconds", type=float, default=180.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--full-disk-seconds", type=float, default=15.0,
+                        help="how long the disk of relayq's tables is full")
     parser.add_argument("--smoke", action="store_true", help="about 40 s, one of each fault")
     args = parser.parse_args()
     if args.smoke:
         args.minutes, args.rate, args.kill_every, args.drain_seconds = 0.5, 200.0, 8.0, 60.0
+        args.full_disk_seconds = 5.0
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(asyncio.run(soak_and_clean_up(args)))
 

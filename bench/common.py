@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from jobsdb import migrate  # noqa: E402
 from jobsdb.keys import hash_secret, new_secret, new_signing_secret  # noqa: E402
+from jobsdb.sealing import new_key  # noqa: E402
 from relayq.ports import free_port as free_port  # noqa: E402 - re-exported for the benches
 
 SERVER = os.environ.get("RELAYQ_BENCH_SERVER_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -108,6 +109,11 @@ def wait_ready(port: int, timeout: float = 30) -> None:
 # a figure stays comparable with the runs before workers existed, the CPU per event read from
 # one pid is the service's, and a kill -9 (bench/chaos.py) kills what it names.
 ONE_PROCESS = {"RELAYQ_INGEST_WORKERS": "1", "RELAYQ_ROUTER_WORKERS": "1"}
+# The benchmarks' sinks are on loopback, which the network policy refuses to destinations by
+# default (relayq.netpolicy): every service they start allows loopback, and only loopback.
+# Secrets are sealed at rest under RELAYQ_SECRET_KEYS (jobsdb.sealing): a key for the run.
+LOCAL_DESTINATIONS = {"RELAYQ_DESTINATION_ALLOW_NETWORKS": "127.0.0.0/8,::1/128",
+                      "RELAYQ_SECRET_KEYS": new_key()}
 
 
 def spawn(module: str, env: Mapping[str, str], cpus: str | None = None
@@ -123,7 +129,7 @@ def spawn(module: str, env: Mapping[str, str], cpus: str | None = None
     it profiles their supervisor only.
     """
     command = service_command(module, cpus)
-    process = subprocess.Popen(command, env={**os.environ, **ONE_PROCESS,
+    process = subprocess.Popen(command, env={**os.environ, **ONE_PROCESS, **LOCAL_DESTINATIONS,
                                              "RELAYQ_LOG_LEVEL": "warning", **env})
     profile = os.environ.get("RELAYQ_BENCH_PROFILE")
     if profile:

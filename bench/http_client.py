@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port
 from jobsdb.keys import new_signing_secret
+from relayq.netpolicy import NetworkPolicy
 from router_service.httpclient import HttpPool, parse_target
+from router_service.resolver import Resolver
 from router_service.signing import Signer
 
 BODY = (b'{"messageId":"m-%d","type":"track","event":"Order Completed","userId":"user-42",'
@@ -65,7 +67,9 @@ async def aiohttp_client(url: str) -> tuple[Send, Callable[[], Awaitable[None]]]
 
 
 async def own_client(url: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
-    pool = HttpPool(ssl.create_default_context(), body_limit=10_000)
+    pool = HttpPool(ssl.create_default_context(), body_limit=10_000,
+                    # The sink is on loopback, which the network policy refuses by default.
+                    resolver=Resolver(NetworkPolicy.parse("127.0.0.0/8,::1/128")))
     target = parse_target(url)
     fixed = (f"Host: {target.host_header}\r\nUser-Agent: relayq\r\n"
              "Content-Type: application/json\r\n")

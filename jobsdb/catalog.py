@@ -15,9 +15,10 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from psycopg import AsyncConnection, sql
-from psycopg.rows import class_row
+from psycopg.rows import class_row, kwargs_row
 from psycopg.types.json import Jsonb
 
+from jobsdb import sealing
 from jobsdb.errors import NotFound
 from jobsdb.keys import hash_secret, new_secret, new_signing_secret
 from jobsdb.sqlfile import query
@@ -93,6 +94,9 @@ class Destination:
     # Filled only by the router's load (jobsdb.destinations.load_all): the admin service's
     # reads never fetch secrets, so nothing it answers can show them.
     signing_secrets: tuple[SigningSecret, ...] = field(default=(), repr=False)
+    # Why its sealed secrets, headers or endpoint could not be opened (the router's load: a
+    # key it was not given); None when they could. Such a destination is never delivered to.
+    unreadable: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,25 +260,57 @@ async def _add_write_key(conn: Conn, source_key: int) -> str:
 # --- destinations --------------------------------------------------------------------------
 
 
+def _sealed_columns(changes: dict[str, Any]) -> dict[str, Any]:
+    """Destination columns as stored: headers sealed (the clear column left '{}'), and an
+    endpoint with credentials stored without them and sealed whole (jobsdb.sealing)."""
+    stored = dict(changes)
+    keyring = sealing.installed()
+    if "headers" in stored:
+        stored["sealed_headers"] = keyring.seal_headers(stored["headers"])
+        stored["headers"] = Jsonb({})
+    if "endpoint" in stored:
+        stored["endpoint"], stored["sealed_endpoint"] = keyring.seal_endpoint(
+            stored["endpoint"])
+    return stored
+
+
+def _destination_row(cursor: Any) -> Any:
+    """Rows of destination_rows as Destinations, their sealed columns opened."""
+    keyring = sealing.installed()
+
+    def make(**columns: Any) -> Destination:
+        sealing.open_row(keyring, columns)
+        return Destination(**columns)
+
+    return kwargs_row(make)(cursor)
+
+
 async def create_destination(conn: Conn, tenant: Tenant, destination_id: str,
                              settings: DestinationSettings) -> Destination:
-    params: dict[str, Any] = {
-        name: getattr(settings, name) for name in DestinationSettings.__dataclass_fields__}
-    params.update(id=destination_id, tenant_key=tenant.tenant_key,
-                  headers=Jsonb(settings.headers))
+    params: dict[str, Any] = _sealed_columns({
+        name: getattr(settings, name) for name in DestinationSettings.__dataclass_fields__})
+    params.update(id=destination_id, tenant_key=tenant.tenant_key)
     await _key(conn, "create_destination", params, "destination")
     return await get_destination(conn, destination_id, tenant.tenant_key)
 
 
 async def get_destination(conn: Conn, destination_id: str, scope: int | None) -> Destination:
-    return await _one(conn, Destination, "get_destination",
-                      {"id": destination_id, "scope": scope}, f"destination {destination_id!r}")
+    cur = conn.cursor(row_factory=_destination_row)
+    await cur.execute(query("catalog.sql", "get_destination"),
+                      {"id": destination_id, "scope": scope})
+    found: Destination | None = await cur.fetchone()
+    if found is None:
+        raise NotFound(f"destination {destination_id!r} not found")
+    return found
 
 
 async def list_destinations(conn: Conn, scope: int | None, tenant_id: str | None, after: str,
                             limit: int) -> list[Destination]:
-    return await _all(conn, Destination, "list_destinations", {
+    cur = conn.cursor(row_factory=_destination_row)
+    await cur.execute(query("catalog.sql", "list_destinations"), {
         "scope": scope, "tenant_id": tenant_id, "after": after, "limit": limit})
+    found: list[Destination] = await cur.fetchall()
+    return found
 
 
 async def update_destination(conn: Conn, destination: Destination, changes: dict[str, Any]
@@ -284,8 +320,7 @@ async def update_destination(conn: Conn, destination: Destination, changes: dict
     if unknown:
         raise ValueError(f"not updatable: {sorted(unknown)}")
     if changes:
-        values = {name: Jsonb(value) if name == "headers" else value
-                  for name, value in changes.items()}
+        values = _sealed_columns(changes)
         statement = sql.SQL(
             "UPDATE destinations SET {}, updated_at = now() WHERE destination_key = {}"
         ).format(
@@ -311,8 +346,9 @@ async def add_signing_secret(conn: Conn, destination: Destination) -> str:
     """A new signing secret for the destination, in force at once; returned only here (the
     caller shows it once). The caller decides which destinations sign."""
     secret = new_signing_secret()
+    sealed = sealing.installed().seal_text(secret, sealing.SIGNING_SECRET)
     await conn.execute(query("catalog.sql", "add_signing_secret"),
-                       {"destination_key": destination.destination_key, "secret": secret})
+                       {"destination_key": destination.destination_key, "sealed": sealed})
     return secret
 
 

@@ -11,6 +11,7 @@ from typing import Any, LiteralString
 from psycopg import AsyncConnection
 from psycopg.rows import kwargs_row
 
+from jobsdb import sealing
 from jobsdb.catalog import Destination, SigningSecret
 from jobsdb.sqlfile import query
 
@@ -22,10 +23,25 @@ async def load_all(conn: AsyncConnection[Any]) -> dict[int, Destination]:
     once, secrets included: copying ten thousand frozen rows afterwards to add their secrets
     (dataclasses.replace) took 40% of it under cProfile."""
 
-    def destination(secrets: list[str], expiries: list[datetime | None],
-                    **columns: Any) -> Destination:
-        return Destination(**columns,
-                           signing_secrets=tuple(map(SigningSecret, secrets, expiries)))
+    keyring = sealing.installed()
+
+    def destination(secrets: list[str | None], sealed_secrets: list[bytes | None],
+                    expiries: list[datetime | None], **columns: Any) -> Destination:
+        """The row with its sealed columns opened (jobsdb.sealing). One that cannot be (a key
+        this process was not given) is kept, marked unreadable, without its secrets: the
+        router delivers nothing to it, rather than anything unsigned."""
+        try:
+            sealing.open_row(keyring, columns)
+            opened = [secret if sealed is None
+                      else keyring.open_text(sealed, sealing.SIGNING_SECRET)
+                      for secret, sealed in zip(secrets, sealed_secrets, strict=True)]
+        except sealing.SealError as exc:
+            columns.update(headers={}, endpoint=sealing.without_credentials(columns["endpoint"]))
+            return Destination(**columns, unreadable=str(exc))
+        return Destination(**columns, signing_secrets=tuple(
+            SigningSecret(secret, expires) for secret, expires in zip(opened, expiries,
+                                                                     strict=True)
+            if secret is not None))
 
     cur = conn.cursor(row_factory=kwargs_row(destination))
     await cur.execute(query("destinations.sql", "load_all"), binary=True)

@@ -20,6 +20,11 @@ class DatabaseUnavailable(JobsDBError):
     """Postgres cannot be reached, or the pool had no connection in time. Safe to retry."""
 
 
+class DatabaseFull(DatabaseUnavailable):
+    """Postgres could not write for lack of disk space (SQLSTATE 53100). Nothing of the
+    transaction happened; it passes once space returns, so it is retried like an outage."""
+
+
 class DatabaseRefused(JobsDBError):
     """Postgres answered and refused us: the database does not exist, the password or role
     is wrong, pg_hba.conf has no entry, CONNECT is not granted. Waiting cannot help; the
@@ -55,6 +60,16 @@ class QueryCanceled(JobsDBError):
     """A statement ran past its statement_timeout or lock_timeout."""
 
 
+class SealError(JobsDBError):
+    """A sealed secret that cannot be opened (jobsdb.sealing): a key not given, or a damaged
+    value."""
+
+
+class KeysRefused(SealError):
+    """The database holds secrets sealed under keys this process was not given: a wrong or
+    missing RELAYQ_SECRET_KEYS. Stops the process at start."""
+
+
 def translate(exc: BaseException) -> JobsDBError:
     """Map a driver or pool exception to a jobsdb error. The only place that inspects them."""
     if isinstance(exc, JobsDBError):
@@ -75,6 +90,10 @@ def translate(exc: BaseException) -> JobsDBError:
                         f" ({exc.sqlstate}); nothing of it happened, try again")
     if isinstance(exc, pgerrors.QueryCanceled | pgerrors.LockNotAvailable):
         return QueryCanceled(_detail(exc))
+    if isinstance(exc, pgerrors.DiskFull):
+        # Not the server's text: it names the database's files.
+        return DatabaseFull("the database is out of disk space: nothing of this was stored;"
+                            " try again once it has room")
     refusal = _refusal(exc)
     if refusal is not None:
         return DatabaseRefused(f"Postgres refused the connection: {refusal}")
@@ -85,6 +104,10 @@ def translate(exc: BaseException) -> JobsDBError:
         | pgerrors.CannotConnectNow
         | pgerrors.ConnectionException,
     ):
+        if _TOO_MANY.search(str(exc)):
+            return DatabaseUnavailable(
+                "database unavailable: Postgres refuses new connections, every one of its"
+                " max_connections is taken (too many clients); try again")
         return DatabaseUnavailable(f"database unavailable: {exc}")
     if isinstance(exc, psycopg.InterfaceError):
         return DatabaseUnavailable(f"database connection lost: {exc}")
@@ -100,6 +123,7 @@ _PASSING = re.compile(
     r"the database system is (starting up|shutting down|in recovery mode|not yet accepting"
     r"|not accepting)|too many (clients|connections)|connection slots are reserved"
     r"|out of memory")
+_TOO_MANY = re.compile(r"too many (clients|connections)|connection slots are reserved")
 # libpq's own words for a password the server asked for and was not given.
 _NO_PASSWORD = "fe_sendauth: no password supplied"
 

@@ -11,7 +11,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from jobsdb import errors
+from jobsdb import errors, health
 
 # Sessions of relayq never sit idle inside a transaction (a stuck one would hold back vacuum
 # and every lock it took), and a connection whose peer vanished is noticed within ~20 s.
@@ -43,6 +43,29 @@ def connect_kwargs(application_name: str, statement_timeout_ms: int | None = Non
     }
 
 
+class _Connection(AsyncConnection[Any]):
+    """A pool's connection that reports a failed connect (refused, too many clients, the
+    server gone) to jobsdb.health, and keeps its reason for a request that then finds no
+    connection (PoolTimeout says only that it waited)."""
+
+    @classmethod
+    async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+        try:
+            conn = await super().connect(conninfo, **kwargs)
+        except psycopg.Error as exc:
+            failure = errors.translate(exc)
+            _last_connect_error[str(kwargs.get("application_name"))] = str(failure)
+            health.STATE.failed(failure)
+            raise
+        _last_connect_error.pop(str(kwargs.get("application_name")), None)
+        return conn
+
+
+# Per pool (by its application name): why its last connect failed, while it does.
+_last_connect_error: dict[str, str] = {}
+UNREACHABLE_CHECKOUT_SECONDS = 1.0
+
+
 async def open_pool(
     dsn: str,
     *,
@@ -68,6 +91,7 @@ async def open_pool(
         kwargs=connect_kwargs(application_name, statement_timeout_ms),
         check=AsyncConnectionPool.check_connection if check else None,
         reconnect_timeout=float("inf"),
+        connection_class=_Connection,
         name=application_name,
         open=False,
     )
@@ -80,13 +104,26 @@ async def open_pool(
 async def transaction(pool: AsyncConnectionPool) -> AsyncIterator[AsyncConnection[Any]]:
     """A connection in a transaction: committed if the block succeeds, rolled back if it raises.
 
-    Driver errors leave as jobsdb errors (errors.translate), so callers handle one family.
+    Driver errors leave as jobsdb errors (errors.translate), so callers handle one family;
+    those the database's state explains are reported to jobsdb.health.
     """
+    # A pool whose last connect failed (Postgres refuses, or is gone) is unlikely to get one
+    # within its checkout timeout: answer within a second, with the reason, rather than keep
+    # a client waiting the whole timeout (its deadline may be shorter).
+    wait = UNREACHABLE_CHECKOUT_SECONDS if pool.name in _last_connect_error else None
     try:
-        async with pool.connection() as conn:
+        async with pool.connection(timeout=wait) as conn:
             yield conn
-    except (psycopg.Error, PoolTimeout) as exc:
-        raise errors.translate(exc) from exc
+    except PoolTimeout as exc:
+        reason = _last_connect_error.get(pool.name)
+        failure = (errors.DatabaseUnavailable(f"no database connection available: {reason}")
+                   if reason else errors.translate(exc))
+        health.STATE.failed(failure)
+        raise failure from exc
+    except psycopg.Error as exc:
+        failure = errors.translate(exc)
+        health.STATE.failed(failure)
+        raise failure from exc
 
 
 @asynccontextmanager

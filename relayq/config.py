@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from jobsdb import maintenance
-from relayq import cpus, worker
+from jobsdb import maintenance, sealing
+from relayq import cpus, netpolicy, worker
 
 
 class ConfigError(Exception):
@@ -193,3 +193,23 @@ def maintenance_policy(env: Env) -> maintenance.Policy | None:
                                   maximum=100_000_000),
     )
     return policy if env.flag("RELAYQ_MAINTENANCE", True) else None
+
+
+def destination_policy(env: Env) -> netpolicy.NetworkPolicy:
+    """Where destinations may connect (relayq.netpolicy): public addresses, and the networks
+    in RELAYQ_DESTINATION_ALLOW_NETWORKS. Read the same way by the router, which checks every
+    address it connects to, and the admin service, which refuses literal addresses early."""
+    variable = netpolicy.ALLOW_VARIABLE
+    try:
+        return netpolicy.NetworkPolicy.parse(env.environ.get(variable, ""))
+    except ValueError as exc:
+        raise ConfigError(variable, str(exc)) from None
+
+
+def secret_keys(env: Env) -> sealing.Keyring:
+    """RELAYQ_SECRET_KEYS: the keys secrets are sealed under at rest (jobsdb.sealing), the
+    first sealing, all opening. Required where secrets are read or written (router, admin)."""
+    try:
+        return sealing.Keyring.parse(env.environ.get(sealing.VARIABLE, ""))
+    except ValueError as exc:
+        raise ConfigError(sealing.VARIABLE, str(exc)) from None

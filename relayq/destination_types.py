@@ -27,6 +27,8 @@ class DestinationType:
     endpoint_help: str
     # Raises Unusable for an endpoint this type cannot deliver to.
     check_endpoint: Callable[[str], None]
+    # The host a (checked) endpoint connects to, as written: a name or a literal address.
+    host: Callable[[str], str]
     # The headers as stored (normalised), or Unusable naming the first the type cannot carry.
     normalise_headers: Callable[[dict[str, str]], dict[str, str]]
     # Header names compare without case (stored lowered), so updates merge by lowered name.
@@ -74,6 +76,14 @@ def _grpc_endpoint(value: str) -> None:
         endpoints.parse_grpc(value)
     except endpoints.NotForGrpc as exc:
         raise Unusable(str(exc)) from None
+
+
+def _url_host(value: str) -> str:
+    return urlsplit(value).hostname or ""
+
+
+def _grpc_host(value: str) -> str:
+    return endpoints.parse_grpc(value).host
 
 
 def _grpc_headers(values: dict[str, str]) -> dict[str, str]:
@@ -175,14 +185,14 @@ def _nats_headers(values: dict[str, str]) -> dict[str, str]:
 WEBHOOK = DestinationType(
     "webhook", "an http:// or https:// URL; each job is POSTed to it as JSON (or, with a"
     " batch policy, many as a JSON array)",
-    _webhook_endpoint, _webhook_headers, signed=True, batches=True)
+    _webhook_endpoint, _url_host, _webhook_headers, signed=True, batches=True)
 GRPC = DestinationType(
     "grpc", "host:port, grpc://host:port or grpcs://host:port (TLS) of a relayq.v1.Destination",
-    _grpc_endpoint, _grpc_headers, lowercase_headers=True)
+    _grpc_endpoint, _grpc_host, _grpc_headers, lowercase_headers=True)
 NATS = DestinationType(
     "nats", "nats://host:port/subject or tls://host:port/subject (TLS) of a NATS JetStream"
     " server; the subject may hold {tenant}, {destination}, {user_id} and {event}",
-    _nats_endpoint, _nats_headers)
+    _nats_endpoint, _url_host, _nats_headers)
 
 TYPES: dict[str, DestinationType] = {t.name: t for t in (WEBHOOK, GRPC, NATS)}
 

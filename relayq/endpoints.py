@@ -33,6 +33,11 @@ class GrpcEndpoint:
     target: str  # host:port, as grpc channels take it
     tls: bool
 
+    @property
+    def host(self) -> str:
+        """The host of the target (an IPv6 address without its brackets)."""
+        return self.target.rpartition(":")[0].removeprefix("[").removesuffix("]")
+
 
 def parse_grpc(value: str) -> GrpcEndpoint:
     tls = False

@@ -70,6 +70,9 @@ class Unavailable(ServiceError):
 # First match wins: a subclass goes before its base.
 _DB_ERRORS: dict[type[dberrors.JobsDBError], grpc.StatusCode] = {
     dberrors.Conflict: grpc.StatusCode.ABORTED,
+    # Before DatabaseUnavailable, which it is: "the entire file system is out of space" is
+    # gRPC's own example of RESOURCE_EXHAUSTED. Clients retry both.
+    dberrors.DatabaseFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     dberrors.DatabaseUnavailable: grpc.StatusCode.UNAVAILABLE,
     dberrors.DatabaseRefused: grpc.StatusCode.UNAVAILABLE,
     dberrors.MissingPartition: grpc.StatusCode.UNAVAILABLE,
@@ -78,6 +81,8 @@ _DB_ERRORS: dict[type[dberrors.JobsDBError], grpc.StatusCode] = {
     dberrors.InvalidReference: grpc.StatusCode.FAILED_PRECONDITION,
     dberrors.ConstraintViolation: grpc.StatusCode.INVALID_ARGUMENT,
     dberrors.QueryCanceled: grpc.StatusCode.DEADLINE_EXCEEDED,
+    # A destination's secrets sealed under a key this process was not given.
+    dberrors.SealError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

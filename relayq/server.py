@@ -23,6 +23,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from jobsdb import health as db_health
 from relayq import addresses, poolmetrics
 from relayq.config import ServerConfig
 from relayq.decoding import Registrar
@@ -41,8 +42,11 @@ class RunningServer:
     metrics_port: int | None
     _stop_metrics: Callable[[], None] | None
     _pool_metrics: asyncio.Task[None] | None = None
+    _watching: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self._pool_metrics is not None:
@@ -100,7 +104,7 @@ async def start_server(
             httpd.server_close()
 
     await server.start()
-    for name in ("", *names):
+    for name in ("", *names, DATABASE_HEALTH):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "serving",
@@ -110,8 +114,33 @@ async def start_server(
     # Served here, or by this worker's supervisor (PROMETHEUS_MULTIPROC_DIR).
     reported = config.metrics_address is not None or bool(
         os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-    return RunningServer(server, port, health, names, metrics_port, stop_metrics,
-                         poolmetrics.start() if reported else None)
+    running = RunningServer(server, port, health, names, metrics_port, stop_metrics,
+                            poolmetrics.start() if reported else None)
+    running._watching = asyncio.create_task(_watch_database(health), name="database-health")
+    return running
+
+
+# The health service name under which a process reports its database: NOT_SERVING while
+# Postgres is unreachable, refuses connections or is out of space (jobsdb.health). The
+# process's own services stay SERVING meanwhile: they answer, with UNAVAILABLE or
+# RESOURCE_EXHAUSTED saying why, and every process of the cluster shares the one database,
+# so a load balancer could send the work nowhere better.
+DATABASE_HEALTH = "relayq.database"
+
+
+async def _watch_database(health: health_aio.HealthServicer, every: float = 0.5) -> None:
+    reported: str | None = None
+    while True:
+        problem = db_health.STATE.problem()
+        if problem != reported:
+            if problem is not None:
+                log.warning("database in trouble: %s", problem)
+            else:
+                log.info("database well again")
+            await health.set(DATABASE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING
+                             if problem is not None else health_pb2.HealthCheckResponse.SERVING)
+            reported = problem
+        await asyncio.sleep(every)
 
 
 def check_addresses(config: ServerConfig) -> None:

@@ -7,7 +7,8 @@ Closed, it counts a streak of failed attempts; when every attempt has failed for
 probe (the next job in order) every `probe_every` seconds; the first success closes it, and
 delivery resumes in order. An answer that shows the destination alive (a success, or a 4xx
 that aborts the job) ends a streak; a 429 is the destination pacing us, not failing, and
-counts for neither.
+counts for neither. An attempt the network policy stopped (blocked_address) aborts its job,
+yet counts as a failure: nothing answered, and nothing will while the endpoint leads there.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from router_service.retry import Result, Verdict
+from router_service.retry import BLOCKED_ADDRESS, Result, Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,8 @@ class Breaker:
 
     def record(self, result: Result, now: float) -> Change | None:
         """One attempt's answer; returns the change it makes, if any."""
-        if result.verdict is Verdict.RETRY and result.error_code != "429":
+        if ((result.verdict is Verdict.RETRY and result.error_code != "429")
+                or result.error_code == BLOCKED_ADDRESS):
             if self._streak_started is None:
                 self._streak_started = now
             self._failures += 1

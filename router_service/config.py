@@ -8,9 +8,17 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-from jobsdb import maintenance
+from jobsdb import maintenance, sealing
 from relayq.auth import operator_token
-from relayq.config import ConfigError, Env, ServerConfig, maintenance_policy, workers
+from relayq.config import (
+    ConfigError,
+    Env,
+    ServerConfig,
+    destination_policy,
+    maintenance_policy,
+    secret_keys,
+    workers,
+)
 from router_service.engine import EngineSettings
 
 # Long enough for any host name and port; workers add `/<number>` to it.
@@ -29,6 +37,8 @@ class RouterConfig:
     # RouterStatus answers the operator with this token, and tenant tokens for their own
     # tenant. None: tenant tokens only (delivery never depends on it).
     operator_token: str | None = None
+    # RELAYQ_SECRET_KEYS: what opens destinations' sealed secrets (jobsdb.sealing).
+    keyring: sealing.Keyring | None = None
     # Router processes sharing the port and the leases (relayq.supervisor), each a router of
     # its own; 1: this process alone.
     workers: int = 1
@@ -64,6 +74,7 @@ class RouterConfig:
                 read_alone_above=env.integer("RELAYQ_ROUTER_READ_ALONE_ABOVE", 100, minimum=0,
                                              maximum=1_000_000),
                 destination_ca_file=env.file("RELAYQ_DESTINATION_CA_FILE"),
+                destination_policy=destination_policy(env),
             ),
             pool_size=env.integer("RELAYQ_ROUTER_POOL_SIZE", 8, minimum=3, maximum=1000),
             migrate=env.flag("RELAYQ_MIGRATE", True),
@@ -72,6 +83,7 @@ class RouterConfig:
                 "RELAYQ_STARTUP_TIMEOUT_SECONDS", 30.0, maximum=3600),
             operator_token=operator_token(env, required=False),
             workers=workers(env, "RELAYQ_ROUTER_WORKERS", "1"),
+            keyring=secret_keys(env),
         )
 
 

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from jobsdb.catalog import Destination
 from jobsdb.errors import JobsDBError
 from jobsdb.pool import transaction
 from jobsdb.queue import RESPONSE_LIMIT
+from relayq.netpolicy import NetworkPolicy
 from relayq.tasks import cancel_and_wait
 from router_service import metrics, senders
 from router_service.channels import GrpcChannels
@@ -36,6 +37,7 @@ from router_service.lane import Lane, LaneContext, LaneSettings
 from router_service.membership import Membership
 from router_service.outcomes import OutcomeFlusher
 from router_service.reads import Reader
+from router_service.resolver import Resolver
 from router_service.senders import Sender, SenderContext
 from router_service.trust import Trust
 
@@ -69,6 +71,8 @@ class EngineSettings:
     lane_idle_seconds: float = 60.0
     # Extra certificate authorities for https:// and grpcs:// destinations (router_service.trust).
     destination_ca_file: Path | None = None
+    # Where destinations may connect (relayq.netpolicy): public addresses and these networks.
+    destination_policy: NetworkPolicy = field(default_factory=NetworkPolicy)
 
 
 class Engine:
@@ -111,11 +115,12 @@ class Engine:
         # Idle connections per origin: as many as deliveries can be in flight to it at once,
         # so a receiver taking every permit does not have its connections closed and opened
         # again as the requests come and go.
-        http = HttpPool(self.trust.ssl_context, body_limit=RESPONSE_LIMIT,
+        resolver = Resolver(self.settings.destination_policy)
+        http = HttpPool(self.trust.ssl_context, body_limit=RESPONSE_LIMIT, resolver=resolver,
                         max_idle_per_origin=self.settings.permits)
-        self._senders = SenderContext(http=http, trust=self.trust,
-                                      grpc_batch=self.settings.grpc_batch,
-                                      grpc_channels=GrpcChannels(self.trust.grpc_credentials))
+        self._senders = SenderContext(
+            http=http, trust=self.trust, grpc_batch=self.settings.grpc_batch,
+            grpc_channels=GrpcChannels(self.trust.grpc_credentials, resolver), resolver=resolver)
         await self._load_destinations()
         self.flusher.start()
         self.reader.start()

@@ -10,6 +10,12 @@ is left to write by hand is what is particular to us (pooling, deadlines, readin
 excerpt of an answer); the part that is easy to get wrong, parsing responses (chunked bodies,
 keep-alive rules, 1xx), is httptools'.
 
+Every request asks the router's resolver (router_service.resolver) where its host leads, and
+so the network policy whether it may go there, before a pooled connection is taken or a new
+one made: connections are pooled per origin *and* address, and a new one is made to the
+address checked, as a literal, so nothing resolves the name again in between. Redirects are
+never followed: a 3xx is an answer like any other (it aborts the job, as a 4xx does).
+
 A connection carries one request at a time (no pipelining). A pooled connection that the
 server closed while idle is dropped when its close arrives; a request that loses the race
 with such a close (the connection was reused, and it ended before a byte of answer came) is
@@ -19,6 +25,7 @@ sent once more on a new connection, as browsers do: the server closed it, so it 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
 from collections import deque
@@ -27,6 +34,9 @@ from typing import NamedTuple, cast
 
 import httptools
 import yarl
+
+from relayq.netpolicy import IPAddress
+from router_service.resolver import Resolver
 
 # Idle connections are closed after this (most servers close theirs after 5 to 75 s).
 IDLE_SECONDS = 30.0
@@ -91,6 +101,14 @@ def parse_target(url: str, method: str = "POST") -> Target:
     return Target(Origin(host, port, tls), line, host_header)
 
 
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Where a pooled connection goes: an origin at one of the addresses it resolved to."""
+
+    origin: Origin
+    address: IPAddress
+
+
 class Response(NamedTuple):
     status: int
     # The Retry-After header as sent, or None.
@@ -106,8 +124,8 @@ class _Connection(asyncio.Protocol):
         "_answered",
         "_body",
         "_body_size",
-        "_origin",
         "_parser",
+        "_peer",
         "_pool",
         "_retry_after",
         "_reusable",
@@ -119,9 +137,9 @@ class _Connection(asyncio.Protocol):
         "used",
     )
 
-    def __init__(self, pool: HttpPool, origin: Origin) -> None:
+    def __init__(self, pool: HttpPool, peer: Peer) -> None:
         self._pool = pool
-        self._origin = origin
+        self._peer = peer
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[Response] | None = None
@@ -161,7 +179,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._pool._forget(self._origin, self)
+        self._pool._forget(self._peer, self)
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
@@ -255,15 +273,16 @@ class HttpPool:
     """Keep-alive connections for every webhook of a router, pooled per origin, so ten
     destinations at one receiver share its connections as they would with any client."""
 
-    def __init__(self, ssl_context: ssl.SSLContext, *, body_limit: int,
+    def __init__(self, ssl_context: ssl.SSLContext, *, body_limit: int, resolver: Resolver,
                  idle_seconds: float = IDLE_SECONDS,
                  max_idle_per_origin: int = MAX_IDLE_PER_ORIGIN) -> None:
         self._ssl = ssl_context
+        self._resolver = resolver
         self.body_limit = body_limit
         self._idle_seconds = idle_seconds
         self._max_idle = max_idle_per_origin
         # Most recently used last: requests take the warmest connection.
-        self._idle: dict[Origin, deque[_Connection]] = {}
+        self._idle: dict[Peer, deque[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
@@ -273,14 +292,18 @@ class HttpPool:
         """Send a request (its first line from `target`, then `head`: the header lines and the
         blank line, then `body`) and read the answer, all within `within` seconds.
 
-        Raises TimeoutError, or OSError: refused, reset, unresolvable, TLS (ssl.SSLError),
-        or this module's ConnectionErrors (Disconnected, ProtocolError). The deadline is one
+        Raises TimeoutError, resolver.BlockedAddress (the host leads where the network policy
+        refuses: nothing was sent, no connection made), or OSError: refused, reset,
+        unresolvable, TLS (ssl.SSLError), or this module's ConnectionErrors (Disconnected,
+        ProtocolError). The deadline is one
         loop timer per request, not asyncio.timeout, whose cancel-and-uncancel of the task is
         dearer and is not needed to end a wait on a future."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         payload = b"".join((target.request_line, head, body))
-        connection = await self._connection(target.origin, deadline)
+        origin = target.origin
+        addresses = await self._resolver.addresses(origin.host)
+        connection = await self._connection(origin, addresses, deadline)
         try:
             return await self._exchange(connection, payload, deadline)
         except ConnectionError:
@@ -288,7 +311,7 @@ class HttpPool:
                 raise
         # A keep-alive connection the server had closed (its close was still on the way):
         # nothing was read from it, so the request goes once more on a fresh connection.
-        connection = await self._connection(target.origin, deadline, fresh=True)
+        connection = await self._connection(origin, addresses, deadline, fresh=True)
         return await self._exchange(connection, payload, deadline)
 
     async def close(self) -> None:
@@ -301,23 +324,39 @@ class HttpPool:
 
     # --- inside --------------------------------------------------------------------------
 
-    async def _connection(self, origin: Origin, deadline: float, *, fresh: bool = False
-                          ) -> _Connection:
-        idle = self._idle.get(origin)
-        while idle and not fresh:
-            connection = idle.pop()
-            if connection.reusable:
-                return connection
+    async def _connection(self, origin: Origin, addresses: tuple[IPAddress, ...],
+                          deadline: float, *, fresh: bool = False) -> _Connection:
+        """A kept-alive connection to one of `addresses` (checked by the resolver), or a new
+        one to the first that takes it, connected to the address itself."""
+        if not fresh:
+            for address in addresses:
+                idle = self._idle.get(Peer(origin, address))
+                while idle:
+                    connection = idle.pop()
+                    if connection.reusable:
+                        return connection
         loop = asyncio.get_running_loop()
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise TimeoutError
-        async with asyncio.timeout(remaining):
-            _, connection = await loop.create_connection(
-                lambda: _Connection(self, origin), origin.host, origin.port,
-                ssl=self._ssl if origin.tls else None, server_hostname=origin.server_hostname)
-        self._open.add(connection)
-        return connection
+        failure: OSError | None = None
+        for address in addresses:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            peer = Peer(origin, address)
+            try:
+                async with asyncio.timeout(remaining):
+                    _, connection = await loop.create_connection(
+                        functools.partial(_Connection, self, peer), str(address),
+                        origin.port, ssl=self._ssl if origin.tls else None,
+                        server_hostname=origin.server_hostname)
+            except OSError as exc:  # refused, unreachable: the next address may answer
+                if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+                    raise
+                failure = exc
+                continue
+            self._open.add(connection)
+            return connection
+        assert failure is not None
+        raise failure
 
     async def _exchange(self, connection: _Connection, payload: bytes, deadline: float
                         ) -> Response:
@@ -342,9 +381,9 @@ class HttpPool:
         return response
 
     def _park(self, connection: _Connection) -> None:
-        idle = self._idle.get(connection._origin)
+        idle = self._idle.get(connection._peer)
         if idle is None:
-            idle = self._idle[connection._origin] = deque()
+            idle = self._idle[connection._peer] = deque()
         if len(idle) >= self._max_idle:
             idle.popleft().abort()
         connection.idle_since = time.monotonic()
@@ -357,18 +396,18 @@ class HttpPool:
         """Close connections idle for longer than idle_seconds (oldest first in each deque)."""
         self._sweeper = None
         cutoff = time.monotonic() - self._idle_seconds
-        for origin, idle in list(self._idle.items()):
+        for peer, idle in list(self._idle.items()):
             while idle and idle[0].idle_since < cutoff:
                 idle.popleft().abort()
             if not idle:
-                del self._idle[origin]
+                del self._idle[peer]
         if self._idle and not self._closed:
             self._sweeper = asyncio.get_running_loop().call_later(self._idle_seconds / 2,
                                                                   self._sweep)
 
-    def _forget(self, origin: Origin, connection: _Connection) -> None:
+    def _forget(self, peer: Peer, connection: _Connection) -> None:
         self._open.discard(connection)
-        idle = self._idle.get(origin)
+        idle = self._idle.get(peer)
         if idle is not None and connection in idle:
             idle.remove(connection)
 

@@ -7,7 +7,7 @@ import logging
 
 from psycopg_pool import AsyncConnectionPool
 
-from jobsdb import maintenance, migrate
+from jobsdb import maintenance, migrate, sealing
 from jobsdb.listen import Listener
 from jobsdb.pool import open_pool
 from relayq import process, supervisor
@@ -42,6 +42,9 @@ class RouterApp(ServiceApp[RouterConfig]):
         await migrate.prepare(config.database_url, apply=config.migrate,
                               wait_seconds=config.startup_timeout_seconds,
                               application_name=APP_NAME)
+        if config.keyring is not None:
+            await sealing.start(config.database_url, config.keyring,
+                                application_name=APP_NAME)
         # Before any lease is touched: no other live router has our id (router_service.identity),
         # so the unexpired leases of a previous run under this id are ours to take back at once.
         self._identity = Identity(config.database_url, config.engine.router_id,

@@ -15,6 +15,11 @@ from enum import Enum
 
 import backoff
 
+# The error code of an attempt the network policy stopped before any connection
+# (router_service.resolver): not retried (the address will not become allowed by waiting),
+# but a failure of the destination all the same, counted by its circuit breaker.
+BLOCKED_ADDRESS = "blocked_address"
+
 
 class Verdict(Enum):
     OK = "ok"

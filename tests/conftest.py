@@ -19,7 +19,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from jobsdb import migrate
+from jobsdb import migrate, sealing
+from tests.helpers import TEST_SECRET_KEY
 
 pytest_plugins = ["tests.pipeline"]
 
@@ -63,6 +64,14 @@ def _root_logger_restored() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _keyring_installed() -> None:
+    """Catalog reads and writes in-process seal and open secrets with the process's keyring,
+    which a router or admin service installs at start; tests that call the catalog directly
+    get the one the test services use."""
+    sealing.install(sealing.Keyring.parse(TEST_SECRET_KEY))
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,27 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
+import standardwebhooks
 from psycopg import AsyncConnection
 
 from jobsdb import leases, queue
 from jobsdb.queue import Outcome
+from relayq.netpolicy import NetworkPolicy
 from relayq.v1 import ingest_pb2
+from router_service.resolver import Resolver
 from tests.sinks import Received
+
+# The key the services under test seal secrets with (RELAYQ_SECRET_KEYS; jobsdb.sealing).
+TEST_SECRET_KEY = "dGVzdC1rZXktZm9yLXJlbGF5cS1zZWFsaW5nLTAwMDE="
+
+# Tests send only to this machine, and loopback is refused to destinations by default
+# (relayq.netpolicy): every router and admin under test allows it, and nothing else.
+LOOPBACK_NETWORKS = "127.0.0.0/8,::1/128"
+
+
+def loopback_resolver() -> Resolver:
+    """A router's resolver allowing loopback, as the services under test have it."""
+    return Resolver(NetworkPolicy.parse(LOOPBACK_NETWORKS))
 
 # When the tests' outcomes say their attempts started.
 NOW = datetime.now(UTC)
@@ -63,3 +78,13 @@ def first_deliveries_in_order(ids_by_user: dict[str, list[int]], oks: list[Recei
             seen.add(delivery.job_id)
             firsts[delivery.user_id].append(delivery.job_id)
     assert dict(firsts) == dict(ids_by_user)
+
+
+def verifies(secret: str, delivery: Received) -> bool:
+    """The delivery carries a Standard Webhooks signature by `secret` (checked by the
+    reference verifier)."""
+    try:
+        standardwebhooks.Webhook(secret).verify(delivery.raw, delivery.headers)
+    except standardwebhooks.WebhookVerificationError:
+        return False
+    return True

@@ -25,6 +25,7 @@ from relayq.ports import free_port
 from relayq.v1 import admin_pb2_grpc, ingest_pb2_grpc, router_pb2_grpc
 from router_service.config import RouterConfig
 from router_service.main import RouterApp
+from tests.helpers import LOOPBACK_NETWORKS, TEST_SECRET_KEY
 
 # The operator token every test admin server is started with.
 OPERATOR_TOKEN = "test-operator-token-0123456789"
@@ -49,6 +50,11 @@ def quiet_env(database_url: str, **extra: str) -> dict[str, str]:
         "RELAYQ_SHUTDOWN_GRACE_SECONDS": "5",
         "RELAYQ_INGEST_WORKERS": "1",
         "RELAYQ_ROUTER_WORKERS": "1",
+        # Destinations under test are on this machine, which the network policy refuses by
+        # default (relayq.netpolicy): allow loopback, and only loopback.
+        "RELAYQ_DESTINATION_ALLOW_NETWORKS": LOOPBACK_NETWORKS,
+        # Secrets are sealed at rest; routers and admin need the key (jobsdb.sealing).
+        "RELAYQ_SECRET_KEYS": TEST_SECRET_KEY,
         **extra,
     }
 

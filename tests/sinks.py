@@ -216,3 +216,15 @@ class GrpcSink(Recorder, destination_pb2_grpc.DestinationServicer):
         if delay:
             await asyncio.sleep(delay)
         return destination_pb2.DeliverResponse(results=results)
+
+
+async def serve_post(path: str, handler: Any) -> tuple[web.AppRunner, int]:
+    """A plain aiohttp server on loopback answering POSTs to `path`; (runner, port). The
+    caller cleans the runner up."""
+    app = web.Application()
+    app.router.add_post(path, handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

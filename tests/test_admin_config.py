@@ -243,13 +243,14 @@ async def test_grpc_destinations_take_tls_endpoints_and_store_metadata_names_low
     assert created.endpoint == "grpcs://sink.example.com:443"
     assert dict(created.headers) == {"authorization": "Bearer k"}
     updated = await service.stub.UpdateDestination(admin_pb2.UpdateDestinationRequest(
-        id="sink", endpoint="grpc://10.0.0.7:7000", headers={"AUTHORIZATION": "Bearer k2"}),
+        id="sink", endpoint="grpc://sink-2.example.com:7000",
+        headers={"AUTHORIZATION": "Bearer k2"}),
         metadata=AUTH)
-    assert updated.endpoint == "grpc://10.0.0.7:7000"
+    assert updated.endpoint == "grpc://sink-2.example.com:7000"
     assert dict(updated.headers) == {"authorization": "Bearer k2"}
     # A row stored before names were lowered merges with a change by the lowered name.
-    await conn.execute("""UPDATE destinations SET headers = '{"X-Tenant": "a"}' """
-                       "WHERE id = 'sink'")
+    await conn.execute("""UPDATE destinations SET headers = '{"X-Tenant": "a"}', """
+                       "sealed_headers = NULL WHERE id = 'sink'")
     merged = await service.stub.UpdateDestination(admin_pb2.UpdateDestinationRequest(
         id="sink", headers={"x-tenant": "b", "x-region": "eu"}), metadata=AUTH)
     assert dict(merged.headers) == {"x-tenant": "b", "x-region": "eu"}

@@ -16,6 +16,8 @@ from aiohttp import web
 
 from router_service import httpclient
 from router_service.httpclient import HttpPool, InvalidURL, parse_target
+from tests.helpers import loopback_resolver
+from tests.sinks import serve_post
 
 Script = Callable[["Request", asyncio.StreamWriter], Awaitable[bool]]
 
@@ -85,7 +87,7 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 @pytest.fixture
 async def pool() -> AsyncIterator[HttpPool]:
-    pool = HttpPool(ssl.create_default_context(), body_limit=100)
+    pool = HttpPool(ssl.create_default_context(), body_limit=100, resolver=loopback_resolver())
     yield pool
     await pool.close()
 
@@ -265,14 +267,9 @@ async def test_an_ordinary_server_and_idle_connections_closed_after_a_while() ->
         received.append(await request.read())
         return web.Response(status=429, headers={"Retry-After": "3"}, text="slow down")
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    pool = HttpPool(ssl.create_default_context(), body_limit=100, idle_seconds=0.2)
+    runner, port = await serve_post("/hook", hook)
+    pool = HttpPool(ssl.create_default_context(), body_limit=100, idle_seconds=0.2,
+                    resolver=loopback_resolver())
     try:
         response = await post(pool, f"http://127.0.0.1:{port}/hook", b'{"a": 1}')
         assert (response.status, response.retry_after, response.body) == (429, "3", b"slow down")
@@ -289,7 +286,7 @@ def test_under_uvloop() -> None:
 
     async def scenario() -> None:
         server = await serve(answer(OK))
-        pool = HttpPool(ssl.create_default_context(), body_limit=100)
+        pool = HttpPool(ssl.create_default_context(), body_limit=100, resolver=loopback_resolver())
         try:
             results = await asyncio.gather(*(post(pool, server.url) for _ in range(20)))
             assert {r.status for r in results} == {200}

@@ -53,7 +53,7 @@ from router_service.senders.nats import NatsSender, event_name, token
 from router_service.trust import Trust
 from tests import factories
 from tests.certs import self_signed
-from tests.helpers import event
+from tests.helpers import event, loopback_resolver
 from tests.pipeline import FAST_RETRIES, World, send, states, wait_until_finished
 from tests.services import Admin, admin, ingest, router, router_process
 
@@ -416,8 +416,10 @@ async def sender(conn: AsyncConnection[Any]) -> AsyncIterator[Any]:
     made: list[NatsSender] = []
     async with aiohttp.ClientSession() as http:
         trust = Trust()
+        resolver = loopback_resolver()
         context = SenderContext(http=http, trust=trust, grpc_batch=100,
-                                grpc_channels=GrpcChannels(trust.grpc_credentials))
+                                grpc_channels=GrpcChannels(trust.grpc_credentials, resolver),
+                                resolver=resolver)
 
         async def make(endpoint: str) -> NatsSender:
             made.append(NatsSender(await _destination(conn, endpoint), context))

@@ -12,12 +12,12 @@ from typing import Any
 
 import grpc
 import pytest
-import standardwebhooks
 from google.protobuf import text_format
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
 from relayq.v1 import admin_pb2, common_pb2
+from tests.helpers import verifies
 from tests.pipeline import World, send, wait_until_finished
 from tests.services import Admin, Ingest, admin, ingest, router
 from tests.sinks import OK, Answer, Received
@@ -25,14 +25,6 @@ from tests.test_ingest import event
 
 AUTH = Admin.auth()
 _numbers = itertools.count()
-
-
-def verifies(secret: str, delivery: Received) -> bool:
-    try:
-        standardwebhooks.Webhook(secret).verify(delivery.raw, delivery.headers)
-    except standardwebhooks.WebhookVerificationError:
-        return False
-    return True
 
 
 def signatures(delivery: Received) -> list[str]:

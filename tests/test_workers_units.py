@@ -15,6 +15,7 @@ from ingest_service.config import IngestConfig
 from relayq import addresses, cpus, supervisor, worker
 from relayq.config import MAX_WORKERS, ConfigError, Env, workers
 from router_service.config import RouterConfig, worker_id
+from tests.helpers import TEST_SECRET_KEY
 
 
 def test_the_cgroup_quota_caps_the_cpus_and_no_quota_leaves_them(tmp_path: Path) -> None:
@@ -58,14 +59,15 @@ def test_a_bad_worker_count_names_the_variable(raw: str, says: str) -> None:
 
 
 def test_ingest_defaults_to_a_worker_per_cpu_and_the_router_to_one() -> None:
-    env = {"RELAYQ_DATABASE_URL": "postgresql://x@127.0.0.1/x"}
+    env = {"RELAYQ_DATABASE_URL": "postgresql://x@127.0.0.1/x",
+           "RELAYQ_SECRET_KEYS": TEST_SECRET_KEY}
     assert IngestConfig.from_env(Env(env)).workers == min(MAX_WORKERS, cpus.usable())
     assert RouterConfig.from_env(Env(env)).workers == 1
 
 
 def test_each_router_worker_has_its_own_stable_id() -> None:
     env = {"RELAYQ_DATABASE_URL": "postgresql://x@127.0.0.1/x",
-           "RELAYQ_ROUTER_ADDRESS": "127.0.0.1:50053"}
+           "RELAYQ_ROUTER_ADDRESS": "127.0.0.1:50053", "RELAYQ_SECRET_KEYS": TEST_SECRET_KEY}
     config = RouterConfig.from_env(Env(env))
     assert config.engine.router_id == f"{socket.gethostname()}:50053"
     assert worker_id(config.engine.router_id, 2) == f"{socket.gethostname()}:50053/2"

@@ -17,14 +17,16 @@ from admin_service.ops.jobs import Jobs
 from admin_service.ops.sources import Sources
 from admin_service.ops.stats import Stats
 from admin_service.ops.tenants import AdminTokens, Tenants
+from relayq.netpolicy import NetworkPolicy
 
 
 class Operations:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, policy: NetworkPolicy | None = None) -> None:
         self.tenants = Tenants(pool)
         self.tokens = AdminTokens(pool)
         self.sources = Sources(pool)
-        self.destinations = Destinations(pool)
+        # Where destinations may connect: endpoints written as refused addresses are refused.
+        self.destinations = Destinations(pool, policy or NetworkPolicy())
         self.connections = Connections(pool)
         self.jobs = Jobs(pool)
         self.stats = Stats(pool)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from psycopg_pool import AsyncConnectionPool
+
 from admin_service import convert, validate
 from admin_service.ops.base import Concern, changed
 from jobsdb import catalog
 from jobsdb.pool import transaction
 from relayq import destination_types
 from relayq.auth import Caller
+from relayq.netpolicy import NetworkPolicy
 from relayq.rpc import FailedPrecondition
 from relayq.v1 import admin_pb2
 
@@ -18,6 +21,10 @@ DEFAULT_SIGNING_GRACE = 86_400
 
 
 class Destinations(Concern):
+    def __init__(self, pool: AsyncConnectionPool, policy: NetworkPolicy) -> None:
+        super().__init__(pool)
+        self._policy = policy
+
     async def create(self, caller: Caller, request: admin_pb2.CreateDestinationRequest
                      ) -> admin_pb2.DestinationConfig:
         tenant_id = caller.tenant_for(validate.object_id("tenant_id", request.tenant_id)
@@ -31,7 +38,7 @@ class Destinations(Concern):
         settings = catalog.DestinationSettings(
             name=validate.name("name", request.name),
             type=kind,
-            endpoint=validate.endpoint("endpoint", kind, request.endpoint),
+            endpoint=validate.endpoint("endpoint", kind, request.endpoint, self._policy),
             headers=validate.headers("headers", kind, dict(request.headers)),
             min_backoff_ms=policy.min_backoff_ms,
             max_backoff_ms=policy.max_backoff_ms,
@@ -64,7 +71,7 @@ class Destinations(Concern):
         destination_id = validate.reference("id", request.id)
         async with transaction(self._pool) as conn:
             current = await catalog.get_destination(conn, destination_id, caller.scope)
-            changes = _changes(request, current)
+            changes = _changes(request, current, self._policy)
             row = await catalog.update_destination(conn, current, changes)
         changed(caller, "updated destination", tenant=row.tenant_id, destination=row.id,
                 fields=sorted(changes))
@@ -120,13 +127,14 @@ class Destinations(Concern):
             previous_expire_at=convert.timestamp(old_until))
 
 
-def _changes(request: admin_pb2.UpdateDestinationRequest,
-             current: catalog.Destination) -> dict[str, Any]:
+def _changes(request: admin_pb2.UpdateDestinationRequest, current: catalog.Destination,
+             networks: NetworkPolicy) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     if request.HasField("name"):
         changes["name"] = validate.name("name", request.name)
     if request.HasField("endpoint"):
-        changes["endpoint"] = validate.endpoint("endpoint", current.type, request.endpoint)
+        changes["endpoint"] = validate.endpoint("endpoint", current.type, request.endpoint,
+                                                networks)
     if request.HasField("retry_policy"):
         policy = validate.retry_policy("retry_policy", request.retry_policy)
         changes.update(min_backoff_ms=policy.min_backoff_ms,

@@ -67,12 +67,13 @@ INSERT INTO destinations (id, tenant_key, name, type, endpoint, headers, min_bac
                           max_backoff_ms, max_attempts, max_retry_window_s, rate_per_second,
                           rate_burst, concurrency, timeout_ms, paused, circuit_after_s,
                           circuit_min_failures, circuit_probe_s, batch_max_events,
-                          batch_max_bytes, batch_linger_ms)
+                          batch_max_bytes, batch_linger_ms, sealed_headers, sealed_endpoint)
 VALUES (%(id)s, %(tenant_key)s, %(name)s, %(type)s, %(endpoint)s, %(headers)s,
         %(min_backoff_ms)s, %(max_backoff_ms)s, %(max_attempts)s, %(max_retry_window_s)s,
         %(rate_per_second)s, %(rate_burst)s, %(concurrency)s, %(timeout_ms)s, %(paused)s,
         %(circuit_after_s)s, %(circuit_min_failures)s, %(circuit_probe_s)s,
-        %(batch_max_events)s, %(batch_max_bytes)s, %(batch_linger_ms)s)
+        %(batch_max_events)s, %(batch_max_bytes)s, %(batch_linger_ms)s,
+        %(sealed_headers)s, %(sealed_endpoint)s)
 RETURNING destination_key;
 
 -- name: get_destination
@@ -103,8 +104,9 @@ SET circuit_opened_at = NULL, circuit_reason = NULL
 WHERE destination_key = %(destination_key)s AND circuit_opened_at IS NOT NULL;
 
 -- name: add_signing_secret
-INSERT INTO destination_secrets (destination_key, secret)
-VALUES (%(destination_key)s, %(secret)s);
+-- Sealed (jobsdb.sealing): the secret itself is never stored.
+INSERT INTO destination_secrets (destination_key, sealed)
+VALUES (%(destination_key)s, %(sealed)s);
 
 -- name: expire_signing_secrets
 -- Rotation: the destination's secrets in force keep signing for the grace period (0: stop at

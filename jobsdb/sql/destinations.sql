@@ -4,13 +4,17 @@
 -- nowhere else). Read whole on start and whenever a digest of this very statement changes
 -- (jobsdb.destinations.load_if_changed). One statement, so one snapshot: a destination is
 -- never loaded without the secret it was created with.
+-- Secrets come sealed (jobsdb.sealing); one stored before sealing existed, in clear, until
+-- a process with the keys seals it.
 SELECT d.*,
        coalesce(s.secrets, '{}') AS secrets,
+       coalesce(s.sealed_secrets, '{}') AS sealed_secrets,
        coalesce(s.expiries, '{}') AS expiries
 FROM destination_rows d
 LEFT JOIN (
     SELECT destination_key,
            array_agg(secret ORDER BY secret_id DESC) AS secrets,
+           array_agg(sealed ORDER BY secret_id DESC) AS sealed_secrets,
            array_agg(expires_at ORDER BY secret_id DESC) AS expiries
     FROM destination_secrets
     WHERE expires_at IS NULL OR expires_at > now()

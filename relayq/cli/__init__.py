@@ -13,6 +13,7 @@ from relayq.cli import (
     destinations,
     jobs,
     migrate,
+    secrets,
     send,
     sources,
     stats,
@@ -35,6 +36,7 @@ _MODULES: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], N
     connections.register,
     tokens.register,
     send.register,
+    secrets.register,
 ]
 
 

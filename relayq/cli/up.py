@@ -28,7 +28,7 @@ from typing import TextIO
 import grpc
 
 from jobsdb import errors as dberrors
-from jobsdb import migrate
+from jobsdb import migrate, sealing
 from relayq import runtime, terminal
 from relayq.cli.children import Child, ChildFailed, python
 from relayq.cli.embedded import EmbeddedPostgres, EmbeddedPostgresError
@@ -195,6 +195,13 @@ class Cluster:
             "RELAYQ_LOG_FORMAT": "json",
             "RELAYQ_ADMIN_TOKEN": self.token,
             "RELAYQ_ROUTER_POLL_SECONDS": "0.5",
+            # The demo sink is on loopback, which destinations may not reach by default
+            # (relayq.netpolicy): this local cluster allows loopback, plus what the caller
+            # allows.
+            "RELAYQ_DESTINATION_ALLOW_NETWORKS": ",".join(filter(None, (
+                "127.0.0.0/8,::1/128",
+                os.environ.get("RELAYQ_DESTINATION_ALLOW_NETWORKS", "").strip()))),
+            "RELAYQ_SECRET_KEYS": self._secret_keys(),
             "RELAYQ_SHUTDOWN_GRACE_SECONDS": str(max(1.0, self.args.grace - 2)),
             # Past this a child gives up draining and says so, rather than being killed unheard.
             "RELAYQ_SHUTDOWN_TIMEOUT_SECONDS": str(max(1.5, self.args.grace - 1)),
@@ -205,6 +212,20 @@ class Cluster:
             env[f"RELAYQ_{name.upper()}_METRICS_ADDRESS"] = self.ports.address(f"{name}_metrics")
         env["RELAYQ_ADMIN_CONSOLE_ADDRESS"] = self.ports.address("console")
         return env
+
+    def _secret_keys(self) -> str:
+        """RELAYQ_SECRET_KEYS for the cluster: the caller's, or a key generated on first use
+        and kept beside the database (`secret-keys`, mode 0600), since the database's secrets
+        are sealed under it (jobsdb.sealing): delete both together to start afresh."""
+        given = os.environ.get("RELAYQ_SECRET_KEYS", "").strip()
+        if given:
+            return given
+        path: Path = self.state_dir / "secret-keys"
+        if not path.exists():
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write(sealing.new_key() + "\n")
+        return path.read_text().strip()
 
     def _check_not_running(self) -> None:
         """A second `relayq up` on the same folder would fight the first over its database."""

@@ -6,9 +6,12 @@ line in SENDERS, and its entry in relayq.destination_types (tests hold the two e
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 
 from jobsdb.catalog import Destination
+from router_service.model import Job
+from router_service.retry import Result, Verdict
 from router_service.senders.base import Sender, SenderContext, needs_new_sender
 from router_service.senders.grpc import GrpcSender
 from router_service.senders.nats import NatsSender
@@ -20,6 +23,8 @@ SENDERS: dict[str, Callable[[Destination, SenderContext], Sender]] = {
     "nats": NatsSender,
 }
 
+log = logging.getLogger(__name__)
+
 __all__ = ["SENDERS", "Sender", "SenderContext", "UnknownType", "make", "needs_new_sender"]
 
 
@@ -28,7 +33,31 @@ class UnknownType(LookupError):
     version, or by hand)."""
 
 
+class _Unreadable:
+    """A destination whose sealed secrets, headers or endpoint this router cannot open (a key
+    not in its RELAYQ_SECRET_KEYS, as after a rekey by a process with a newer key): every
+    attempt fails, to be retried, and nothing is sent, least of all unsigned."""
+
+    max_batch = 100
+    per_user = 1
+    max_bytes: int | None = None
+
+    def __init__(self, destination: Destination) -> None:
+        self._result = Result(Verdict.RETRY, "secret_key",
+                              f"cannot read this destination's secrets: {destination.unreadable}")
+
+    async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
+        return [self._result] * len(jobs)
+
+    async def close(self) -> None:
+        """Holds nothing."""
+
+
 def make(destination: Destination, context: SenderContext) -> Sender:
+    if destination.unreadable is not None:
+        log.error("destination %s: cannot read its secrets: %s", destination.id,
+                  destination.unreadable, extra={"destination": destination.id})
+        return _Unreadable(destination)
     try:
         factory = SENDERS[destination.type]
     except KeyError:

@@ -16,6 +16,7 @@ from jobsdb.catalog import Destination
 from router_service.channels import GrpcChannels
 from router_service.httpclient import HttpPool
 from router_service.model import Job
+from router_service.resolver import Resolver
 from router_service.retry import Result
 from router_service.trust import Trust
 
@@ -50,6 +51,9 @@ class SenderContext:
     grpc_batch: int
     # gRPC channels, one per server, shared by its destinations.
     grpc_channels: GrpcChannels
+    # Where every destination's host leads, checked against the network policy at every
+    # attempt (router_service.resolver); senders connect only to the addresses it returns.
+    resolver: Resolver
 
 
 # Destination columns the lane applies itself (retry policy, rate, concurrency, pausing, the

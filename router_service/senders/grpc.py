@@ -16,8 +16,10 @@ import grpc
 
 from jobsdb.catalog import Destination
 from relayq import endpoints
+from relayq.netpolicy import IPAddress
 from relayq.v1 import destination_pb2, destination_pb2_grpc
 from router_service.model import Job
+from router_service.resolver import BlockedAddress
 from router_service.retry import Result, Verdict
 from router_service.senders.base import SenderContext
 
@@ -59,12 +61,33 @@ class GrpcSender:
             endpoint = endpoints.GrpcEndpoint(destination.endpoint, tls=False)  # never called
         self._channels = context.grpc_channels
         self._endpoint = endpoint
-        self._channel = self._channels.acquire(endpoint)
-        self._stub = destination_pb2_grpc.DestinationStub(self._channel)
+        # The addresses the endpoint led to at the last attempt, and the channel to them.
+        self._addresses: tuple[IPAddress, ...] = ()
+        self._stub: destination_pb2_grpc.DestinationAsyncStub | None = None
+
+    async def _stub_for_now(self) -> destination_pb2_grpc.DestinationAsyncStub:
+        """A stub on a channel to where the endpoint leads now, checked by the network policy
+        at every attempt (BlockedAddress, or OSError when the name does not resolve)."""
+        addresses = await self._channels.addresses(self._endpoint)
+        if addresses != self._addresses or self._stub is None:
+            if self._stub is not None:
+                await self._channels.release(self._endpoint, self._addresses)
+                self._stub = None
+            channel = self._channels.acquire(self._endpoint, addresses)
+            self._addresses = addresses
+            self._stub = destination_pb2_grpc.DestinationStub(channel)
+        return self._stub
 
     async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
         if self._unusable is not None:
             return [Result(Verdict.RETRY, "config", self._unusable)] * len(jobs)
+        try:
+            stub = await self._stub_for_now()
+        except BlockedAddress as exc:  # no channel was made: nothing connected
+            return [Result(Verdict.ABORT, exc.error_code, str(exc))] * len(jobs)
+        except OSError as exc:
+            return [Result(Verdict.RETRY, "connection", f"{type(exc).__name__}: {exc}")
+                    ] * len(jobs)
         request = destination_pb2.DeliverRequest(
             destination_id=self._destination_id,
             deliveries=[
@@ -75,7 +98,7 @@ class GrpcSender:
             ],
         )
         try:
-            response = await self._stub.Deliver(request, timeout=self._timeout,
+            response = await stub.Deliver(request, timeout=self._timeout,
                                                 metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code(), exc.details() or ""
@@ -86,7 +109,9 @@ class GrpcSender:
 
     async def close(self) -> None:
         """Lets go of the channel; it closes when no destination uses it any more."""
-        await self._channels.release(self._endpoint)
+        if self._stub is not None:
+            self._stub = None
+            await self._channels.release(self._endpoint, self._addresses)
 
 
 def _error_code(code: grpc.StatusCode, details: str) -> str:

@@ -26,8 +26,8 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Sequence
-from typing import ClassVar
-from urllib.parse import quote
+from typing import Any, ClassVar
+from urllib.parse import quote, urlsplit
 
 import nats.errors
 import nats.js.errors
@@ -37,7 +37,9 @@ from nats.js import JetStreamContext
 
 from jobsdb.catalog import Destination
 from relayq import destination_types
+from relayq.netpolicy import IPAddress
 from router_service.model import Job
+from router_service.resolver import BlockedAddress
 from router_service.retry import Result, Verdict
 from router_service.senders.base import SenderContext
 
@@ -77,14 +79,37 @@ class NatsSender:
             return
         self._subject = _Subject(endpoint.subject, tenant=destination.tenant_id,
                                  destination=destination.id)
-        self._server = _Server.acquire(endpoint.server,
-                                       context.trust.ssl_context if endpoint.tls else None)
+        self._url = endpoint.server
+        self._host = urlsplit(endpoint.server).hostname or ""
+        self._tls = context.trust.ssl_context if endpoint.tls else None
+        self._resolver = context.resolver
+        # The addresses the server's name led to at the last attempt (the connection's).
+        self._addresses: tuple[IPAddress, ...] = ()
+
+    async def _server_for_now(self) -> _Server:
+        """The connection to where the server's name leads now, checked by the network policy
+        at every attempt (BlockedAddress, or OSError when the name does not resolve)."""
+        addresses = await self._resolver.addresses(self._host)
+        if self._server is None or addresses != self._addresses:
+            if self._server is not None:
+                server, self._server = self._server, None
+                await server.release()
+            self._server = _Server.acquire(self._url, addresses[0], self._host, self._tls)
+            self._addresses = addresses
+        return self._server
 
     async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
-        if self._server is None or self._subject is None:
+        if self._subject is None:
             return [Result(Verdict.RETRY, "config", self._unusable)] * len(jobs)
         try:
-            client, js = await self._server.ready(self._timeout)
+            server = await self._server_for_now()
+        except BlockedAddress as exc:  # no connection was made
+            return [Result(Verdict.ABORT, exc.error_code, str(exc))] * len(jobs)
+        except OSError as exc:
+            return [Result(Verdict.RETRY, "connection", f"{type(exc).__name__}: {exc}")
+                    ] * len(jobs)
+        try:
+            client, js = await server.ready(self._timeout)
         except _Unreachable as exc:
             return [Result(Verdict.RETRY, exc.code, exc.reason)] * len(jobs)
         if len(jobs) == 1:
@@ -206,32 +231,62 @@ class _Unreachable(Exception):
         self.reason = reason
 
 
-_Key = tuple[asyncio.AbstractEventLoop, str, ssl.SSLContext | None]
+_Key = tuple[asyncio.AbstractEventLoop, str, IPAddress, ssl.SSLContext | None]
+
+
+class _PinnedClient(Client):
+    """nats-py's client, less server discovery: a server's INFO may list other servers of its
+    cluster (`connect_urls`), which nats-py adds to its pool and reconnects to; whoever runs
+    the server could steer the router anywhere by them, past the network policy. A router
+    connects only to the address its resolver checked; a cluster is reached through its
+    name's addresses, re-checked at every attempt."""
+
+    async def _process_info(self, info: dict[str, Any],
+                            initial_connection: bool = False) -> None:
+        await super()._process_info({k: v for k, v in info.items() if k != "connect_urls"},
+                                    initial_connection)
+
+
+def pinned_url(url: str, address: IPAddress) -> str:
+    """`url` (scheme://[credentials@]host[:port]) with the host replaced by `address`."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    host = f"[{address}]" if address.version == 6 else str(address)
+    netloc = f"{credentials}@{host}" if credentials else host
+    return f"{parts.scheme}://{netloc}:{parts.port or 4222}"
 
 
 class _Server:
     """One connection to a NATS server, shared by every destination of this router that
-    publishes there (same URL, credentials and TLS): ten thousand destinations on one NATS
-    cluster cost one connection. Reference-counted; closed when its last sender closes."""
+    publishes there (same URL, credentials, address and TLS): ten thousand destinations on one
+    NATS cluster cost one connection. Reference-counted; closed when its last sender closes.
+
+    It connects to the address the resolver checked, written as a literal (the TLS
+    certificate is still checked against the name), and reconnects only there."""
 
     # Per event loop (a connection belongs to the loop it was made on) and TLS context.
     _open: ClassVar[dict[_Key, _Server]] = {}
 
     @classmethod
-    def acquire(cls, url: str, tls: ssl.SSLContext | None) -> _Server:
-        key = (asyncio.get_running_loop(), url, tls)
+    def acquire(cls, url: str, address: IPAddress, host: str, tls: ssl.SSLContext | None
+                ) -> _Server:
+        key = (asyncio.get_running_loop(), url, address, tls)
         server = cls._open.get(key)
         if server is None:
-            server = cls._open[key] = cls(key, url, tls)
+            server = cls._open[key] = cls(key, url, address, host, tls)
         server._users += 1
         return server
 
-    def __init__(self, key: _Key, url: str, tls: ssl.SSLContext | None) -> None:
+    def __init__(self, key: _Key, url: str, address: IPAddress, host: str,
+                 tls: ssl.SSLContext | None) -> None:
         self._key = key
-        self._url = url
+        # What logs and job histories show: the URL as written, less credentials.
+        self._shown = _safe(url)
+        self._url = pinned_url(url, address)
+        self._host = host
         self._tls = tls
         self._users = 0
-        self._client = Client()
+        self._client = _PinnedClient()
         self._js = self._client.jetstream()
         # Why the connection is not usable, as a result's (code, reason); None while it is.
         self._problem: tuple[str, str] | None = None
@@ -249,9 +304,10 @@ class _Server:
                 servers=[self._url], name="relayq-router", allow_reconnect=True,
                 max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=5,
                 error_cb=self._on_error, disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_connected, tls=self._tls)
+                reconnected_cb=self._on_connected, tls=self._tls,
+                tls_hostname=self._host if self._tls is not None else None)
         except Exception as exc:  # nats-py gives up only on what retrying cannot mend
-            self._problem = ("config", f"{_safe(self._url)}: {type(exc).__name__}: {exc}")
+            self._problem = ("config", f"{self._shown}: {type(exc).__name__}: {exc}")
             self._log(logging.ERROR, "cannot connect to NATS: %s", self._problem[1])
             self._first_try.set()
             return
@@ -264,7 +320,7 @@ class _Server:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._first_try.wait(), wait)
             if not self._first_try.is_set():
-                raise _Unreachable("timeout", f"not connected to {_safe(self._url)} within"
+                raise _Unreachable("timeout", f"not connected to {self._shown} within"
                                               f" {wait:g}s")
         if self._problem is not None:
             raise _Unreachable(*self._problem)
@@ -276,22 +332,22 @@ class _Server:
         # ask gets nothing published over the plaintext connection.
         server_info = getattr(self._client, "_server_info", {})
         if self._tls is not None and not server_info.get("tls_required"):
-            self._problem = ("tls", f"{_safe(self._url)} does not use TLS; a tls:// endpoint"
+            self._problem = ("tls", f"{self._shown} does not use TLS; a tls:// endpoint"
                                     " publishes only over TLS")
             self._log(logging.ERROR, "%s", self._problem[1])
         else:
             self._problem = None
-            self._log(logging.INFO, "connected to NATS at %s", _safe(self._url))
+            self._log(logging.INFO, "connected to NATS at %s", self._shown)
         self._first_try.set()
 
     async def _on_disconnected(self) -> None:
         if self._problem is None and not self._closing:
-            self._problem = ("connection", f"the connection to {_safe(self._url)} was lost;"
+            self._problem = ("connection", f"the connection to {self._shown} was lost;"
                                            " reconnecting")
             self._log(logging.WARNING, "%s", self._problem[1])
 
     async def _on_error(self, exc: Exception) -> None:
-        detail = f"{_safe(self._url)}: {type(exc).__name__}: {exc}"
+        detail = f"{self._shown}: {type(exc).__name__}: {exc}"
         if self._client.is_connected:
             # An error the server reported on a working connection (a permissions
             # violation, say): the publish it concerns fails on its own.
@@ -311,7 +367,7 @@ class _Server:
         """Once per distinct state: a server down for an hour is tried 3,600 times."""
         if detail != self._logged:
             self._logged = detail
-            log.log(level, message, detail, extra={"nats_server": _safe(self._url)})
+            log.log(level, message, detail, extra={"nats_server": self._shown})
 
     async def release(self) -> None:
         self._users -= 1

@@ -39,6 +39,7 @@ from jobsdb.catalog import Destination
 from relayq.destination_types import WEBHOOK_OWN_HEADERS
 from router_service import httpclient, signing
 from router_service.model import Job
+from router_service.resolver import BlockedAddress
 from router_service.retry import Result, Verdict, classify_http, parse_retry_after
 from router_service.senders.base import SenderContext
 
@@ -117,6 +118,8 @@ class WebhookSender:
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         try:
             response = await self._pool.request(self._target, head, body, self._timeout)
+        except BlockedAddress as exc:  # nothing was sent: the policy refused the address
+            return Result(Verdict.ABORT, exc.error_code, str(exc))
         except TimeoutError:
             return Result(Verdict.RETRY, "timeout", f"no answer within {self._timeout:g}s")
         # A certificate that fails verification (ssl.CertificateError is one) is the
