@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-process lint proto up clean bench-smoke
+.PHONY: install test test-process lint proto up clean bench-smoke browser console-screenshots
 
 # Two distributions, both editable: relayq-client (client/: relayq.client and the generated
 # relayq.v1) and relayq (the services), which depends on it.
@@ -30,13 +30,33 @@ test: install
 	@echo "make test: the whole suite, usually 8-10 minutes on 2 cores (pytest prints the time at the end)"
 	$(BIN)/python -m tools.testdb $(BIN)/pytest
 
+# Debian's Chromium and its driver, for the console's browser tests (tests/test_console.py),
+# installed only when missing: nothing is downloaded at test time.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "installing chromium and chromium-driver (Debian) for the browser tests"; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver fonts-liberation >/dev/null; \
+	fi
+
+# The console's browser tests, saving their screenshots into docs/console/ (docs/console.md).
+# Quantised with pngquant when it is installed (Debian's pngquant), to keep them small.
+console-screenshots: install browser
+	RELAYQ_CONSOLE_SCREENSHOTS=docs/console $(BIN)/python -m tools.testdb \
+		$(BIN)/pytest tests/test_console.py
+	@if command -v pngquant >/dev/null; then \
+		for f in docs/console/*.png; do \
+			pngquant --force --skip-if-larger --quality=70-90 --output "$$f" "$$f" || true; \
+		done; \
+	fi
+
 # Only the tests that start, kill -9 and restart service processes.
 test-process: install
 	$(BIN)/python -m tools.testdb $(BIN)/pytest -m process
 
 # Every benchmark at a size that takes seconds: figures printed, nothing asserted but that
 # they run (CI runs this, so a benchmark cannot rot unnoticed).
-BENCHES := ingest ingest_pair subscriptions router fanout admin outcomes partitions chaos
+BENCHES := ingest ingest_pair subscriptions router fanout admin outcomes partitions chaos console
 bench-smoke: install
 	@for bench in $(BENCHES); do \
 		echo "== bench/$$bench.py --smoke"; \

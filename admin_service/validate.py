@@ -5,8 +5,6 @@ Every function raises relayq.rpc.InvalidArgument; nothing here touches the datab
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 import re
 import secrets
@@ -255,33 +253,6 @@ def page_size(field: str, value: int, default: int) -> int:
     if value > MAX_PAGE:
         raise bad(field, f"at most {MAX_PAGE}")
     return value or default
-
-
-# Page tokens are opaque to callers (they may change shape); inside, the last key seen.
-def page_token(kind: str, key: str) -> str:
-    return base64.urlsafe_b64encode(f"{kind}:{key}".encode()).decode()
-
-
-def read_page_token(field: str, kind: str, token: str) -> str:
-    if not token:
-        return ""
-    try:
-        text = base64.urlsafe_b64decode(token.encode()).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise bad(field, "not a page token from this API") from None
-    prefix, sep, key = text.partition(":")
-    if prefix != kind or not sep or "\x00" in key:
-        raise bad(field, "not a page token from this API")
-    return key
-
-
-def job_page_token(token: str) -> int:
-    key = read_page_token("page_token", "jobs", token)
-    if not key:
-        return 0
-    if not key.isdigit():
-        raise bad("page_token", "not a page token from this API")
-    return int(key)
 
 
 def job_ids(field: str, values: list[int]) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +19,15 @@ SESSION_OPTIONS = "-c idle_in_transaction_session_timeout=60000"
 KEEPALIVES = {
     "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 2,
 }
+
+
+# Every pool open_pool made in this process, for whoever reports on them (relayq.poolmetrics).
+_POOLS: weakref.WeakSet[AsyncConnectionPool] = weakref.WeakSet()
+
+
+def open_pools() -> list[AsyncConnectionPool]:
+    """The pools this process opened and has not closed."""
+    return [pool for pool in list(_POOLS) if not pool.closed]
 
 
 def connect_kwargs(application_name: str, statement_timeout_ms: int | None = None
@@ -86,6 +96,7 @@ async def open_pool(
         open=False,
     )
     await pool.open(wait=False)
+    _POOLS.add(pool)
     return pool
 
 

@@ -61,6 +61,8 @@ class Caller:
     # None: the operator (every tenant). Otherwise the one tenant this caller may touch.
     scope: int | None
     tenant_id: str | None
+    # The tenant token's id (None: the operator).
+    token_id: str | None = None
 
     @property
     def is_operator(self) -> bool:
@@ -101,10 +103,23 @@ class Authenticator:
         if token is None:
             raise Unauthenticated(
                 "missing admin token: send metadata 'authorization: Bearer <token>'")
-        if self._operator is not None and hmac.compare_digest(token.encode(), self._operator):
+        return await self.caller_for_token(token)
+
+    async def caller_for_token(self, token: str) -> Caller:
+        """Who presents `token`, however it came (call metadata, the console's sign-in)."""
+        if self.is_operator_token(token):
             return OPERATOR
         async with transaction(self._pool) as conn:
             owner = await catalog.token_owner(conn, token)
         if owner is None:
             raise Unauthenticated("unknown or revoked admin token")
-        return Caller(f"admin:{owner.token_id}", owner.tenant_key, owner.tenant_id)
+        return tenant_caller(owner.token_id, owner.tenant_key, owner.tenant_id)
+
+    def is_operator_token(self, token: str) -> bool:
+        return self._operator is not None and hmac.compare_digest(token.encode(),
+                                                                  self._operator)
+
+
+def tenant_caller(token_id: str, tenant_key: int, tenant_id: str) -> Caller:
+    """The caller a tenant token makes, its id recorded with every change it makes."""
+    return Caller(f"admin:{token_id}", tenant_key, tenant_id, token_id)

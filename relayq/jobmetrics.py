@@ -1,5 +1,6 @@
 """Job metrics read from Postgres at scrape time: relayq_jobs{tenant, destination, state}, jobs
-by state per destination, and relayq_job_storage_*, what job storage takes on disk.
+by state per destination, relayq_jobs_oldest_pending_seconds{tenant, destination}, and
+relayq_job_storage_*, what job storage takes on disk.
 
 The job counts are the admin API's GetStats query (jobsdb.jobs.stats): unfinished jobs counted
 from their partial indexes, finished ones from the delivery_counts buckets, so a scrape never
@@ -57,11 +58,18 @@ class JobMetrics(Collector):
             "relayq_jobs", "Jobs by state per destination (unfinished: now; succeeded and"
             " aborted: since the destination was created).",
             labels=["tenant", "destination", "state"])
+        oldest = GaugeMetricFamily(
+            "relayq_jobs_oldest_pending_seconds", "Age of each destination's oldest pending"
+            " job (0 when none): how far behind its deliveries are.",
+            labels=["tenant", "destination"])
         for row in rows:
             for state in STATES:
                 family.add_metric([row.tenant_id, row.destination_id, state],
                                   float(getattr(row, state)))
+            oldest.add_metric([row.tenant_id, row.destination_id],
+                              float(row.oldest_pending_seconds or 0.0))
         yield family
+        yield oldest
         yield from _storage(storage)
 
 

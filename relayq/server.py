@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from jobsdb import health as db_health
-from relayq import addresses
+from relayq import addresses, poolmetrics
 from relayq.config import ServerConfig
 from relayq.decoding import Registrar
 
@@ -40,7 +41,7 @@ class RunningServer:
     service_names: tuple[str, ...]
     metrics_port: int | None
     _stop_metrics: Callable[[], None] | None
-
+    _pool_metrics: asyncio.Task[None] | None = None
     _watching: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float) -> None:
@@ -48,6 +49,8 @@ class RunningServer:
             self._watching.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self._pool_metrics is not None:
+            await poolmetrics.stop(self._pool_metrics)
         if self._stop_metrics is not None:
             self._stop_metrics()
 
@@ -108,7 +111,11 @@ async def start_server(
         extra={"services": ",".join(names), "port": port, "tls": config.tls is not None,
                "metrics_port": metrics_port},
     )
-    running = RunningServer(server, port, health, names, metrics_port, stop_metrics)
+    # Served here, or by this worker's supervisor (PROMETHEUS_MULTIPROC_DIR).
+    reported = config.metrics_address is not None or bool(
+        os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    running = RunningServer(server, port, health, names, metrics_port, stop_metrics,
+                            poolmetrics.start() if reported else None)
     running._watching = asyncio.create_task(_watch_database(health), name="database-health")
     return running
 

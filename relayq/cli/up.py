@@ -37,7 +37,8 @@ from relayq.ports import free_port
 from relayq.v1 import admin_pb2_grpc
 
 DEFAULT_PORTS = {"ingest": 50051, "admin": 50052, "router": 50053, "ingest_metrics": 9151,
-                 "admin_metrics": 9152, "router_metrics": 9153, "sink": 8090, "postgres": 5433}
+                 "admin_metrics": 9152, "router_metrics": 9153, "sink": 8090, "postgres": 5433,
+                 "console": 8080}
 # Each service, in the order they start (and the reverse of how they stop).
 SERVICES = (("ingest", "ingest_service.main"), ("router", "router_service.main"),
             ("admin", "admin_service.main"))
@@ -209,6 +210,7 @@ class Cluster:
         for name, _ in SERVICES:
             env[f"RELAYQ_{name.upper()}_ADDRESS"] = self.ports.address(name)
             env[f"RELAYQ_{name.upper()}_METRICS_ADDRESS"] = self.ports.address(f"{name}_metrics")
+        env["RELAYQ_ADMIN_CONSOLE_ADDRESS"] = self.ports.address("console")
         return env
 
     def _secret_keys(self) -> str:
@@ -275,6 +277,10 @@ class Cluster:
     @property
     def _sink_url(self) -> str:
         return f"http://{self.ports.address('sink')}"
+
+    @property
+    def _console_url(self) -> str:
+        return f"http://{self.ports.address('console')}/"
 
     # ---- running ----
 
@@ -351,6 +357,7 @@ class Cluster:
             "metrics": {name: f"http://{self.ports.address(name + '_metrics')}/metrics"
                         for name, _ in SERVICES},
             "sink": self._sink_url,
+            "console": self._console_url,
             "admin_token": self.token,
             "tenant_id": self.demo.tenant_id,
             "source_id": self.demo.source_id,
@@ -397,6 +404,7 @@ class Cluster:
             " that shopper's later events behind: the ordering barrier) and"
             f" {self.args.flaky_reject_rate:.1%} with 422 (aborted).",
             "",
+            f"  console {self._console_url}  (sign in with the operator token {token})",
             f"  ingest  {ingest}    admin  {admin}    router  {self.ports.address('router')}",
             "  metrics " + "  ".join(
                 f"{n} http://{self.ports.address(n + '_metrics')}/metrics" for n, _ in SERVICES),
