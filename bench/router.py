@@ -196,7 +196,7 @@ def throughput(jobs: int, kind: str, destinations: int, tenants: int, workers: s
         router_cpu = cpu_since(router_before, service_cpu(router.pid))
         sink_cpu = cpu_seconds(sink.process.pid) - sink_cpu
         pg_cpu = sum(cpu_seconds(p) - backends.get(p, 0.0) for p in _backends(name))
-        stats = histogram_means(metrics_port, "relayq_router_pickup_jobs",
+        stats = histogram_means(metrics_port, "relayq_router_log_read_events",
                                 "relayq_router_flush_items", "relayq_router_flush_seconds")
         stop(router)
         arrivals = sink.arrivals()
@@ -214,8 +214,9 @@ def throughput(jobs: int, kind: str, destinations: int, tenants: int, workers: s
               f" the first arrival = {jobs / (recorded_at - first):,.0f} jobs/s")
         print(f"  CPU per job: router {router_cpu / jobs * 1e6:.0f} us, its Postgres backends"
               f" {pg_cpu / jobs * 1e6:.0f} us, sink {sink_cpu / jobs * 1e6:.0f} us")
-        pickups, flushes = stats["relayq_router_pickup_jobs"], stats["relayq_router_flush_items"]
-        print(f"  {pickups[0]:,.0f} reads of {pickups[1]:.0f} jobs on average; {flushes[0]:,.0f}"
+        reads, flushes = stats["relayq_router_log_read_events"], stats["relayq_router_flush_items"]
+        print(f"  {reads[0]:,.0f} reads of the log, {reads[1]:.0f} events each on average;"
+              f" {flushes[0]:,.0f}"
               f" outcome transactions of {flushes[1]:.0f} jobs,"
               f" {stats['relayq_router_flush_seconds'][1] * 1000:.1f} ms each")
         return (len(arrivals) / elapsed, jobs / (recorded_at - first), router_cpu / jobs * 1e6)

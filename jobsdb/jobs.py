@@ -186,30 +186,39 @@ def _with(name: LiteralString, **slots: sql.Composable) -> sql.Composed:
     return sql.SQL(query("jobs.sql", name)).format(**slots)
 
 
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    rows: list[JobRow]
+    # Where the next page goes on from (after this job id); None: there is no more.
+    more_after: int | None
+
+
 async def list_jobs(conn: Conn, selection: Selection, scope: int | None, *, after: int,
-                    limit: int, include_payload: bool) -> list[JobRow]:
+                    limit: int, include_payload: bool) -> JobPage:
     """Jobs after job id `after`, in job order. Jobs that have rows come from their index;
-    the log is read in windows of event ids, as many as it takes to fill the page (up to a
-    bound: a page may then hold fewer than `limit`, and the next begins where it ended)."""
+    the log is read in windows of event ids, as many as it takes to fill the page, up to a
+    bound: a page may then hold fewer than `limit`, and the next goes on from where it
+    stopped."""
     rows_only = not selection.states & subscriptions.LOG_STATES
     if rows_only or selection.job_ids is not None:
-        return await _list_window(conn, selection, scope, after=after, upto_event=None,
+        rows = await _list_window(conn, selection, scope, after=after, upto_event=None,
                                   limit=limit, include_payload=include_payload)
+        return JobPage(rows, rows[-1].job_id if len(rows) == limit else None)
     cur = await conn.execute(query("jobs.sql", "log_head"))
     head = int((await cur.fetchone() or [0])[0])
     found: list[JobRow] = []
     start = event_of(after)
     for _ in range(_MAX_WINDOWS):
         if start > head:
-            break
+            return JobPage(found, None)
         upto = start + _WINDOW
         found += await _list_window(conn, selection, scope, after=after, upto_event=upto,
                                     limit=limit - len(found), include_payload=include_payload)
         if len(found) >= limit:
-            break
+            return JobPage(found, found[-1].job_id)
         after = (upto << SLOT_BITS) - 1
         start = upto
-    return found
+    return JobPage(found, after if start <= head else None)
 
 
 async def _list_window(conn: Conn, selection: Selection, scope: int | None, *, after: int,

@@ -286,3 +286,4 @@ class CursorWriter:
             raise
         positions.written(plan, leased)
         metrics.CURSOR_WRITES.inc()
+        metrics.LOG_LAGGING.set(positions.lagging_count())

@@ -156,6 +156,11 @@ class Positions:
             return True
         return False
 
+    def lagging_count(self) -> int:
+        """Destination-partitions reading on their own."""
+        return sum(t.read_to is not None for tracks in self.tracks.values()
+                   for t in tracks.values())
+
     def lagging(self, destination: int) -> dict[int, int]:
         """Partition -> read_to, of the partitions the destination reads on its own."""
         return {p: t.read_to for p, tracks in self.tracks.items()

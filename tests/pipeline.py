@@ -125,10 +125,10 @@ async def states(conn: AsyncConnection[Any],
         async with conn.transaction():
             page = await jobs.list_jobs(conn, selection, None, after=after, limit=1000,
                                         include_payload=False)
-        found.update((r.job_id, r.state) for r in page)
-        if len(page) < 1000:
+        found.update((r.job_id, r.state) for r in page.rows)
+        if page.more_after is None:
             return found
-        after = page[-1].job_id
+        after = page.more_after
 
 
 async def jobs_of(conn: AsyncConnection[Any], destination_key: int) -> dict[int, str]:

@@ -119,7 +119,7 @@ async def test_a_lagging_destination_reads_only_its_share(
         ], ordering_partitions=64)
     ids = [s.event_id for s in stored]
     partition = keyspace.partition_of("u", 64)
-    found = await eventlog.read_for(conn, [
+    found, _ = await eventlog.read_for(conn, [
         WantedFor(d1, partition, 0, max(ids), 100, (source.key,)),
         WantedFor(d2, partition, ids[0], max(ids), 100, (source.key, other.key))])
     assert [e.message_id for e in found[d1]] == ["all"]

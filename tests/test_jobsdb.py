@@ -234,10 +234,14 @@ async def test_destinations_load_again_only_when_something_they_hold_changed(
         database: str, conn: AsyncConnection[Any]) -> None:
     """The router's reload: a digest of what load_all reads says whether to make the rows
     again; any change is seen, one undone later included, and a signing secret expiring."""
-    async def reload(last: str | None) -> tuple[str, dict[int, Any]] | None:
+    versions: list[int] = []
+
+    async def reload(last: str | None) -> destinations.Loaded | None:
         async with await psycopg.AsyncConnection.connect(database) as reader, \
                 reader.transaction():
-            return await destinations.load_if_changed(reader, last)
+            version, loaded = await destinations.load_if_changed(reader, last)
+        versions.append(version)
+        return loaded
 
     first = await reload(None)
     assert first is not None
@@ -285,3 +289,5 @@ async def test_destinations_load_again_only_when_something_they_hold_changed(
     disabled = await reload(filtered.digest)
     assert disabled is not None
     assert disabled.connections == []
+    # And each of those three moved the connections' version, which reads of the log check.
+    assert versions[-4] < versions[-3] < versions[-2] < versions[-1]

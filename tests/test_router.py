@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+from collections import defaultdict
 from datetime import timedelta
 
 import grpc
@@ -12,13 +14,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobsdb import jobs
 from jobsdb.ingest import NewEvent, store_events
 from jobsdb.keyspace import partition_of
-from relayq.v1 import router_pb2
+from relayq.v1 import admin_pb2, router_pb2
 from tests import factories
 from tests.helpers import auth, count, event
 from tests.pipeline import (
     World,
     deliver_under_random_failures,
     jobs_of,
+    random_answers,
     recorded_attempts,
     router_sees,
     send,
@@ -26,7 +29,7 @@ from tests.pipeline import (
     wait_until_finished,
 )
 from tests.poll import eventually
-from tests.services import Admin, Router, ingest, router
+from tests.services import Admin, Router, admin, ingest, router
 from tests.sinks import OK, Answer, Received, WebhookSink
 
 AUTH = Admin.auth()
@@ -374,3 +377,60 @@ async def test_a_grpc_destinations_rate_limit_counts_jobs_not_calls(world: World
     # 5 at once, then 40 at 20 a second: about 2 s (the old behaviour: one call, at once).
     assert took >= 1.5, f"45 jobs in {took:.2f}s"
     assert max(len(b) for b in world.grpc_sink.batches) <= 5
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+async def test_several_routers_failures_and_operators_keep_every_users_order(
+        world: World, seed: int) -> None:
+    """The barrier over the event log, end to end: two routers share the partitions (one
+    leaves midway, so its partitions move), the destination fails at random (retryable and
+    not), and an operator aborts some users' jobs (failed and waiting rows, and jobs not read
+    yet) and retries aborted ones, all while deliveries go on. Afterwards every job is
+    finished, nothing waits behind a finished job, and each user the operator left alone got
+    exactly their succeeded jobs, in order, each once."""
+    await world.destination("hook", max_attempts=3, max_retry_window_s=0, concurrency=8)
+    rng = random.Random(seed)
+    touched = [f"t{i}" for i in range(4)]
+    untouched = [f"u{i}" for i in range(12)]
+    world.webhook.answer = random_answers(seed, fail=0.3, abort=0.03)
+    users = touched + untouched
+    events = [event(f"m{i}", rng.choice(users)) for i in range(600)]
+    in_touched = ", ".join(f"'{u}'" for u in touched)
+    async with ingest(world.database) as service, admin(world.database) as adm, \
+            router(world.database) as one:
+        async with router(world.database):
+            ids = await send(service, world.source, events[:300])
+            for round_ in range(8):
+                if round_ == 4:
+                    ids += await send(service, world.source, events[300:])
+                await adm.stub.AbortJobs(admin_pb2.AbortJobsRequest(
+                    selector=admin_pb2.JobSelector(filter=(
+                        f"user_id IN ({in_touched}) AND state IN ('pending', 'failed',"
+                        " 'waiting')")), reason="chaos"), metadata=AUTH)
+                await asyncio.sleep(rng.uniform(0.02, 0.1))
+                await adm.stub.RetryJobs(admin_pb2.RetryJobsRequest(
+                    selector=admin_pb2.JobSelector(filter=(
+                        f"user_id IN ({in_touched}) AND state = 'aborted'"))), metadata=AUTH)
+                await asyncio.sleep(rng.uniform(0.02, 0.1))
+        # The second router has left: the first takes every partition.
+        membership = one.app.engine.membership  # type: ignore[union-attr]
+        await eventually(lambda: len(membership.owned) == 64, within=20,
+                         what="the partitions of the router that left")
+        await wait_until_finished(world.conn, len(ids), within=90)
+    cur = await world.conn.execute(
+        "SELECT count(*) FROM jobs w JOIN jobs b ON b.job_id = w.blocked_by"
+        " WHERE w.state = 'waiting' AND b.state IN ('succeeded', 'aborted')")
+    assert await cur.fetchone() == (0,)
+    final = await states(world.conn)
+    assert set(final) == set(ids)
+    assert set(final.values()) <= {"succeeded", "aborted"}
+    user_of = {job_id: e.user_id for job_id, e in zip(ids, events, strict=True)}
+    delivered: dict[str, list[int]] = defaultdict(list)
+    for delivery in world.webhook.oks:
+        delivered[delivery.user_id].append(delivery.job_id)
+    for user in untouched:
+        expected = [j for j in ids if user_of[j] == user and final[j] == "succeeded"]
+        assert delivered[user] == expected, user
+    for user in touched:  # each succeeded job reached the receiver
+        got = set(delivered[user])
+        assert {j for j in ids if user_of[j] == user and final[j] == "succeeded"} <= got

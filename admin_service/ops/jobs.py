@@ -62,12 +62,14 @@ class Jobs(Concern):
         after = page.after_id
         chosen = selection(request.filter)
         async with transaction(self._pool) as conn:
-            rows = await jobsdb.list_jobs(conn, chosen, caller.scope, after=after,
-                                          limit=page.limit,
-                                          include_payload=request.include_payload)
+            found = await jobsdb.list_jobs(conn, chosen, caller.scope, after=after,
+                                           limit=page.limit,
+                                           include_payload=request.include_payload)
+        # A page read from the log may stop short of page_size and still have a next one.
+        more = found.more_after
         return admin_pb2.ListJobsResponse(
-            jobs=[convert.job(r) for r in rows],
-            next_page_token=page.next_token(rows, lambda r: r.job_id))
+            jobs=[convert.job(r) for r in found.rows],
+            next_page_token=paging.token("jobs", str(more)) if more is not None else "")
 
     async def get(self, caller: Caller, request: admin_pb2.GetJobRequest) -> common_pb2.Job:
         if request.job_id <= 0:
