@@ -221,9 +221,11 @@ class Engine:
                 await asyncio.sleep(min(5.0, 0.2 * 2 ** attempt))
         else:
             return
+        # Only added to: the snapshot may predate a flush that has told us more since (who
+        # is held now), and a user wrongly thought free would be delivered ahead of their
+        # failed job, while one wrongly thought held costs a parking that finds nothing to
+        # wait behind. Users are let go by flushes only (their roots, in their transaction).
         wanted = set(keys)
-        for pair in [pair for pair in self.blocked if pair[0] in wanted]:
-            del self.blocked[pair]
         self.blocked.update({pair: root for pair, root in taken.blocked.items()
                              if pair[0] in wanted})
         for (destination, partition), events in taken.settled.items():
@@ -353,9 +355,21 @@ class Engine:
             self.positions.take(partition, taken.frontiers.get(partition, 0), cursors, settled)
         for pair, root in taken.blocked.items():
             self.blocked[pair] = root
+        self._lag_readers()
         self.log.wake()
         for lane in self.lanes.values():
             lane.wake.set()
+
+    def _lag_readers(self) -> None:
+        """A lane for every destination that reads a partition on its own (a cursor of its
+        own, taken over with the partition): nothing else would make one, since the shared
+        read passes such destinations by."""
+        for tracks in self.positions.tracks.values():
+            for key, track in tracks.items():
+                if track.read_to is not None and key not in self.lanes:
+                    lane = self.lane(key)
+                    if lane is not None:
+                        lane.wake.set()
 
     # --- loops ---------------------------------------------------------------------------
 
@@ -395,6 +409,7 @@ class Engine:
                 lane = self.lane(key)
                 if lane is not None:
                     lane.due_at(when)
+            self._lag_readers()
             await self._close_idle_lanes()
 
     async def _watch_loop(self) -> None:
