@@ -34,10 +34,12 @@ Conn = AsyncConnection[Any]
 JOBS_CHANNEL = "relayq_jobs"
 REORDER_CHANNEL = "relayq_reorder"
 
-# A listing reads the log in windows of this many event ids, and at most this many windows
-# for one page (then it answers what it found, with a token to go on from there).
-_WINDOW = 20_000
-_MAX_WINDOWS = 50
+# A listing reads the log in windows of event ids, the first small (a page of a busy
+# destination fills in it), each next one twice as large up to a cap, and at most so many
+# event ids for one page (then it answers what it found, with a token to go on from there).
+_FIRST_WINDOW = 1_000
+_LARGEST_WINDOW = 64_000
+_MOST_PER_PAGE = 500_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,17 +209,17 @@ async def list_jobs(conn: Conn, selection: Selection, scope: int | None, *, afte
     cur = await conn.execute(query("jobs.sql", "log_head"))
     head = int((await cur.fetchone() or [0])[0])
     found: list[JobRow] = []
-    start = event_of(after)
-    for _ in range(_MAX_WINDOWS):
-        if start > head:
-            return JobPage(found, None)
-        upto = start + _WINDOW
+    start = first = event_of(after)
+    window = _FIRST_WINDOW
+    while start <= head and start - first < _MOST_PER_PAGE:
+        upto = start + window
         found += await _list_window(conn, selection, scope, after=after, upto_event=upto,
                                     limit=limit - len(found), include_payload=include_payload)
         if len(found) >= limit:
             return JobPage(found, found[-1].job_id)
         after = (upto << SLOT_BITS) - 1
         start = upto
+        window = min(window * 2, _LARGEST_WINDOW)
     return JobPage(found, after if start <= head else None)
 
 
@@ -227,7 +229,8 @@ async def _list_window(conn: Conn, selection: Selection, scope: int | None, *, a
     view = await _view(conn, selection, after_job=after, upto_event=upto_event)
     params = (include_payload, *view.params, after, scope, scope, *selection.params, limit)
     cur = conn.cursor(row_factory=class_row(JobRow))
-    await cur.execute(_with("list", view=view.composed, where=selection.where), params)
+    await cur.execute(_with("list", view=view.composed, where=selection.where), params,
+                      prepare=False)
     return await cur.fetchall()
 
 
@@ -322,7 +325,7 @@ async def peek(conn: Conn, destination_key: int, limit: int) -> list[PeekedRow]:
         [c for c in await cur.fetchall() if c[1] == destination_key], subscribed_params)
     params = (destination_key, limit, destination_key, sources, destination_key, limit,
               destination_key, *subscribed_params, limit)
-    cur = await conn.execute(_with("peek", subscribed=subscribed), params)
+    cur = await conn.execute(_with("peek", subscribed=subscribed), params, prepare=False)
     return [PeekedRow(JobRow(*row[:-1]), row[-1]) for row in await cur.fetchall()]
 
 
@@ -358,7 +361,7 @@ async def abort(conn: Conn, selection: Selection, scope: int | None, *, actor: s
 async def _change(conn: Conn, name: LiteralString, view: _View, selection: Selection,
                   params: tuple[Any, ...]) -> Change:
     cur = await conn.execute(_with(name, view=view.composed, where=selection.where),
-                             (*view.params, *params))
+                             (*view.params, *params), prepare=False)
     row = await cur.fetchone()
     assert row is not None
     return Change(matched=int(row[0]), job_ids=row[1], destination_keys=row[2])
@@ -379,8 +382,10 @@ async def stats(conn: Conn, *, tenant_key: int | None, destination_key: int | No
     subscribed = subscriptions.condition(await cur.fetchall(), subscribed_params)
     scope = (destination_key, destination_key, tenant_key, tenant_key)
     cur = conn.cursor(row_factory=class_row(DestinationStatsRow))
+    # Never prepared (as every query here over the log): a generic plan cannot know which
+    # of its `x IS NULL OR` conditions hold, and reads the whole log to be safe.
     await cur.execute(_with("stats", subscribed=subscribed),
-                      (*scope, *subscribed_params, *scope))
+                      (*scope, *subscribed_params, *scope), prepare=False)
     return await cur.fetchall()
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from psycopg_pool import AsyncConnectionPool
 
-from jobsdb import catalog, eventlog, queue
+from jobsdb import catalog, eventlog, partitions, queue
 from jobsdb import destinations as destinations_db
 from jobsdb.catalog import Destination
 from jobsdb.errors import JobsDBError
@@ -152,6 +152,8 @@ class Engine:
         self._senders = SenderContext(
             http=http, trust=self.trust, grpc_batch=self.settings.grpc_batch,
             grpc_channels=GrpcChannels(self.trust.grpc_credentials, resolver), resolver=resolver)
+        async with transaction(self.pool) as conn:
+            self.flusher.partition_size = (await partitions.settings(conn)).event_partition_size
         await self._load_destinations()
         self.flusher.start()
         self.reader.start()

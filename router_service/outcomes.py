@@ -115,6 +115,8 @@ class OutcomeFlusher:
         self._on_roots = on_roots
         # A destination's type, for the answer a success records when the sender names none.
         self._kind_of = kind_of
+        # Event ids per partition of the log (jobsdb.partitions.Settings; the engine sets it).
+        self.partition_size = 1_000_000
         self._router_id = router_id  # fences writes to the partitions it holds leases on
         self._actor = f"router:{router_id}"
         self._delay = delay
@@ -252,7 +254,7 @@ class OutcomeFlusher:
         is refused, left unrecorded: its jobs keep their state in Postgres and are delivered
         again (at least once, never lost)."""
         failures = 0
-        writes = _Writes(entries, self._kind_of)
+        writes = _Writes(entries, self._kind_of, self.partition_size)
         while True:
             try:
                 async with transaction(self._pool) as conn, conn.pipeline(), conn.transaction():
@@ -332,18 +334,22 @@ class _Writes:
     """The statements of one flush, made once from its entries (a retry after a lost
     connection sends the same)."""
 
-    def __init__(self, entries: Sequence[_Entry], kind_of: Callable[[int], str]) -> None:
+    def __init__(self, entries: Sequence[_Entry], kind_of: Callable[[int], str],
+                 partition_size: int) -> None:
         self.row_outcomes: list[Outcome] = []
         self.row_parks: list[tuple[int, int]] = []
         self.new_rows: list[NewRow] = []
         self.parked: list[Parked] = []
-        self.delivered: dict[int, Delivered] = {}
+        # One deliveries row per destination and event partition: a row lives in the
+        # partition of its first event and goes with it when the log's partition is dropped.
+        self.delivered: dict[tuple[int, int], Delivered] = {}
         self.counts: dict[int, list[int]] = {}
         # (destination, user) pairs whose rows this flush may change.
         self.pairs: set[tuple[int, str]] = set()
         for entry in entries:
             destination = entry.lane.destination_key
-            request_index: int | None = None
+            # The entry's request, as numbered in each deliveries row it is written to.
+            request_index: dict[int, int] = {}
             for job, outcome in entry.outcomes:
                 if not job.logged:
                     # A row moved: its user may be held by another job now, or free.
@@ -351,17 +357,19 @@ class _Writes:
                     self.pairs.add((destination, job.user_id))
                     continue
                 if outcome.state == "succeeded":
-                    delivered = self.delivered.get(destination)
+                    number = job.event_id // partition_size
+                    delivered = self.delivered.get((destination, number))
                     if delivered is None:
-                        delivered = self.delivered[destination] = Delivered(destination)
-                    if request_index is None:
+                        delivered = self.delivered[destination, number] = Delivered(destination)
+                    index = request_index.get(number)
+                    if index is None:
                         delivered.request_list.append(entry.request or Request(
                             outcome.started_at, outcome.duration_ms,
                             _ANSWERED.get(kind_of(destination), "ok"), outcome.batch or ""))
-                        request_index = len(delivered.request_list)
+                        index = request_index[number] = len(delivered.request_list)
                     delivered.event_ids.append(job.event_id)
                     delivered.partitions.append(job.partition)
-                    delivered.requests.append(request_index)
+                    delivered.requests.append(index)
                     continue
                 self.pairs.add((destination, job.user_id))
                 self.new_rows.append(NewRow(
