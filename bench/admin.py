@@ -11,8 +11,8 @@ the last day. Most jobs have no row:
 - every ordering partition's frontier (router_leases) is at the last 0.8% of the log: the
   jobs below it were delivered (a `deliveries` row per destination and flush of 1,000 of its
   events, 100 to a request), the events above it are pending (80,000 jobs at 1,000,000
-  events), the first 1,000 of them already delivered and recorded but the frontier not moved
-  yet, as a router leaves them between a flush and its next read;
+  events), the first eighth of them already delivered and recorded but the frontier not
+  moved yet, as a router leaves them between a flush and its next read;
 - jobs that need a row have one, as routers and operators write them: in the last 1.5% of the
   log before the frontier, 10% of (destination, user) pairs are stuck (their first job there
   failed, 1-5 attempts, retrying in 10 minutes; their later ones wait behind it), and in
@@ -23,7 +23,10 @@ the last day. Most jobs have no row:
 
 It vacuums everything as autovacuum would, starts relayq-admin as its own process, and times
 each call from a gRPC client: median and p99 over --calls calls (fewer for a call that takes
-long: at most --seconds of calls each, at least 3), after up to 10 warm-up calls.
+long: at most --seconds of calls each, at least 3), after up to 10 warm-up calls (at most a
+quarter of --seconds of them). The service's connections prepare a statement on its sixth
+use and Postgres may then plan it generically from the eleventh: a call measured fewer times
+than that has been timed with plans made for its values only.
 """
 
 from __future__ import annotations
