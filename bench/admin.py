@@ -68,7 +68,8 @@ RECENT = 0.015
 # Of the pending events: the first ones, delivered and recorded, the frontier not moved yet.
 RECORDED_AHEAD = 1 / 8
 
-# An event's source follows its user; its time runs over the last day.
+# An event's source follows its user (i mod 5); its time runs over the last day. Its kind
+# (i / 5 mod 5) and, for a failed job, its attempts (i / 25 mod 5) vary within a source.
 EVENTS = """
 INSERT INTO events (event_id, created_at, source_key, tenant_key, ordering_partition, user_id,
                     message_id, document)
@@ -80,7 +81,7 @@ SELECT i, now() - interval '1 day' + i * %(spacing)s * interval '1 millisecond',
        jsonb_build_object(
            'type', 'track',
            'event', (ARRAY['Order Completed', 'Product Viewed', 'Cart Updated',
-                           'Checkout Started', 'Signed In'])[1 + i %% 5],
+                           'Checkout Started', 'Signed In'])[1 + i / 5 %% 5],
            'userId', 'user-' || (i %% %(users)s),
            'messageId', 'msg-' || i,
            'timestamp', '2026-11-25T10:00:00.000Z',
@@ -99,7 +100,7 @@ INSERT INTO jobs (job_id, destination_key, tenant_key, source_key, ordering_part
                   user_id, message_id, error_code)
 SELECT job_id, destination_key, tenant_key, source_key, ordering_partition,
        CASE WHEN n = 1 THEN 'failed' ELSE 'waiting' END::job_state,
-       CASE WHEN n = 1 THEN 1 + event_id %% 5 ELSE 0 END,
+       CASE WHEN n = 1 THEN 1 + event_id / 25 %% 5 ELSE 0 END,
        CASE WHEN n > 1 THEN root END,
        CASE WHEN n = 1 THEN now() + interval '10 minutes' END,
        CASE WHEN n = 1 THEN created_at END, created_at, created_at, user_id, message_id,
