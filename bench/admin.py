@@ -320,25 +320,45 @@ def rows_of(method: str, answer: Any) -> int:
 
 
 def measure(port: int, calls: int, seconds: float, ids: dict[str, int]) -> None:
+    """Each call, warmed up, then timed. A call the service fails (its statement timeout, say)
+    is said with the calls that went well before it, and not tried again."""
     metadata = (("authorization", f"Bearer {TOKEN}"),)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = admin_pb2_grpc.AdminStub(channel)
         print(f"{'call':<62} {'rows':>5} {'calls':>5} {'median ms':>10} {'p99 ms':>8}")
         for label, method, request in queries(ids):
             call = getattr(stub, method)
-            began = time.perf_counter()
-            for _ in range(10):  # warm up: connections, plans
-                answer = call(request, metadata=metadata, timeout=600)
-                if time.perf_counter() - began > seconds / 4:
-                    break
+            answer = None
             times: list[float] = []
-            began = time.perf_counter()
-            while len(times) < calls and (len(times) < 3 or time.perf_counter() - began < seconds):
-                started = time.perf_counter()
-                answer = call(request, metadata=metadata, timeout=600)
-                times.append((time.perf_counter() - started) * 1000)
-            print(f"{label:<62} {rows_of(method, answer):>5} {len(times):>5}"
-                  f" {statistics.median(times):>10.1f} {percentile(times, 0.99):>8.1f}")
+            made = 0
+            try:
+                began = time.perf_counter()
+                for _ in range(10):  # warm up: connections, plans
+                    started = time.perf_counter()
+                    made += 1
+                    answer = call(request, metadata=metadata, timeout=600)
+                    if time.perf_counter() - began > seconds / 4:
+                        break
+                began = time.perf_counter()
+                while len(times) < calls and (len(times) < 3
+                                              or time.perf_counter() - began < seconds):
+                    started = time.perf_counter()
+                    made += 1
+                    answer = call(request, metadata=metadata, timeout=600)
+                    times.append((time.perf_counter() - started) * 1000)
+            except grpc.RpcError as exc:
+                failed: grpc.RpcError | None = exc
+                took = time.perf_counter() - started
+            else:
+                failed = None
+            if times and answer is not None:
+                print(f"{label:<62} {rows_of(method, answer):>5} {len(times):>5}"
+                      f" {statistics.median(times):>10.1f} {percentile(times, 0.99):>8.1f}")
+            else:
+                print(f"{label:<62} {'-':>5} {0:>5} {'-':>10} {'-':>8}")
+            if failed is not None:
+                print(f"  call {made} (warm-up included) failed after {took:.1f} s:"
+                      f" {failed.code().name}: {failed.details()}")
 
 
 def main() -> None:
