@@ -69,7 +69,7 @@ def circuit(opened_at: datetime | None, reason: str | None) -> admin_pb2.Circuit
 def connection(row: catalog.Connection) -> admin_pb2.Connection:
     return admin_pb2.Connection(source_id=row.source_id, destination_id=row.destination_id,
                                 enabled=row.enabled, created_at=timestamp(row.created_at),
-                                filter=row.filter)
+                                filter=row.filter, slot=row.slot)
 
 
 def admin_token(row: catalog.AdminToken) -> admin_pb2.AdminToken:

@@ -249,12 +249,11 @@ async def soak(args: argparse.Namespace) -> int:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
         await migrate.migrate(c)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        write_key, _, _, keys = add_source(
+        write_key, _, _, _ = add_source(
             conn, "chaos", "clients", {"receiver": ("webhook",
                                                     f"http://127.0.0.1:{receiver.port}/hook")},
             min_backoff_ms=100, max_backoff_ms=2000, max_attempts=1000,
             max_retry_window_s=86400, circuit_after_s=0)
-    destination_key = keys["receiver"]
 
     def service(name: str, module: str, prefix: str, database: str) -> Service:
         port = free_port()
@@ -293,7 +292,7 @@ async def soak(args: argparse.Namespace) -> int:
         with psycopg.connect(dsn, autocommit=True) as conn:
             owned = {int(p) for (p,) in conn.execute(
                 "SELECT partition FROM router_leases WHERE owner = %s", (router_id,))}
-        return {u for u in all_users if partition_of(destination_key, u, 64) in owned}
+        return {u for u in all_users if partition_of(u, 64) in owned}
 
     pg_at, stall_at = started + duration * 0.3, started + duration * 0.7
     full_at = started + duration * 0.5

@@ -1,12 +1,14 @@
 """Sustained ingest throughput through the gRPC server: raw stubs, the Producer, raw COPY.
 
     .venv/bin/python bench/ingest.py [--events 300000] [--processes 2] [--clients 4]
+                                     [--destinations 1]
     .venv/bin/python bench/ingest.py --smoke          # a few seconds, every mode, tiny sizes
 
-Fresh databases, each migrated, with one source connected to one destination:
+Fresh databases, each migrated, with one source connected to `--destinations` destinations
+(what ingest writes does not depend on how many: each event once):
 
 - raw: one psycopg connection COPYs the very rows ingest would write (the dedup key and the
-  job of each event, documents built by ingest's own code) and commits every 100 events;
+  event's row in the log, documents built by ingest's own code) and commits every 100 events;
 - raw stubs: a relayq-ingest process; client processes each run several gRPC clients, every
   client sending batches of 100 events (~330-byte JSON payloads) one after another, each
   waiting for its answer. Requests are serialised before the clock starts, so these figures
@@ -89,16 +91,24 @@ def event(prefix: str, i: int) -> ingest_pb2.Event:
 
 # --- databases ---------------------------------------------------------------------------
 
-def prepared_database() -> tuple[str, str, int, int, int]:
-    """A migrated database with one source connected to one destination.
+def prepared_database(destinations: int = 1) -> tuple[str, str, int, int, dict[str, int]]:
+    """A migrated database with one source connected to `destinations` destinations.
 
-    Returns (name, write key, tenant key, source key, destination key).
+    Returns (name, write key, tenant key, source key, {destination id: key}).
     """
     name = create_database()
     with psycopg.connect(dsn_for(name), autocommit=True) as conn:
         write_key, tenant, source, keys = add_source(
-            conn, "bench", "web", {"d1": ("webhook", "http://127.0.0.1:9/")})
-    return name, write_key, tenant, source, keys["d1"]
+            conn, "bench", "web", {f"d{n}": ("webhook", "http://127.0.0.1:9/")
+                                   for n in range(1, destinations + 1)})
+    return name, write_key, tenant, source, keys
+
+
+def stored_bytes(name: str) -> int:
+    """What the database takes on disk (tables, indexes, TOAST; not the WAL)."""
+    with psycopg.connect(SERVER, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_database_size(%s)", (name,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 # --- raw COPY baseline ---------------------------------------------------------------------
@@ -109,26 +119,28 @@ def _copy_escape(data: bytes) -> bytes:
     return data.replace(b"\t", b"\\t").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
 
 
-def raw_copy(events: int) -> float:
-    name, _, tenant, source, destination = prepared_database()
+def raw_copy(events: int, destinations: int = 1) -> float:
+    """The rows ingest writes (each event's dedup key and its one row in the log, whatever
+    the destinations), by COPY, committed every BATCH events."""
+    name, _, tenant, source, keys_by_id = prepared_database(destinations)
     try:
         route = SourceRoute(source_key=source, source_id="web", tenant_key=tenant,
                             tenant_id="bench", enabled=True, rate_per_second=0.0, rate_burst=0,
-                            destinations={"d1": destination}, destination_keys=(destination,))
+                            destinations=keys_by_id,
+                            destination_keys=tuple(keys_by_id.values()))
         limits = Limits(1000, 64 * 1024, 16 << 20)
         now = "2026-11-25T10:00:00.000Z"
         chunks: list[tuple[bytes, bytes]] = []
         for start in range(0, events, BATCH):
-            keys, jobs = [], []
+            keys, rows = [], []
             for i in range(start, min(start + BATCH, events)):
                 built = build_event(event("raw", i), route, limits, now)
                 keys.append(b"%d\t%s\t1\n" % (source, built.message_id.encode()))
-                jobs.append(b"%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n" % (
-                    i + 1, destination, tenant, source,
-                    partition_of(destination, built.user_id, 64),
+                rows.append(b"%d\t%d\t%d\t%d\t%s\t%s\t%s\n" % (
+                    i + 1, source, tenant, partition_of(built.user_id, 64),
                     built.user_id.encode(), built.message_id.encode(),
                     _copy_escape(built.document.encode())))
-            chunks.append((b"".join(keys), b"".join(jobs)))
+            chunks.append((b"".join(keys), b"".join(rows)))
         with psycopg.connect(dsn_for(name)) as conn, conn.cursor() as cur:
             backend = conn.info.backend_pid
             cpu_before = cpu_seconds(backend)
@@ -137,8 +149,8 @@ def raw_copy(events: int) -> float:
                 with cur.copy("COPY dedup_keys (source_key, message_id, generation) FROM STDIN"
                               ) as copy:
                     copy.write(keys_data)
-                with cur.copy("COPY jobs (job_id, destination_key, tenant_key, source_key,"
-                              " ordering_partition, user_id, message_id, payload) FROM STDIN"
+                with cur.copy("COPY events (event_id, source_key, tenant_key,"
+                              " ordering_partition, user_id, message_id, document) FROM STDIN"
                               ) as copy:
                     copy.write(jobs_data)
                 conn.commit()
@@ -225,11 +237,12 @@ def producer_process(port: int, write_key: str, events: int, batch_events: int,
 
 def through_ingest(events: int, load: str, processes: int, clients: int,
                    producer_batch: int, producer_in_flight: int, profile: str | None = None,
-                   workers: str = "1", cpus: str | None = None
+                   workers: str = "1", cpus: str | None = None, destinations: int = 1
                    ) -> tuple[float, list[float], str]:
     """events/s through relayq-ingest (RELAYQ_INGEST_WORKERS=`workers`, on `cpus` when given)
-    fed by raw stubs or by one Producer."""
-    name, write_key, *_ = prepared_database()
+    fed by raw stubs or by one Producer, its source connected to `destinations`."""
+    name, write_key, *_ = prepared_database(destinations)
+    size_before = stored_bytes(name)
     port, metrics_port = free_port(), free_port()
     env = {**os.environ, "RELAYQ_DATABASE_URL": dsn_for(name),
            "RELAYQ_INGEST_ADDRESS": f"127.0.0.1:{port}",
@@ -281,6 +294,8 @@ def through_ingest(events: int, load: str, processes: int, clients: int,
                     f" its Postgres backends {postgres_cpu * per_event:.0f} us")
         if accepted != expected:
             raise SystemExit(f"accepted {accepted} of {expected} events")
+        stored = (stored_bytes(name) - size_before) / max(1, accepted) * 10_000
+        flushes += f"\n  stored: {stored / 1e6:.1f} MB per 10,000 events"
         return accepted / (finished - start_at), latencies, flushes
     finally:
         proc.send_signal(signal.SIGINT if profile else signal.SIGTERM)
@@ -339,6 +354,8 @@ def main() -> None:
     parser.add_argument("--profile", metavar="FILE",
                         help="record the ingest server with py-spy (collapsed stacks) into FILE")
     parser.add_argument("--skip-raw", action="store_true", help="no raw COPY baseline")
+    parser.add_argument("--destinations", type=int, default=1,
+                        help="destinations the source is connected to (default 1)")
     parser.add_argument("--workers", default="1",
                         help="RELAYQ_INGEST_WORKERS for the server (default 1; 'auto': one per"
                              " CPU it may use)")
@@ -357,19 +374,20 @@ def main() -> None:
         scaling(args.events, args.processes, args.clients, args.scaling)
         return
 
-    raw = float("nan") if args.skip_raw else raw_copy(args.events)
+    raw = float("nan") if args.skip_raw else raw_copy(args.events, args.destinations)
     print(f"raw COPY, 1 connection, commit per {BATCH} events: {raw:,.0f} events/s")
     rates = {}
     for load in (("stubs", "producer") if args.load == "both" else (args.load,)):
         rate, latencies, flushes = through_ingest(
             args.events, load, args.processes, args.clients, args.producer_batch,
-            args.producer_in_flight, args.profile, args.workers, args.service_cpus)
+            args.producer_in_flight, args.profile, args.workers, args.service_cpus,
+            args.destinations)
         rates[load] = rate
         if load == "stubs":
             p50 = statistics.median(latencies) * 1000
             p99 = percentile(latencies, 0.99) * 1000
-            print(f"relayq-ingest{_shape(args)}, {args.processes}x{args.clients} raw stub"
-                  " clients, batches of"
+            print(f"relayq-ingest{_shape(args)}, {args.destinations} destination(s),"
+                  f" {args.processes}x{args.clients} raw stub clients, batches of"
                   f" {BATCH}: {rate:,.0f} events/s (request latency p50 {p50:.1f} ms,"
                   f" p99 {p99:.1f} ms)")
         else:

@@ -41,6 +41,7 @@ from bench.common import (
     SERVER,
     add_source,
     cpu_seconds,
+    cpu_since,
     drop_database,
     dsn_for,
     free_port,
@@ -58,6 +59,17 @@ def _empty_database() -> str:
     with psycopg.connect(SERVER, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return name
+
+
+def _backends_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of Postgres backends by pid, leaving out any that has ended meanwhile."""
+    used = {}
+    for pid in pids:
+        try:
+            used[pid] = cpu_seconds(pid)
+        except OSError:
+            continue
+    return used
 
 
 def _tree_cpu(pid: int) -> float:
@@ -166,15 +178,20 @@ def compare(before: Path, rate: float, seconds: float) -> None:
         for client in clients:
             client.start()
         time.sleep(max(0.0, start_at - time.time()))
-        backends = [side.backends() for side in sides]
         server_before = [_tree_cpu(side.process.pid) for side in sides]
-        postgres_before = [sum(cpu_seconds(p) for p in b) for b in backends]
+        postgres_before = [_backends_cpu(side.backends()) for side in sides]
         outcomes = {prefix: (accepted, duplicates, finished, expected)
                     for prefix, accepted, duplicates, finished, expected
                     in (results.get(timeout=seconds + 600) for _ in clients)}
         server = [_tree_cpu(s.process.pid) - c for s, c in zip(sides, server_before, strict=True)]
-        postgres = [sum(cpu_seconds(p) for p in b) - c
-                    for b, c in zip(backends, postgres_before, strict=True)]
+        # Backends opened during the run count whole; one that ended during it (a pool
+        # replacing a connection) takes its CPU along: said below, not counted.
+        postgres_after = [_backends_cpu(side.backends()) for side in sides]
+        postgres = [cpu_since(b, a) for b, a in zip(postgres_before, postgres_after, strict=True)]
+        for side, b, a in zip(sides, postgres_before, postgres_after, strict=True):
+            if set(b) - set(a):
+                print(f"{side.label}: {len(set(b) - set(a))} Postgres backend(s) ended during the"
+                      " run; their CPU is not counted")
         for client in clients:
             client.join()
     finally:

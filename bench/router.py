@@ -196,7 +196,7 @@ def throughput(jobs: int, kind: str, destinations: int, tenants: int, workers: s
         router_cpu = cpu_since(router_before, service_cpu(router.pid))
         sink_cpu = cpu_seconds(sink.process.pid) - sink_cpu
         pg_cpu = sum(cpu_seconds(p) - backends.get(p, 0.0) for p in _backends(name))
-        stats = histogram_means(metrics_port, "relayq_router_pickup_jobs",
+        stats = histogram_means(metrics_port, "relayq_router_log_read_events",
                                 "relayq_router_flush_items", "relayq_router_flush_seconds")
         stop(router)
         arrivals = sink.arrivals()
@@ -214,8 +214,9 @@ def throughput(jobs: int, kind: str, destinations: int, tenants: int, workers: s
               f" the first arrival = {jobs / (recorded_at - first):,.0f} jobs/s")
         print(f"  CPU per job: router {router_cpu / jobs * 1e6:.0f} us, its Postgres backends"
               f" {pg_cpu / jobs * 1e6:.0f} us, sink {sink_cpu / jobs * 1e6:.0f} us")
-        pickups, flushes = stats["relayq_router_pickup_jobs"], stats["relayq_router_flush_items"]
-        print(f"  {pickups[0]:,.0f} reads of {pickups[1]:.0f} jobs on average; {flushes[0]:,.0f}"
+        reads, flushes = stats["relayq_router_log_read_events"], stats["relayq_router_flush_items"]
+        print(f"  {reads[0]:,.0f} reads of the log, {reads[1]:.0f} events each on average;"
+              f" {flushes[0]:,.0f}"
               f" outcome transactions of {flushes[1]:.0f} jobs,"
               f" {stats['relayq_router_flush_seconds'][1] * 1000:.1f} ms each")
         return (len(arrivals) / elapsed, jobs / (recorded_at - first), router_cpu / jobs * 1e6)
@@ -322,19 +323,19 @@ def history(rounds: int, jobs: int, keep: bool) -> None:
 
 async def _next_partition(name: str) -> None:
     async with await psycopg.AsyncConnection.connect(dsn_for(name), autocommit=True) as conn:
-        size = (await partitions.settings(conn)).job_partition_size
-        cur = await conn.execute("SELECT last_value FROM jobs_job_id_seq")
+        size = (await partitions.settings(conn)).event_partition_size
+        cur = await conn.execute("SELECT last_value FROM events_event_id_seq")
         row = await cur.fetchone()
         start = (int(row[0]) // size + 1) * size if row else size
-        await partitions.ensure(conn, upto_job_id=start)
-        await conn.execute("SELECT setval('jobs_job_id_seq', %s)", (start,))
+        await partitions.ensure(conn, upto_event_id=start)
+        await conn.execute("SELECT setval('events_event_id_seq', %s)", (start,))
 
 
 def _footprint(name: str) -> tuple[float, int]:
     with psycopg.connect(dsn_for(name), autocommit=True) as conn:
         row = conn.execute(
             "SELECT pg_database_size(current_database()) / 1e6,"
-            " (SELECT count(*) FROM pg_inherits WHERE inhparent = 'jobs'::regclass)").fetchone()
+            " (SELECT count(*) FROM pg_inherits WHERE inhparent = 'events'::regclass)").fetchone()
     assert row is not None
     return float(row[0]), int(row[1])
 
@@ -594,14 +595,17 @@ def fairness(seconds: float, flood_rate: float) -> None:
 
 
 def _dispatch_times(name: str, source: str) -> dict[str, float]:
-    """When the router started each first delivery of the source's jobs (job_statuses'
+    """When the router started each first delivery of the source's events (a delivery's
     started_at is taken from the router's clock as it sends), by message id."""
     with psycopg.connect(dsn_for(name), autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT j.message_id, extract(epoch FROM s.started_at)::float8 FROM jobs j"
-            " JOIN job_statuses s ON s.job_id = j.job_id AND s.attempt = 1"
-            " JOIN sources o ON o.source_key = j.source_key WHERE o.id = %s",
-            (source,)).fetchall()
+            "SELECT e.message_id, min(extract(epoch FROM"
+            "        d.started_at[d.requests[x.n]]))::float8"
+            " FROM deliveries d"
+            " CROSS JOIN LATERAL unnest(d.event_ids) WITH ORDINALITY AS x(event_id, n)"
+            " JOIN events e ON e.event_id = x.event_id"
+            " JOIN sources o ON o.source_key = e.source_key WHERE o.id = %s"
+            " GROUP BY e.message_id", (source,)).fetchall()
     return {str(m): float(t) for m, t in rows}
 
 

@@ -163,8 +163,8 @@ class GroupCommitter:
         if self._closing:
             raise dberrors.DatabaseUnavailable("ingest is shutting down")
         future: asyncio.Future[list[Stored]] = asyncio.get_running_loop().create_future()
-        # An event with no destination still claims its message id: it counts as one row.
-        jobs = sum(max(1, len(e.destination_keys)) for e in events)
+        # One row per event, whatever is connected (the log is written once).
+        jobs = len(events)
         source = events[0].source_key if events else -1
         request = _Request(events, jobs, future, time.monotonic(), source)
         outstanding = self._outstanding.get(source, 0)
@@ -280,6 +280,11 @@ class GroupCommitter:
             started = time.perf_counter()
             await self._flush_together(batch)
             self._on_flushed(sum(r.jobs for r in batch), time.perf_counter() - started)
+        except Exception as exc:
+            # Not Postgres's answer but a fault of ours: the requests fail now, rather than
+            # wait for their deadlines with nothing left to answer them.
+            log.exception("a group commit failed")
+            _fail(batch, exc)
         finally:
             if express:
                 self._express_free += 1

@@ -125,18 +125,15 @@ class IngestApp(ServiceApp[IngestConfig]):
     async def _refused(self, events: Sequence[NewEvent]) -> dict[int, str]:
         """Which of `events` Postgres refuses to store, by position (see GroupCommitter)."""
         assert self._pool is not None
-        # Only documents that become jobs are parsed by the store.
-        positions = [i for i, event in enumerate(events) if event.destination_keys]
         async with transaction(self._pool) as conn:
-            refused = await unstorable(conn, [events[i].document for i in positions])
-        return {positions[i]: f"payload: Postgres refuses it: {reason}"
-                for i, reason in refused.items()}
+            refused = await unstorable(conn, [event.document for event in events])
+        return {i: f"payload: Postgres refuses it: {reason}" for i, reason in refused.items()}
 
     def _after_store(self, stored: list[Stored]) -> None:
         """When ids enter a new partition, create the next ones in the background."""
         assert self._settings is not None
-        top = max((max(s.job_ids) for s in stored if s.job_ids), default=-1)
-        number = top // self._settings.job_partition_size
+        top = max((s.event_id for s in stored if s.event_id is not None), default=-1)
+        number = top // self._settings.event_partition_size
         if top >= 0 and number > self._job_partition_seen:
             self._job_partition_seen = number
             if self._ensuring is None or self._ensuring.done():

@@ -9,19 +9,13 @@ REJECTS = Counter(
     "relayq_ingest_rejects_total",
     "Requests or events refused, by reason (auth, batch, event, rate).", ["reason"]
 )
-JOBS = Counter("relayq_ingest_jobs_total", "Jobs created (one per event and destination).")
-# Labelled by connection: one series per connection whose filter ever refused an event.
-FILTERED = Counter(
-    "relayq_ingest_filtered_events_total",
-    "Events a connection's filter kept from its destination (stored events only, not"
-    " duplicates), by source and destination id.", ["source", "destination"]
-)
 BATCH_EVENTS = Histogram(
     "relayq_ingest_batch_events", "Events per Ingest request.",
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 5000),
 )
+# Named for jobs before the event log; one row per event now.
 FLUSH_JOBS = Histogram(
-    "relayq_ingest_flush_jobs", "Jobs per group-commit transaction.",
+    "relayq_ingest_flush_jobs", "Events per group-commit transaction.",
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
 )
 FLUSH_SECONDS = Histogram(

@@ -128,10 +128,10 @@ def build_event(
     if len(name) > MAX_NAME:
         raise EventRejected(f"event: longer than {MAX_NAME} characters")
 
-    properties, body = _properties(event, limits)
+    properties, _ = _properties(event, limits)
     context = event.context_json
-    context_text, context_body = (_object_text("context_json", context, limits) if context
-                                  else ("", None))
+    context_text, _ = (_object_text("context_json", context, limits) if context
+                                  else ("", {}))
     envelope: dict[str, Any] = {"messageId": message_id}
     if kind:
         envelope["type"] = kind
@@ -160,24 +160,13 @@ def build_event(
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise EventRejected("payload: contains a \\u0000 character, which cannot be stored")
 
-    if route.filters:
-        # The document as delivered, for the connections' filters: the envelope's fields and
-        # the object validation already parsed (filters never parse text themselves).
-        envelope["properties"] = body
-        if context_body is not None:
-            envelope["context"] = context_body
-        destination_keys, filtered_keys = _subscribed(_destinations(event, route), route,
-                                                      envelope)
-    else:
-        destination_keys, filtered_keys = _destinations(event, route), ()
     return NewEvent(
         source_key=route.source_key,
         tenant_key=route.tenant_key,
         message_id=message_id,
         user_id=user_id or anonymous_id,
         document=text,
-        destination_keys=destination_keys,
-        filtered_keys=filtered_keys,
+        destinations=_destinations(event, route),
     )
 
 
@@ -316,11 +305,12 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _destinations(event: ingest_pb2.Event, route: SourceRoute) -> tuple[int, ...]:
-    """The connected destinations the event is for: all, or those it names."""
+def _destinations(event: ingest_pb2.Event, route: SourceRoute) -> tuple[int, ...] | None:
+    """The connected destinations the event names (None: it names none, so it is for every
+    connection). Routers apply the connections' filters when they read the event."""
     named = event.destination_ids
     if not named:
-        return route.destination_keys
+        return None
     keys: list[int] = []
     for destination_id in named:
         key = route.destinations.get(destination_id)
@@ -332,22 +322,3 @@ def _destinations(event: ingest_pb2.Event, route: SourceRoute) -> tuple[int, ...
         if key not in keys:
             keys.append(key)
     return tuple(keys)
-
-
-def _subscribed(keys: tuple[int, ...], route: SourceRoute, document: dict[str, Any]
-                ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(the destinations whose connection takes the event, those whose filter refused it).
-
-    A destination the event names is filtered too: the connection's filter is what its
-    receiver subscribed to, and a producer naming destinations only narrows that further."""
-    filters = route.filters
-    kept: list[int] = []
-    refused: list[int] = []
-    for key in keys:
-        subscription = filters.get(key)
-        # evaluate(...) is True, not matches(...): one call less, for every event and filter.
-        if subscription is None or subscription.evaluate(document) is True:
-            kept.append(key)
-        else:
-            refused.append(key)
-    return tuple(kept), tuple(refused)

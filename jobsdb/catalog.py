@@ -142,6 +142,8 @@ class Connection:
     created_at: datetime
     # The event filter ("": every event).
     filter: str
+    # Its number within the source: the low 16 bits of its jobs' ids.
+    slot: int
 
 
 @dataclass(frozen=True, slots=True)

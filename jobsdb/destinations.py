@@ -6,10 +6,10 @@ service reads them one at a time."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, LiteralString
+from typing import Any, LiteralString, NamedTuple
 
 from psycopg import AsyncConnection
-from psycopg.rows import kwargs_row
+from psycopg.rows import kwargs_row, namedtuple_row
 
 from jobsdb import sealing
 from jobsdb.catalog import Destination, SigningSecret
@@ -48,16 +48,44 @@ async def load_all(conn: AsyncConnection[Any]) -> dict[int, Destination]:
     return {row.destination_key: row for row in await cur.fetchall()}
 
 
-# A digest of exactly what load_all reads, made by Postgres (the statement wraps load_all's).
-_DIGEST: LiteralString = (
-    "SELECT md5(string_agg(loaded::text, E'\\n' ORDER BY loaded.destination_key))"
-    " FROM (" + query("destinations.sql", "load_all").rstrip().removesuffix(";") + ") AS loaded")
+class Connection(NamedTuple):
+    """An enabled connection as a router fans events out along it."""
+
+    source_key: int
+    destination_key: int
+    slot: int
+    event_filter: str | None
+
+
+async def load_connections(conn: AsyncConnection[Any]) -> list[Connection]:
+    cur = conn.cursor(row_factory=namedtuple_row)
+    await cur.execute(query("destinations.sql", "load_connections"))
+    return [Connection(*row) for row in await cur.fetchall()]
+
+
+def _digest_of(name: str) -> LiteralString:
+    """A digest of exactly what a query reads, made by Postgres (the statement wraps it)."""
+    return ("SELECT md5(string_agg(loaded::text, E'\\n' ORDER BY loaded::text))"
+            " FROM (" + query("destinations.sql", name).rstrip().removesuffix(";")
+            + ") AS loaded")
+
+
+# Rows are agreed by their text, so the digest does not depend on the order a plan reads them.
+_DIGEST: LiteralString = ("SELECT coalesce((" + _digest_of("load_all") + "), '') || '/'"
+                          " || coalesce((" + _digest_of("load_connections") + "), '')")
+
+
+class Loaded(NamedTuple):
+    digest: str
+    destinations: dict[int, Destination]
+    connections: list[Connection]
 
 
 async def load_if_changed(conn: AsyncConnection[Any], last_digest: str | None
-                          ) -> tuple[str, dict[int, Destination]] | None:
-    """Every destination (load_all) and a digest of them all, or None when the digest is
-    still `last_digest`: nothing changed since that load.
+                          ) -> tuple[int, Loaded | None]:
+    """The connections' version (migration 0012), and every destination (load_all) and
+    enabled connection with a digest of them all, or None when the digest is still
+    `last_digest`: nothing changed since that load.
 
     The router reloads at every configuration change and every 30 s, on its event loop;
     at ten thousand destinations making the rows costs it ~200 ms of CPU, a stall for every
@@ -65,8 +93,10 @@ async def load_if_changed(conn: AsyncConnection[Any], last_digest: str | None
     statement of its transaction: the digest and the rows then come from one snapshot, so
     the digest kept is that of the rows loaded, and a change undone later is not missed."""
     await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    cur = await conn.execute("SELECT version FROM relayq_config_version")
+    version = int((await cur.fetchone() or [0])[0])
     row = await (await conn.execute(_DIGEST)).fetchone()
-    digest = (row[0] if row is not None else None) or ""  # "": no destinations at all
+    digest = (row[0] if row is not None else None) or ""
     if digest == last_digest:
-        return None
-    return digest, await load_all(conn)
+        return version, None
+    return version, Loaded(digest, await load_all(conn), await load_connections(conn))

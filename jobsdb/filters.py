@@ -79,6 +79,8 @@ class Compiled:
 
     where: sql.Composed
     params: list[Any]
+    # The parsed filter (None: every job).
+    node: Node | None = None
 
 
 def compile_filter(text: str) -> Compiled | None:
@@ -88,7 +90,7 @@ def compile_filter(text: str) -> Compiled | None:
     node = parse(text)
     params: list[Any] = []
     where = _node(node, params)
-    return Compiled(sql.Composed([where]), params)
+    return Compiled(sql.Composed([where]), params, node)
 
 
 ColumnKind: TypeAlias = Literal["key", "state", "integer", "text", "timestamp"]
@@ -136,6 +138,12 @@ _ALLOWED: Final[dict[ColumnKind, str]] = {
     "integer": "=, !=, <, <=, >, >=, IN, NOT IN",
     "timestamp": "=, !=, <, <=, >, >=, IN, NOT IN",
 }
+
+
+def compile_node(node: Node, params: list[Any]) -> sql.Composable:
+    """A parsed filter (of the jobs language) as a WHERE fragment on `j`, its values appended
+    to `params` in order."""
+    return _node(node, params)
 
 
 def _node(node: Node, params: list[Any]) -> sql.Composable:

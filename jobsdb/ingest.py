@@ -1,12 +1,14 @@
-"""The write path: de-duplicate, fan out one job per destination, wake the routers.
+"""The write path: de-duplicate, write each new event to the log once, wake the routers.
 
-The caller commits; nothing here is acknowledged until it does.
+The caller commits; nothing here is acknowledged until it does. What an event becomes at each
+destination (its connections, their filters, the destinations it names) is decided by the
+routers when they read it, so this costs the same whatever is connected.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import psycopg
@@ -16,8 +18,6 @@ from jobsdb import locks
 from jobsdb.keyspace import partition_of
 from jobsdb.sqlfile import query
 
-# A NOTIFY payload must stay under 8000 bytes.
-_NOTIFY_LIMIT = 7000
 # Text travels to Postgres joined by this: valid JSON never contains it, ingest refuses it in ids.
 _SEPARATOR = "\x1f"
 
@@ -33,17 +33,15 @@ class NewEvent(NamedTuple):
     user_id: str
     # The event document (JSON object text) exactly as it will be delivered.
     document: str
-    # One job per destination, in this order.
-    destination_keys: tuple[int, ...]
-    # Connected destinations whose filter refused the event: counted per connection
-    # (connection_counts) if the event is stored, not if it is a duplicate.
-    filtered_keys: tuple[int, ...] = ()
+    # The connected destinations the producer named; None: every connection of the source.
+    destinations: tuple[int, ...] | None = None
 
 
 @dataclass(slots=True)
 class Stored:
     duplicate: bool
-    job_ids: list[int] = field(default_factory=list)
+    # The event's id in the log (None for a duplicate).
+    event_id: int | None = None
 
 
 async def store_events(
@@ -69,64 +67,39 @@ async def store_events(
             seen.add(key)
             unique.append((event, stored))
 
-    # Each event's destinations and their ordering partitions, ';'-joined. Events of one
-    # source share a tuple of destinations, so its text is made once per flush.
-    destination_texts: dict[tuple[int, ...], str] = {}
-    destinations: list[str] = []
+    # A user's partition is asked for once per flush, however many of their events it holds.
+    partition_texts: dict[str, str] = {}
     partitions: list[str] = []
-    # Events that filters kept from some destinations, each with the index (1-based) of its
-    # set of such destinations: events of one kind share a set, so a flush sends a few sets
-    # and one number per event, not a pair per event and destination.
-    filtered_events: list[str] = []
-    filtered_sets: list[str] = []
-    sets: dict[tuple[int, ...], str] = {}
-    for position, (event, _) in enumerate(unique, start=1):
-        keys = event.destination_keys
-        text = destination_texts.get(keys)
-        if text is None:
-            text = destination_texts[keys] = ";".join(map(str, keys))
-        destinations.append(text)
+    named: list[str] = []
+    for event, _ in unique:
         user = event.user_id
-        if len(keys) == 1:
-            partitions.append(str(partition_of(keys[0], user, ordering_partitions)))
-        else:
-            partitions.append(";".join(
-                str(partition_of(key, user, ordering_partitions)) for key in keys))
-        if event.filtered_keys:
-            index = sets.get(event.filtered_keys)
-            if index is None:
-                index = sets[event.filtered_keys] = str(len(sets) + 1)
-            filtered_events.append(str(position))
-            filtered_sets.append(index)
-    notify = ",".join(map(str, sorted({d for keys in destination_texts for d in keys})))
+        text = partition_texts.get(user)
+        if text is None:
+            text = partition_texts[user] = str(partition_of(user, ordering_partitions))
+        partitions.append(text)
+        named.append(";".join(map(str, event.destinations)) if event.destinations else "")
     params = {
         "message_ids": _joined([e.message_id for e, _ in unique]),
         "source_keys": ",".join([str(e.source_key) for e, _ in unique]),
         "tenant_keys": ",".join([str(e.tenant_key) for e, _ in unique]),
+        "partitions": ",".join(partitions),
         "user_ids": _joined([e.user_id for e, _ in unique]),
         "documents": _joined([e.document for e, _ in unique]),
-        "destinations": ",".join(destinations),
-        "partitions": ",".join(partitions),
-        "filtered_events": ",".join(filtered_events),
-        "filtered_sets": ",".join(filtered_sets),
-        "sets": "|".join(";".join(map(str, keys)) for keys in sets),
-        "notify": notify if len(notify) <= _NOTIFY_LIMIT else "*",
+        "destinations": ",".join(named),
+        "notify": ",".join(sorted(set(partition_texts.values()), key=int)),
     }
     await conn.execute(query("ingest.sql", "lock_generations"), {"lock": locks.DEDUP_GENERATIONS})
     cur = await conn.execute(query("ingest.sql", "store_events"), params)
     row = await cur.fetchone()
     assert row is not None
-    duplicates, job_ids = row[0], row[1]
+    duplicates, event_ids = row[0], row[1]
 
     for position in duplicates.split(",") if duplicates else ():
         unique[int(position) - 1][1].duplicate = True
-    ids = list(map(int, job_ids.split(","))) if job_ids else []
-    taken = 0
-    for event, stored in unique:
+    ids = iter(map(int, event_ids.split(","))) if event_ids else iter(())
+    for _, stored in unique:
         if not stored.duplicate:
-            count = len(event.destination_keys)
-            stored.job_ids = ids[taken:taken + count]
-            taken += count
+            stored.event_id = next(ids)
     return results
 
 

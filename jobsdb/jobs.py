@@ -1,21 +1,31 @@
 """Jobs as operators see and steer them: list, get, peek, retry, abort, stats.
 
-Selections come as a `Selection`: a SQL condition on `jobs j` built from fixed fragments with
-positional parameters (jobsdb.filters compiles operators' filters to one; `by_ids` makes one
-from job ids). `scope` is None for the operator or the tenant_key of a tenant-scoped caller.
-Retry and abort are compare-and-set updates, safe while routers run; see sql/jobs.sql.
+A job is an (event, destination) pair, and most have no row: sql/jobs.sql `view` derives every
+job's state from the rows there are and the cursors. Selections come as a `Selection`: a SQL
+condition on the job `j` built from fixed fragments with positional parameters (jobsdb.filters
+compiles operators' filters to one; `by_ids` makes one from job ids), with the states it can
+match, so a selection of failed or waiting jobs reads only rows. `scope` is None for the
+operator or the tenant_key of a tenant-scoped caller. Retry and abort are compare-and-set
+updates (and inserts, for jobs without a row), safe while routers run; see sql/jobs.sql.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import json
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, LiteralString
 
+import orjson
 from psycopg import AsyncConnection, sql
 from psycopg.rows import class_row
 
+from filterlang.errors import FilterError
+from filterlang.events import compile_event_filter
+from jobsdb import subscriptions
 from jobsdb.errors import NotFound
+from jobsdb.keyspace import SLOT_BITS, event_of, slot_of
 from jobsdb.sqlfile import query
 
 Conn = AsyncConnection[Any]
@@ -24,18 +34,30 @@ Conn = AsyncConnection[Any]
 JOBS_CHANNEL = "relayq_jobs"
 REORDER_CHANNEL = "relayq_reorder"
 
+# A listing reads the log in windows of event ids, the first small (a page of a busy
+# destination fills in it), each next one twice as large up to a cap, and at most so many
+# event ids for one page (then it answers what it found, with a token to go on from there).
+_FIRST_WINDOW = 1_000
+_LARGEST_WINDOW = 64_000
+_MOST_PER_PAGE = 500_000
+
 
 @dataclass(frozen=True, slots=True)
 class Selection:
     where: sql.Composable
     params: tuple[Any, ...]
+    # The states it can match (a filter on state narrows them).
+    states: frozenset[str] = subscriptions.STATES
+    # Only these jobs (by_ids).
+    job_ids: tuple[int, ...] | None = None
 
 
 EVERYTHING = Selection(sql.SQL("true"), ())
 
 
 def by_ids(job_ids: list[int]) -> Selection:
-    return Selection(sql.SQL("j.job_id = ANY(%s::bigint[])"), (job_ids,))
+    return Selection(sql.SQL("j.job_id = ANY(%s::bigint[])"), (job_ids,),
+                     job_ids=tuple(job_ids))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,39 +144,200 @@ class Change:
         return len(self.job_ids)
 
 
-def _with_where(name: str, selection: Selection) -> sql.Composed:
-    return sql.SQL(query("jobs.sql", name)).format(where=selection.where)
+@dataclass(slots=True)
+class _View:
+    """The job view (sql/jobs.sql `view`) for one query, and its parameters."""
+
+    composed: sql.Composable
+    params: list[Any] = field(default_factory=list)
+
+
+async def _view(conn: Conn, selection: Selection, *, after_job: int = 0,
+                upto_event: int | None = None) -> _View:
+    """The view narrowed to what `selection` can match: rows only when it wants no pending
+    or succeeded job; by ids, the log only at their events; else, with `upto_event`, the log
+    only in (after_job's event, upto_event)."""
+    params: list[Any] = []
+    if selection.job_ids is not None:
+        rows = sql.SQL("r.job_id = ANY(%s::bigint[])")
+        params.append(list(selection.job_ids))
+    elif upto_event is not None:
+        rows = sql.SQL("r.job_id > %s AND r.job_id < %s")
+        params.extend((after_job, upto_event << SLOT_BITS))
+    else:
+        rows = sql.SQL("true")
+    if not selection.states & subscriptions.LOG_STATES:
+        log = sql.SQL("false")
+    elif selection.job_ids is not None:
+        log = sql.SQL("e.event_id = ANY(%s::bigint[])")
+        params.append(sorted({event_of(j) for j in selection.job_ids}))
+    elif upto_event is not None:
+        log = sql.SQL("e.event_id >= %s AND e.event_id < %s")
+        params.extend((event_of(after_job), upto_event))
+    else:
+        log = sql.SQL("true")
+    cur = await conn.execute(query("jobs.sql", "subscriptions"))
+    subscribed_params: list[Any] = []
+    subscribed = subscriptions.condition(await cur.fetchall(), subscribed_params)
+    composed = sql.SQL(query("jobs.sql", "view")).format(rows=rows, log=log,
+                                                         subscribed=subscribed)
+    return _View(composed, [*params, *subscribed_params])
+
+
+def _with(name: LiteralString, **slots: sql.Composable) -> sql.Composed:
+    return sql.SQL(query("jobs.sql", name)).format(**slots)
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    rows: list[JobRow]
+    # Where the next page goes on from (after this job id); None: there is no more.
+    more_after: int | None
 
 
 async def list_jobs(conn: Conn, selection: Selection, scope: int | None, *, after: int,
-                    limit: int, include_payload: bool) -> list[JobRow]:
-    params = (include_payload, after, scope, scope, *selection.params, limit)
-    cur = await conn.execute(_with_where("list", selection), params)
-    return [JobRow(*row) for row in await cur.fetchall()]
+                    limit: int, include_payload: bool) -> JobPage:
+    """Jobs after job id `after`, in job order. Jobs that have rows come from their index;
+    the log is read in windows of event ids, as many as it takes to fill the page, up to a
+    bound: a page may then hold fewer than `limit`, and the next goes on from where it
+    stopped."""
+    rows_only = not selection.states & subscriptions.LOG_STATES
+    if rows_only or selection.job_ids is not None:
+        rows = await _list_window(conn, selection, scope, after=after, upto_event=None,
+                                  limit=limit, include_payload=include_payload)
+        return JobPage(rows, rows[-1].job_id if len(rows) == limit else None)
+    cur = await conn.execute(query("jobs.sql", "log_head"))
+    head = int((await cur.fetchone() or [0])[0])
+    found: list[JobRow] = []
+    start = first = event_of(after)
+    window = _FIRST_WINDOW
+    while start <= head and start - first < _MOST_PER_PAGE:
+        upto = start + window
+        found += await _list_window(conn, selection, scope, after=after, upto_event=upto,
+                                    limit=limit - len(found), include_payload=include_payload)
+        if len(found) >= limit:
+            return JobPage(found, found[-1].job_id)
+        after = (upto << SLOT_BITS) - 1
+        start = upto
+        window = min(window * 2, _LARGEST_WINDOW)
+    return JobPage(found, after if start <= head else None)
+
+
+async def _list_window(conn: Conn, selection: Selection, scope: int | None, *, after: int,
+                       upto_event: int | None, limit: int, include_payload: bool
+                       ) -> list[JobRow]:
+    view = await _view(conn, selection, after_job=after, upto_event=upto_event)
+    params = (include_payload, *view.params, after, scope, scope, *selection.params, limit)
+    cur = conn.cursor(row_factory=class_row(JobRow))
+    await cur.execute(_with("list", view=view.composed, where=selection.where), params,
+                      prepare=False)
+    return await cur.fetchall()
 
 
 async def get_job(conn: Conn, job_id: int, scope: int | None) -> tuple[JobRow, list[StatusRow]]:
-    cur = await conn.execute(query("jobs.sql", "get"), {"job_id": job_id, "scope": scope})
+    """One job with every attempt and operator action: a job with a row has its history in
+    job_statuses; a job delivered from the log has its delivery's record (deliveries)."""
+    cur = conn.cursor(row_factory=class_row(JobRow))
+    await cur.execute(query("jobs.sql", "get_row"), {"job_id": job_id, "scope": scope})
     row = await cur.fetchone()
-    if row is None:
+    history = await _history(conn, job_id)
+    delivered = await _deliveries(conn, job_id)
+    if row is not None:
+        # Its first attempt may have gone well from the log before an operator replayed it.
+        return row, sorted([*delivered, *history], key=lambda s: s.started_at)
+    logged = await _logged_job(conn, job_id, scope)
+    if logged is None:
         raise NotFound(f"job {job_id} not found")
-    cur = await conn.execute(query("jobs.sql", "history"), {"job_id": job_id})
-    return JobRow(*row), [StatusRow(*r) for r in await cur.fetchall()]
+    derived, event_id = logged
+    if delivered:
+        first = delivered[0]
+        derived = dataclasses.replace(derived, state="succeeded", attempts=1,
+                           first_attempt_at=first.started_at, updated_at=first.started_at)
+    elif derived.state == "succeeded":
+        # Below the cursor with no delivery on record: a filter took it out then.
+        raise NotFound(f"job {job_id} not found (event {event_id} was not delivered to that"
+                       " destination: its connection's filter or the destinations it named"
+                       " kept it out)")
+    return derived, [*history, *delivered]
+
+
+async def _logged_job(conn: Conn, job_id: int, scope: int | None
+                      ) -> tuple[JobRow, int] | None:
+    cur = await conn.execute(query("jobs.sql", "get_event_job"),
+                             {"event_id": event_of(job_id), "slot": slot_of(job_id),
+                              "scope": scope})
+    found = await cur.fetchone()
+    if found is None:
+        return None
+    (event_id, created_at, user_id, message_id, named, document, _, _, destination_key,
+     enabled, event_filter, cursor, tenant_id, source_id, destination_id) = found
+    if named is not None and destination_key not in named:
+        return None
+    pending = event_id > cursor
+    if pending and (not enabled or not _takes(event_filter, document)):
+        return None
+    row = JobRow(job_id, tenant_id, source_id, destination_id, user_id, message_id,
+                 "pending" if pending else "succeeded", 0 if pending else 1, None, None, None,
+                 created_at, created_at, None, document)
+    return row, event_id
+
+
+def _takes(event_filter: str | None, document: str) -> bool:
+    if not event_filter:
+        return True
+    try:
+        compiled = compile_event_filter(event_filter)
+    except FilterError:
+        return False
+    if compiled is None:
+        return True
+    try:
+        parsed = orjson.loads(document)
+    except orjson.JSONDecodeError:  # numbers beyond a double: as the routers read it
+        parsed = json.loads(document)
+    return compiled.matches(parsed)
+
+
+async def _history(conn: Conn, job_id: int) -> list[StatusRow]:
+    cur = conn.cursor(row_factory=class_row(StatusRow))
+    await cur.execute(query("jobs.sql", "history"), {"job_id": job_id})
+    return await cur.fetchall()
+
+
+async def _deliveries(conn: Conn, job_id: int) -> list[StatusRow]:
+    """A job's deliveries from the log, as history entries (its first attempt, or the
+    repeats of one delivered again after a crash)."""
+    cur = await conn.execute(query("jobs.sql", "delivered"),
+                             {"event_id": event_of(job_id), "slot": slot_of(job_id)})
+    return [StatusRow(1, "succeeded", None, status, started_at, duration_ms, None, actor,
+                      None, batch)
+            for _, actor, started_at, duration_ms, status, batch in await cur.fetchall()]
 
 
 async def peek(conn: Conn, destination_key: int, limit: int) -> list[PeekedRow]:
-    cur = await conn.execute(query("jobs.sql", "peek"),
-                             {"destination_key": destination_key, "limit": limit})
+    cur = await conn.execute(
+        "SELECT array_agg(source_key) FROM connections WHERE destination_key = %s AND enabled",
+        (destination_key,))
+    sources = (await cur.fetchone() or [None])[0] or []
+    cur = await conn.execute(query("jobs.sql", "subscriptions"))
+    subscribed_params: list[Any] = []
+    subscribed = subscriptions.condition(
+        [c for c in await cur.fetchall() if c[1] == destination_key], subscribed_params)
+    params = (destination_key, limit, destination_key, sources, destination_key, limit,
+              destination_key, *subscribed_params, limit)
+    cur = await conn.execute(_with("peek", subscribed=subscribed), params, prepare=False)
     return [PeekedRow(JobRow(*row[:-1]), row[-1]) for row in await cur.fetchall()]
 
 
 async def retry(conn: Conn, selection: Selection, scope: int | None, *, actor: str,
                 reason: str, replay: bool = False, apply: bool = True) -> Change:
     """Retry now (with `replay`, succeeded jobs too); with `apply` false, only count. Wakes
-    the routers and makes them re-read what they hold of the affected destinations (an
-    aborted or replayed job coming back goes in front of newer jobs of its user)."""
-    change = await _change(conn, "retry", selection,
-                           (scope, scope, *selection.params, replay, apply, actor, reason))
+    the routers and makes them learn again who waits behind which row (an aborted or
+    replayed job coming back goes in front of newer jobs of its user)."""
+    view = await _view(conn, selection)
+    change = await _change(conn, "retry", view, selection,
+                           (scope, scope, *selection.params, replay, replay, apply, apply,
+                            actor, reason))
     await _notify(conn, REORDER_CHANNEL, change.destination_keys)
     await _notify(conn, JOBS_CHANNEL, change.destination_keys)
     return change
@@ -164,18 +347,21 @@ async def abort(conn: Conn, selection: Selection, scope: int | None, *, actor: s
                 reason: str, apply: bool = True) -> Change:
     """Abort (with `apply` false, only count), then release what waited behind the aborted
     jobs (a separate statement on purpose: see `abort` in sql/jobs.sql), and wake the
-    routers."""
-    change = await _change(conn, "abort", selection,
-                           (scope, scope, *selection.params, apply, actor, reason))
+    routers, which learn which jobs they have not read yet are aborted."""
+    view = await _view(conn, selection)
+    change = await _change(conn, "abort", view, selection,
+                           (scope, scope, *selection.params, apply, apply, actor, reason))
     if change.job_ids:
         await conn.execute(query("queue.sql", "release"), {"job_ids": change.job_ids})
+    await _notify(conn, REORDER_CHANNEL, change.destination_keys)
     await _notify(conn, JOBS_CHANNEL, change.destination_keys)
     return change
 
 
-async def _change(conn: Conn, name: LiteralString, selection: Selection,
+async def _change(conn: Conn, name: LiteralString, view: _View, selection: Selection,
                   params: tuple[Any, ...]) -> Change:
-    cur = await conn.execute(_with_where(name, selection), params)
+    cur = await conn.execute(_with(name, view=view.composed, where=selection.where),
+                             (*view.params, *params), prepare=False)
     row = await cur.fetchone()
     assert row is not None
     return Change(matched=int(row[0]), job_ids=row[1], destination_keys=row[2])
@@ -191,9 +377,16 @@ async def _notify(conn: Conn, channel: str, destination_keys: str) -> None:
 
 async def stats(conn: Conn, *, tenant_key: int | None, destination_key: int | None
                 ) -> list[DestinationStatsRow]:
-    cur = await conn.execute(query("jobs.sql", "stats"),
-                             {"tenant_key": tenant_key, "destination_key": destination_key})
-    return [DestinationStatsRow(*row) for row in await cur.fetchall()]
+    cur = await conn.execute(query("jobs.sql", "subscriptions"))
+    subscribed_params: list[Any] = []
+    subscribed = subscriptions.condition(await cur.fetchall(), subscribed_params)
+    scope = (destination_key, destination_key, tenant_key, tenant_key)
+    cur = conn.cursor(row_factory=class_row(DestinationStatsRow))
+    # Never prepared (as every query here over the log): a generic plan cannot know which
+    # of its `x IS NULL OR` conditions hold, and reads the whole log to be safe.
+    await cur.execute(_with("stats", subscribed=subscribed),
+                      (*scope, *subscribed_params, *scope), prepare=False)
+    return await cur.fetchall()
 
 
 async def connection_stats(conn: Conn, *, tenant_key: int | None, destination_key: int | None

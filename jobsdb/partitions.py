@@ -1,12 +1,14 @@
-"""Job-id range partitions of `jobs` and `job_statuses`: created ahead, dropped when finished,
-compacted when a few unfinished jobs would otherwise keep a million finished ones.
+"""Range partitions of the event log and what goes with it: created ahead, dropped when every
+cursor has passed them and the retention has elapsed, compacted when a few unfinished jobs
+would otherwise keep a million settled events.
 
-Partition n of either table holds job ids [n * size, (n + 1) * size). New partitions are built
-as plain tables and then ATTACHed, which takes only a SHARE UPDATE EXCLUSIVE lock on the parent,
-so creating one never blocks ingest or delivery. Finished partitions are DETACHed CONCURRENTLY
-and dropped: space comes back at once, with no DELETE and no vacuum debt. A partition that
-keeps a few unfinished jobs is rewritten with only them (TRUNCATE and write back), for the
-same reason.
+Partition n of `events` and `deliveries` holds event ids [n * size, (n + 1) * size); partition
+n of `jobs` and `job_statuses` holds the job ids of those events (event_id << 16 | slot), so
+the four go together. New partitions are built as plain tables and then ATTACHed, which takes
+only a SHARE UPDATE EXCLUSIVE lock on the parent, so creating one never blocks ingest or
+delivery. Settled partitions are DETACHed CONCURRENTLY and dropped: space comes back at once,
+with no DELETE and no vacuum debt. A partition that keeps a few unfinished jobs is rewritten
+with only them and their events (TRUNCATE and write back), for the same reason.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import psycopg
 from psycopg import AsyncConnection, sql
 
 from jobsdb import locks
+from jobsdb.keyspace import SLOT_BITS
 from jobsdb.sqlfile import query
 
 log = logging.getLogger(__name__)
 
-TABLES = ("jobs", "job_statuses")
+# Each table's partition key, as a shift of the event id: job ids are event ids << 16.
+SHIFTS = {"events": 0, "deliveries": 0, "jobs": SLOT_BITS, "job_statuses": SLOT_BITS}
+TABLES = tuple(SHIFTS)
 # Partitions kept ready beyond the one the sequence is in.
 AHEAD = 2
 # A compaction given up on after reading its partition is not tried again before this.
@@ -36,7 +41,8 @@ RETRY_COMPACTION = timedelta(minutes=10)
 @dataclass(frozen=True)
 class Settings:
     ordering_partitions: int
-    job_partition_size: int
+    # Event ids per partition.
+    event_partition_size: int
 
 
 async def settings(conn: AsyncConnection[Any]) -> Settings:
@@ -44,7 +50,7 @@ async def settings(conn: AsyncConnection[Any]) -> Settings:
     values = dict(await cur.fetchall())
     return Settings(
         ordering_partitions=int(values["ordering_partitions"]),
-        job_partition_size=int(values["job_partition_size"]),
+        event_partition_size=int(values["event_partition_size"]),
     )
 
 
@@ -52,8 +58,9 @@ def partition_name(table: str, number: int) -> str:
     return f"{table}_p{number:08d}"
 
 
-async def ensure(conn: AsyncConnection[Any], *, upto_job_id: int | None = None) -> list[str]:
-    """Create any missing partition from the sequence's position (or upto_job_id) to AHEAD beyond.
+async def ensure(conn: AsyncConnection[Any], *, upto_event_id: int | None = None) -> list[str]:
+    """Create any missing partition from the sequence's position (or upto_event_id) to AHEAD
+    beyond.
 
     Runs its own transaction on `conn` (which must not be in one) and returns the tables made.
     """
@@ -61,13 +68,13 @@ async def ensure(conn: AsyncConnection[Any], *, upto_job_id: int | None = None) 
     async with conn.transaction():
         await conn.execute("SET LOCAL lock_timeout = '5s'")
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (locks.PARTITIONS,))
-        size = (await settings(conn)).job_partition_size
+        size = (await settings(conn)).event_partition_size
         cur = await conn.execute(query("partitions.sql", "sequence_position"))
         row = await cur.fetchone()
-        position = max(int(row[0]) if row else 0, upto_job_id or 0)
+        position = max(int(row[0]) if row else 0, upto_event_id or 0)
         wanted = range(position // size, position // size + AHEAD + 1)
         for table in TABLES:
-            have = {lower // size for _, lower in await _existing(conn, table)}
+            have = {_number(table, lower, size) for _, lower in await _existing(conn, table)}
             for number in wanted:
                 if number not in have:
                     await _create(conn, table, number, size)
@@ -96,8 +103,9 @@ async def sweep(
     conn: AsyncConnection[Any], *, retention: timedelta, compact_below: int,
     keep_newest: int = AHEAD + 1,
 ) -> Swept:
-    """Drop old partitions whose jobs all finished and stayed unchanged for `retention`;
-    compact old ones that kept fewer than `compact_below` unfinished jobs for as long (0: never).
+    """Drop old partitions that every cursor has passed, whose jobs all finished, and in which
+    nothing changed for `retention`; compact old ones that kept fewer than `compact_below`
+    unfinished jobs for as long (0: never).
 
     The newest `keep_newest` partitions are left alone. What each round saw is kept in
     job_partitions (migration 0005 says why), so a partition is scanned when it is first seen
@@ -106,63 +114,108 @@ async def sweep(
     """
     if not conn.autocommit:
         raise ValueError("sweep needs an autocommit connection")
-    size = (await settings(conn)).job_partition_size
+    size = (await settings(conn)).event_partition_size
     cur = await conn.execute(query("partitions.sql", "sequence_position"))
     row = await cur.fetchone()
     current = (int(row[0]) if row else 0) // size
+    await conn.execute(query("partitions.sql", "forget_cursors"))
+    cur = await conn.execute(query("partitions.sql", "cursors_passed"))
+    row = await cur.fetchone()
+    passed = int(row[0]) if row and row[0] is not None else -1
     cur = await conn.execute(query("partitions.sql", "watched"))
     watched = {r[0]: Watch(*r[1:]) for r in await cur.fetchall()}
     now = await _now(conn)
     swept = Swept()
     gone: list[int] = []
     tried_compaction = False
-    for name, lower in await _existing(conn, "jobs"):
+    for _, lower in await _existing(conn, "events"):
         number = lower // size
         if number > current - keep_newest:
             continue
         seen = watched.pop(number, Watch())
-        unfinished = await _unfinished(conn, name, cap=max(compact_below, 1))
-        if unfinished == 0:
-            finished_at = seen.finished_at
-            if finished_at is None or finished_at < now - retention:
-                # First seen finished, or due: when did it last change? (Again when due: an
-                # operator may have retried a job since, which has finished again.)
-                finished_at = await _last_change(conn, name)
-            if finished_at is None or finished_at < now - retention:
-                for table in TABLES:
-                    await _drop(conn, table, partition_name(table, number))
-                    swept.dropped.append(partition_name(table, number))
-                gone.append(number)
-                continue
-            watch = Watch(finished_at=finished_at)
-        elif unfinished < compact_below:
-            sparse_at = seen.sparse_at or now
-            watch = Watch(sparse_at=sparse_at, compact_after=seen.compact_after)
-            due = sparse_at < now - retention and (seen.compact_after is None
-                                                   or seen.compact_after <= now)
-            # One attempt a round: each holds off every router's writes for a read of a
-            # partition, and those should not come back to back.
-            if due and not tried_compaction:
-                outcome = await compact(conn, number, retention=retention)
-                tried_compaction = outcome is not Compaction.IN_USE
-                if outcome is Compaction.DONE:
-                    swept.compacted.append(name)
-                if outcome in (Compaction.DONE, Compaction.NOTHING_TO_REMOVE):
-                    # Anything finishing from now on is removable a retention period later.
-                    watch = Watch(sparse_at=now)
-                elif outcome is Compaction.GAVE_UP:
-                    watch = Watch(sparse_at=sparse_at, compact_after=now + RETRY_COMPACTION)
+        names = _names(number)
+        if passed < (number + 1) * size - 1:
+            watch = Watch()  # a cursor has not read all of it yet: nothing to decide
         else:
-            watch = Watch()
+            unfinished = await _unfinished(conn, names, cap=max(compact_below, 1))
+            if unfinished == 0:
+                finished_at = seen.finished_at
+                if finished_at is None or finished_at < now - retention:
+                    # First seen finished, or due: when did it last change? (Again when due:
+                    # an operator may have retried a job since, which has finished again.)
+                    finished_at = await _last_change(conn, names)
+                if finished_at is None or finished_at < now - retention:
+                    for table in TABLES:
+                        await _drop(conn, table, partition_name(table, number))
+                        swept.dropped.append(partition_name(table, number))
+                    gone.append(number)
+                    continue
+                watch = Watch(finished_at=finished_at)
+            elif unfinished < compact_below:
+                sparse_at = seen.sparse_at or now
+                watch = Watch(sparse_at=sparse_at, compact_after=seen.compact_after)
+                due = sparse_at < now - retention and (seen.compact_after is None
+                                                       or seen.compact_after <= now)
+                # One attempt a round: each holds off every router's writes for a read of a
+                # partition, and those should not come back to back.
+                if due and not tried_compaction:
+                    outcome = await compact(conn, number, retention=retention)
+                    tried_compaction = outcome is not Compaction.IN_USE
+                    if outcome is Compaction.DONE:
+                        swept.compacted.append(partition_name("events", number))
+                    if outcome in (Compaction.DONE, Compaction.NOTHING_TO_REMOVE):
+                        # Anything finishing from now on is removable a retention period later.
+                        watch = Watch(sparse_at=now)
+                    elif outcome is Compaction.GAVE_UP:
+                        watch = Watch(sparse_at=sparse_at,
+                                      compact_after=now + RETRY_COMPACTION)
+            else:
+                watch = Watch()
         if watch != seen:
             await conn.execute(query("partitions.sql", "watch"),
                                {"number": number, **asdict(watch)})
     gone.extend(watched)  # notes on partitions that no longer exist
     if gone:
         await conn.execute(query("partitions.sql", "unwatch"), {"numbers": gone})
+    swept.dropped.extend(await _drop_legacy(conn, now - retention))
     for name in swept.dropped:
         log.info("dropped finished partition %s", name)
     return swept
+
+
+def _names(number: int) -> dict[str, sql.Identifier]:
+    """The partitions of one number, as query placeholders name them."""
+    return {"events": sql.Identifier(partition_name("events", number)),
+            "deliveries": sql.Identifier(partition_name("deliveries", number)),
+            "jobs": sql.Identifier(partition_name("jobs", number)),
+            "statuses": sql.Identifier(partition_name("job_statuses", number))}
+
+
+async def _drop_legacy(conn: AsyncConnection[Any], before: datetime) -> list[str]:
+    """Partitions of the job tables from before the event log (kept by migration 0012 for
+    reference) in which nothing changed since `before`; the tables once they are empty."""
+    cur = await conn.execute(query("partitions.sql", "legacy_exists"))
+    row = await cur.fetchone()
+    if not row or not row[0]:
+        return []
+    dropped: list[str] = []
+    remaining = 0
+    for name, _ in await _existing(conn, "jobs_v1"):
+        cur = await conn.execute(sql.SQL(query("partitions.sql", "legacy_last_change")).format(
+            partition=sql.Identifier(name)))
+        row = await cur.fetchone()
+        last = row[0] if row else None
+        if last is not None and last >= before:
+            remaining += 1
+            continue
+        statuses = name.replace("jobs_v1_", "job_statuses_v1_", 1)
+        for parent, child in (("jobs_v1", name), ("job_statuses_v1", statuses)):
+            await _drop(conn, parent, child)
+            dropped.append(child)
+    if not remaining:
+        await conn.execute(query("partitions.sql", "legacy_drop"))
+        dropped.append("jobs_v1")
+    return dropped
 
 
 class Compaction(enum.Enum):
@@ -174,8 +227,9 @@ class Compaction(enum.Enum):
 
 async def compact(conn: AsyncConnection[Any], number: int, *, retention: timedelta,
                   lock_timeout_ms: int = 500) -> Compaction:
-    """Rewrite partition `number` of both tables with only its unfinished jobs and the jobs
-    that changed within `retention`, with their history.
+    """Rewrite partition group `number` with only its unfinished jobs and the jobs that
+    changed within `retention`, with their history and their events, and the events and
+    deliveries of the retention period.
 
     What stays is read under an EXCLUSIVE lock, which lets readers (routers' pickups) go on
     and holds off writers: every router's outcome writes wait for one read of the partition
@@ -188,41 +242,39 @@ async def compact(conn: AsyncConnection[Any], number: int, *, retention: timedel
     a long query never makes every other session queue behind this one; a compaction given
     up on after its read is not tried again for RETRY_COMPACTION.
     """
-    jobs_name, statuses_name = (partition_name(table, number) for table in TABLES)
-    names = {"jobs": sql.Identifier(jobs_name), "statuses": sql.Identifier(statuses_name)}
-    cur = await conn.execute(query("partitions.sql", "held_long"),
-                             {"relations": [jobs_name, statuses_name]})
+    names = _names(number)
+    relations = [partition_name(table, number) for table in TABLES]
+    cur = await conn.execute(query("partitions.sql", "held_long"), {"relations": relations})
     row = await cur.fetchone()
     if row and row[0]:
-        log.info("compacting %s waits: a long transaction holds it", jobs_name)
+        log.info("compacting partition %d waits: a long transaction holds it", number)
         return Compaction.IN_USE
     cur = await conn.execute(
-        sql.SQL(query("partitions.sql", "removable_exists")).format(partition=names["jobs"]),
+        sql.SQL(query("partitions.sql", "removable_exists")).format(**names),
         {"retention": retention})
     row = await cur.fetchone()
     if not row or not row[0]:
         return Compaction.NOTHING_TO_REMOVE
     started = time.perf_counter()
+    locked = sql.SQL(", ").join(names.values())
     try:
         async with conn.transaction():
             await _lock_timeout(conn, lock_timeout_ms)
-            await conn.execute(sql.SQL("LOCK TABLE {jobs}, {statuses} IN EXCLUSIVE MODE")
-                               .format(**names))
-            await conn.execute(sql.SQL(query("partitions.sql", "compact_keep")).format(**names),
-                               {"retention": retention})
-            await conn.execute(
-                sql.SQL(query("partitions.sql", "compact_keep_statuses")).format(**names))
+            await conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(locked))
+            for step in ("compact_keep", "compact_keep_statuses", "compact_keep_events",
+                         "compact_keep_deliveries"):
+                await conn.execute(sql.SQL(query("partitions.sql", step)).format(**names),
+                                   {"retention": retention})
             cur = await conn.execute("SELECT count(*) FROM compact_jobs")
             kept = (await cur.fetchone() or [0])[0]
             # Waiting for this one holds up new readers too: shorter.
             await _lock_timeout(conn, min(lock_timeout_ms, 200))
-            await conn.execute(sql.SQL("LOCK TABLE {jobs}, {statuses} IN ACCESS EXCLUSIVE MODE")
-                               .format(**names))
+            await conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(locked))
             await conn.execute(sql.SQL(query("partitions.sql", "compact_rewrite")).format(**names))
     except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
-        log.warning("compacting %s given up on for now: %s", jobs_name, exc)
+        log.warning("compacting partition %d given up on for now: %s", number, exc)
         return Compaction.GAVE_UP
-    log.info("compacted partition %s", jobs_name,
+    log.info("compacted partition %d", number,
              extra={"kept": kept, "seconds": round(time.perf_counter() - started, 3)})
     return Compaction.DONE
 
@@ -231,17 +283,17 @@ async def _lock_timeout(conn: AsyncConnection[Any], ms: int) -> None:
     await conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{ms}ms")))
 
 
-async def _unfinished(conn: AsyncConnection[Any], name: str, *, cap: int) -> int:
+async def _unfinished(conn: AsyncConnection[Any], names: dict[str, sql.Identifier], *,
+                      cap: int) -> int:
     cur = await conn.execute(
-        sql.SQL(query("partitions.sql", "unfinished_count")).format(
-            partition=sql.Identifier(name)), {"cap": cap})
+        sql.SQL(query("partitions.sql", "unfinished_count")).format(**names), {"cap": cap})
     row = await cur.fetchone()
     return int(row[0]) if row else 0
 
 
-async def _last_change(conn: AsyncConnection[Any], name: str) -> datetime | None:
-    cur = await conn.execute(
-        sql.SQL(query("partitions.sql", "last_change")).format(partition=sql.Identifier(name)))
+async def _last_change(conn: AsyncConnection[Any], names: dict[str, sql.Identifier]
+                       ) -> datetime | None:
+    cur = await conn.execute(sql.SQL(query("partitions.sql", "last_change")).format(**names))
     row = await cur.fetchone()
     return row[0] if row else None
 
@@ -278,16 +330,27 @@ async def _existing(conn: AsyncConnection[Any], table: str) -> list[tuple[str, i
     return [(name, int(lower)) for name, lower in await cur.fetchall()]
 
 
+def _number(table: str, lower: int, size: int) -> int:
+    return (lower >> SHIFTS[table]) // size
+
+
+# Each table's partition key column.
+_KEYS = {"events": "event_id", "deliveries": "first_event_id", "jobs": "job_id",
+         "job_statuses": "job_id"}
+# Autovacuum per table: job rows are updated once or twice each, vacuumed a little sooner
+# than the default; the others are only ever inserted, vacuumed only for visibility maps.
+_STORAGE = {
+    "jobs": "autovacuum_vacuum_scale_factor = 0.05, autovacuum_analyze_scale_factor = 0.02",
+}
+_INSERT_ONLY = "autovacuum_vacuum_insert_scale_factor = 0.5"
+
+
 async def _create(conn: AsyncConnection[Any], table: str, number: int, size: int) -> None:
     name = sql.Identifier(partition_name(table, number))
-    lower, upper = sql.Literal(number * size), sql.Literal((number + 1) * size)
-    # jobs rows are updated once or twice each; status rows are only ever inserted. Vacuum
-    # the first a little sooner than the default, and the second only for visibility maps.
-    storage = (
-        sql.SQL("autovacuum_vacuum_scale_factor = 0.05, autovacuum_analyze_scale_factor = 0.02")
-        if table == "jobs"
-        else sql.SQL("autovacuum_vacuum_insert_scale_factor = 0.5")
-    )
+    shift = SHIFTS[table]
+    lower = sql.Literal((number * size) << shift)
+    upper = sql.Literal(((number + 1) * size) << shift)
+    storage = sql.SQL(_STORAGE.get(table, _INSERT_ONLY))
     await conn.execute(
         sql.SQL(
             "CREATE TABLE {name} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS) "
@@ -295,11 +358,12 @@ async def _create(conn: AsyncConnection[Any], table: str, number: int, size: int
         ).format(name=name, parent=sql.Identifier(table), storage=storage)
     )
     # The CHECK lets ATTACH skip its validation scan; the partition bound replaces it.
+    check = sql.Identifier(f"{partition_name(table, number)}_range")
     await conn.execute(
         sql.SQL(
             "ALTER TABLE {name} ADD CONSTRAINT {check} "
-            "CHECK (job_id IS NOT NULL AND job_id >= {lower} AND job_id < {upper})"
-        ).format(name=name, check=sql.Identifier(f"{partition_name(table, number)}_range"),
+            "CHECK ({key} IS NOT NULL AND {key} >= {lower} AND {key} < {upper})"
+        ).format(name=name, check=check, key=sql.Identifier(_KEYS[table]),
                  lower=lower, upper=upper)
     )
     await conn.execute(
@@ -308,8 +372,7 @@ async def _create(conn: AsyncConnection[Any], table: str, number: int, size: int
         ).format(parent=sql.Identifier(table), name=name, lower=lower, upper=upper)
     )
     await conn.execute(
-        sql.SQL("ALTER TABLE {name} DROP CONSTRAINT {check}").format(
-            name=name, check=sql.Identifier(f"{partition_name(table, number)}_range"))
+        sql.SQL("ALTER TABLE {name} DROP CONSTRAINT {check}").format(name=name, check=check)
     )
 
 

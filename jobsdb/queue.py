@@ -150,12 +150,12 @@ async def record_outcomes(
             "job_ids": [o.job_id for o in rest],
             "attempts": [o.attempt for o in rest],
             "states": [o.state for o in rest],
-            "error_codes": [_storable(o.error_code) for o in rest],
-            "responses": [_storable(_trim(o.response)) for o in rest],
+            "error_codes": [storable(o.error_code) for o in rest],
+            "responses": [storable(trimmed(o.response)) for o in rest],
             "started_at": [o.started_at for o in rest],
             "durations_ms": [o.duration_ms for o in rest],
             "retry_at": [o.retry_at for o in rest],
-            "reasons": [_storable(o.reason) for o in rest],
+            "reasons": [storable(o.reason) for o in rest],
             "batches": [o.batch for o in rest],
             "actor": actor,
             "owner": owner,
@@ -199,7 +199,7 @@ async def release_orphans(
     return {int(row[0]) for row in await cur.fetchall()}
 
 
-def _storable(text: str | None) -> str | None:
+def storable(text: str | None) -> str | None:
     """Text as Postgres can store it. A destination's answer may hold NUL characters (a
     binary body, an error string from a gRPC sink), which text columns refuse; one of them
     would fail the whole batch of outcomes on every retry and stop the router recording."""
@@ -208,10 +208,20 @@ def _storable(text: str | None) -> str | None:
     return text.replace("\x00", "\ufffd")
 
 
-def _trim(response: str | None) -> str | None:
+def trimmed(response: str | None) -> str | None:
     if response is None or len(response) <= RESPONSE_LIMIT:
         return response
     return response[:RESPONSE_LIMIT] + f"... [{len(response) - RESPONSE_LIMIT} more characters]"
+
+
+async def roots(conn: AsyncConnection[Any], pairs: Iterable[tuple[int, str]]
+                ) -> dict[tuple[int, str], int]:
+    """(destination, user) -> the job the user's next events wait behind, for the pairs
+    that have an unfinished row; the others are free."""
+    pairs = list(pairs)
+    cur = await conn.execute(query("queue.sql", "roots"), {
+        "destination_keys": [d for d, _ in pairs], "user_ids": [u for _, u in pairs]})
+    return {(int(d), user): int(root) for d, user, root in await cur.fetchall()}
 
 
 async def destinations_with_pending(conn: AsyncConnection[Any]) -> set[int]:

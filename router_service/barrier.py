@@ -17,7 +17,14 @@ What it keeps:
   nothing is read twice.
 
 Postgres has the last word on order: a job read with a holder (`held_by`, the SQL barrier
-rule job_holder()) is parked behind it, never sent.
+rule job_holder()) is parked behind it, never sent. A job read from the event log (it has no
+row) whose user has an unfinished row at the destination is parked the same way.
+
+Jobs come two ways: rows (failed, released, retried: `admit`) and the event log (`admit`
+too, as candidates with what holds them). A job that leaves memory before its fate is
+recorded (`forget`) is read again later; for a logged job the lane learns of it through
+`on_forget`, since reading it again means reading its partition again from where the
+destination's jobs are all settled (router_service.tracks).
 """
 
 from __future__ import annotations
@@ -60,7 +67,9 @@ class Settlement:
 
 
 class Barrier:
-    def __init__(self) -> None:
+    def __init__(self, on_forget: Callable[[Job], None] = lambda job: None) -> None:
+        # Told of every logged job that leaves memory before its fate is recorded.
+        self._on_forget = on_forget
         # Read and not yet recorded: excluded from the next read.
         self.held: dict[int, Job] = {}
         self.held_by_partition: Counter[int] = Counter()
@@ -113,29 +122,41 @@ class Barrier:
             return admitted
         thawed = self._thawed_while_reading
         for candidate in candidates:
-            user = candidate.user_id
-            if user in thawed:
+            if candidate.user_id in thawed:
                 admitted.stale = True
                 continue
-            job = Job.from_candidate(candidate)
-            self.held[job.job_id] = job
-            self.held_by_partition[job.partition] += 1
-            jobs = self.keys.setdefault(user, [])
-            if candidate.held_by is not None:
-                # Something earlier of its user is failed or waiting in Postgres: park it
-                # there, behind that job, and freeze the user until it is written.
-                job.phase = Phase.WRITING
-                self.frozen[user] += 1
-                admitted.parks.append((job, candidate.held_by))
-                bisect.insort(jobs, job, key=_job_order)
-            elif jobs:
-                # Behind an earlier job of its user that we hold. Job order among the ones not
-                # sent yet (an operator's retry can bring an older job back).
-                bisect.insort(jobs, job, lo=1, key=_job_order)
-            else:
-                jobs.append(job)
-                self._make_ready(job)
+            self._take_in(Job.from_candidate(candidate), candidate.held_by, admitted)
         return admitted
+
+    def admit_logged(self, jobs: Iterable[tuple[Job, int | None]]) -> Admitted:
+        """Take in jobs read from the event log, in job order, each with the job its user
+        waits behind at this destination (None: nothing of theirs has an unfinished row)."""
+        admitted = Admitted()
+        for job, held_by in jobs:
+            if job.job_id in self.held:
+                continue  # read again while still held (an overlapping read)
+            self._take_in(job, held_by, admitted)
+        return admitted
+
+    def _take_in(self, job: Job, held_by: int | None, admitted: Admitted) -> None:
+        user = job.user_id
+        self.held[job.job_id] = job
+        self.held_by_partition[job.partition] += 1
+        jobs = self.keys.setdefault(user, [])
+        if held_by is not None:
+            # Something earlier of its user is unfinished in Postgres: park it there,
+            # behind that job, and freeze the user until it is written.
+            job.phase = Phase.WRITING
+            self.frozen[user] += 1
+            admitted.parks.append((job, held_by))
+            bisect.insort(jobs, job, key=_job_order)
+        elif jobs:
+            # Behind an earlier job of its user that we hold. Job order among the ones not
+            # sent yet (an operator's retry can bring an older job back).
+            bisect.insort(jobs, job, lo=1, key=_job_order)
+        else:
+            jobs.append(job)
+            self._make_ready(job)
 
     # --- sending -------------------------------------------------------------------------
 
@@ -242,7 +263,7 @@ class Barrier:
                 if self.frozen[user] <= 0:
                     del self.frozen[user]
                     thawed.add(user)
-            self.forget(job)
+            self._drop(job)
         if self._reading:
             self._thawed_while_reading |= thawed
         for user in thawed:
@@ -288,7 +309,13 @@ class Barrier:
 
     def forget(self, job: Job) -> None:
         """Drop a job from memory; Postgres still has it, and a later read brings it back."""
-        if self.held.pop(job.job_id, None) is not None:
+        if self._drop(job) and job.logged:
+            self._on_forget(job)
+
+    def _drop(self, job: Job) -> bool:
+        """Take a job out of memory; returns whether it was held."""
+        held = self.held.pop(job.job_id, None) is not None
+        if held:
             self.held_by_partition[job.partition] -= 1
         jobs = self.keys.get(job.user_id)
         if jobs is not None and job in jobs:
@@ -297,6 +324,7 @@ class Barrier:
                 del self.keys[job.user_id]
         if job.phase is Phase.READY:
             job.phase = Phase.QUEUED  # skipped when it comes up in `ready`
+        return held
 
     # --- inside --------------------------------------------------------------------------
 

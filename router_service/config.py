@@ -73,6 +73,8 @@ class RouterConfig:
                                               maximum=8),
                 read_alone_above=env.integer("RELAYQ_ROUTER_READ_ALONE_ABOVE", 100, minimum=0,
                                              maximum=1_000_000),
+                log_window=env.integer("RELAYQ_ROUTER_LOG_WINDOW", batch, minimum=1,
+                                       maximum=1_000_000),
                 destination_ca_file=env.file("RELAYQ_DESTINATION_CA_FILE"),
                 destination_policy=destination_policy(env),
             ),

@@ -1,17 +1,21 @@
-"""The router's engine: destinations, their lanes, and what wakes them.
+"""The router's engine: destinations, their lanes, the event log's reading, what wakes them.
 
-Work is found three ways, cheapest first: ingest's `NOTIFY relayq_jobs` names the destinations
-that just got jobs; a lane knows when the retries it recorded come due; and a poll every few
-seconds (two loose index scans, one probe per destination with work) catches anything a lost
-notification or another router left behind. An idle cluster costs Postgres those two scans.
-Lanes exist only for destinations that had work, and are closed after a while without any, so
-ten thousand quiet destinations cost next to nothing.
+New events come from the log: ingest's `NOTIFY relayq_events` wakes the shared read
+(router_service.logread), which reads each partition this router leases once and fans each
+event out to the destinations its source is connected to (`_fan_out`): a job per destination
+that takes it, handed to that destination's lane. Jobs with rows (retries, released waiters,
+operators' retries) are found as before: `NOTIFY relayq_jobs` names the destinations, a lane
+knows when the retries it recorded come due, and a poll every few seconds (two loose index
+scans) catches anything a lost notification or another router left behind. Lanes exist only
+for destinations that had work, and are closed after a while without any, so ten thousand
+quiet destinations cost next to nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,10 +24,12 @@ from pathlib import Path
 
 from psycopg_pool import AsyncConnectionPool
 
-from jobsdb import catalog, queue
+from jobsdb import catalog, eventlog, partitions, queue
 from jobsdb import destinations as destinations_db
 from jobsdb.catalog import Destination
 from jobsdb.errors import JobsDBError
+from jobsdb.eventlog import LoggedEvent
+from jobsdb.keyspace import partition_of
 from jobsdb.pool import transaction
 from jobsdb.queue import RESPONSE_LIMIT
 from relayq.netpolicy import NetworkPolicy
@@ -34,11 +40,15 @@ from router_service.fairness import FairScheduler
 from router_service.httpclient import HttpPool
 from router_service.identity import Identity
 from router_service.lane import Lane, LaneContext, LaneSettings
+from router_service.logread import CursorWriter, LogReader
 from router_service.membership import Membership
-from router_service.outcomes import OutcomeFlusher
+from router_service.model import Job
+from router_service.outcomes import OutcomeFlusher, Roots
 from router_service.reads import Reader
 from router_service.resolver import Resolver
+from router_service.routing import Routing, document
 from router_service.senders import Sender, SenderContext
+from router_service.tracks import Positions
 from router_service.trust import Trust
 
 log = logging.getLogger(__name__)
@@ -69,6 +79,8 @@ class EngineSettings:
     read_concurrency: int = 2
     # A lane with nothing to do for this long is closed.
     lane_idle_seconds: float = 60.0
+    # Events read ahead of what is decided, per partition of the log (0: the batch).
+    log_window: int = 0
     # Extra certificate authorities for https:// and grpcs:// destinations (router_service.trust).
     destination_ca_file: Path | None = None
     # Where destinations may connect (relayq.netpolicy): public addresses and these networks.
@@ -84,7 +96,24 @@ class Engine:
         self.scheduler = FairScheduler(settings.permits)
         self.flusher = OutcomeFlusher(pool, settings.router_id,
                                       delay=settings.flush_delay, max_batch=settings.flush_max,
-                                      concurrency=settings.flush_concurrency)
+                                      concurrency=settings.flush_concurrency,
+                                      on_roots=self._roots, kind_of=self._kind_of)
+        self.positions = Positions()
+        self.routing = Routing()
+        # (destination, user) -> the job row that user's next events there wait behind.
+        self.blocked: dict[tuple[int, str], int] = {}
+        self.log = LogReader(pool, self.positions, batch=settings.batch,
+                             window=settings.log_window or settings.batch,
+                             poll_seconds=settings.poll_seconds,
+                             usable=lambda: self.membership.usable(),
+                             fan_out=self._fan_out, on_stalled=self._stalled,
+                             ensure_config=self.ensure_config)
+        self.cursors = CursorWriter(pool, self.positions, settings.router_id)
+        self._taking: set[int] = set()
+        # The connections' version this router's routing was loaded at, and one load at a
+        # time.
+        self.config_version = 0
+        self._loading = asyncio.Lock()
         self.reader = Reader(pool, alone_above=settings.read_alone_above,
                              max_rows=settings.read_max_rows,
                              concurrency=settings.read_concurrency)
@@ -95,7 +124,9 @@ class Engine:
             settings=LaneSettings(batch=settings.batch, max_held=settings.max_held),
             reader=self.reader, flusher=self.flusher, scheduler=self.scheduler,
             membership=self.membership, stopping=lambda: self.stopping,
-            settled=self._settled, circuit_changed=self._circuit_changed)
+            settled=self._settled, circuit_changed=self._circuit_changed,
+            positions=self.positions, log=self.log, cursors=self.cursors,
+            routing=lambda: self.routing, blocked=self.blocked)
         self.destinations: dict[int, Destination] = {}
         self.lanes: dict[int, Lane] = {}
         self._idle_since: dict[int, float] = {}
@@ -121,9 +152,13 @@ class Engine:
         self._senders = SenderContext(
             http=http, trust=self.trust, grpc_batch=self.settings.grpc_batch,
             grpc_channels=GrpcChannels(self.trust.grpc_credentials, resolver), resolver=resolver)
+        async with transaction(self.pool) as conn:
+            self.flusher.partition_size = (await partitions.settings(conn)).event_partition_size
         await self._load_destinations()
         self.flusher.start()
         self.reader.start()
+        self.log.start()
+        self.cursors.start()
         await self._first_beat()
         for coro, name in ((self.membership.run(), "membership"), (self._poll(), "poll"),
                            (self._watch_config(), "config"), (self._watch_loop(), "loop-lag")):
@@ -140,16 +175,23 @@ class Engine:
             if time.monotonic() >= deadline:
                 break
         await cancel_and_wait(self._tasks)
+        await self.log.close()
         for lane in list(self.lanes.values()):
             await lane.close()  # cancels what is still in flight: those jobs stay pending
         await self.reader.close()
         await self.flusher.close()
+        await cancel_and_wait(self._discoveries)
+        await self.cursors.close()  # where reading stands, before the leases go
         await self.membership.leave()
         if self._senders is not None:
             await self._senders.http.close()
             await self._senders.grpc_channels.close()
 
     # --- wake-ups ------------------------------------------------------------------------
+
+    def on_events_notification(self, payload: str = "") -> None:
+        """ingest committed events (payload: their ordering partitions)."""
+        self.log.wake(payload)
 
     def on_jobs_notification(self, payload: str) -> None:
         """ingest (or admin) committed jobs for these destinations ('*': possibly any)."""
@@ -160,8 +202,37 @@ class Engine:
                 lane.notify()
 
     def on_reorder_notification(self, payload: str) -> None:
-        """An operator retried aborted jobs of these destinations: re-read in job order."""
-        keys = self.destinations.keys() if payload == "*" else _keys(payload)
+        """An operator changed rows of these destinations (retried aborted or delivered
+        jobs, aborted jobs not yet read): learn again who waits behind which row and what is
+        settled, and re-read in job order what the lanes only queued."""
+        keys = list(self.destinations.keys()) if payload == "*" else _keys(payload)
+        task = asyncio.create_task(self._reorder(keys), name="reorder")
+        self._discoveries.add(task)
+        task.add_done_callback(self._discoveries.discard)
+
+    async def _reorder(self, keys: list[int]) -> None:
+        owned = sorted(self.membership.owned)
+        for attempt in range(6):
+            try:
+                async with transaction(self.pool) as conn:
+                    await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    taken = await eventlog.take_over(conn, owned)
+                break
+            except JobsDBError as exc:
+                log.warning("reloading after an operator's change failed: %s", exc)
+                await asyncio.sleep(min(5.0, 0.2 * 2 ** attempt))
+        else:
+            return
+        # Only added to: the snapshot may predate a flush that has told us more since (who
+        # is held now), and a user wrongly thought free would be delivered ahead of their
+        # failed job, while one wrongly thought held costs a parking that finds nothing to
+        # wait behind. Users are let go by flushes only (their roots, in their transaction).
+        wanted = set(keys)
+        self.blocked.update({pair: root for pair, root in taken.blocked.items()
+                             if pair[0] in wanted})
+        for (destination, partition), events in taken.settled.items():
+            if destination in wanted and self.positions.reading(partition):
+                self.positions.track(destination, partition).settled |= events
         for key in keys:
             lane = self.lanes.get(key)
             if lane is not None:
@@ -183,6 +254,124 @@ class Engine:
             lane = self.lanes[destination_key] = Lane(self.lane_context, destination, sender)
         self._idle_since.pop(destination_key, None)
         return lane
+
+    # --- the event log ---------------------------------------------------------------------
+
+    def _fan_out(self, events: list[LoggedEvent]) -> None:
+        """Events the shared read found, in id order per partition: a job for each
+        destination that follows its partition and takes it (its source is connected to it,
+        the event names it or no destination, the connection's filter matches), handed to
+        that destination's lane. A destination that cannot take jobs now (no lane, paused,
+        full) lags from this event on and reads its share itself later."""
+        positions = self.positions
+        routing = self.routing
+        blocked = self.blocked
+        handed: dict[int, list[tuple[Job, int | None]]] = {}
+        room: dict[int, int] = {}
+        filtered = self.cursors.filtered
+        for event in events:
+            routes = routing.routes(event.source_key)
+            if not routes:
+                continue
+            partition = event.partition
+            event_id = event.event_id
+            named = event.destinations
+            parsed = None
+            for route in routes:
+                key = route.destination_key
+                if named is not None and key not in named:
+                    continue
+                if not positions.follows(key, partition):
+                    continue
+                if positions.is_settled(key, partition, event_id):
+                    continue
+                if route.filter is not None:
+                    if parsed is None:
+                        parsed = document(event.document)
+                    if route.filter.evaluate(parsed) is not True:
+                        filtered[event.source_key, key] += 1
+                        if (kept := self.destinations.get(key)) is not None:
+                            metrics.FILTERED.labels(kept.id).inc()
+                        continue
+                space = room.get(key)
+                if space is None:
+                    lane = self.lane(key)
+                    space = room[key] = (lane.room if lane is not None and lane.takes_logged
+                                         else 0)
+                if space <= 0:
+                    positions.lag(key, partition, event_id - 1)
+                    continue
+                room[key] = space - 1
+                positions.held(key, partition, event_id)
+                handed.setdefault(key, []).append(
+                    (Job.from_event(event, route.slot), blocked.get((key, event.user_id))))
+        for key, jobs in handed.items():
+            self.lanes[key].admit_logged(jobs)
+        self.cursors.changed()
+
+    def _stalled(self, partition: int, holders: list[int]) -> None:
+        """These destinations have held a partition's window full for a while: they lag
+        from here (reading their share themselves), so the others' events flow."""
+        for key in holders:
+            self.positions.lag(key, partition, self.positions.position[partition])
+            lane = self.lanes.get(key)
+            if lane is not None:
+                lane.wake.set()
+        log.info("destinations lag in a partition of the log", extra={
+            "partition": partition, "destinations": holders})
+        self.cursors.changed()
+
+    def _roots(self, roots: Roots) -> None:
+        """Who waits behind which row now, after a flush that changed rows."""
+        for pair, root in roots.items():
+            if root is None:
+                self.blocked.pop(pair, None)
+            else:
+                self.blocked[pair] = root
+
+    def _kind_of(self, destination_key: int) -> str:
+        destination = self.destinations.get(destination_key)
+        return destination.type if destination is not None else ""
+
+    async def _take(self, partitions: list[int]) -> None:
+        """Partitions just leased: where reading starts in them (frontier, destinations'
+        cursors, what is settled above them, who waits behind which row), then read."""
+        for attempt in itertools.count():
+            if self.stopping:
+                return
+            try:
+                async with transaction(self.pool) as conn:
+                    await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    taken = await eventlog.take_over(conn, partitions)
+                break
+            except JobsDBError as exc:
+                log.warning("taking partitions over failed: %s", exc)
+                await asyncio.sleep(min(5.0, 0.2 * 2 ** attempt))
+        owned = self.membership.owned
+        for partition in partitions:
+            self._taking.discard(partition)
+            if partition not in owned or self.positions.reading(partition):
+                continue
+            cursors = {d: c for (d, p), c in taken.cursors.items() if p == partition}
+            settled = {d: e for (d, p), e in taken.settled.items() if p == partition}
+            self.positions.take(partition, taken.frontiers.get(partition, 0), cursors, settled)
+        for pair, root in taken.blocked.items():
+            self.blocked[pair] = root
+        self._lag_readers()
+        self.log.wake()
+        for lane in self.lanes.values():
+            lane.wake.set()
+
+    def _lag_readers(self) -> None:
+        """A lane for every destination that reads a partition on its own (a cursor of its
+        own, taken over with the partition): nothing else would make one, since the shared
+        read passes such destinations by."""
+        for tracks in self.positions.tracks.values():
+            for key, track in tracks.items():
+                if track.read_to is not None and key not in self.lanes:
+                    lane = self.lane(key)
+                    if lane is not None:
+                        lane.wake.set()
 
     # --- loops ---------------------------------------------------------------------------
 
@@ -222,6 +411,7 @@ class Engine:
                 lane = self.lane(key)
                 if lane is not None:
                     lane.due_at(when)
+            self._lag_readers()
             await self._close_idle_lanes()
 
     async def _watch_loop(self) -> None:
@@ -248,18 +438,33 @@ class Engine:
             await asyncio.sleep(0.2)  # one reload for a burst of changes
             self._reload.clear()
             try:
-                await self._load_destinations()
+                async with self._loading:
+                    await self._load_destinations()
             except JobsDBError as exc:
                 log.warning("reloading destinations failed: %s", exc)
                 self._reload.set()
                 await asyncio.sleep(1)
 
+    async def ensure_config(self, version: int) -> None:
+        """Events were read in a snapshot where the connections' version is `version`: load
+        the connections again first if ours are older, or an event sent after a connection
+        was made would be handed out without it (and never again: the cursors move on)."""
+        while self.config_version < version:
+            async with self._loading:
+                if self.config_version >= version:
+                    return
+                await self._load_destinations()
+
     async def _load_destinations(self) -> None:
         async with transaction(self.pool) as conn:
-            found = await destinations_db.load_if_changed(conn, self._destinations_digest)
+            version, found = await destinations_db.load_if_changed(
+                conn, self._destinations_digest)
         if found is None:
+            self.config_version = max(self.config_version, version)
             return
-        self._destinations_digest, loaded = found
+        self._destinations_digest, loaded, connections = found
+        self.routing = Routing(connections)
+        self.config_version = max(self.config_version, version)
         for key, row in loaded.items():
             lane = self.lanes.get(key)
             old = self.destinations.get(key)
@@ -304,6 +509,23 @@ class Engine:
             if lost:
                 lane.drop_partitions(lost)
             lane.wake.set()  # what it holds may be sendable again (after a fence)
+        owned = self.membership.owned
+        gone = [p for p in self.positions.position if p not in owned]
+        for partition in gone:
+            self.positions.drop(partition)
+        if gone:
+            dropped = set(gone)
+            partitions = self.membership.partition_count or 64
+            for pair in [pair for pair in self.blocked
+                         if partition_of(pair[1], partitions) in dropped]:
+                del self.blocked[pair]
+        new = sorted(p for p in owned
+                     if not self.positions.reading(p) and p not in self._taking)
+        if new:
+            self._taking.update(new)
+            task = asyncio.create_task(self._take(new), name="take-partitions")
+            self._discoveries.add(task)
+            task.add_done_callback(self._discoveries.discard)
         # Jobs of newly owned partitions (or of partitions usable again) may wait at any
         # destination: look for them at once.
         self.discover()

@@ -24,19 +24,23 @@ from typing import Any
 
 from jobsdb.catalog import Destination
 from jobsdb.errors import JobsDBError
+from jobsdb.eventlog import LoggedEvent, Request, WantedFor
 from jobsdb.queue import Outcome
 from relayq.tasks import cancel_and_wait
 from router_service import metrics
 from router_service.barrier import Barrier
 from router_service.circuit import Breaker, Change, CircuitPolicy
 from router_service.fairness import FairScheduler
+from router_service.logread import CursorWriter, LogReader
 from router_service.membership import Membership
 from router_service.model import Job
 from router_service.outcomes import OutcomeFlusher
 from router_service.ratelimit import RateLimiter
 from router_service.reads import Reader
 from router_service.retry import Result, RetryPolicy, Verdict
+from router_service.routing import Routing, document
 from router_service.senders import Sender
+from router_service.tracks import Positions
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,13 @@ class LaneContext:
     settled: Callable[[], None]
     # Writes a circuit's opening (True, with the reason) or closing down for every router.
     circuit_changed: Callable[[Destination, bool, str], None]
+    # The event log: where this router stands in it, the reads of lagging destinations, the
+    # cursors' writer, the connections as now loaded, and who waits behind which row.
+    positions: Positions
+    log: LogReader
+    cursors: CursorWriter
+    routing: Callable[[], Routing]
+    blocked: dict[tuple[int, str], int]
 
 
 class Lane:
@@ -74,7 +85,8 @@ class Lane:
         self.policy = _policy(destination)
         self.breaker = Breaker(_circuit_policy(destination),
                                is_open=destination.circuit_opened_at is not None)
-        self.barrier = Barrier()
+        self.barrier = Barrier(on_forget=self._forgot)
+        self.destination_key = destination.destination_key
         # May have runnable jobs in Postgres we have not read.
         self.dirty = True
         # When the earliest known retry of this destination comes due (wall clock).
@@ -92,6 +104,7 @@ class Lane:
         self._deliveries: set[asyncio.Task[None]] = set()
         # Batches: when the wait for a fuller one ends (monotonic; None: not waiting).
         self._linger_until: float | None = None
+        self._reading_own = False
         # Metrics observed per delivery and per job: their children looked up once.
         self._delivery_seconds = metrics.DELIVERY_SECONDS.labels(destination.type)
         self._end_to_end = metrics.END_TO_END_SECONDS
@@ -101,6 +114,10 @@ class Lane:
 
     def configure(self, destination: Destination, sender: Sender | None) -> None:
         resumed = self.destination.paused and not destination.paused
+        if destination.paused and not self.destination.paused:
+            # What it only queued is read again when it resumes (it lags meanwhile, so the
+            # router's reading of the log goes on without it).
+            self.barrier.drop_queued()
         if (destination.rate_per_second, destination.rate_burst) != (
                 self.destination.rate_per_second, self.destination.rate_burst):
             self.rate.configure(destination.rate_per_second, destination.rate_burst)
@@ -126,17 +143,52 @@ class Lane:
         self.dirty = True
         self.wake.set()
 
+    def admit_logged(self, jobs: list[tuple[Job, int | None]]) -> None:
+        """Jobs read from the log for this destination, in job order, each with the job its
+        user waits behind here (None: none)."""
+        admitted = self.barrier.admit_logged(jobs)
+        if admitted.parks:
+            self.context.flusher.park(self, admitted.parks)
+        self.wake.set()
+
+    @property
+    def room(self) -> int:
+        """How many more jobs it may hold."""
+        return self.context.settings.max_held - len(self.barrier.held)
+
+    @property
+    def takes_logged(self) -> bool:
+        """Whether the shared read may hand it jobs now (a paused destination lags: it reads
+        its share when it resumes)."""
+        return not self.destination.paused and not self.context.stopping()
+
     def due_at(self, when: datetime) -> None:
         """A retry comes due then; read again at that time."""
         if self.next_due is None or when < self.next_due:
             self.next_due = when
             self._arm_due()
 
-    def recorded(self, job_ids: list[int]) -> None:
-        """These jobs' fate is committed: they leave memory, and frozen users may thaw."""
-        if self.barrier.recorded(job_ids):
+    def recorded(self, decided: list[Job], undecided: list[Job]) -> None:
+        """These jobs' fate is committed (`decided`), or must still be delivered after all
+        (`undecided`: read again): they leave memory, and frozen users may thaw."""
+        positions = self.context.positions
+        key = self.destination_key
+        for job in decided:
+            if job.logged:
+                positions.decided(key, job.partition, job.event_id)
+        for job in undecided:
+            positions.forget(key, job.partition, job.event_id)
+        if self.barrier.recorded([j.job_id for j in decided] + [j.job_id for j in undecided]):
             self.dirty = True
+        self.context.cursors.changed()
+        self.context.log.wake()  # what was decided may open a partition's window
         self.wake.set()
+
+    def _forgot(self, job: Job) -> None:
+        """A logged job left memory undecided: this destination reads that partition again
+        from where everything of it is settled."""
+        self.context.positions.forget(self.destination_key, job.partition, job.event_id)
+        self.context.cursors.changed()
 
     def reconsider(self) -> None:
         """An operator put old jobs back in front of newer ones (a retried abort): let
@@ -161,7 +213,7 @@ class Lane:
     @property
     def busy(self) -> bool:
         """Reading, or holding jobs it read: it will look for more by itself."""
-        return self.barrier.reading or not self.barrier.empty
+        return self.barrier.reading or not self.barrier.empty or self._reading_own
 
     @property
     def in_flight(self) -> int:
@@ -173,7 +225,9 @@ class Lane:
 
     @property
     def idle(self) -> bool:
-        return self.barrier.empty and not self.dirty and self.next_due is None
+        return (self.barrier.empty and not self.dirty and self.next_due is None
+                and not self._reading_own
+                and not self.context.positions.lagging(self.destination_key))
 
     async def close(self) -> None:
         for timer in (self._due_timer, self._dispatch_timer):
@@ -197,6 +251,8 @@ class Lane:
             try:
                 if self._should_read():
                     await self._read(usable)
+                if self._should_read_own():
+                    await self._read_own()
                 await self._dispatch()
             except JobsDBError as exc:
                 log.warning("lane read failed: %s", exc, extra={"destination": self.destination.id})
@@ -250,6 +306,79 @@ class Lane:
         if admitted.stale or not read.complete:
             self.dirty = True
             self.wake.set()
+
+    def _should_read_own(self) -> bool:
+        settings = self.context.settings
+        return (self.room >= min(settings.batch, settings.max_held // 4)
+                and len(self.barrier.ready)
+                < self.destination.concurrency * max(1, self.sender.max_batch)
+                and bool(self.context.positions.lagging(self.destination_key)))
+
+    async def _read_own(self) -> None:
+        """Read this destination's share of the partitions where it lags, up to its room,
+        and take in its jobs; a partition read through to where the shared read is makes it
+        follow that read again."""
+        context = self.context
+        positions = context.positions
+        key = self.destination_key
+        usable = context.membership.usable()
+        lagging = {p: after for p, after in positions.lagging(key).items() if p in usable}
+        if not lagging:
+            return
+        sources = context.routing().sources_of.get(key, ())
+        each = max(1, self.room // len(lagging))
+        wanted = [WantedFor(key, p, after, positions.position[p], each, sources)
+                  for p, after in sorted(lagging.items())]
+        self._reading_own = True
+        try:
+            events = await context.log.read_own(wanted) if sources else []
+        finally:
+            self._reading_own = False
+        # The read may have found the connections changed (read_own loads them again): read
+        # with the sources as they are now, or a new source's events would be passed over.
+        routing = context.routing()
+        if routing.sources_of.get(key, ()) != sources:
+            self.wake.set()
+            return
+        read: dict[int, list[LoggedEvent]] = {}
+        for event in events:
+            read.setdefault(event.partition, []).append(event)
+        jobs = self._jobs_from(events, routing)
+        for w in wanted:
+            if not positions.reading(w.partition):
+                continue
+            found = read.get(w.partition, [])
+            upto = found[-1].event_id if len(found) >= w.limit else w.upto
+            positions.read_own(key, w.partition, w.after, upto)
+        if jobs:
+            self.admit_logged(jobs)
+        context.cursors.changed()
+        self.wake.set()
+
+    def _jobs_from(self, events: list[LoggedEvent], routing: Routing
+                   ) -> list[tuple[Job, int | None]]:
+        """This destination's jobs among events it read itself (what a filter keeps out is
+        settled at once; what it holds or has settled already is not taken twice)."""
+        positions = self.context.positions
+        blocked = self.context.blocked
+        key = self.destination_key
+        jobs: list[tuple[Job, int | None]] = []
+        for event in events:
+            route = routing.by_pair.get((event.source_key, key))
+            partition = event.partition
+            if (route is None or not positions.reading(partition)
+                    or positions.is_held(key, partition, event.event_id)
+                    or positions.is_settled(key, partition, event.event_id)):
+                continue
+            if route.filter is not None and route.filter.evaluate(
+                    document(event.document)) is not True:
+                self.context.cursors.filtered[event.source_key, key] += 1
+                metrics.FILTERED.labels(self.destination.id).inc()
+                continue
+            positions.held(key, partition, event.event_id)
+            jobs.append((Job.from_event(event, route.slot),
+                         blocked.get((key, event.user_id))))
+        return jobs
 
     async def _dispatch(self) -> None:
         """Send ready jobs while the destination's concurrency (requests in flight: a batch
@@ -340,7 +469,8 @@ class Lane:
         mono = time.monotonic()
         destination = self.destination
         duration_ms = int(seconds * 1000)
-        succeeded: list[Outcome] = []
+        succeeded: list[tuple[Job, Outcome]] = []
+        answered = ""
         counts: Counter[Verdict] = Counter()
         for job, result in zip(jobs, results, strict=True):
             counts[result.verdict] += 1
@@ -355,12 +485,13 @@ class Lane:
                                           may_give_up=not self.breaker.is_open)
             outcome = settled.outcome
             if outcome.state == "succeeded":
-                succeeded.append(outcome)
+                succeeded.append((job, outcome))
+                answered = answered or result.status
                 self._end_to_end.observe((now - job.created_at).total_seconds())
                 continue
             # The failed job and everything queued behind it are written together; the user
             # stays frozen until they are.
-            self.context.flusher.add(self, outcome, park=settled.parks)
+            self.context.flusher.add(self, job, outcome, park=settled.parks)
             if outcome.state == "failed":
                 assert outcome.retry_at is not None
                 assert settled.retry_in is not None
@@ -373,7 +504,10 @@ class Lane:
                 log.warning("job aborted", extra={
                     "tenant": destination.tenant_id, "destination": destination.id,
                     "job_id": job.job_id, "attempt": job.attempt, "reason": outcome.reason})
-        self.context.flusher.add_many(self, succeeded)
+        if succeeded:
+            batch = succeeded[0][1].batch or ""
+            request = (Request(started, duration_ms, answered, batch) if answered else None)
+            self.context.flusher.add_many(self, succeeded, request)
         for verdict, count in counts.items():
             metrics.ATTEMPTS.labels(destination.id, verdict.value).inc(count)
 

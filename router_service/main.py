@@ -65,11 +65,13 @@ class RouterApp(ServiceApp[RouterConfig]):
         def reconnected() -> None:
             # Notifications sent while we were disconnected are lost: look everywhere.
             engine.on_config_notification()
+            engine.on_events_notification()
             engine.discover()
 
         listener = Listener(
             config.database_url,
-            {"relayq_jobs": engine.on_jobs_notification,
+            {"relayq_events": engine.on_events_notification,
+             "relayq_jobs": engine.on_jobs_notification,
              "relayq_reorder": engine.on_reorder_notification,
              "relayq_config": engine.on_config_notification},
             application_name=APP_NAME, on_reconnect=reconnected,

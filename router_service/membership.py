@@ -124,6 +124,13 @@ class Membership:
             membership = await leases.heartbeat(conn, self.router_id, self.lease)
             still = await leases.renew(conn, self.router_id, self.lease)
             share = membership.fair_share
+            # Give back only what is over the share now: a router that was giving partitions
+            # back when the one it gave them to left would otherwise release them and take
+            # them again in the same beat, for ever, never delivering from them.
+            over = max(0, len(still) - share)
+            kept_back = len(self.releasing & still) > over
+            if kept_back:
+                self.releasing = set(sorted(self.releasing & still, reverse=True)[:over])
             drained = {p for p in self.releasing & still if not self._busy(p)}
             if drained:
                 await leases.release(conn, self.router_id, drained)
@@ -157,6 +164,10 @@ class Membership:
                                           "routers": membership.live_routers})
             self._on_change(gained, lost | self.releasing)
             self.changed.set()
+        elif kept_back:
+            # Partitions it was giving back are its own again: every lane looks again.
+            log.info("partitions kept", extra={"owned": len(self.owned)})
+            self._on_change(set(), set())
         elif was_fenced and self.owned:
             # A late heartbeat fenced us off for a while (lanes skip their work meanwhile and
             # would otherwise sleep until the next change): the same partitions are usable

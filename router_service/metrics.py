@@ -71,3 +71,18 @@ LOOP_LAG = Histogram(
     "How late the router's event loop ran a timer: its queue of work. While it runs late and"
     " several tenants deliver, the heaviest is held back (router_service.fairness).",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+
+LOG_READ_EVENTS = Histogram(
+    "relayq_router_log_read_events", "Events per shared read of the event log.",
+    buckets=(0, 1, 10, 50, 100, 500, 1000, 5000, 20000),
+)
+LOG_LAGGING = Gauge(
+    "relayq_router_log_lagging", "Destination-partitions reading the event log on their own"
+    " (paused, circuit open, slow).", multiprocess_mode="livesum")
+CURSOR_WRITES = Counter(
+    "relayq_router_cursor_writes_total", "Transactions that moved frontiers or cursors.")
+FILTERED = Counter(
+    "relayq_router_filtered_events_total",
+    "Events a connection's filter kept from its destination, by destination id.",
+    ["destination"],
+)

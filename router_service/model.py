@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 
+from jobsdb.eventlog import LoggedEvent
+from jobsdb.keyspace import job_id as make_job_id
 from jobsdb.queue import Candidate
 
 
@@ -34,8 +36,22 @@ class Job:
     first_attempt_at: datetime | None
     partition: int
     phase: Phase = Phase.QUEUED
+    # Read from the event log, with no row of its own (yet): its first attempt. What becomes
+    # of it is recorded by a deliveries row and the cursors, or by a new row (failed, aborted,
+    # parked behind its user's), not by updating a row.
+    logged: bool = False
+    # The event's id and source and tenant (a logged job's new row needs them).
+    event_id: int = 0
+    source_key: int = 0
+    tenant_key: int = 0
 
     @classmethod
     def from_candidate(cls, c: Candidate) -> Job:
         return cls(c.job_id, c.user_id, c.message_id, c.attempts + 1, c.payload, c.created_at,
                    c.first_attempt_at, c.ordering_partition)
+
+    @classmethod
+    def from_event(cls, event: LoggedEvent, slot: int) -> Job:
+        return cls(make_job_id(event.event_id, slot), event.user_id, event.message_id, 1,
+                   event.document, event.created_at, None, event.partition, Phase.QUEUED,
+                   True, event.event_id, event.source_key, event.tenant_key)

@@ -41,6 +41,8 @@ class Result:
     retry_after: float | None = None
     # The webhook-id of the batch request that carried the job (batched webhooks only).
     batch: str | None = None
+    # What a destination answered on success, when it says more than OK: an HTTP status.
+    status: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,19 +79,35 @@ async def connect(conn: AsyncConnection[Any], source_key: int, destination_key: 
 
 async def insert_jobs(conn: AsyncConnection[Any], count: int, *, start: int | None = None
                       ) -> list[int]:
-    """`count` jobs of one destination, users u0, u1, ..., from job id `start` on."""
+    """`count` jobs of one destination with rows of their own (pending, as released waiters
+    are: the row path), users u0, u1, ..., their events from event id `start` on."""
     tenant_key = await tenant(conn, f"t{start or 0}")
     made = await source(conn, tenant_key, f"s{start or 0}")
     destination_key = await destination(conn, tenant_key, f"d{start or 0}")
+    await connect(conn, made.key, destination_key)
     if start is not None:
-        await conn.execute("SELECT setval('jobs_job_id_seq', %s)", (start,))
+        await conn.execute("SELECT setval('events_event_id_seq', %s)", (start,))
     events = [
         NewEvent(made.key, tenant_key, f"m{i}", f"u{i}", '{"n": 1}', (destination_key,))
         for i in range(count)
     ]
     async with conn.transaction():
         stored = await store_events(conn, events, ordering_partitions=64)
-    return [j for s in stored for j in s.job_ids]
+        return await pending_rows(conn, [s.event_id for s in stored if s.event_id])
+
+
+async def pending_rows(conn: AsyncConnection[Any], event_ids: list[int]) -> list[int]:
+    """Pending rows (as a released waiter has: the row path) for these events at every
+    destination they are addressed to; returns the job ids in job order."""
+    cur = await conn.execute(
+        "INSERT INTO jobs (job_id, destination_key, tenant_key, source_key,"
+        " ordering_partition, state, created_at, user_id, message_id)"
+        " SELECT (e.event_id << 16) | c.slot, c.destination_key, e.tenant_key,"
+        " e.source_key, e.ordering_partition, 'pending', e.created_at, e.user_id,"
+        " e.message_id FROM events e JOIN connections c ON c.source_key = e.source_key"
+        "  AND (e.destinations IS NULL OR c.destination_key = ANY(e.destinations))"
+        " WHERE e.event_id = ANY(%s) ORDER BY 1 RETURNING job_id", (event_ids,))
+    return sorted(int(r[0]) for r in await cur.fetchall())
 
 
 async def admin_token(conn: AsyncConnection[Any], tenant_id: str) -> str:

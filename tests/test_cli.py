@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from psycopg import AsyncConnection
 
+from jobsdb import keyspace
 from relayq import cli
 from relayq.cli import render, units
 from relayq.cli.destinations import parse_header
@@ -358,7 +360,12 @@ async def _paused_pipeline(relayq: Relayq, database: str, count: int) -> list[in
             ingest_pb2.IngestRequest(events=[event(f"m{i}", f"user{i % 2}", n=i)
                                              for i in range(count)]),
             metadata=auth(key), timeout=10)
-    return [job for result in answer.results for job in result.job_ids]
+    assert [r.destinations for r in answer.results] == [1] * count
+    # Ingest answers each event's id; its job at hook is that event at hook's connection.
+    async with await AsyncConnection.connect(database) as conn:
+        cur = await conn.execute("SELECT slot FROM connections")
+        [(slot,)] = await cur.fetchall()
+    return [keyspace.job_id(result.event_id, slot) for result in answer.results]
 
 
 async def test_jobs_list_pages_and_payloads(relayq: Relayq, database: str) -> None:

@@ -62,15 +62,13 @@ async def answers(handles: Iterable[concurrent.futures.Future[SendResult]]
     return [await asyncio.wrap_future(h) for h in handles]
 
 
-async def job_ids_by_message(conn: AsyncConnection[Any]) -> dict[str, list[int]]:
-    cur = await conn.execute("SELECT message_id, job_id FROM jobs ORDER BY job_id")
-    found: dict[str, list[int]] = {}
-    for message_id, job_id in await cur.fetchall():
-        found.setdefault(message_id, []).append(job_id)
-    return found
+async def event_ids_by_message(conn: AsyncConnection[Any]) -> dict[str, int]:
+    """The event log: each stored event's id by its message id, in event order."""
+    cur = await conn.execute("SELECT message_id, event_id FROM events ORDER BY event_id")
+    return dict(await cur.fetchall())
 
 
-async def test_events_go_in_batches_and_each_handle_resolves_to_its_jobs(
+async def test_events_go_in_batches_and_each_handle_resolves_to_its_event(
     database: str, conn: AsyncConnection[Any], web: factories.Source, producers: MakeProducer
 ) -> None:
     async with ingest(database) as service:
@@ -80,9 +78,10 @@ async def test_events_go_in_batches_and_each_handle_resolves_to_its_jobs(
                                  properties={"n": i}) for i in range(120)]
         assert await asyncio.to_thread(producer.flush, 30)
         results = await answers(handles)
-    stored = await job_ids_by_message(conn)
+    stored = await event_ids_by_message(conn)
     assert all(r.status is Status.ACCEPTED and r.accepted for r in results)
-    assert {r.message_id: list(r.job_ids) for r in results} == stored
+    # Each handle's event id is its stored event's; one batch in flight: in send() order.
+    assert [(r.message_id, r.event_id) for r in results] == list(stored.items())
     # 120 events sent at once, 50 per batch: 50, 50, then the last 20 after their linger.
     counters = producer.counters
     assert (counters.sent, counters.accepted, counters.batches) == (120, 120, 3)
@@ -122,8 +121,8 @@ async def test_a_message_id_sent_again_is_answered_duplicate_and_stored_once(
             producer.send(user_id="u1", event="e", message_id="order-1001")])
     assert (first.status, again.status) == (Status.ACCEPTED, Status.DUPLICATE)
     assert again.duplicate
-    assert again.job_ids == ()
-    assert list(await job_ids_by_message(conn)) == ["order-1001"]
+    assert again.event_id == 0
+    assert await event_ids_by_message(conn) == {"order-1001": first.event_id}
     assert producer.counters.duplicate == 1
 
 
@@ -146,7 +145,7 @@ async def test_a_bad_event_is_rejected_while_its_batch_mates_are_accepted(
     assert "over the limit of 1024 bytes per event (RELAYQ_INGEST_MAX_EVENT_BYTES)" in (
         results[1].reason)
     assert "'nope' is not a destination connected to source 'web'" in results[3].reason
-    assert sorted(await job_ids_by_message(conn)) == sorted(
+    assert sorted(await event_ids_by_message(conn)) == sorted(
         r.message_id for r in results if r.accepted)
     counters = producer.counters
     assert (counters.accepted, counters.rejected, counters.batches) == (4, 2, 1)
@@ -163,9 +162,10 @@ async def test_a_batch_the_server_refuses_whole_is_split_until_the_good_events_g
         results = await answers([producer.send(user_id="u1", event="e", properties={"i": i})
                                  for i in range(20)])
     assert all(r.accepted for r in results)
-    stored = await job_ids_by_message(conn)
-    job_ids = [stored[r.message_id][0] for r in results]
-    assert job_ids == sorted(job_ids)  # the halves went in send() order
+    stored = await event_ids_by_message(conn)
+    event_ids = [stored[r.message_id] for r in results]
+    assert event_ids == [r.event_id for r in results]
+    assert event_ids == sorted(event_ids)  # the halves went in send() order
 
 
 @pytest.mark.parametrize(
@@ -207,7 +207,7 @@ async def test_a_timestamp_and_context_reach_the_stored_event(
             properties={"path": "/"}, context={"library": {"name": "relayq"}},
             timestamp=datetime(2026, 3, 1, 12, 30, tzinfo=UTC))
         assert (await handle).accepted
-    cur = await conn.execute("SELECT user_id, payload FROM jobs")
+    cur = await conn.execute("SELECT user_id, document::jsonb FROM events")
     user_id, payload = await cur.fetchone() or (None, None)
     assert user_id == "anon-7"
     assert payload["timestamp"] == "2026-03-01T12:30:00Z"
@@ -227,8 +227,8 @@ async def test_the_async_producer_keeps_each_users_events_in_send_order(
         results = await asyncio.gather(*handles)
         assert await producer.flush(10)
     assert all(r.accepted for r in results)
-    cur = await conn.execute("SELECT user_id, (payload->'properties'->>'seq')::int FROM jobs"
-                             " ORDER BY job_id")
+    cur = await conn.execute("SELECT user_id, (document::jsonb->'properties'->>'seq')::int"
+                             " FROM events ORDER BY event_id")
     by_user: dict[str, list[int]] = {}
     for user, seq in await cur.fetchall():
         by_user.setdefault(user, []).append(seq)
@@ -325,7 +325,8 @@ async def test_a_blocked_send_goes_on_once_ingest_takes_the_buffer(
         results = await answers(handles)
     assert all(r.accepted for r in results)
     assert producer.counters.retried >= 5
-    cur = await conn.execute("SELECT (payload->'properties'->>'i')::int FROM jobs ORDER BY job_id")
+    cur = await conn.execute("SELECT (document::jsonb->'properties'->>'i')::int FROM events"
+                             " ORDER BY event_id")
     assert [r[0] for r in await cur.fetchall()] == list(range(6))
 
 
@@ -342,7 +343,7 @@ async def test_close_sends_what_is_buffered_without_waiting_for_the_linger(
         assert all(h.done() and h.result().accepted for h in handles)
     with pytest.raises(ProducerClosed):
         producer.send(user_id="u1", event="e")
-    cur = await conn.execute("SELECT count(*) FROM jobs")
+    cur = await conn.execute("SELECT count(*) FROM events")
     assert (await cur.fetchone() or [0])[0] == 30
 
 
@@ -359,7 +360,7 @@ async def test_close_at_interpreter_exit_delivers_what_a_script_sent(
             stderr=asyncio.subprocess.PIPE)
         _, stderr = await asyncio.wait_for(child.communicate(), 60)
     assert child.returncode == 0, stderr.decode()
-    cur = await conn.execute("SELECT count(*) FROM jobs")
+    cur = await conn.execute("SELECT count(*) FROM events")
     assert (await cur.fetchone() or [0])[0] == 25
 
 

@@ -88,10 +88,10 @@ async def test_kill_9_of_ingest_mid_stream_loses_nothing_doubles_nothing_reorder
 
     # Stored exactly once each: de-duplication caught every retry of a committed batch.
     cur = await world.conn.execute(
-        "SELECT count(*), count(DISTINCT message_id) FROM jobs")
+        "SELECT count(*), count(DISTINCT message_id) FROM events")
     assert await cur.fetchone() == (EVENTS, EVENTS)
     sent_ids = [r.message_id for r in results]
-    cur = await world.conn.execute("SELECT message_id FROM jobs")
+    cur = await world.conn.execute("SELECT message_id FROM events")
     assert sorted(r[0] for r in await cur.fetchall()) == sorted(sent_ids)
 
     # Each user's events reached the sink in send() order (first delivery of each event;

@@ -23,6 +23,7 @@ from urllib.request import urlopen
 import grpc
 import pytest
 
+from jobsdb.keyspace import job_id
 from relayq.ports import free_port
 from relayq.v1 import admin_pb2, admin_pb2_grpc, common_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.browser import BackgroundLoop, Browser, require_chromium
@@ -59,7 +60,9 @@ class Relayq:
     def send(self, message_id: str, user: str, *, key: str = "") -> list[int]:
         answer = self.ingest.Ingest(ingest_pb2.IngestRequest(events=[event(message_id, user)]),
                                     metadata=auth(key or self.write_key), timeout=10)
-        return list(answer.results[0].job_ids)
+        # Each source has one connection (slot 1): the event's one job.
+        result = answer.results[0]
+        return [job_id(result.event_id, 1)] if result.event_id else []
 
     def state(self, job_id: int) -> int:
         return self.admin.GetJob(admin_pb2.GetJobRequest(job_id=job_id), metadata=OPERATOR,

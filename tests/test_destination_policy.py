@@ -183,12 +183,21 @@ async def add(world: World, kind: str, destination_id: str, url: str) -> None:
 
 
 async def attempts(world: World) -> dict[str, list[tuple[str, str, str]]]:
-    """Each destination's attempts in order: (state, error code, response)."""
+    """Each destination's attempts in order: (state, error code, response). A job's history
+    is in job_statuses once it has a row; a first attempt that went well is a delivery."""
     cur = await world.conn.execute(
-        "SELECT d.id, s.state::text, coalesce(s.error_code, ''), coalesce(s.response, '')"
-        " FROM job_statuses s JOIN jobs j USING (job_id)"
-        " JOIN destinations d ON d.destination_key = j.destination_key"
-        " ORDER BY s.job_id, s.attempt")
+        "SELECT d.id, a.state, a.code, a.response FROM ("
+        "  SELECT s.job_id, s.attempt, j.destination_key, s.state::text AS state,"
+        "         coalesce(s.error_code, '') AS code, coalesce(s.response, '') AS response"
+        "  FROM job_statuses s JOIN jobs j USING (job_id)"
+        "  UNION ALL"
+        "  SELECT (x.event_id << 16) | c.slot, 1, l.destination_key, 'succeeded', '', ''"
+        "  FROM deliveries l CROSS JOIN LATERAL unnest(l.event_ids) AS x(event_id)"
+        "  JOIN events e ON e.event_id = x.event_id"
+        "  JOIN connections c ON c.source_key = e.source_key"
+        "   AND c.destination_key = l.destination_key) a"
+        " JOIN destinations d ON d.destination_key = a.destination_key"
+        " ORDER BY a.job_id, a.attempt")
     found: dict[str, list[tuple[str, str, str]]] = {}
     for destination_id, state, code, response in await cur.fetchall():
         found.setdefault(destination_id, []).append((state, code, response))
@@ -210,10 +219,11 @@ async def delivered(kind: str, world: World, stream: Subject | None) -> set[str]
             await client.close()
         return {subject.split(".")[1] for subject in subjects}
     cur = await world.conn.execute(
-        "SELECT j.job_id, d.id FROM jobs j JOIN destinations d USING (destination_key)")
-    by_job = dict(await cur.fetchall())
+        "SELECT c.slot, d.id FROM connections c JOIN destinations d USING (destination_key)"
+        " WHERE c.source_key = %s", (world.source.key,))
+    by_slot = dict(await cur.fetchall())
     sink = world.webhook if kind == "webhook" else world.grpc_sink
-    return {by_job[r.job_id] for r in sink.received}
+    return {by_slot[r.job_id & 0xFFFF] for r in sink.received}
 
 
 # --- the matrix ------------------------------------------------------------------------------

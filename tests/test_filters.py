@@ -17,6 +17,8 @@ from filterlang.nodes import And, Compare, Field, InList, IsNull, Like, Node, No
 from filterlang.parser import MAX_LENGTH
 from jobsdb import filters
 from jobsdb.filters import Compiled, compile_filter, parse
+from jobsdb.keyspace import job_id, partition_of
+from jobsdb.sqlfile import query
 
 _LONG_IN = "job_id IN (" + ",".join(str(i) for i in range(1001)) + ")"
 _AT_1001ST = len("job_id IN (" + ",".join(str(i) for i in range(1000)) + ",") + 1
@@ -186,7 +188,10 @@ def test_the_brief_example_compiles_to_parameters_only() -> None:
 # Against Postgres.
 # ---------------------------------------------------------------------------------------------
 
-# job_id, destination, source, state, attempts, user, message, error, created_at, payload
+# Jobs 1-5 (labels: their ids are (event_id << 16) | slot, see JOB_IDS), each of its own
+# event: label, destination, source, state, attempts, user, message, error, created_at,
+# payload. Failed, waiting and aborted jobs have rows; the pending and the succeeded one are
+# derived from the log (no row), as most jobs are.
 JOBS: list[tuple[int, str, str, str, int, str, str, str | None, str, str]] = [
     (1, "d1", "web", "pending", 0, "u1", "m1", None, "2026-10-01T00:00:00Z",
      '{"event": "Order Completed", "total": 10, "vip": true, "items": [{"sku": "a"}]}'),
@@ -199,6 +204,12 @@ JOBS: list[tuple[int, str, str, str, int, str, str, str | None, str, str]] = [
     (5, "d1", "app", "aborted", 5, "u4", "m5", "http_404", "2026-11-05T12:00:00+02:00",
      '{"event": "it\'s", "total": -3, "items": []}'),
 ]
+# Connections in the order they are made: a connection's slot is its number in its source.
+CONNECTIONS = [("web", "d1"), ("app", "d2"), ("app", "d1"), ("api", "d3")]
+SLOTS = {("web", "d1"): 1, ("app", "d2"): 1, ("app", "d1"): 2, ("api", "d3"): 1}
+# Job label -> job id: event `label`, at its destination's connection.
+JOB_IDS = {job[0]: job_id(job[0], SLOTS[job[2], job[1]]) for job in JOBS}
+LABELS = {v: k for k, v in JOB_IDS.items()}
 
 
 def _seed(conn: psycopg.Connection[Any]) -> None:
@@ -213,19 +224,44 @@ def _seed(conn: psycopg.Connection[Any]) -> None:
         " SELECT d, t.tenant_key, 'webhook', 'http://127.0.0.1:9/' FROM tenants t,"
         " (VALUES ('d1', 'acme'), ('d2', 'acme'), ('d3', 'globex')) v(d, tenant)"
         " WHERE t.id = v.tenant")
+    for source, destination in CONNECTIONS:
+        conn.execute(
+            "INSERT INTO connections (source_key, destination_key)"
+            " SELECT s.source_key, d.destination_key FROM sources s, destinations d"
+            " WHERE s.id = %s AND d.id = %s", (source, destination))
     for job in JOBS:
-        job_id, destination, source, state, attempts, user, message, error, created, doc = job
+        label, destination, source, state, attempts, user, message, error, created, doc = job
+        # Each event names its one destination: its source's other connections get nothing.
+        conn.execute(
+            """
+            INSERT INTO events (event_id, created_at, source_key, tenant_key,
+                                ordering_partition, user_id, message_id, destinations, document)
+            SELECT %s, %s, s.source_key, s.tenant_key, %s, %s, %s,
+                   ARRAY[(SELECT destination_key FROM destinations WHERE id = %s)], %s
+            FROM sources s WHERE s.id = %s
+            """,
+            (label, created, partition_of(user, 64), user, message, destination, doc, source),
+        )
+        if state == "pending":
+            continue  # above every cursor (the frontiers are 0)
+        if state == "succeeded":
+            # Its destination's cursor in the user's partition has passed it.
+            conn.execute(
+                "INSERT INTO destination_cursors (destination_key, partition, position)"
+                " SELECT destination_key, %s, %s FROM destinations WHERE id = %s",
+                (partition_of(user, 64), label, destination))
+            continue
         conn.execute(
             """
             INSERT INTO jobs (job_id, destination_key, tenant_key, source_key,
                               ordering_partition, state, attempts, user_id, message_id,
-                              error_code, created_at, updated_at, payload)
-            SELECT %s, d.destination_key, d.tenant_key, s.source_key, 0, %s, %s, %s, %s,
-                   %s, %s, %s, %s
+                              error_code, created_at, updated_at)
+            SELECT %s, d.destination_key, d.tenant_key, s.source_key, %s, %s, %s, %s, %s,
+                   %s, %s, %s
             FROM destinations d, sources s WHERE d.id = %s AND s.id = %s
             """,
-            (job_id, state, attempts, user, message, error, created, created, doc,
-             destination, source),
+            (JOB_IDS[label], partition_of(user, 64), state, attempts, user, message, error,
+             created, created, destination, source),
         )
 
 
@@ -237,13 +273,26 @@ def jobs_db(database: str) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
+# Every job as operators see it (jobsdb/sql/jobs.sql `view`: rows and the log), unnarrowed.
+VIEW = sql.SQL(query("jobs.sql", "view")).format(
+    rows=sql.SQL("true"), log=sql.SQL("true"), subscribed=sql.SQL("true"))
+
+
 def select_ids(conn: psycopg.Connection[Any], compiled: Compiled | None) -> list[int]:
     if compiled is None:
-        return [r[0] for r in conn.execute("SELECT job_id FROM jobs ORDER BY job_id")]
+        query_ = sql.SQL("SELECT j.job_id FROM {} j ORDER BY 1").format(VIEW)
+        return [r[0] for r in conn.execute(query_)]
     # The way the admin service uses it: the fragment ANDed with more conditions.
-    query = sql.SQL("SELECT j.job_id FROM jobs j WHERE {} AND j.job_id > %s ORDER BY 1").format(
-        compiled.where)
-    return [r[0] for r in conn.execute(query, [*compiled.params, 0])]
+    query_ = sql.SQL("SELECT j.job_id FROM {} j WHERE {} AND j.job_id > %s ORDER BY 1").format(
+        VIEW, compiled.where)
+    return [r[0] for r in conn.execute(query_, [*compiled.params, 0])]
+
+
+def test_the_seeded_jobs_are_what_operators_see(jobs_db: psycopg.Connection[Any]) -> None:
+    """Rows and the log together: each seeded job once, in its state, and no other."""
+    view = sql.SQL("SELECT j.job_id, j.state::text, j.attempts FROM {} j ORDER BY 1").format(VIEW)
+    assert [(LABELS[r[0]], r[1], r[2]) for r in jobs_db.execute(view)] == [
+        (job[0], job[3], job[4]) for job in JOBS]
 
 
 SELECTIONS: list[tuple[str, list[int]]] = [
@@ -260,8 +309,8 @@ SELECTIONS: list[tuple[str, list[int]]] = [
     ("destination > 'd1'", [3, 4]),
     ("state != 'pending'", [2, 3, 4, 5]),
     ("state NOT IN ('pending', 'aborted')", [2, 3, 4]),
-    ("job_id IN (1, 3, 99)", [1, 3]),
-    ("job_id NOT IN (1, 3)", [2, 4, 5]),
+    (f"job_id IN ({JOB_IDS[1]}, {JOB_IDS[3]}, 99)", [1, 3]),
+    (f"job_id NOT IN ({JOB_IDS[1]}, {JOB_IDS[3]})", [2, 4, 5]),
     ("attempts >= 4 OR attempts < 1", [1, 3, 5]),
     ("user_id = 'u1'", [1, 3]),
     ("user_id LIKE 'u_' AND message_id NOT LIKE 'm_'", []),
@@ -309,7 +358,8 @@ SELECTIONS: list[tuple[str, list[int]]] = [
 
 
 def test_filters_select_exactly_the_expected_jobs(jobs_db: psycopg.Connection[Any]) -> None:
-    got = {text: select_ids(jobs_db, compile_filter(text)) for text, _ in SELECTIONS}
+    got = {text: [LABELS[j] for j in select_ids(jobs_db, compile_filter(text))]
+           for text, _ in SELECTIONS}
     assert got == dict(SELECTIONS)
 
 

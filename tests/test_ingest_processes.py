@@ -40,9 +40,9 @@ async def test_an_acknowledged_batch_survives_kill_9_right_after_the_ack(
     finally:
         service.close()
     assert response.accepted == 100
-    acked = sorted(j for r in response.results for j in r.job_ids)
-    cur = await conn.execute("SELECT job_id FROM jobs ORDER BY job_id")
-    assert [r[0] for r in await cur.fetchall()] == acked
+    acked = [(r.event_id, r.message_id) for r in response.results]
+    cur = await conn.execute("SELECT event_id, message_id FROM events ORDER BY event_id")
+    assert await cur.fetchall() == acked
 
 
 async def test_one_message_id_sent_to_two_ingest_processes_at_once_is_stored_once(
@@ -64,9 +64,9 @@ async def test_one_message_id_sent_to_two_ingest_processes_at_once_is_stored_onc
         first.close()
         second.close()
     cur = await conn.execute(
-        "SELECT message_id, count(*) FROM jobs GROUP BY message_id HAVING count(*) > 1")
+        "SELECT message_id, count(*) FROM events GROUP BY message_id HAVING count(*) > 1")
     assert await cur.fetchall() == []
-    assert await count(conn, "jobs") == 30
+    assert await count(conn, "events") == 30
 
 
 @pytest.mark.process
@@ -92,7 +92,8 @@ async def test_sigterm_drains_requests_in_flight(
     finally:
         service.close()
     assert all(a.accepted == 1 for a in answers)
-    assert await count(conn, "jobs") == 20
+    cur = await conn.execute("SELECT event_id FROM events ORDER BY event_id")
+    assert [r[0] for r in await cur.fetchall()] == sorted(a.results[0].event_id for a in answers)
 
 
 async def test_postgres_unreachable_is_unavailable_and_ingest_recovers_by_itself(
@@ -130,5 +131,5 @@ async def test_postgres_unreachable_is_unavailable_and_ingest_recovers_by_itself
         assert again is not None, "ingest did not recover after Postgres came back"
         assert again.results[0].status == Status.ACCEPTED
     await proxy.cut()
-    cur = await conn.execute("SELECT message_id FROM jobs ORDER BY job_id")
+    cur = await conn.execute("SELECT message_id FROM events ORDER BY event_id")
     assert [r[0] for r in await cur.fetchall()] == ["m1", "m2"]

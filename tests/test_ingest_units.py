@@ -41,7 +41,9 @@ def test_the_document_carries_the_envelope_and_the_properties() -> None:
     event = build(message_id="m1", user_id="u1", anonymous_id="a1", type="track",
                   event="Signed Up", payload_json='{"plan": "pro", "n": 10000000000000000000001}')
     assert event.user_id == "u1"
-    assert event.destination_keys == (10, 11)
+    # Named none: for every connection of the source, which the routers look up when they
+    # read the event (ingest no longer lists the connected destinations per event).
+    assert event.destinations is None
     assert json.loads(event.document) == {
         "messageId": "m1", "type": "track", "event": "Signed Up", "userId": "u1",
         "anonymousId": "a1", "timestamp": NOW, "receivedAt": NOW,
@@ -144,7 +146,7 @@ def test_an_escaped_backslash_before_u0000_is_not_a_nul() -> None:
 
 def test_named_destinations_are_deduplicated_in_order() -> None:
     event = build(message_id="m", user_id="u", destination_ids=["d2", "d1", "d2"])
-    assert event.destination_keys == (11, 10)
+    assert event.destinations == (11, 10)
 
 
 def test_prepare_collects_per_event_reasons_and_refuses_bad_batches() -> None:
@@ -180,7 +182,7 @@ async def test_requests_arriving_together_share_one_flush() -> None:
     async def store(events: Sequence[NewEvent]) -> list[Stored]:
         flushes.append(len(events))
         await asyncio.sleep(0.01)
-        return [Stored(duplicate=False, job_ids=[1]) for _ in events]
+        return [Stored(duplicate=False, event_id=1) for _ in events]
 
     committer = GroupCommitter(store, delay=0.02, max_jobs=1000, concurrency=1)
     committer.start()
@@ -202,7 +204,7 @@ async def test_an_idle_committer_flushes_a_request_at_once() -> None:
         flushes.append(len(events))
         if len(flushes) == 1:
             await release.wait()
-        return [Stored(duplicate=False, job_ids=[1]) for _ in events]
+        return [Stored(duplicate=False, event_id=1) for _ in events]
 
     committer = GroupCommitter(store, delay=10.0, max_jobs=1000, concurrency=1,
                                light_max_jobs=0)
@@ -216,6 +218,27 @@ async def test_an_idle_committer_flushes_a_request_at_once() -> None:
     await asyncio.wait_for(asyncio.gather(first, *later), 5)
     await committer.close()
     assert flushes == [1, 3]  # the three that came meanwhile shared the next flush
+
+
+async def test_a_store_that_fails_unexpectedly_fails_its_requests_at_once() -> None:
+    """A fault that is not Postgres's answer (a bug) must not leave clients waiting for
+    their deadlines with nothing left to answer them; the committer goes on."""
+    calls = 0
+
+    async def store(events: Sequence[NewEvent]) -> list[Stored]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TypeError("a bug")
+        return [Stored(duplicate=False, event_id=n + 1) for n, _ in enumerate(events)]
+
+    committer = GroupCommitter(store, delay=0.01, max_jobs=1000, concurrency=1)
+    committer.start()
+    with pytest.raises(TypeError, match="a bug"):
+        await asyncio.wait_for(committer.submit(_events(2)), 5)
+    assert await asyncio.wait_for(committer.submit(_events(1)), 5) == [
+        Stored(duplicate=False, event_id=1)]
+    await committer.close()
 
 
 async def test_a_flush_never_takes_more_than_max_jobs() -> None:
@@ -252,7 +275,7 @@ class _HeldStore:
         async with self._changed:
             self._changed.notify_all()
         await gate.wait()
-        return [Stored(duplicate=False, job_ids=[1]) for _ in events]
+        return [Stored(duplicate=False, event_id=1) for _ in events]
 
     async def started(self, count: int) -> None:
         async with self._changed:
@@ -466,7 +489,7 @@ class _RefusingCommitter:
         if refused:
             raise EventsRefused(refused)
         self.stored.append([e.message_id for e in events])
-        return [Stored(duplicate=False, job_ids=[n]) for n, _ in enumerate(events)]
+        return [Stored(duplicate=False, event_id=n + 1) for n, _ in enumerate(events)]
 
 
 @pytest.mark.parametrize("partial", [False, True])

@@ -15,6 +15,7 @@ from jobsdb import dedupe, destinations, errors, jobs, maintenance, migrate, par
 from jobsdb.ingest import NewEvent, store_events
 from jobsdb.keyspace import partition_of
 from tests import factories
+from tests.helpers import count
 
 
 async def test_three_processes_migrating_at_once_apply_each_migration_once(
@@ -47,13 +48,20 @@ async def test_prepare_gives_up_on_an_unreachable_database_naming_the_wait() -> 
 
 
 async def test_partitions_are_created_ahead_of_the_sequence(conn: AsyncConnection[Any]) -> None:
-    created = await partitions.ensure(conn, upto_job_id=3_500_000)
-    # 3,500,000 is in partition 3; two more are kept ready beyond it.
+    created = await partitions.ensure(conn, upto_event_id=3_500_000)
+    # Event 3,500,000 is in partition 3; two more are kept ready beyond it. The log, the
+    # deliveries of its events, and the rows and history of their jobs go together.
     assert created == [
-        "jobs_p00000003", "jobs_p00000004", "jobs_p00000005",
-        "job_statuses_p00000003", "job_statuses_p00000004", "job_statuses_p00000005",
-    ]
-    assert await partitions.ensure(conn, upto_job_id=3_500_000) == []
+        f"{table}_p{n:08d}" for table in ("events", "deliveries", "jobs", "job_statuses")
+        for n in (3, 4, 5)]
+    assert await partitions.ensure(conn, upto_event_id=3_500_000) == []
+    cur = await conn.execute(
+        "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = ANY(%s)"
+        " ORDER BY relname", (["events_p00000003", "jobs_p00000003"],))
+    # A job's id is its event's << 16: partition n of jobs holds partition n's events' jobs.
+    assert [r[0] for r in await cur.fetchall()] == [
+        "FOR VALUES FROM ('3000000') TO ('4000000')",
+        f"FOR VALUES FROM ('{3_000_000 << 16}') TO ('{4_000_000 << 16}')"]
 
 
 async def test_writing_past_the_last_partition_is_a_missing_partition_error(
@@ -101,11 +109,12 @@ async def test_a_key_is_a_duplicate_for_the_whole_window_and_forgotten_after(
     assert not await accepted("resent")
 
 
-async def test_a_flush_writes_a_job_per_destination_in_input_order_with_its_partition(
+async def test_a_flush_writes_each_new_event_once_in_input_order_with_its_partition(
     conn: AsyncConnection[Any],
 ) -> None:
-    """Fan-out, destination order, an event for no destination, a duplicate within the flush
-    and one already seen: ids follow input order, each job in its ordering partition."""
+    """Named destinations (in the order named), an event for every connection, a duplicate
+    within the flush and one already seen: each new event is one row of the log, ids follow
+    input order, each in its user's ordering partition, the document as given; no job rows."""
     tenant = await factories.tenant(conn)
     source = await factories.source(conn, tenant)
     d1 = await factories.destination(conn, tenant, "d1")
@@ -116,26 +125,30 @@ async def test_a_flush_writes_a_job_per_destination_in_input_order_with_its_part
     events = [
         NewEvent(source.key, tenant, "e1", "alice", '{"n": 1}', (d1, d2)),
         NewEvent(source.key, tenant, "seen", "u0", "{}", (d1,)),
-        NewEvent(source.key, tenant, "e2", "bob", '{"n": 2}', ()),
+        NewEvent(source.key, tenant, "e2", "bob", '{"n":  2}'),
         NewEvent(source.key, tenant, "e1", "alice", '{"n": 1}', (d1, d2)),
         NewEvent(source.key, tenant, "e3", "carol", '{"n": 3}', (d2, d1)),
     ]
     async with conn.transaction():
         stored = await store_events(conn, events, ordering_partitions=64)
     assert [s.duplicate for s in stored] == [False, True, False, True, False]
-    assert [len(s.job_ids) for s in stored] == [2, 0, 0, 0, 2]
-    ids = stored[0].job_ids + stored[4].job_ids
+    assert [s.event_id is None for s in stored] == [False, True, False, True, False]
+    ids = [s.event_id for s in stored if s.event_id is not None]
     assert ids == sorted(ids)
     cur = await conn.execute(
-        "SELECT job_id, destination_key, ordering_partition, user_id, message_id, payload"
-        " FROM jobs WHERE job_id = ANY(%s) ORDER BY job_id", (ids,))
+        "SELECT event_id, source_key, tenant_key, ordering_partition, user_id, message_id,"
+        " destinations, document FROM events WHERE event_id = ANY(%s) ORDER BY event_id",
+        (ids,))
     assert await cur.fetchall() == [
-        (ids[0], d1, partition_of(d1, "alice", 64), "alice", "e1", {"n": 1}),
-        (ids[1], d2, partition_of(d2, "alice", 64), "alice", "e1", {"n": 1}),
-        (ids[2], d2, partition_of(d2, "carol", 64), "carol", "e3", {"n": 3}),
-        (ids[3], d1, partition_of(d1, "carol", 64), "carol", "e3", {"n": 3}),
+        (ids[0], source.key, tenant, partition_of("alice", 64), "alice", "e1", [d1, d2],
+         '{"n": 1}'),
+        (ids[1], source.key, tenant, partition_of("bob", 64), "bob", "e2", None, '{"n":  2}'),
+        (ids[2], source.key, tenant, partition_of("carol", 64), "carol", "e3", [d2, d1],
+         '{"n": 3}'),
     ]
-    # The event for no destination claimed its id all the same.
+    assert await count(conn, "events") == 4  # with "seen"
+    assert await count(conn, "jobs") == 0
+    # A new sighting of a stored event is a duplicate whatever destinations it names.
     async with conn.transaction():
         (again,) = await store_events(
             conn, [NewEvent(source.key, tenant, "e2", "bob", "{}", (d1,))],
@@ -154,10 +167,11 @@ async def test_maintenance_runs_in_one_process_at_a_time(database: str) -> None:
 
 
 def test_ordering_partitions_are_stable_and_spread() -> None:
-    # Fixed values: a change here would move keys between routers across an upgrade.
-    assert partition_of(1, "alice", 64) == partition_of(1, "alice", 64)
-    assert partition_of(7, "user-42", 64) == 13
-    spread = {partition_of(1, f"user-{i}", 64) for i in range(2000)}
+    # Fixed values: a change here would move keys between routers across an upgrade (and
+    # away from the partition the log already holds a user's events in).
+    assert partition_of("alice", 64) == partition_of("alice", 64) == 50
+    assert partition_of("user-42", 64) == 7
+    spread = {partition_of(f"user-{i}", 64) for i in range(2000)}
     assert len(spread) == 64
 
 
@@ -220,10 +234,14 @@ async def test_destinations_load_again_only_when_something_they_hold_changed(
         database: str, conn: AsyncConnection[Any]) -> None:
     """The router's reload: a digest of what load_all reads says whether to make the rows
     again; any change is seen, one undone later included, and a signing secret expiring."""
-    async def reload(last: str | None) -> tuple[str, dict[int, Any]] | None:
+    versions: list[int] = []
+
+    async def reload(last: str | None) -> destinations.Loaded | None:
         async with await psycopg.AsyncConnection.connect(database) as reader, \
                 reader.transaction():
-            return await destinations.load_if_changed(reader, last)
+            version, loaded = await destinations.load_if_changed(reader, last)
+        versions.append(version)
+        return loaded
 
     first = await reload(None)
     assert first is not None
@@ -236,7 +254,7 @@ async def test_destinations_load_again_only_when_something_they_hold_changed(
                        " VALUES (%s, 'whsec_AAAA')", (key,))
     created = await reload(first[0])
     assert created is not None
-    digest, rows = created
+    digest, rows, _ = created
     assert [s.secret for s in rows[key].signing_secrets] == ["whsec_AAAA"]
     assert await reload(digest) is None
 
@@ -255,3 +273,21 @@ async def test_destinations_load_again_only_when_something_they_hold_changed(
     expired = await reload(digest)
     assert expired is not None
     assert expired[1][key].signing_secrets == ()
+
+    # Routers fan events out along connections when they read the log: a connection made,
+    # its filter changed or the connection disabled is a change to load too.
+    source = await factories.source(conn, tenant)
+    await factories.connect(conn, source.key, key)
+    connected = await reload(expired[0])
+    assert connected is not None
+    assert connected.connections == [destinations.Connection(source.key, key, 1, None)]
+    await conn.execute("UPDATE connections SET event_filter = %s", ("type = 'track'",))
+    filtered = await reload(connected.digest)
+    assert filtered is not None
+    assert filtered.connections == [destinations.Connection(source.key, key, 1, "type = 'track'")]
+    await conn.execute("UPDATE connections SET enabled = false")
+    disabled = await reload(filtered.digest)
+    assert disabled is not None
+    assert disabled.connections == []
+    # And each of those three moved the connections' version, which reads of the log check.
+    assert versions[-4] < versions[-3] < versions[-2] < versions[-1]

@@ -629,7 +629,7 @@ async def test_kill_9_mid_delivery_leaves_every_event_once_in_order_at_the_strea
     async with ingest(world.database) as service:
         ids = await send(service, world.source, events)
     async with await AsyncConnection.connect(database) as blocker:
-        await blocker.execute("LOCK TABLE job_statuses IN SHARE MODE")
+        await blocker.execute("LOCK TABLE deliveries IN SHARE MODE")
         first = router_process(world.database)
         try:
             await stream.wait_for(150)

@@ -1,5 +1,7 @@
-"""Old job partitions: dropped when finished and quiet, compacted when a few unfinished jobs
-would keep them; scanned only when first seen finished and when due."""
+"""Old partitions of the event log (events, deliveries, job rows and their history, numbered
+alike): dropped once every cursor has read them, their jobs are finished and nothing changed
+for the retention period; compacted when a few unfinished jobs would keep them; scanned only
+when first seen finished and when due."""
 
 from __future__ import annotations
 
@@ -13,18 +15,30 @@ from psycopg import AsyncConnection
 from jobsdb import partitions
 from tests.factories import insert_jobs
 from tests.helpers import event
-from tests.pipeline import World, send, wait_until_finished
+from tests.pipeline import World, recorded_attempts, send, wait_until_finished
+from tests.poll import eventually
 from tests.services import ingest, router
 from tests.sinks import OK, Answer, Received
 
 DAY = timedelta(days=1)
-P0 = "jobs_p00000000"
+P0 = "events_p00000000"
+GROUP_0 = ["events_p00000000", "deliveries_p00000000", "jobs_p00000000",
+           "job_statuses_p00000000"]
 
 
-async def _age_partition_0(conn: AsyncConnection[Any]) -> None:
-    """Move the sequence three partitions on, so partition 0 is no longer among the newest."""
-    await partitions.ensure(conn, upto_job_id=3_000_000)
-    await conn.execute("SELECT setval('jobs_job_id_seq', 3000000)")
+async def _age_partition_0(conn: AsyncConnection[Any], *, read: bool = True) -> None:
+    """Move the sequence three partitions on, so partition 0 is no longer among the newest;
+    and (unless told otherwise) every cursor past it, as routers that read it leave them."""
+    await partitions.ensure(conn, upto_event_id=3_000_000)
+    await conn.execute("SELECT setval('events_event_id_seq', 3000000)")
+    if read:
+        await conn.execute("UPDATE router_leases SET frontier = 3000000")
+
+
+async def _quiet(conn: AsyncConnection[Any], ago: str = "2 days") -> None:
+    """Nothing happened in partition 0 for this long: its events and job rows are as old."""
+    await conn.execute("UPDATE events SET created_at = now() - %s::interval", (ago,))
+    await conn.execute("UPDATE jobs SET updated_at = now() - %s::interval", (ago,))
 
 
 async def _scans(conn: AsyncConnection[Any], table: str = P0) -> int:
@@ -48,8 +62,8 @@ async def test_a_finished_partition_goes_once_quiet_for_the_retention_period(
     conn: AsyncConnection[Any],
 ) -> None:
     old = await insert_jobs(conn, 3, start=10)
-    await conn.execute(
-        "UPDATE jobs SET state = 'succeeded', updated_at = now() - interval '2 days'")
+    await conn.execute("UPDATE jobs SET state = 'succeeded'")
+    await _quiet(conn)
     await _age_partition_0(conn)
 
     swept = await partitions.sweep(conn, retention=3 * DAY, compact_below=10)
@@ -57,18 +71,47 @@ async def test_a_finished_partition_goes_once_quiet_for_the_retention_period(
     assert await _watch(conn) == (True, False)
     storage = await partitions.storage(conn)
     assert (storage.finished, storage.sparse) == (1, 0)
-    assert storage.partitions == {"jobs": 6, "job_statuses": 6}  # 0-2, then 3-5 ahead
+    # 0-2, then 3-5 ahead, of each table.
+    assert storage.partitions == {"events": 6, "deliveries": 6, "jobs": 6, "job_statuses": 6}
     await conn.execute("UPDATE jobs SET state = 'pending' WHERE job_id = %s", (old[0],))
     swept = await partitions.sweep(conn, retention=DAY, compact_below=10)
     assert swept.dropped == []  # unfinished
     assert await _watch(conn) == (False, True)
     await conn.execute("UPDATE jobs SET state = 'aborted' WHERE job_id = %s", (old[0],))
-    await conn.execute("UPDATE jobs SET updated_at = now() - interval '2 days'")
+    await _quiet(conn)
     swept = await partitions.sweep(conn, retention=DAY, compact_below=10)
-    assert swept.dropped == ["jobs_p00000000", "job_statuses_p00000000"]
-    cur = await conn.execute("SELECT count(*) FROM jobs")
-    assert (await cur.fetchone() or [None])[0] == 0
+    assert swept.dropped == GROUP_0
+    for table in ("events", "jobs"):
+        cur = await conn.execute(f"SELECT count(*) FROM {table}")
+        assert (await cur.fetchone() or [None])[0] == 0
     assert await _watch(conn) is None  # the note went with the partition
+
+
+async def test_a_partition_goes_only_once_every_cursor_has_read_it(
+    conn: AsyncConnection[Any],
+) -> None:
+    """The events of a partition are kept for as long as any cursor is below them: the
+    frontier of an ordering partition no router has read that far, or the cursor of a
+    destination that lags (paused, say). A destination no connection feeds any more holds
+    nothing back: its cursors are forgotten."""
+    await insert_jobs(conn, 3, start=10)
+    await conn.execute("UPDATE jobs SET state = 'succeeded'")
+    await _quiet(conn)
+    await _age_partition_0(conn, read=False)
+    await conn.execute("UPDATE router_leases SET frontier = 3000000 WHERE partition <> 7")
+    await conn.execute("UPDATE router_leases SET frontier = 999998 WHERE partition = 7")
+    # One event short of the end of partition 0 (ids 0 to 999999) in one ordering partition.
+    assert (await partitions.sweep(conn, retention=DAY, compact_below=10)).dropped == []
+    await conn.execute("UPDATE router_leases SET frontier = 3000000")
+    cur = await conn.execute("SELECT destination_key FROM destinations")
+    (destination,) = [r[0] for r in await cur.fetchall()]
+    await conn.execute("INSERT INTO destination_cursors (destination_key, partition, position)"
+                       " VALUES (%s, 3, 12)", (destination,))
+    assert (await partitions.sweep(conn, retention=DAY, compact_below=10)).dropped == []
+    await conn.execute("UPDATE connections SET enabled = false")
+    assert (await partitions.sweep(conn, retention=DAY, compact_below=10)).dropped == GROUP_0
+    cur = await conn.execute("SELECT count(*) FROM destination_cursors")
+    assert await cur.fetchone() == (0,)
 
 
 async def test_a_finished_partition_is_read_when_first_seen_and_when_due_not_every_round(
@@ -86,7 +129,9 @@ async def test_a_finished_partition_is_read_when_first_seen_and_when_due_not_eve
 
     # Due by the note, but an operator retried a job meanwhile and it finished again: the
     # second look finds the change, and the partition waits for the retention period from it.
+    await conn.execute("UPDATE events SET created_at = now() - interval '2 days'")
     await conn.execute("UPDATE job_partitions SET finished_at = now() - interval '2 days'")
+    before = await _scans(conn) - 1  # the UPDATE read it
     swept = await partitions.sweep(conn, retention=DAY, compact_below=10)
     assert swept.dropped == []
     assert await _scans(conn) == before + 2
@@ -108,6 +153,7 @@ async def test_a_sparse_partition_is_compacted_keeping_unfinished_and_recent_job
     await conn.execute(
         "UPDATE jobs SET state = 'succeeded', attempts = 1,"
         " updated_at = now() - interval '2 days'")
+    await conn.execute("UPDATE events SET created_at = now() - interval '2 days'")
     await conn.execute(
         "INSERT INTO job_statuses (job_id, attempt, state, started_at, actor)"
         " SELECT job_id, 1, 'succeeded', now(), 'router:test' FROM jobs")
@@ -136,6 +182,9 @@ async def test_a_sparse_partition_is_compacted_keeping_unfinished_and_recent_job
     assert {k: before[k] for k in after} == after  # every column as it was
     cur = await conn.execute("SELECT job_id, attempt FROM job_statuses ORDER BY 1, 2")
     assert await cur.fetchall() == [(stuck, 1), (stuck, 2), (behind, 1), (recent, 1)]
+    # Their events stay, for their documents; the other events went.
+    cur = await conn.execute("SELECT event_id FROM events ORDER BY 1")
+    assert [r[0] for r in await cur.fetchall()] == [j >> 16 for j in (stuck, behind, recent)]
     assert await _size(conn) < size_before / 5  # what is left is mostly empty index pages
     # Compacted just now: the next rounds leave it alone.
     assert (await partitions.sweep(conn, retention=DAY, compact_below=10)).compacted == []
@@ -145,7 +194,7 @@ async def test_a_partition_with_many_unfinished_jobs_is_never_compacted(
     conn: AsyncConnection[Any],
 ) -> None:
     await insert_jobs(conn, 40, start=10)
-    await conn.execute("UPDATE jobs SET updated_at = now() - interval '2 days'")
+    await _quiet(conn)
     await conn.execute(
         "UPDATE jobs SET state = 'succeeded' WHERE job_id IN"
         " (SELECT job_id FROM jobs ORDER BY job_id LIMIT 30)")
@@ -163,8 +212,8 @@ async def test_a_partition_with_many_unfinished_jobs_is_never_compacted(
 async def _one_unfinished_in_100(conn: AsyncConnection[Any]) -> None:
     """Partition 0, old: 100 jobs, all but the first finished two days ago."""
     ids = await insert_jobs(conn, 100, start=10)
-    await conn.execute("UPDATE jobs SET state = 'succeeded',"
-                       " updated_at = now() - interval '2 days' WHERE job_id <> %s", (ids[0],))
+    await _quiet(conn)
+    await conn.execute("UPDATE jobs SET state = 'succeeded' WHERE job_id <> %s", (ids[0],))
     await _age_partition_0(conn)
 
 
@@ -215,20 +264,22 @@ async def test_a_compaction_given_up_on_waits_before_the_next_try(
 async def test_one_compaction_a_round(conn: AsyncConnection[Any]) -> None:
     for start in (10, 1_000_010):
         ids = await insert_jobs(conn, 50, start=start)
-        await conn.execute("UPDATE jobs SET state = 'succeeded', updated_at = now() -"
-                           " interval '2 days' WHERE job_id = ANY(%s)", (ids[1:],))
-    await partitions.ensure(conn, upto_job_id=4_000_000)
-    await conn.execute("SELECT setval('jobs_job_id_seq', 4000000)")
+        await conn.execute("UPDATE jobs SET state = 'succeeded' WHERE job_id = ANY(%s)",
+                           (ids[1:],))
+    await _quiet(conn)
+    await partitions.ensure(conn, upto_event_id=4_000_000)
+    await conn.execute("SELECT setval('events_event_id_seq', 4000000)")
+    await conn.execute("UPDATE router_leases SET frontier = 4000000")
     await partitions.sweep(conn, retention=DAY, compact_below=10)
     await conn.execute("UPDATE job_partitions SET sparse_at = now() - interval '2 days'")
     assert (await partitions.sweep(conn, retention=DAY, compact_below=10)).compacted == [P0]
     assert (await partitions.sweep(conn, retention=DAY, compact_below=10)).compacted == [
-        "jobs_p00000001"]
+        "events_p00000001"]
 
 
 async def _size(conn: AsyncConnection[Any]) -> int:
-    cur = await conn.execute("SELECT pg_total_relation_size('jobs_p00000000')"
-                             " + pg_total_relation_size('job_statuses_p00000000')")
+    cur = await conn.execute("SELECT sum(pg_total_relation_size(t))::bigint"
+                             " FROM unnest(%s::regclass[]) AS t", (GROUP_0,))
     return int((await cur.fetchone() or [0])[0])
 
 
@@ -252,15 +303,25 @@ async def test_a_router_delivering_from_a_partition_keeps_order_through_its_comp
 
     world.webhook.answer = answer
     sent = [event(f"m{i}", "stuck" if i % 10 == 3 else f"u{i % 7}") for i in range(300)]
-    async with ingest(world.database) as service, router(world.database):
+    async with ingest(world.database) as service, router(world.database) as relay:
         ids = await send(service, world.source, sent)
         stuck = [j for e, j in zip(sent, ids, strict=True) if e.user_id == "stuck"]
         await wait_until_finished(world.conn, len(ids) - len(stuck))
         await world.webhook.wait_for(
             lambda: sum(r.job_id == stuck[0] for r in world.webhook.received) >= 3)
-        await world.conn.execute(
-            "UPDATE jobs SET updated_at = now() - interval '2 days' WHERE state = 'succeeded'")
-        await _age_partition_0(world.conn)
+        engine = relay.app.engine
+        assert engine is not None
+        await world.conn.execute("UPDATE events SET created_at = now() - interval '2 days'")
+        await world.conn.execute("UPDATE deliveries SET recorded_at = now() - interval '2 days'")
+        await partitions.ensure(world.conn, upto_event_id=3_000_000)
+        await world.conn.execute("SELECT setval('events_event_id_seq', 3000000)")
+
+        async def read_past() -> bool:  # the router's frontiers follow the log's head
+            engine.log.wake()
+            cur = await world.conn.execute("SELECT min(frontier) FROM router_leases")
+            return (await cur.fetchone() or [0])[0] == 3_000_000
+
+        await eventually(read_past, what="every frontier past partition 0")
         assert (await partitions.sweep(world.conn, retention=DAY, compact_below=100)
                 ).compacted == []
         await world.conn.execute("UPDATE job_partitions SET sparse_at = now() - interval '2 days'")
@@ -275,10 +336,10 @@ async def test_a_router_delivering_from_a_partition_keeps_order_through_its_comp
         assert swept.compacted == [P0]
         cur = await world.conn.execute("SELECT count(*) FROM jobs")
         assert await cur.fetchone() == (len(stuck),)
+        cur = await world.conn.execute("SELECT count(*) FROM events")
+        assert await cur.fetchone() == (len(stuck),)
         failing = False
         await wait_until_finished(world.conn, len(stuck))
     assert [r.job_id for r in world.webhook.oks if r.user_id == "stuck"] == stuck
-    cur = await world.conn.execute(
-        "SELECT count(*) FROM job_statuses WHERE job_id = %s", (stuck[0],))
     attempts = sum(r.job_id == stuck[0] for r in world.webhook.received)
-    assert await cur.fetchone() == (attempts,)
+    assert (await recorded_attempts(world.conn))[stuck[0]] == attempts

@@ -23,11 +23,13 @@ async def dest(conn: AsyncConnection[Any]) -> dict[str, int]:
     tenant = await factories.tenant(conn)
     source = await factories.source(conn, tenant)
     d1 = await factories.destination(conn, tenant, "d1")
+    await factories.connect(conn, source.key, d1)
     return {"tenant": tenant, "source": source.key, "d1": d1}
 
 
 async def add(conn: AsyncConnection[Any], dest: dict[str, int], *users: str) -> list[int]:
-    """One job per user name given, in order; returns their job ids."""
+    """One job per user name given, in order, each with a pending row (the row path, which
+    these tests are about: a released waiter's, an operator's retry); returns the job ids."""
     cur = await conn.execute("SELECT count(*) FROM jobs")
     offset = (await cur.fetchone() or [0])[0]
     events = [
@@ -37,7 +39,7 @@ async def add(conn: AsyncConnection[Any], dest: dict[str, int], *users: str) -> 
     ]
     async with conn.transaction():
         stored = await store_events(conn, events, ordering_partitions=64)
-    return [s.job_ids[0] for s in stored]
+        return await factories.pending_rows(conn, [s.event_id for s in stored if s.event_id])
 
 
 async def states(conn: AsyncConnection[Any]) -> dict[int, tuple[str, int | None]]:

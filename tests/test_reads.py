@@ -29,12 +29,15 @@ async def _world(conn: AsyncConnection[Any], rng: random.Random, destinations: i
     tenant = await factories.tenant(conn)
     source = await factories.source(conn, tenant)
     keys = [await factories.destination(conn, tenant, f"d{n}") for n in range(destinations)]
+    for key in keys:
+        await factories.connect(conn, source.key, key)
     events = [NewEvent(source.key, tenant, f"m{i}", f"u{rng.randrange(6)}", f'{{"i": {i}}}',
                        (rng.choice(keys),))
               for i in range(40 * destinations)]
     async with conn.transaction():
         stored = await store_events(conn, events, ordering_partitions=64)
-    job_ids = [s.job_ids[0] for s in stored]
+        # Rows (the row path these reads are of), as released waiters have them.
+        job_ids = await factories.pending_rows(conn, [s.event_id for s in stored if s.event_id])
     failing = rng.sample(job_ids, len(job_ids) // 8)
     now = datetime.now(UTC)
     await queue.record_outcomes(conn, [

@@ -93,7 +93,7 @@ async def _stuck_ingest(database: str, web: factories.Source, **extra: str
     """An ingest process whose one request in flight waits on a lock held by the test."""
     service = ingest_process(database, RELAYQ_SHUTDOWN_GRACE_SECONDS="0.5", **extra)
     blocker = psycopg.connect(database)
-    blocker.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+    blocker.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
     call = asyncio.ensure_future(ingest_pb2_grpc.IngestStub(channel).Ingest(
         ingest_pb2.IngestRequest(events=[event("m1")]), metadata=auth(web.write_key),
@@ -128,7 +128,7 @@ async def test_a_drain_past_the_deadline_exits_non_zero_with_nothing_acknowledge
         with pytest.raises(grpc.aio.AioRpcError):
             await call
         blocker.rollback()
-        assert blocker.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+        assert blocker.execute("SELECT count(*) FROM events").fetchone() == (0,)
     finally:
         blocker.close()
         service.close()

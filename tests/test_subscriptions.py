@@ -1,8 +1,9 @@
 """Subscriptions: a connection's filter decides which of a source's events its destination gets.
 
 End to end with a real ingest, router, admin and webhook receiver; and, on random events and
-random filters, ingest's evaluation checked against the SQL that job filters compile to, run by
-Postgres on the same documents.
+random filters, the routers' evaluation checked against the SQL that job filters compile to,
+run by Postgres on the same documents (operators' job queries ask connections' filters that
+way: jobsdb.subscriptions).
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from hypothesis import strategies as st
 from psycopg import AsyncConnection, sql
 
 from filterlang.events import compile_event_filter
-from ingest_service import metrics
-from jobsdb import jobs, write_keys
+from jobsdb import destinations, jobs
 from jobsdb.filters import compile_filter
-from jobsdb.ingest import NewEvent, store_events
 from relayq.v1 import admin_pb2, ingest_pb2
+from router_service import metrics as router_metrics
+from router_service.routing import Routing
 from tests import factories
 from tests.conftest import SERVER_DSN, drop_database, dsn_for
 from tests.pipeline import World, wait_until_finished
+from tests.poll import eventually
 from tests.services import Admin, admin, ingest, router
 from tests.test_ingest import auth
 
@@ -77,12 +79,15 @@ async def _ingest(service: Any, write_key: str, events: list[ingest_pb2.Event]
     return response
 
 
-async def _jobs_by_destination(conn: AsyncConnection[Any]) -> dict[str, set[str]]:
-    cur = await conn.execute(
-        "SELECT d.id, j.message_id FROM jobs j JOIN destinations d USING (destination_key)")
+async def _delivered_by_destination(world: World) -> dict[str, set[str]]:
+    """What each destination's webhook received (its jobs' ids name the connection)."""
+    cur = await world.conn.execute(
+        "SELECT c.slot, d.id FROM connections c JOIN destinations d USING (destination_key)"
+        " WHERE c.source_key = %s", (world.source.key,))
+    by_slot = dict(await cur.fetchall())
     found: dict[str, set[str]] = defaultdict(set)
-    for destination, message_id in await cur.fetchall():
-        found[destination].add(message_id)
+    for delivery in world.webhook.oks:
+        found[by_slot[delivery.job_id & 0xFFFF]].add(delivery.message_id)
     return dict(found)
 
 
@@ -92,19 +97,21 @@ async def _subscribe(adm: Admin, source: str = "web") -> None:
             source_id=source, destination_id=destination, filter=text), metadata=Admin.auth())
 
 
-def _filtered_metric(source: str, destination: str) -> float:
-    return metrics.FILTERED.labels(source, destination)._value.get()
+def _filtered_metric(destination: str) -> float:
+    return router_metrics.FILTERED.labels(destination)._value.get()
 
 
-async def test_a_filtered_connection_stores_and_delivers_only_matching_events(
-        world: World) -> None:
+async def test_a_filtered_connection_delivers_only_matching_events(world: World) -> None:
+    """Ingest writes each event once, whatever the filters; the router reading it gives each
+    destination the events its connection's filter takes, and counts what it kept out."""
     for destination in SUBSCRIPTIONS:
         await world.destination(destination)
     sent = _events(60)
     expected = {d: {e["message_id"] for e in sent if rule(e)}
                 for d, (_, rule) in SUBSCRIPTIONS.items()}
     assert all(0 < len(expected[d]) < len(sent) for d in ("orders", "big"))
-    metric_before = {d: _filtered_metric("web", d) for d in SUBSCRIPTIONS}
+    metric_before = {d: _filtered_metric(d) for d in SUBSCRIPTIONS}
+    kept_out = {d: len(sent) - len(ids) for d, ids in expected.items()}
 
     async with admin(world.database) as adm:
         await _subscribe(adm)
@@ -114,42 +121,37 @@ async def test_a_filtered_connection_stores_and_delivers_only_matching_events(
             await world.webhook.wait_for(lambda: len(world.webhook.oks) >= wanted)
             await wait_until_finished(world.conn, wanted)
 
-            # The answer says, per event, how many destinations it went to and how many
-            # connections' filters kept it out.
-            for e, result in zip(sent, response.results, strict=True):
-                going = sum(e["message_id"] in ids for ids in expected.values())
-                assert result.status == ingest_pb2.EventResult.ACCEPTED
-                assert (result.destinations, len(result.job_ids), result.filtered_out) == (
-                    going, going, len(SUBSCRIPTIONS) - going), e
+            # Ingest answers before any filter is asked: every event is addressed to the
+            # four connections, and stored once.
+            assert [(r.status, r.destinations, list(r.job_ids), r.filtered_out)
+                    for r in response.results] == [
+                (ingest_pb2.EventResult.ACCEPTED, len(SUBSCRIPTIONS), [], 0)] * len(sent)
+            cur = await world.conn.execute("SELECT count(*) FROM events")
+            assert await cur.fetchone() == (len(sent),)
 
-            # Stored and delivered: exactly the matching events, per destination.
-            stored = await _jobs_by_destination(world.conn)
-            assert {d: stored.get(d, set()) for d in SUBSCRIPTIONS} == expected
-            cur = await world.conn.execute(
-                "SELECT j.job_id, d.id FROM jobs j JOIN destinations d USING (destination_key)")
-            destination_of = dict(await cur.fetchall())
-            delivered: dict[str, list[str]] = defaultdict(list)
-            for delivery in world.webhook.oks:
-                delivered[destination_of[delivery.job_id]].append(delivery.message_id)
-            assert {d: set(delivered.get(d, [])) for d in SUBSCRIPTIONS} == expected
-            assert all(len(ids) == len(set(ids)) for ids in delivered.values())
+            delivered = await _delivered_by_destination(world)
+            assert {d: delivered.get(d, set()) for d in SUBSCRIPTIONS} == expected
+            assert len(world.webhook.oks) == wanted  # each exactly once
 
-            # Counted per connection: in GetStats and in the ingest metric. A retried batch
-            # (all duplicates) counts nothing again.
+            # Counted per connection, by the router that read them: in GetStats and its
+            # metric. A retried batch (all duplicates) is not stored or counted again.
             again = await _ingest(service, world.source.write_key, [_proto(e) for e in sent])
             assert again.duplicates == len(sent)
-            assert {(r.destinations, r.filtered_out) for r in again.results} == {(0, 0)}
-            stats = await adm.stub.GetStats(admin_pb2.GetStatsRequest(), metadata=Admin.auth())
 
-    kept_out = {d: len(sent) - len(ids) for d, ids in expected.items()}
+            async def counted() -> admin_pb2.GetStatsResponse | None:
+                stats = await adm.stub.GetStats(admin_pb2.GetStatsRequest(),
+                                                metadata=Admin.auth())
+                done = {d.destination_id: d.filtered_out for d in stats.destinations}
+                return stats if done == kept_out else None
+
+            stats = await eventually(counted, what="the filtered events counted")
     assert [(c.source_id, c.destination_id, c.tenant_id, c.filter, c.filtered_out)
             for c in stats.connections] == [
         ("web", d, "acme", SUBSCRIPTIONS[d][0], kept_out[d])
         for d in sorted(SUBSCRIPTIONS) if d != "everything"]
     assert all(c.filtered_out_per_second == c.filtered_out / 60 for c in stats.connections)
-    assert {d.destination_id: d.filtered_out for d in stats.destinations} == kept_out
     assert [t.filtered_out for t in stats.tenants] == [sum(kept_out.values())]
-    assert {d: _filtered_metric("web", d) - metric_before[d] for d in SUBSCRIPTIONS} == kept_out
+    assert {d: _filtered_metric(d) - metric_before[d] for d in SUBSCRIPTIONS} == kept_out
 
 
 async def test_filters_apply_to_named_destinations_and_to_events_no_one_wants(
@@ -162,29 +164,33 @@ async def test_filters_apply_to_named_destinations_and_to_events_no_one_wants(
         await world.conn.execute(
             "UPDATE connections SET event_filter = %s WHERE destination_key ="
             " (SELECT destination_key FROM destinations WHERE id = %s)", (text, destination))
-    async with ingest(world.database) as service:
+    async with ingest(world.database) as service, router(world.database) as relay:
         first = await _ingest(service, world.source.write_key, [
             ingest_pb2.Event(message_id="named", user_id="u", event="Signed Up",
                              destination_ids=["orders", "big"]),
             ingest_pb2.Event(message_id="unwanted", user_id="u", event="Signed Up",
                              destination_ids=["orders"]),
             ingest_pb2.Event(message_id="nowhere", user_id="u", event="Page Viewed")])
-        # Naming destinations narrows what the connections' filters let through, never
-        # widens it; an event no connection takes is still accepted.
-        assert [(r.status, r.destinations, r.filtered_out) for r in first.results] == [
-            (ingest_pb2.EventResult.ACCEPTED, 1, 1), (ingest_pb2.EventResult.ACCEPTED, 0, 1),
-            (ingest_pb2.EventResult.ACCEPTED, 0, 4)]
-        assert await _jobs_by_destination(world.conn) == {"big": {"named"}}
+        # An event no connection takes is still accepted; ingest counts the destinations
+        # it is addressed to.
+        assert [(r.status, r.destinations) for r in first.results] == [
+            (ingest_pb2.EventResult.ACCEPTED, 2), (ingest_pb2.EventResult.ACCEPTED, 1),
+            (ingest_pb2.EventResult.ACCEPTED, 4)]
+        await world.webhook.wait_for(lambda: len(world.webhook.oks) == 1)
         # Its message id is claimed: a retry is a duplicate, and counts nothing again.
         retry = await _ingest(service, world.source.write_key, [
             ingest_pb2.Event(message_id="unwanted", user_id="u", event="Order Completed"),
             ingest_pb2.Event(message_id="nowhere", user_id="u", event="Signed Up")])
         assert [r.status for r in retry.results] == [ingest_pb2.EventResult.DUPLICATE] * 2
+        engine = relay.app.engine
+        assert engine is not None
+        await engine.cursors.write()
+    # Naming destinations narrows what the connections' filters let through, never widens it.
+    assert await _delivered_by_destination(world) == {"big": {"named"}}
     cur = await world.conn.execute(
         "SELECT d.id, sum(n.filtered)::int FROM connection_counts n"
         " JOIN destinations d USING (destination_key) GROUP BY d.id")
     assert dict(await cur.fetchall()) == {"orders": 3, "big": 1, "everything": 1, "nobody": 1}
-    assert await _jobs_by_destination(world.conn) == {"big": {"named"}}
 
 
 async def test_a_filter_on_the_events_context(world: World) -> None:
@@ -192,34 +198,55 @@ async def test_a_filter_on_the_events_context(world: World) -> None:
     await world.destination("ios")
     await world.conn.execute("UPDATE connections SET event_filter = %s",
                              ("context.app.platform = 'ios'",))
-    async with ingest(world.database) as service:
-        answer = await _ingest(service, world.source.write_key, [
+    async with ingest(world.database) as service, router(world.database):
+        await _ingest(service, world.source.write_key, [
             ingest_pb2.Event(message_id=f"m{n}", user_id="u", event="Opened",
                              context_json=json.dumps({"app": {"platform": platform}}))
             for n, platform in enumerate(["ios", "android", "ios"])] + [
-            ingest_pb2.Event(message_id="none", user_id="u", event="Opened")])
-    assert [r.destinations for r in answer.results] == [1, 0, 1, 0]
-    assert await _jobs_by_destination(world.conn) == {"ios": {"m0", "m2"}}
+            ingest_pb2.Event(message_id="none", user_id="u", event="Opened"),
+            ingest_pb2.Event(message_id="last", user_id="u", event="Opened",
+                             context_json=json.dumps({"app": {"platform": "ios"}}))])
+        await world.webhook.wait_for(lambda: len(world.webhook.oks) == 3)
+    assert [d.message_id for d in world.webhook.oks] == ["m0", "m2", "last"]
 
 
-async def test_a_filter_change_reaches_running_ingest_processes(world: World) -> None:
+async def test_a_filter_changed_mid_stream_applies_from_the_routers_read_on(
+        world: World) -> None:
+    """Filters apply when a router reads an event: a change reaches the running router, and
+    applies to the events it reads from then on (what it read before keeps the old
+    decision; a backfill is how a connection gets past events again)."""
     await world.destination("orders")
-    async with admin(world.database) as adm, ingest(world.database) as service:
-        signed_up = ingest_pb2.Event(message_id="s0", user_id="u", event="Signed Up")
-        first = await _ingest(service, world.source.write_key, [signed_up])
-        assert (first.results[0].destinations, first.results[0].filtered_out) == (1, 0)
+    async with admin(world.database) as adm, ingest(world.database) as service, \
+            router(world.database):
+        await _ingest(service, world.source.write_key, [ingest_pb2.Event(
+            message_id="s0", user_id="u", event="Signed Up")])
+        await world.webhook.wait_for(lambda: len(world.webhook.oks) == 1)
         await adm.stub.UpdateConnection(admin_pb2.UpdateConnectionRequest(
             source_id="web", destination_id="orders", filter="event = 'Order Completed'"),
             metadata=Admin.auth())
         deadline = asyncio.get_running_loop().time() + 10
         for attempt in range(1, 1000):
-            response = await _ingest(service, world.source.write_key, [ingest_pb2.Event(
-                message_id=f"s{attempt}", user_id="u", event="Signed Up")])
-            if response.results[0].filtered_out == 1:
+            # A sign-up and an order of the same user: once the order arrives, the sign-up
+            # before it was either delivered (read before the change) or filtered.
+            await _ingest(service, world.source.write_key, [
+                ingest_pb2.Event(message_id=f"s{attempt}", user_id="u", event="Signed Up"),
+                ingest_pb2.Event(message_id=f"o{attempt}", user_id="u",
+                                 event="Order Completed")])
+            await world.webhook.wait_for(
+                lambda a=attempt: any(d.message_id == f"o{a}" for d in world.webhook.oks))
+            if not any(d.message_id == f"s{attempt}" for d in world.webhook.oks):
                 break
             assert asyncio.get_running_loop().time() < deadline, "the filter never applied"
-            await asyncio.sleep(0.05)
-        assert response.results[0].destinations == 0
+        # From then on, every sign-up is kept out and every order delivered, in order.
+        await _ingest(service, world.source.write_key, [
+            ingest_pb2.Event(message_id=f"x{i}", user_id="u",
+                             event="Signed Up" if i % 2 else "Order Completed")
+            for i in range(6)])
+        await world.webhook.wait_for(
+            lambda: [d.message_id for d in world.webhook.oks][-3:] == ["x0", "x2", "x4"])
+    received = [d.message_id for d in world.webhook.oks]
+    assert received[0] == "s0"
+    assert not {"x1", "x3", "x5"} & set(received)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,9 +340,11 @@ async def test_a_stored_filter_that_no_longer_compiles_takes_no_event(
     taking every event because of that."""
     key = await world.destination("hook")
     await world.conn.execute("UPDATE connections SET event_filter = 'version = 2'")
-    route = await write_keys.source_for_write_key(world.conn, world.source.write_key)
-    assert route is not None
-    assert not route.filters[key].matches({"type": "track", "properties": {}})
+    routes = Routing(await destinations.load_connections(world.conn))
+    (route,) = routes.routes(world.source.key)
+    assert route.destination_key == key
+    assert route.filter is not None
+    assert not route.filter.matches({"type": "track", "properties": {}})
     assert "connection filter does not compile" in caplog.text
 
 
@@ -561,34 +590,3 @@ async def test_maintenance_folds_old_counts_and_stats_keep_the_sum(world: World)
     assert await cur.fetchall() == [(False, 111, 2), (True, 0, 12)]
     [row] = await jobs.connection_stats(world.conn, tenant_key=None, destination_key=None)
     assert (row.filtered_out, row.recent_filtered_out, row.filter) == (14, 2, "type = 'x'")
-
-
-async def test_one_flush_counts_per_connection_across_sources_sets_and_duplicates(
-        conn: AsyncConnection[Any]) -> None:
-    """The store's counting: events of two sources, with different but overlapping sets of
-    destinations kept out, and a duplicate (seen before, or twice in the flush) counted once."""
-    tenant = await factories.tenant(conn)
-    web, app = [await factories.source(conn, tenant, name) for name in ("web", "app")]
-    d1, d2, d3 = [await factories.destination(conn, tenant, f"d{i}") for i in (1, 2, 3)]
-    ordering = {"ordering_partitions": 64}
-    async with conn.transaction():
-        await store_events(conn, [NewEvent(web.key, tenant, "seen", "u", "{}", (), (d1,))],
-                           **ordering)
-    events = [
-        NewEvent(web.key, tenant, "a", "u", "{}", (d3,), (d1, d2)),
-        NewEvent(web.key, tenant, "b", "u", "{}", (d2,), (d1, d3)),
-        NewEvent(web.key, tenant, "c", "u", "{}", (d3,), (d1, d2)),
-        NewEvent(app.key, tenant, "a", "u", "{}", (d3,), (d1, d2)),
-        NewEvent(web.key, tenant, "seen", "u", "{}", (), (d1, d2, d3)),
-        NewEvent(web.key, tenant, "c", "u", "{}", (d3,), (d1, d2)),
-        NewEvent(app.key, tenant, "none", "u", "{}", (d1, d2, d3), ()),
-    ]
-    async with conn.transaction():
-        stored = await store_events(conn, events, **ordering)
-    assert [s.duplicate for s in stored] == [False, False, False, False, True, True, False]
-    cur = await conn.execute(
-        "SELECT source_key, destination_key, sum(filtered)::int FROM connection_counts"
-        " GROUP BY 1, 2 ORDER BY 1, 2")
-    assert await cur.fetchall() == sorted([
-        (web.key, d1, 1 + 3), (web.key, d2, 2), (web.key, d3, 1),
-        (app.key, d1, 1), (app.key, d2, 1)])

@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 
 from relayq.v1 import admin_pb2, common_pb2
 from tests.helpers import verifies
-from tests.pipeline import World, send, wait_until_finished
+from tests.pipeline import World, router_connects, send, wait_until_finished
 from tests.services import Admin, Ingest, admin, ingest, router
 from tests.sinks import OK, Answer, Received
 from tests.test_ingest import event
@@ -60,7 +60,7 @@ async def until_signed_by(world: World, service: Ingest, count: int) -> Received
 async def test_signatures_verify_before_during_and_after_a_rotation(
         world: World, conn: AsyncConnection[Any]) -> None:
     async with admin(world.database) as adm, ingest(world.database) as service, \
-            router(world.database):
+            router(world.database) as running:
         created = await adm.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
             id="signed", tenant_id="acme", type="webhook", endpoint=world.webhook.url,
             retry_policy=common_pb2.RetryPolicy(min_backoff_ms=20, max_backoff_ms=100)),
@@ -69,6 +69,7 @@ async def test_signatures_verify_before_during_and_after_a_rotation(
         assert first.startswith("whsec_")
         await adm.stub.ConnectSource(admin_pb2.ConnectSourceRequest(
             source_id="web", destination_id="signed"), metadata=AUTH)
+        await router_connects(running, world.source.key, "signed")
 
         # Before: one signature, by the first secret, on every attempt; the same webhook-id
         # on a retry, so a receiver can drop repeats.
@@ -119,12 +120,13 @@ async def test_signatures_verify_before_during_and_after_a_rotation(
 
 async def test_a_zero_grace_rotation_stops_the_old_secret_at_once(world: World) -> None:
     async with admin(world.database) as adm, ingest(world.database) as service, \
-            router(world.database):
+            router(world.database) as running:
         created = await adm.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
             id="signed", tenant_id="acme", type="webhook", endpoint=world.webhook.url),
             metadata=AUTH)
         await adm.stub.ConnectSource(admin_pb2.ConnectSourceRequest(
             source_id="web", destination_id="signed"), metadata=AUTH)
+        await router_connects(running, world.source.key, "signed")
         assert verifies(created.signing_secret, await deliver_one(world, service))
         rotated = await adm.stub.RotateSigningSecret(admin_pb2.RotateSigningSecretRequest(
             destination_id="signed", grace_seconds=0), metadata=AUTH)
@@ -193,13 +195,14 @@ async def test_a_batch_is_signed_as_one_body_and_its_history_names_it(world: Wor
     """A JSON array of events is one request: one webhook-id and signature over the array
     exactly as sent, verified by the reference verifier; each job's attempt records it."""
     async with admin(world.database) as adm, ingest(world.database) as service, \
-            router(world.database):
+            router(world.database) as running:
         created = await adm.stub.CreateDestination(admin_pb2.CreateDestinationRequest(
             id="bulk", tenant_id="acme", type="webhook", endpoint=world.webhook.url,
             batch_policy=admin_pb2.BatchPolicy(max_events=50, linger_ms=1000)),
             metadata=AUTH)
         await adm.stub.ConnectSource(admin_pb2.ConnectSourceRequest(
             source_id="web", destination_id="bulk"), metadata=AUTH)
+        await router_connects(running, world.source.key, "bulk")
         ids = await send(service, world.source,
                          [event(f"m{i}", f"user-{i % 3}") for i in range(12)])
         await wait_until_finished(world.conn, 12)

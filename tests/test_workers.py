@@ -155,7 +155,7 @@ async def test_sigterm_drains_every_ingest_worker(
         for channel in channels:
             await channel.close()
     assert sum(a.accepted for a in answers) == 100
-    assert await count(conn, "jobs") == 20 + 100
+    assert await count(conn, "events") == 20 + 100
     assert all(gone(pid) for pid in workers)
     assert not await asyncio.to_thread(directory.exists), "this start's metrics outlived it"
 

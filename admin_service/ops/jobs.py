@@ -17,7 +17,7 @@ from typing import Any
 from admin_service import convert, metrics, paging, validate
 from admin_service.ops.base import Concern, changed
 from filterlang.errors import FilterError
-from jobsdb import catalog
+from jobsdb import catalog, subscriptions
 from jobsdb import errors as dberrors
 from jobsdb import jobs as jobsdb
 from jobsdb.filters import compile_filter
@@ -51,7 +51,8 @@ def selection(text: str) -> jobsdb.Selection:
         raise BadFilter(exc) from None
     if compiled is None:
         return jobsdb.EVERYTHING
-    return jobsdb.Selection(compiled.where, tuple(compiled.params))
+    return jobsdb.Selection(compiled.where, tuple(compiled.params),
+                            subscriptions.states(compiled.node))
 
 
 class Jobs(Concern):
@@ -61,12 +62,14 @@ class Jobs(Concern):
         after = page.after_id
         chosen = selection(request.filter)
         async with transaction(self._pool) as conn:
-            rows = await jobsdb.list_jobs(conn, chosen, caller.scope, after=after,
-                                          limit=page.limit,
-                                          include_payload=request.include_payload)
+            found = await jobsdb.list_jobs(conn, chosen, caller.scope, after=after,
+                                           limit=page.limit,
+                                           include_payload=request.include_payload)
+        # A page read from the log may stop short of page_size and still have a next one.
+        more = found.more_after
         return admin_pb2.ListJobsResponse(
-            jobs=[convert.job(r) for r in rows],
-            next_page_token=page.next_token(rows, lambda r: r.job_id))
+            jobs=[convert.job(r) for r in found.rows],
+            next_page_token=paging.token("jobs", str(more)) if more is not None else "")
 
     async def get(self, caller: Caller, request: admin_pb2.GetJobRequest) -> common_pb2.Job:
         if request.job_id <= 0:

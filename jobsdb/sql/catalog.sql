@@ -135,31 +135,31 @@ ON CONFLICT (source_key, destination_key) DO UPDATE
 SET enabled = true,
     event_filter = CASE WHEN %(set_filter)s THEN excluded.event_filter ELSE c.event_filter END
 RETURNING %(source_id)s::text AS source_id, %(destination_id)s::text AS destination_id,
-          enabled, created_at, coalesce(event_filter, '') AS filter;
+          enabled, created_at, coalesce(event_filter, '') AS filter, slot;
 
 -- name: disconnect
 UPDATE connections
 SET enabled = false
 WHERE source_key = %(source_key)s AND destination_key = %(destination_key)s
 RETURNING %(source_id)s::text AS source_id, %(destination_id)s::text AS destination_id,
-          enabled, created_at, coalesce(event_filter, '') AS filter;
+          enabled, created_at, coalesce(event_filter, '') AS filter, slot;
 
 -- name: set_connection_filter
 UPDATE connections
 SET event_filter = %(event_filter)s
 WHERE source_key = %(source_key)s AND destination_key = %(destination_key)s
 RETURNING %(source_id)s::text AS source_id, %(destination_id)s::text AS destination_id,
-          enabled, created_at, coalesce(event_filter, '') AS filter;
+          enabled, created_at, coalesce(event_filter, '') AS filter, slot;
 
 -- name: get_connection
 SELECT %(source_id)s::text AS source_id, %(destination_id)s::text AS destination_id,
-       enabled, created_at, coalesce(event_filter, '') AS filter
+       enabled, created_at, coalesce(event_filter, '') AS filter, slot
 FROM connections
 WHERE source_key = %(source_key)s AND destination_key = %(destination_key)s;
 
 -- name: list_connections
 SELECT s.id AS source_id, d.id AS destination_id, c.enabled, c.created_at,
-       coalesce(c.event_filter, '') AS filter
+       coalesce(c.event_filter, '') AS filter, c.slot
 FROM connections c
 JOIN sources s ON s.source_key = c.source_key
 JOIN destinations d ON d.destination_key = c.destination_key

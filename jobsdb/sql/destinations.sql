@@ -21,3 +21,11 @@ LEFT JOIN (
     GROUP BY destination_key
 ) s ON s.destination_key = d.destination_key
 ORDER BY d.destination_key;
+
+-- name: load_connections
+-- Every enabled connection, with its number within its source (its jobs' ids' low bits) and
+-- its event filter: what a router needs to fan out the events it reads from the log.
+SELECT source_key, destination_key, slot, event_filter
+FROM connections
+WHERE enabled
+ORDER BY source_key, destination_key;

@@ -2,12 +2,12 @@
 SELECT name, value FROM relayq_settings;
 
 -- name: sequence_position
--- The last job id handed out (or the start, before the first one). Reading the sequence
+-- The last event id handed out (or the start, before the first one). Reading the sequence
 -- relation directly has no side effect, unlike nextval.
-SELECT last_value FROM jobs_job_id_seq;
+SELECT last_value FROM events_event_id_seq;
 
 -- name: existing
--- Partitions of a partitioned table with their lower bound (job id).
+-- Partitions of a partitioned table with their lower bound (its partition key's value).
 SELECT c.relname AS name,
        (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''?(\d+)''?\)'))[1]::bigint AS lower
 FROM pg_inherits i
@@ -15,21 +15,40 @@ JOIN pg_class c ON c.oid = i.inhrelid
 WHERE i.inhparent = %(parent)s::regclass
 ORDER BY lower;
 
+-- name: cursors_passed
+-- The lowest position any cursor holds: every event at or below it has been read for every
+-- destination. The frontier of each ordering partition, and each destination's own cursor
+-- (a destination no enabled connection reads any more holds nothing back: its cursors are
+-- dropped by forget_cursors).
+SELECT least((SELECT min(frontier) FROM router_leases),
+             (SELECT min(position) FROM destination_cursors));
+
+-- name: forget_cursors
+-- Cursors of destinations that no enabled connection feeds: nothing will read for them, and
+-- kept, they would keep every partition after them from being dropped. Connected again, a
+-- destination starts from the frontier, like a new one (a backfill gives it a start).
+DELETE FROM destination_cursors dc
+WHERE NOT EXISTS (SELECT 1 FROM connections c
+                  WHERE c.destination_key = dc.destination_key AND c.enabled);
+
 -- name: unfinished_count
--- How many jobs of a partition are still to deliver, counted up to a cap: each branch reads
--- a partial index (only unfinished jobs are in them), so this costs at most 3 x cap index
--- entries however large the partition is.
+-- How many job rows of a partition are still to deliver, counted up to a cap: each branch
+-- reads a partial index (only unfinished jobs are in them), so this costs at most 3 x cap
+-- index entries however large the partition is.
 SELECT count(*) FROM (
-    (SELECT 1 FROM {partition} WHERE state = 'pending' LIMIT %(cap)s)
+    (SELECT 1 FROM {jobs} WHERE state = 'pending' LIMIT %(cap)s)
     UNION ALL
-    (SELECT 1 FROM {partition} WHERE state = 'failed' LIMIT %(cap)s)
+    (SELECT 1 FROM {jobs} WHERE state = 'failed' LIMIT %(cap)s)
     UNION ALL
-    (SELECT 1 FROM {partition} WHERE state = 'waiting' LIMIT %(cap)s)
+    (SELECT 1 FROM {jobs} WHERE state = 'waiting' LIMIT %(cap)s)
 ) unfinished;
 
 -- name: last_change
--- The latest change in a partition (NULL when empty): a scan, so asked rarely (see 0005).
-SELECT max(updated_at) FROM {partition};
+-- The latest change in a partition group: its newest event, job row change or delivery
+-- (NULL when all are empty). Scans, so asked rarely (see migration 0005).
+SELECT greatest((SELECT max(created_at) FROM {events}),
+                (SELECT max(updated_at) FROM {jobs}),
+                (SELECT max(recorded_at) FROM {deliveries}));
 
 -- name: watched
 SELECT number, finished_at, sparse_at, compact_after FROM job_partitions;
@@ -45,9 +64,15 @@ SET finished_at = excluded.finished_at, sparse_at = excluded.sparse_at,
 DELETE FROM job_partitions WHERE number = ANY(%(numbers)s);
 
 -- name: removable_exists
--- Whether compacting would remove anything: a finished job unchanged for the retention period.
-SELECT EXISTS (SELECT 1 FROM {partition}
-               WHERE state IN ('succeeded', 'aborted') AND updated_at < now() - %(retention)s);
+-- Whether compacting would remove anything: an event older than the retention period that no
+-- unfinished or recently changed job row needs.
+SELECT EXISTS (
+    SELECT 1 FROM {events} e
+    WHERE e.created_at < now() - %(retention)s
+      AND NOT EXISTS (SELECT 1 FROM {jobs} j
+                      WHERE j.job_id >> 16 = e.event_id
+                        AND (j.state IN ('pending', 'failed', 'waiting')
+                             OR j.updated_at >= now() - %(retention)s)));
 
 -- name: held_long
 -- Whether a transaction that began over a second ago holds a lock on these partitions: the
@@ -65,8 +90,9 @@ SELECT EXISTS (
 );
 
 -- name: compact_keep
--- Compaction, under an EXCLUSIVE lock on both partitions (no writer meanwhile): what stays,
--- set aside ...
+-- Compaction, under an EXCLUSIVE lock on the partitions (no writer meanwhile): what stays,
+-- set aside: unfinished job rows and rows changed within the retention period, their
+-- history, the events they need or that are recent, and recent deliveries ...
 CREATE TEMPORARY TABLE compact_jobs ON COMMIT DROP AS
 SELECT * FROM {jobs}
 WHERE state IN ('pending', 'failed', 'waiting') OR updated_at >= now() - %(retention)s;
@@ -75,16 +101,40 @@ WHERE state IN ('pending', 'failed', 'waiting') OR updated_at >= now() - %(reten
 CREATE TEMPORARY TABLE compact_statuses ON COMMIT DROP AS
 SELECT s.* FROM {statuses} s WHERE s.job_id IN (SELECT job_id FROM compact_jobs);
 
+-- name: compact_keep_events
+CREATE TEMPORARY TABLE compact_events ON COMMIT DROP AS
+SELECT e.* FROM {events} e
+WHERE e.created_at >= now() - %(retention)s
+   OR e.event_id IN (SELECT job_id >> 16 FROM compact_jobs);
+
+-- name: compact_keep_deliveries
+CREATE TEMPORARY TABLE compact_deliveries ON COMMIT DROP AS
+SELECT d.* FROM {deliveries} d WHERE d.recorded_at >= now() - %(retention)s;
+
 -- name: compact_rewrite
 -- ... and, under ACCESS EXCLUSIVE, the partitions emptied (new files: the space goes back to
 -- the system at commit, with no dead rows left to vacuum), and what stays written back with
 -- the same ids, so job order, barriers (blocked_by) and every job's history are as they were.
-TRUNCATE {jobs}, {statuses};
+TRUNCATE {events}, {jobs}, {statuses}, {deliveries};
+INSERT INTO {events} SELECT * FROM compact_events;
 INSERT INTO {jobs} SELECT * FROM compact_jobs;
 INSERT INTO {statuses} SELECT * FROM compact_statuses;
+INSERT INTO {deliveries} SELECT * FROM compact_deliveries;
+
+-- name: legacy_exists
+-- Whether the job tables from before the event log are still there (migration 0012 kept them
+-- as jobs_v1 and job_statuses_v1, for reference, until maintenance drops them).
+SELECT to_regclass('jobs_v1') IS NOT NULL;
+
+-- name: legacy_last_change
+SELECT max(updated_at) FROM {partition};
+
+-- name: legacy_drop
+DROP TABLE jobs_v1, job_statuses_v1;
+DROP SEQUENCE IF EXISTS jobs_v1_job_id_seq;
 
 -- name: storage
--- What job storage takes on disk, per table: partitions and their files' sizes (indexes and
+-- What the log takes on disk, per table: partitions and their files' sizes (indexes and
 -- TOAST included; no row is read), with what maintenance has noted about old partitions.
 SELECT i.inhparent::regclass::text AS parent,
        count(*) AS partitions,
@@ -92,5 +142,6 @@ SELECT i.inhparent::regclass::text AS parent,
        (SELECT count(finished_at) FROM job_partitions) AS finished,
        (SELECT count(sparse_at) FROM job_partitions) AS sparse
 FROM pg_inherits i
-WHERE i.inhparent IN ('jobs'::regclass, 'job_statuses'::regclass)
+WHERE i.inhparent IN ('events'::regclass, 'deliveries'::regclass, 'jobs'::regclass,
+                      'job_statuses'::regclass)
 GROUP BY i.inhparent;

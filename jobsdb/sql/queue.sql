@@ -1,9 +1,12 @@
--- The delivery queue: what a router reads, how it parks and releases jobs, what it records.
+-- The row path of delivery: what a router reads of the jobs that have rows (failed, waiting,
+-- released, retried by an operator), how it parks and releases them, what it records.
+-- Jobs that went well have no row: routers read them from the event log (eventlog.sql).
 --
 -- The ordering barrier lives in these rows, not in router memory: the earliest failed or
 -- waiting job of a (destination, user) holds every later job of that key. So the barrier
 -- survives restarts, moves with partitions between routers, and stays right when operators
--- retry or abort jobs.
+-- retry or abort jobs. A user with an unfinished row has their events read from the log
+-- parked behind it (eventlog.sql `park`).
 
 -- name: pickup
 -- Runnable jobs of each wanted destination in job order, up to that destination's limit:
@@ -34,7 +37,7 @@ chosen AS (
     CROSS JOIN LATERAL (
         SELECT u.*
         FROM ((SELECT job_id, destination_key, user_id, message_id, state, attempts,
-                      first_attempt_at, created_at, payload, ordering_partition
+                      first_attempt_at, created_at, ordering_partition
                FROM jobs
                WHERE destination_key = w.destination_key
                  AND state = 'pending'
@@ -45,7 +48,7 @@ chosen AS (
                LIMIT w.lim)
               UNION ALL
               (SELECT job_id, destination_key, user_id, message_id, state, attempts,
-                      first_attempt_at, created_at, payload, ordering_partition
+                      first_attempt_at, created_at, ordering_partition
                FROM jobs
                WHERE destination_key = w.destination_key
                  AND state = 'failed'
@@ -60,8 +63,10 @@ chosen AS (
     ) c
 )
 SELECT c.destination_key, c.job_id, c.user_id, c.message_id, c.state::text, c.attempts,
-       c.first_attempt_at, c.created_at, c.payload::text, c.ordering_partition, held.holder
+       c.first_attempt_at, c.created_at, e.document, c.ordering_partition, held.holder
 FROM chosen c
+-- The document is the event's, in the log (the job id's high bits are the event id).
+JOIN events e ON e.event_id = c.job_id >> 16
 LEFT JOIN LATERAL job_holder(c.destination_key, c.user_id, c.job_id) held ON true
 ORDER BY c.destination_key, c.job_id;
 
@@ -220,6 +225,17 @@ WHERE w.state = 'waiting'
   AND NOT EXISTS (SELECT 1 FROM jobs b
                   WHERE b.job_id = w.blocked_by AND b.state IN ('pending', 'failed', 'waiting'))
 RETURNING w.job_id;
+
+-- name: roots
+-- For these (destination, user) pairs, the job their next events wait behind: the root of
+-- the earliest unfinished row (none: the user is free). Asked after a flush that changed
+-- rows of theirs, in its transaction, so the router's picture of who is held matches it.
+SELECT DISTINCT ON (j.destination_key, j.user_id)
+       j.destination_key, j.user_id, coalesce(j.blocked_by, j.job_id) AS root
+FROM unnest(%(destination_keys)s::integer[], %(user_ids)s::text[]) AS w(destination_key, user_id)
+JOIN jobs j ON j.destination_key = w.destination_key AND j.user_id = w.user_id
+WHERE j.state IN ('pending', 'failed', 'waiting')
+ORDER BY j.destination_key, j.user_id, j.job_id;
 
 -- name: destinations_with_pending
 -- Destinations that have pending jobs, by a loose index scan of jobs_pending_idx: one probe per

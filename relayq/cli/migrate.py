@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
         settings = await migrate.prepare(dsn, apply=True, wait_seconds=args.wait,
                                          application_name="relayq-migrate")
         print(f"schema is current (ordering partitions: {settings.ordering_partitions},"
-              f" job partition size: {settings.job_partition_size})")
+              f" event partition size: {settings.event_partition_size})")
 
     asyncio.run(apply())
     return 0

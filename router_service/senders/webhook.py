@@ -45,7 +45,8 @@ from router_service.senders.base import SenderContext
 
 log = logging.getLogger(__name__)
 
-_OK = Result(Verdict.OK)
+# Successes by HTTP status, made once each: the answer a delivery's record keeps.
+_OK = {status: Result(Verdict.OK, status=str(status)) for status in range(200, 300)}
 
 
 def webhook_id(job_id: int) -> str:
@@ -130,7 +131,7 @@ class WebhookSender:
             return Result(Verdict.RETRY, "connection", f"{type(exc).__name__}: {exc}")
         verdict = classify_http(response.status)
         if verdict is Verdict.OK:
-            return _OK
+            return _OK[response.status]
         retry_after = (parse_retry_after(response.retry_after, datetime.now(UTC))
                        if verdict is Verdict.RETRY else None)
         return Result(verdict, str(response.status), response.body.decode(errors="replace"),

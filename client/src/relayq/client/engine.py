@@ -302,7 +302,7 @@ class Engine:
         statuses = _STATUSES
         for item, answer in zip(items, response.results, strict=True):
             result = SendResult(item.message_id, statuses.get(answer.status, Status.REJECTED),
-                                tuple(answer.job_ids), answer.reason)
+                                answer.event_id, answer.reason)
             future: Any = item.handle or item
             try:  # noqa: SIM105 - suppress() would cost a context manager per event
                 future.set_result(result)

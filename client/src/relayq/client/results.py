@@ -22,8 +22,10 @@ class SendResult(NamedTuple):
 
     message_id: str
     status: Status
-    # The jobs the event became, one per destination (ACCEPTED only).
-    job_ids: tuple[int, ...] = ()
+    # The event's id in ingest's log (ACCEPTED only; 0 otherwise). Routers make its jobs,
+    # one per destination that takes it, when they read it; a job's id is
+    # (event_id << 16) | the connection's slot.
+    event_id: int = 0
     # Why ingest refused the event (REJECTED only).
     reason: str = ""
 
