@@ -73,3 +73,6 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     RetryJobs = _rpc(lambda ops: ops.jobs.retry)
     AbortJobs = _rpc(lambda ops: ops.jobs.abort)
     GetStats = _rpc(lambda ops: ops.stats.get)
+
+    ListEvents = _rpc(lambda ops: ops.events.list)
+    GetEvent = _rpc(lambda ops: ops.events.get)

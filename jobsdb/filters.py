@@ -67,6 +67,27 @@ JOBS: Final = Language(
 )
 
 
+# The fields of an event of the log, for ListEvents (its source is the request's).
+EVENT_FIELDS: Final = ("event_id", "user_id", "message_id", "created_at", "payload")
+
+EVENTS: Final = Language(
+    fields=frozenset(EVENT_FIELDS) - {"payload"},
+    documents=frozenset({"payload"}),
+    expected="a field (event_id, user_id, message_id, created_at or payload.<key>)",
+)
+
+
+def compile_event_list_filter(text: str) -> Compiled | None:
+    """An operator's filter over the log's events (EVENTS), as a WHERE fragment on `j`, an
+    event with its document as `j.payload`; None for an empty one (every event)."""
+    if is_empty(text):
+        return None
+    node = parse_language(text, EVENTS)
+    params: list[Any] = []
+    where = _node(node, params)
+    return Compiled(sql.Composed([where]), params, node)
+
+
 def parse(text: str) -> Node:
     """Parse a job filter into its AST. An empty filter is an error here (compile_filter
     allows it)."""
@@ -116,6 +137,8 @@ _INT64: Final = (-(2**63), 2**63 - 1)
 # (jobs_pending_idx and friends lead with destination_key); the subquery is a handful of rows.
 _COLUMNS: Final[dict[str, _Column]] = {
     "job_id": _Column("integer", "j.job_id", "%s::bigint", "%s::bigint[]", bounds=_INT64),
+    # Events only (EVENTS): jobs are filtered by job_id.
+    "event_id": _Column("integer", "j.event_id", "%s::bigint", "%s::bigint[]", bounds=_INT64),
     "attempts": _Column("integer", "j.attempts", "%s::integer", "%s::integer[]", bounds=_INT32),
     "tenant": _Column("key", "j.tenant_key", lookup="SELECT tenant_key FROM tenants"),
     "source": _Column("key", "j.source_key", lookup="SELECT source_key FROM sources"),

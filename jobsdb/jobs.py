@@ -234,9 +234,40 @@ async def _list_window(conn: Conn, selection: Selection, scope: int | None, *, a
     return await cur.fetchall()
 
 
+@dataclass(frozen=True, slots=True)
+class NotAJob:
+    """Why an (event, connection) pair is no job at its destination: `missing` (no such
+    event or connection in the caller's scope), `named` (the event named other
+    destinations), `disabled` (the connection is disabled and its routers have not read it),
+    `filtered` (the connection's filter keeps it out), `settled` (read there and settled
+    without a delivery: its filter or the connections at the time kept it out)."""
+
+    why: str
+    event_id: int
+
+    def message(self, job_id: int) -> str:
+        if self.why in ("missing", "named", "disabled", "filtered"):
+            return f"job {job_id} not found"
+        return (f"job {job_id} not found (event {self.event_id} was not delivered to that"
+                " destination: its connection's filter or the destinations it named kept"
+                " it out)")
+
+
 async def get_job(conn: Conn, job_id: int, scope: int | None) -> tuple[JobRow, list[StatusRow]]:
-    """One job with every attempt and operator action: a job with a row has its history in
-    job_statuses; a job delivered from the log has its delivery's record (deliveries)."""
+    """One job with every attempt and operator action (see job_status); NotFound when the
+    pair is no job."""
+    found = await job_status(conn, job_id, scope)
+    if isinstance(found, NotAJob):
+        raise NotFound(found.message(job_id))
+    return found
+
+
+async def job_status(conn: Conn, job_id: int, scope: int | None
+                     ) -> tuple[JobRow, list[StatusRow]] | NotAJob:
+    """What became of one (event, destination) pair, the one definition GetJob and GetEvent
+    share: a job with a row has its history in job_statuses; a job delivered from the log
+    has its delivery's record (deliveries); one without either is pending above its
+    destination's cursor, or no job at all (NotAJob says why)."""
     cur = conn.cursor(row_factory=class_row(JobRow))
     await cur.execute(query("jobs.sql", "get_row"), {"job_id": job_id, "scope": scope})
     row = await cur.fetchone()
@@ -246,8 +277,8 @@ async def get_job(conn: Conn, job_id: int, scope: int | None) -> tuple[JobRow, l
         # Its first attempt may have gone well from the log before an operator replayed it.
         return row, sorted([*delivered, *history], key=lambda s: s.started_at)
     logged = await _logged_job(conn, job_id, scope)
-    if logged is None:
-        raise NotFound(f"job {job_id} not found")
+    if isinstance(logged, NotAJob):
+        return logged
     derived, event_id = logged
     if delivered:
         first = delivered[0]
@@ -255,27 +286,27 @@ async def get_job(conn: Conn, job_id: int, scope: int | None) -> tuple[JobRow, l
                            first_attempt_at=first.started_at, updated_at=first.started_at)
     elif derived.state == "succeeded":
         # Below the cursor with no delivery on record: a filter took it out then.
-        raise NotFound(f"job {job_id} not found (event {event_id} was not delivered to that"
-                       " destination: its connection's filter or the destinations it named"
-                       " kept it out)")
+        return NotAJob("settled", event_id)
     return derived, [*history, *delivered]
 
 
 async def _logged_job(conn: Conn, job_id: int, scope: int | None
-                      ) -> tuple[JobRow, int] | None:
+                      ) -> tuple[JobRow, int] | NotAJob:
     cur = await conn.execute(query("jobs.sql", "get_event_job"),
                              {"event_id": event_of(job_id), "slot": slot_of(job_id),
                               "scope": scope})
     found = await cur.fetchone()
     if found is None:
-        return None
+        return NotAJob("missing", event_of(job_id))
     (event_id, created_at, user_id, message_id, named, document, _, _, destination_key,
      enabled, event_filter, cursor, tenant_id, source_id, destination_id) = found
     if named is not None and destination_key not in named:
-        return None
+        return NotAJob("named", event_id)
     pending = event_id > cursor
-    if pending and (not enabled or not _takes(event_filter, document)):
-        return None
+    if pending and not enabled:
+        return NotAJob("disabled", event_id)
+    if pending and not _takes(event_filter, document):
+        return NotAJob("filtered", event_id)
     row = JobRow(job_id, tenant_id, source_id, destination_id, user_id, message_id,
                  "pending" if pending else "succeeded", 0 if pending else 1, None, None, None,
                  created_at, created_at, None, document)

@@ -127,6 +127,14 @@ CASES = [
     Case("GetStats", lambda s: admin_pb2.GetStatsRequest(tenant_id="acme"), DENIED),
     Case("GetStats", lambda s: admin_pb2.GetStatsRequest(destination_id="acme-hook"),
          NOT_FOUND),
+    # Another tenant's source or event is NOT_FOUND (never shown, nor said to exist), as
+    # GetJob's jobs are.
+    Case("ListEvents", lambda s: admin_pb2.ListEventsRequest(source_id="web",
+                                                             include_payload=True), NOT_FOUND),
+    Case("GetEvent", lambda s: admin_pb2.GetEventRequest(event_id=s.acme_job >> 16),
+         NOT_FOUND),
+    Case("GetEvent", lambda s: admin_pb2.GetEventRequest(source_id="web", message_id="m1"),
+         NOT_FOUND),
 ]
 
 
