@@ -11,6 +11,7 @@ from relayq import logs, terminal
 from relayq.cli import (
     connections,
     destinations,
+    events,
     jobs,
     migrate,
     secrets,
@@ -29,6 +30,7 @@ _MODULES: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], N
     migrate.register,
     up.register,
     jobs.register,
+    events.register,
     stats.register,
     tenants.register,
     sources.register,
