@@ -9,7 +9,7 @@ from datetime import datetime
 import orjson
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from jobsdb import catalog
+from jobsdb import catalog, eventlog
 from jobsdb import events as eventsdb
 from jobsdb import jobs as jobsdb
 from jobsdb.keyspace import event_of
@@ -141,3 +141,11 @@ def at_destination(row: eventsdb.AtDestination) -> admin_pb2.EventAtDestination:
             message.waiting_behind_job_id = row.job.blocked_by
             message.waiting_behind_event_id = event_of(row.job.blocked_by)
     return message
+
+
+def event_log(size: eventlog.LogSize) -> admin_pb2.EventLogStats:
+    if size.oldest is None:
+        return admin_pb2.EventLogStats(bytes=size.bytes, events=size.events)
+    return admin_pb2.EventLogStats(bytes=size.bytes, events=size.events,
+                                   oldest_event_id=size.oldest[0],
+                                   oldest_event_at=timestamp(size.oldest[1]))

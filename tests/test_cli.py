@@ -425,12 +425,15 @@ async def test_events_list_and_get(relayq: Relayq, database: str) -> None:
     assert as_json["event"]["messageId"] == "m2"
 
     both = await relayq("events", "get", str(events[2]), "--message-id", "m2")
-    assert both.code == 2 and "one of them" in both.err
+    assert both.code == 2
+    assert "one of them" in both.err
     bad = await relayq("events", "list", "web", "--filter", "state = 'failed'")
     assert bad.code == 1
-    assert "INVALID_ARGUMENT" in bad.error and "column 1" in bad.error
+    assert "INVALID_ARGUMENT" in bad.error
+    assert "column 1" in bad.error
     missing = await relayq("events", "get", "--source", "web", "--message-id", "nope")
-    assert missing.code == 1 and "NOT_FOUND" in missing.error
+    assert missing.code == 1
+    assert "NOT_FOUND" in missing.error
 
 
 async def test_jobs_get_peek_abort_retry(relayq: Relayq, database: str) -> None:
@@ -505,6 +508,15 @@ async def test_stats_per_destination_and_tenant(relayq: Relayq, database: str) -
         "OLDEST", "PENDING", "DELIVERED/S", "FAILED/S", "PAUSED"]
     assert destinations.splitlines()[1].split()[:7] == ["hook", "acme", "2", "0", "0", "0", "1"]
     assert tenants.splitlines()[1].split()[:6] == ["acme", "2", "0", "0", "0", "1"]
+
+    # The whole log, for the operator: its size and its oldest event.
+    log = doc["eventLog"]
+    assert log["events"] == "3"
+    assert int(log["bytes"]) > 0
+    assert int(log["oldestEventId"]) == keyspace.event_of(ids[0])
+    everything = await relayq("stats")
+    assert re.search(r"^event log: 3 events, [0-9.]+ [kMG]B; oldest event "
+                     rf"{keyspace.event_of(ids[0])}, 20", everything.out, re.MULTILINE)
 
 
 async def test_a_failed_delivery_seen_and_retried(relayq: Relayq, world: World) -> None:

@@ -235,3 +235,14 @@ async def test_bad_input_is_refused_precisely(world: World, method: str, request
             await getattr(adm.stub, method)(request_, metadata=AUTH)
     assert failure.value.code() is code
     assert says in (failure.value.details() or ""), failure.value.details()
+
+
+async def test_get_stats_shows_the_log_to_the_operator_only(sent: Sent, world: World) -> None:
+    stats = await sent.adm.stub.GetStats(S.GetStatsRequest(), metadata=AUTH)
+    assert stats.event_log.events == 3
+    assert stats.event_log.bytes > 0
+    assert stats.event_log.oldest_event_id == sent.events["m1"]
+    assert stats.event_log.oldest_event_at.seconds > 0
+    own = Admin.auth(await factories.admin_token(world.conn, "acme"))
+    scoped = await sent.adm.stub.GetStats(S.GetStatsRequest(), metadata=own)
+    assert not scoped.HasField("event_log")
