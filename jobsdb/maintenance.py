@@ -46,6 +46,7 @@ async def run_once(dsn: str, policy: Policy, *, application_name: str) -> bool:
                                    event_retention=policy.event_retention,
                                    compact_below=policy.compact_below)
             await jobs.fold_counts(conn)
+            await partitions.index_lookups(conn)
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (locks.MAINTENANCE,))
         return True

@@ -197,6 +197,45 @@ async def sweep(
     return swept
 
 
+def lookup_index_name(number: int) -> str:
+    return f"{partition_name('events', number)}_lookup"
+
+
+async def index_lookups(conn: AsyncConnection[Any], *, at_most: int = 1) -> list[str]:
+    """Build the (source_key, message_id) index GetEvent finds an event by message id with,
+    on up to `at_most` events partitions that ingest has left (every id of the partition is
+    drawn and settled: below the log's horizon), oldest first. Ingest never pays for it: the
+    partition it writes has none (GetEvent scans that one). CONCURRENTLY, so nothing waits;
+    an index a failed build left invalid is dropped and built again. Needs an autocommit
+    connection. Returns the indexes built."""
+    if not conn.autocommit:
+        raise ValueError("index_lookups needs an autocommit connection")
+    size = (await settings(conn)).event_partition_size
+    cur = await conn.execute(query("partitions.sql", "horizon"))
+    row = await cur.fetchone()
+    horizon = int(row[0]) if row else 0
+    cur = await conn.execute(query("partitions.sql", "lookup_indexes"))
+    valid = {name: ok for name, ok in await cur.fetchall()}
+    built: list[str] = []
+    for name, lower in await _existing(conn, "events"):
+        number = lower // size
+        if (number + 1) * size > horizon or len(built) >= at_most:
+            break
+        index = lookup_index_name(number)
+        if valid.get(index):
+            continue
+        if index in valid:
+            await conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                sql.Identifier(index)))
+        started = time.perf_counter()
+        await conn.execute(sql.SQL(query("partitions.sql", "lookup_index")).format(
+            index=sql.Identifier(index), partition=sql.Identifier(name)))
+        log.info("built index %s", index,
+                 extra={"seconds": round(time.perf_counter() - started, 3)})
+        built.append(index)
+    return built
+
+
 def _names(number: int) -> dict[str, sql.Identifier]:
     """The partitions of one number, as query placeholders name them."""
     return {"events": sql.Identifier(partition_name("events", number)),

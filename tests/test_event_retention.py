@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from psycopg import AsyncConnection
 
-from jobsdb import eventlog, partitions
+from jobsdb import eventlog, events, partitions
 from relayq.config import ConfigError, Env, maintenance_policy
 from tests.factories import insert_jobs
 
@@ -135,3 +135,31 @@ def test_the_event_retention_is_its_own_setting_a_week_by_default() -> None:
         with pytest.raises(ConfigError) as failure:
             maintenance_policy(Env({"RELAYQ_EVENT_RETENTION_SECONDS": bad}))
         assert failure.value.variable == "RELAYQ_EVENT_RETENTION_SECONDS"
+
+
+async def test_maintenance_indexes_message_ids_only_where_ingest_has_left(
+        conn: AsyncConnection[Any]) -> None:
+    """GetEvent by message id reads an index maintenance builds on partitions ingest no
+    longer writes (ingest never pays for it); the partition ingest writes is scanned."""
+    await insert_jobs(conn, 3, start=10)
+    assert await partitions.index_lookups(conn) == []  # ingest still writes partition 0
+    await partitions.ensure(conn, upto_event_id=SIZE + 10)
+    await insert_jobs(conn, 2, start=SIZE + 10)
+    assert await partitions.index_lookups(conn) == ["events_p00000000_lookup"]
+    assert await partitions.index_lookups(conn) == []  # built once
+    cur = await conn.execute("SELECT source_key FROM sources WHERE id = 's10'")
+    [(source_key,)] = await cur.fetchall()
+    async with conn.transaction():
+        found = await events.get_by_message(conn, source_key, "m1", None)
+    assert found.event_id == 12
+    # (Three rows are cheaper to scan: the plan is asked as if the partition were large.)
+    await conn.execute("SET enable_seqscan = off")
+    cur = await conn.execute(
+        "EXPLAIN SELECT * FROM events WHERE source_key = %s AND message_id = 'm1'",
+        (source_key,), prepare=False)
+    plan = "\n".join(r[0] for r in await cur.fetchall())
+    assert "events_p00000000_lookup" in plan
+    cur = await conn.execute("SELECT source_key FROM sources WHERE id = %s", (f"s{SIZE + 10}",))
+    [(newer,)] = await cur.fetchall()
+    async with conn.transaction():
+        assert (await events.get_by_message(conn, newer, "m0", None)).event_id == SIZE + 11

@@ -167,3 +167,23 @@ FROM pg_inherits i
 WHERE i.inhparent IN ('events'::regclass, 'deliveries'::regclass, 'jobs'::regclass,
                       'job_statuses'::regclass)
 GROUP BY i.inhparent;
+
+-- name: horizon
+-- Every event id below it is settled (migration 0012): a partition that ends at or below it
+-- is written no more.
+SELECT event_log_horizon();
+
+-- name: lookup_indexes
+-- The message-id indexes of events partitions, and whether each is valid (a CREATE INDEX
+-- CONCURRENTLY that failed leaves an invalid one behind).
+SELECT i.relname AS name, x.indisvalid AS valid
+FROM pg_index x
+JOIN pg_class i ON i.oid = x.indexrelid
+JOIN pg_inherits h ON h.inhrelid = x.indrelid
+WHERE h.inhparent = 'events'::regclass
+  AND i.relname LIKE 'events\_p%\_lookup';
+
+-- name: lookup_index
+-- GetEvent by (source, message id) on a partition ingest has left (jobsdb/sql/events.sql
+-- by_message).
+CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {partition} (source_key, message_id);
