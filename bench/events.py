@@ -223,15 +223,27 @@ def main() -> None:
                         help="event ids per partition (relayq_settings)")
     parser.add_argument("--calls", type=int, default=300, help="timed calls of each kind")
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument("--database", metavar="NAME",
+                        help="measure a database a run with --keep filled (kept again)")
     parser.add_argument("--smoke", action="store_true",
                         help="seconds: 60,000 events in partitions of 20,000, 20 calls")
     args = parser.parse_args()
     if args.smoke:
         args.events, args.partition_size, args.calls = 60_000, 20_000, 20
-    name = create_database()
+    if args.database:
+        name, args.keep = args.database, True
+        with psycopg.connect(dsn_for(name)) as conn:
+            row = conn.execute("SELECT min(event_id), max(event_id), (SELECT value::integer"
+                               " FROM relayq_settings WHERE name = 'event_partition_size')"
+                               " FROM events").fetchone()
+            assert row is not None
+            start, args.events, args.partition_size = row[0], row[1] - row[0] + 1, row[2]
+    else:
+        name = create_database()
     admin = None
     try:
-        start = fill(name, args.events, args.partition_size)
+        if not args.database:
+            start = fill(name, args.events, args.partition_size)
         port = free_port()
         admin = spawn("admin_service.main", {
             "RELAYQ_DATABASE_URL": dsn_for(name), "RELAYQ_ADMIN_TOKEN": TOKEN,

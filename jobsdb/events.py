@@ -21,7 +21,6 @@ from psycopg.rows import class_row
 from jobsdb import jobs
 from jobsdb.errors import NotFound
 from jobsdb.filters import Compiled
-from jobsdb.keyspace import job_id as job_id_of
 from jobsdb.sqlfile import query
 
 Conn = AsyncConnection[Any]
@@ -90,14 +89,27 @@ async def get_by_id(conn: Conn, event_id: int, scope: int | None) -> EventRow:
 
 async def get_by_message(conn: Conn, source_key: int, message_id: str, scope: int | None
                          ) -> EventRow:
-    cur = conn.cursor(row_factory=class_row(EventRow))
-    await cur.execute(query("events.sql", "by_message"),
-                      {"source_key": source_key, "message_id": message_id, "scope": scope},
-                      prepare=False)
-    rows = await cur.fetchall()
-    if not rows:
-        raise NotFound(f"no event with message id {message_id!r} in the log of that source")
-    return await _named(conn, min(rows, key=lambda r: r.event_id))
+    """A source's event by message id: the first one (a message id sent again after the
+    de-duplication window is a second event). The partitions maintenance has indexed are
+    asked first, by index; only if none has it is the partition ingest writes scanned."""
+    cur = await conn.execute(query("events.sql", "indexed_below"))
+    below = (await cur.fetchone() or [None])[0]
+    below = _ABOVE_ALL if below is None else int(below)
+    for low, high in ((0, below), (below, _ABOVE_ALL)):
+        if low >= high:
+            continue
+        rows_cur = conn.cursor(row_factory=class_row(EventRow))
+        await rows_cur.execute(query("events.sql", "by_message"), {
+            "source_key": source_key, "message_id": message_id, "scope": scope,
+            "low": low, "high": high}, prepare=False)
+        rows = await rows_cur.fetchall()
+        if rows:
+            return await _named(conn, min(rows, key=lambda r: r.event_id))
+    raise NotFound(f"no event with message id {message_id!r} in the log of that source")
+
+
+# Above every event id (they have 47 bits).
+_ABOVE_ALL = 1 << 48
 
 
 async def _named(conn: Conn, row: EventRow) -> EventRow:
@@ -113,16 +125,18 @@ async def destinations(conn: Conn, event: EventRow, scope: int | None) -> list[A
     """Where the event stands at every destination its source is or was connected to."""
     cur = conn.cursor(row_factory=class_row(ConnectionRow))
     await cur.execute(query("events.sql", "connections"), {"source_key": event.source_key})
-    return [await _at(conn, event, c, scope) for c in await cur.fetchall()]
+    connections = await cur.fetchall()
+    found = await jobs.event_standing(conn, event.event_id, [c.slot for c in connections],
+                                      scope)
+    return [_at(event, c, found[c.slot]) for c in connections]
 
 
 _STATUS = {"pending": "pending", "succeeded": "delivered", "failed": "failed",
            "waiting": "waiting", "aborted": "aborted"}
 
 
-async def _at(conn: Conn, event: EventRow, connection: ConnectionRow, scope: int | None
-              ) -> AtDestination:
-    found = await jobs.job_status(conn, job_id_of(event.event_id, connection.slot), scope)
+def _at(event: EventRow, connection: ConnectionRow,
+        found: tuple[jobs.JobRow, list[jobs.StatusRow]] | jobs.NotAJob) -> AtDestination:
     if not isinstance(found, jobs.NotAJob):
         row, history = found
         return AtDestination(connection.destination_id, _STATUS[row.state], row, history)

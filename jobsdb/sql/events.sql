@@ -11,12 +11,22 @@ JOIN sources s ON s.source_key = e.source_key
 WHERE e.event_id = %(event_id)s
   AND (%(scope)s::integer IS NULL OR e.tenant_key = %(scope)s);
 
+-- name: indexed_below
+-- Where the events partitions without a (valid) message-id index begin: the partition
+-- ingest writes, and any maintenance has not indexed yet (NULL: none).
+SELECT min((regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''?(\d+)''?\)'))[1]::bigint)
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'events'::regclass
+  AND NOT EXISTS (SELECT 1 FROM pg_index x JOIN pg_class ix ON ix.oid = x.indexrelid
+                  WHERE x.indrelid = c.oid AND x.indisvalid
+                    AND ix.relname = c.relname || '_lookup');
+
 -- name: by_message
--- A source's event by its message id. Every partition ingest has left has an index on
--- (source_key, message_id) (maintenance builds it: jobsdb.partitions.index_lookups), so
--- ingest never pays for it; the partition ingest writes now is scanned. Run unprepared: a
--- generic plan would not see which partitions have the index. A message id sent again after
--- the de-duplication window is a second event: the first is the one answered.
+-- A source's events by message id, in [low, high) of event ids. Below indexed_below every
+-- partition has an index on (source_key, message_id) (maintenance builds it:
+-- jobsdb.partitions.index_lookups), so ingest never pays for it; above, the partition
+-- ingest writes is scanned. Run unprepared: the plan prunes partitions by the bounds.
 SELECT e.event_id, t.id AS tenant_id, s.id AS source_id, e.source_key, e.user_id,
        e.message_id, e.created_at, e.destinations, e.document
 FROM events e
@@ -24,6 +34,8 @@ JOIN tenants t ON t.tenant_key = e.tenant_key
 JOIN sources s ON s.source_key = e.source_key
 WHERE e.source_key = %(source_key)s
   AND e.message_id = %(message_id)s
+  AND e.event_id >= %(low)s
+  AND e.event_id < %(high)s
   AND (%(scope)s::integer IS NULL OR e.tenant_key = %(scope)s);
 
 -- name: connections
