@@ -168,6 +168,13 @@ async def list_events(conn: Conn, source_key: int, selection: Compiled | None, *
     fewer than `limit`, and the next goes on from where it stopped."""
     cur = await conn.execute(query("jobs.sql", "log_head"))
     head = int((await cur.fetchone() or [0])[0])
+    # Windows start at the first event after `after`: once retention has dropped the old
+    # partitions, the log begins far above 0, and a first page must not walk up to it.
+    cur = await conn.execute(query("events.sql", "first_after"), {"after": after})
+    first_id = (await cur.fetchone() or [None])[0]
+    if first_id is None:
+        return EventPage([], None)
+    after = max(after, int(first_id) - 1)
     where: sql.Composable = selection.where if selection else sql.SQL("true")
     params: Sequence[Any] = selection.params if selection else ()
     statement = sql.SQL(query("events.sql", "list")).format(where=where)

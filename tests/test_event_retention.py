@@ -163,3 +163,17 @@ async def test_maintenance_indexes_message_ids_only_where_ingest_has_left(
     [(newer,)] = await cur.fetchall()
     async with conn.transaction():
         assert (await events.get_by_message(conn, newer, "m0", None)).event_id == SIZE + 11
+
+
+async def test_a_listing_starts_where_the_log_does(conn: AsyncConnection[Any]) -> None:
+    """Once retention has dropped the old partitions the log begins far above 0: the first
+    page of ListEvents starts at its first event, not in windows up from 0."""
+    await partitions.ensure(conn, upto_event_id=40 * SIZE)
+    await insert_jobs(conn, 3, start=40 * SIZE + 10)
+    cur = await conn.execute("SELECT source_key FROM sources")
+    [(source_key,)] = await cur.fetchall()
+    async with conn.transaction():
+        page = await events.list_events(conn, source_key, None, after=0, limit=10,
+                                        include_payload=False)
+    assert [r.message_id for r in page.rows] == ["m0", "m1", "m2"]
+    assert page.more_after is None

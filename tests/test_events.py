@@ -79,6 +79,16 @@ async def sent(world: World) -> AsyncIterator[Sent]:
                     and _standing(third).get("ok") == S.EVENT_STATUS_DELIVERED)
 
         await eventually(settled, within=30, what="the events settled at their destinations")
+
+        async def read_past() -> bool:
+            # The frontiers follow the deliveries a moment later: until they pass the
+            # events, a connection made now would still get them (pending there).
+            cur = await world.conn.execute(
+                "SELECT bool_and(l.frontier >= e.event_id) FROM events e"
+                " JOIN router_leases l ON l.partition = e.ordering_partition")
+            return bool((await cur.fetchone() or [False])[0])
+
+        await eventually(read_past, within=30, what="the frontiers passing the events")
         late = await factories.destination(world.conn, world.tenant, "late",
                                            endpoint=world.webhook.url)
         await factories.connect(world.conn, world.source.key, late)

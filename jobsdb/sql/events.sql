@@ -68,3 +68,7 @@ WHERE j.source_key = %s
   AND ({where})
 ORDER BY j.event_id
 LIMIT %s;
+
+-- name: first_after
+-- The first event of the log after an id (one probe of each partition's primary key).
+SELECT min(event_id) FROM events WHERE event_id > %(after)s;
