@@ -10,6 +10,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from jobsdb import catalog
 from jobsdb import jobs as jobsdb
+from jobsdb import replays as jobsdb_replays
 from relayq.v1 import admin_pb2, common_pb2
 
 STATES = {
@@ -105,3 +106,16 @@ def status(row: jobsdb.StatusRow) -> common_pb2.JobStatus:
         response=row.response or "", started_at=timestamp(row.started_at),
         duration_ms=row.duration_ms or 0, retry_at=timestamp(row.retry_at), actor=row.actor,
         reason=row.reason or "", batch_id=row.batch or "")
+
+
+def replay(row: jobsdb_replays.Replay) -> admin_pb2.Replay:
+    return admin_pb2.Replay(
+        replay_id=row.replay_id, kind=row.kind, tenant_id=row.tenant_id,
+        source_id=row.source_id, destination_id=row.destination_id,
+        first_event_id=row.after_event_id + 1, last_event_id=max(row.last_event_id, 0),
+        from_time=timestamp(row.from_time), to_time=timestamp(row.to_time), filter=row.filter,
+        state=row.state, matched=row.matched, written=row.written,
+        delivered=max(0, row.written - row.unfinished - row.aborted), pending=row.unfinished,
+        aborted=row.aborted, position=max(row.position, 0), actor=row.actor, reason=row.reason,
+        created_at=timestamp(row.created_at), finished_at=timestamp(row.finished_at),
+        cancelled_by=row.cancelled_by)

@@ -73,3 +73,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     RetryJobs = _rpc(lambda ops: ops.jobs.retry)
     AbortJobs = _rpc(lambda ops: ops.jobs.abort)
     GetStats = _rpc(lambda ops: ops.stats.get)
+
+    ReplayEvents = _rpc(lambda ops: ops.replays.replay)
+    ListReplays = _rpc(lambda ops: ops.replays.list)
+    GetReplay = _rpc(lambda ops: ops.replays.get)
+    CancelReplay = _rpc(lambda ops: ops.replays.cancel)

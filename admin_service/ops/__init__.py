@@ -14,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 from admin_service.ops.connections import Connections
 from admin_service.ops.destinations import Destinations
 from admin_service.ops.jobs import Jobs
+from admin_service.ops.replays import Replays
 from admin_service.ops.sources import Sources
 from admin_service.ops.stats import Stats
 from admin_service.ops.tenants import AdminTokens, Tenants
@@ -30,3 +31,4 @@ class Operations:
         self.connections = Connections(pool)
         self.jobs = Jobs(pool)
         self.stats = Stats(pool)
+        self.replays = Replays(pool)

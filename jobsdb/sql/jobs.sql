@@ -42,6 +42,8 @@
        FROM events e
        JOIN connections c ON c.source_key = e.source_key AND c.enabled
                          AND (e.destinations IS NULL OR c.destination_key = ANY(e.destinations))
+                         -- A backfill wrote rows for the events up to here (migration 0017).
+                         AND e.event_id > coalesce(c.backfill_after, 0)
        JOIN router_leases l ON l.partition = e.ordering_partition
        LEFT JOIN destination_cursors dc ON dc.destination_key = c.destination_key
                                        AND dc.partition = e.ordering_partition
@@ -108,6 +110,7 @@ JOIN tenants t ON t.tenant_key = e.tenant_key
 JOIN sources s ON s.source_key = e.source_key
 JOIN destinations d ON d.destination_key = c.destination_key
 WHERE e.event_id = %(event_id)s
+  AND e.event_id > coalesce(c.backfill_after, 0)
   AND (%(scope)s::integer IS NULL OR e.tenant_key = %(scope)s);
 
 -- name: history
