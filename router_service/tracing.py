@@ -49,12 +49,27 @@ class Attempt:
 
     def finish(self, results: Sequence[Result]) -> None:
         """End the spans with each job's outcome."""
-        for index, span in self._spans:
+        spans, self._spans = self._spans, []
+        for index, span in spans:
             result = results[index]
             span.set_attribute("relayq.outcome", result.verdict.value)
             if result.verdict is not Verdict.OK:
                 span.set_attribute("error.type", result.error_code)
                 span.set_status(trace.StatusCode.ERROR, result.error_code)
+            span.end()
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 _: object) -> None:
+        """Spans not finished (the call raised, or was cancelled at a lease's end) end as
+        errors named by the exception."""
+        spans, self._spans = self._spans, []
+        for _index, span in spans:
+            name = kind.__name__ if kind is not None else "unfinished"
+            span.set_attribute("error.type", name)
+            span.set_status(trace.StatusCode.ERROR, name)
             span.end()
 
 

@@ -7,9 +7,11 @@ sender's, and what is sent on names that span."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -29,6 +31,8 @@ from relayq.client.events import encode
 from relayq.client.ids import MessageIds
 from relayq.config import Env
 from relayq.v1 import admin_pb2, ingest_pb2
+from router_service import tracing
+from router_service.model import Job
 from tests.helpers import auth, event
 from tests.pipeline import World, wait_until_finished
 from tests.services import OPERATOR_TOKEN, Admin, Ingest, admin, ingest, quiet_env, router
@@ -330,3 +334,27 @@ async def test_the_consoles_job_page_shows_the_traceparent(world: World, console
         async with session.get(f"{console}/jobs/{delivered.job_id}") as page:
             text = await page.text()
     assert re.search(rf'id="traceparent"[^>]*>{SENDER}<', text), text
+
+
+def test_spans_of_a_call_that_raised_end_as_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = [Job(1, "u", "m1", 1, "{}", datetime.now(UTC), None, 0, traceparent=SENDER),
+            Job(2, "u2", "m2", 1, "{}", datetime.now(UTC), None, 0)]
+    assert tracing.start("webhook", "d", jobs).traceparents == [SENDER, None]  # no SDK
+    sent: list[str | None] = []
+
+    def cancelled() -> None:
+        with tracing.start("nats", "d", jobs) as attempt:
+            sent.extend(attempt.traceparents)
+            raise asyncio.CancelledError
+
+    with _sdk(monkeypatch) as (_, exporter):
+        with pytest.raises(asyncio.CancelledError):
+            cancelled()
+        [span] = exporter.get_finished_spans()
+    assert sent[0] is not None
+    assert sent[0] != SENDER
+    assert sent[0][3:35] == SENDER[3:35]  # the router's span, in the sender's trace
+    assert sent[1] is None
+    assert span.kind == trace.SpanKind.PRODUCER
+    assert span.status.status_code == trace.StatusCode.ERROR
+    assert (span.attributes or {})["error.type"] == "CancelledError"

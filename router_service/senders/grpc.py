@@ -85,9 +85,9 @@ class GrpcSender:
         return self._stub
 
     async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
-        attempt = tracing.start("grpc", self._destination_id, jobs)
-        results = await self._deliver(jobs, attempt)
-        attempt.finish(results)
+        with tracing.start("grpc", self._destination_id, jobs) as attempt:
+            results = await self._deliver(jobs, attempt)
+            attempt.finish(results)
         return results
 
     async def _deliver(self, jobs: Sequence[Job], attempt: tracing.Attempt) -> list[Result]:

@@ -100,9 +100,9 @@ class NatsSender:
         return self._server
 
     async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
-        attempt = tracing.start("nats", self._destination_id, jobs)
-        results = await self._deliver(jobs, attempt.traceparents)
-        attempt.finish(results)
+        with tracing.start("nats", self._destination_id, jobs) as attempt:
+            results = await self._deliver(jobs, attempt.traceparents)
+            attempt.finish(results)
         return results
 
     async def _deliver(self, jobs: Sequence[Job], traceparents: list[str | None]

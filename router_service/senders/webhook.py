@@ -93,14 +93,14 @@ class WebhookSender:
                                      if self._refused is None else "")
 
     async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
-        attempt = tracing.start("webhook", self._destination_id, jobs)
-        traceparents = attempt.traceparents
-        if self.batched:
-            results = [await self._post_batch(jobs, attempt)] * len(jobs)
-        else:
-            results = [await self._post(job, traceparents[index])
-                       for index, job in enumerate(jobs)]
-        attempt.finish(results)
+        with tracing.start("webhook", self._destination_id, jobs) as attempt:
+            traceparents = attempt.traceparents
+            if self.batched:
+                results = [await self._post_batch(jobs, attempt)] * len(jobs)
+            else:
+                results = [await self._post(job, traceparents[index])
+                           for index, job in enumerate(jobs)]
+            attempt.finish(results)
         return results
 
     async def _post_batch(self, jobs: Sequence[Job], attempt: tracing.Attempt) -> Result:
