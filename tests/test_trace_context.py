@@ -25,6 +25,7 @@ from prometheus_client import REGISTRY
 
 from admin_service.config import AdminConfig
 from admin_service.main import AdminApp
+from relayq.cli import lines
 from relayq.client import traceparent as tracecontext
 from relayq.client.errors import InvalidEvent
 from relayq.client.events import encode
@@ -365,3 +366,8 @@ def test_spans_of_a_call_that_raised_end_as_errors(monkeypatch: pytest.MonkeyPat
     assert span.kind == trace.SpanKind.PRODUCER
     assert span.status.status_code == trace.StatusCode.ERROR
     assert (span.attributes or {})["error.type"] == "CancelledError"
+
+
+def test_relayq_send_takes_a_traceparent_per_line() -> None:
+    parsed = lines.parse(b'{"user_id": "u", "traceparent": "' + SENDER.encode() + b'"}')
+    assert parsed == {"user_id": "u", "traceparent": SENDER}
