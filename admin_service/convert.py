@@ -87,7 +87,7 @@ def job(row: jobsdb.JobRow, history: Sequence[jobsdb.StatusRow] = ()) -> common_
         blocked_by=row.blocked_by or 0, error_code=row.error_code or "",
         created_at=timestamp(row.created_at), updated_at=timestamp(row.updated_at),
         first_attempt_at=timestamp(row.first_attempt_at),
-        history=[status(s) for s in history],
+        history=[status(s) for s in history], traceparent=row.traceparent or "",
     )
     if row.payload is not None:
         message.payload.CopyFrom(payload(row.payload))

@@ -77,6 +77,8 @@ class JobRow:
     updated_at: datetime
     first_attempt_at: datetime | None
     payload: str | None
+    # The event's W3C traceparent (None: sent without one).
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +272,7 @@ async def _logged_job(conn: Conn, job_id: int, scope: int | None
     if found is None:
         return None
     (event_id, created_at, user_id, message_id, named, document, _, _, destination_key,
-     enabled, event_filter, cursor, tenant_id, source_id, destination_id) = found
+     enabled, event_filter, cursor, tenant_id, source_id, destination_id, traceparent) = found
     if named is not None and destination_key not in named:
         return None
     pending = event_id > cursor
@@ -278,7 +280,7 @@ async def _logged_job(conn: Conn, job_id: int, scope: int | None
         return None
     row = JobRow(job_id, tenant_id, source_id, destination_id, user_id, message_id,
                  "pending" if pending else "succeeded", 0 if pending else 1, None, None, None,
-                 created_at, created_at, None, document)
+                 created_at, created_at, None, document, traceparent)
     return row, event_id
 
 
