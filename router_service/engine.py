@@ -467,10 +467,14 @@ class Engine:
             version, found = await destinations_db.load_if_changed(
                 conn, self._destinations_digest)
             if found is not None:
-                # Destinations whose backfill's rows are all written now: who waits behind
-                # which of those rows, read in the same snapshot, before they read the log.
+                # Destinations whose backfill's rows are all written now, or that this
+                # router sees backfilled for the first time (its backfill may be done
+                # already): who waits behind which of those rows, read in the same
+                # snapshot, before they take anything from the log.
                 holding = {c.destination_key for c in found.connections if c.backfilling}
-                for key in sorted(self.routing.holding - holding):
+                backfilled = {c.destination_key for c in found.connections
+                              if c.backfill_after and _after(self.routing, c) != c.backfill_after}
+                for key in sorted((self.routing.holding - holding) | backfilled):
                     released.update(await eventlog.blocked_users(
                         conn, sorted(self.positions.position), destination_key=key))
         if found is None:
@@ -616,6 +620,12 @@ class Engine:
                 self._unknown_types.add(destination.destination_key)
                 log.error("%s; its jobs wait", exc, extra={"destination": destination.id})
             return None
+
+
+def _after(routing: Routing, connection: destinations_db.Connection) -> int | None:
+    """Where `routing` has the connection take the log from (None: not connected there)."""
+    route = routing.by_pair.get((connection.source_key, connection.destination_key))
+    return route.after if route is not None else None
 
 
 def _keys(payload: str) -> list[int]:

@@ -66,6 +66,7 @@ class RouterApp(ServiceApp[RouterConfig]):
             # Notifications sent while we were disconnected are lost: look everywhere.
             engine.on_config_notification()
             engine.on_events_notification()
+            engine.replays.wake()
             engine.discover()
 
         listener = Listener(
