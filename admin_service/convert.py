@@ -12,6 +12,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from jobsdb import catalog, eventlog
 from jobsdb import events as eventsdb
 from jobsdb import jobs as jobsdb
+from jobsdb import replays as jobsdb_replays
 from jobsdb.keyspace import event_of
 from relayq.v1 import admin_pb2, common_pb2
 
@@ -89,7 +90,7 @@ def job(row: jobsdb.JobRow, history: Sequence[jobsdb.StatusRow] = ()) -> common_
         blocked_by=row.blocked_by or 0, error_code=row.error_code or "",
         created_at=timestamp(row.created_at), updated_at=timestamp(row.updated_at),
         first_attempt_at=timestamp(row.first_attempt_at),
-        history=[status(s) for s in history],
+        history=[status(s) for s in history], traceparent=row.traceparent or "",
     )
     if row.payload is not None:
         message.payload.CopyFrom(payload(row.payload))
@@ -149,3 +150,15 @@ def event_log(size: eventlog.LogSize) -> admin_pb2.EventLogStats:
     return admin_pb2.EventLogStats(bytes=size.bytes, events=size.events,
                                    oldest_event_id=size.oldest[0],
                                    oldest_event_at=timestamp(size.oldest[1]))
+
+def replay(row: jobsdb_replays.Replay) -> admin_pb2.Replay:
+    return admin_pb2.Replay(
+        replay_id=row.replay_id, kind=row.kind, tenant_id=row.tenant_id,
+        source_id=row.source_id, destination_id=row.destination_id,
+        first_event_id=row.after_event_id + 1, last_event_id=max(row.last_event_id, 0),
+        from_time=timestamp(row.from_time), to_time=timestamp(row.to_time), filter=row.filter,
+        state=row.state, matched=row.matched, written=row.written,
+        delivered=max(0, row.written - row.unfinished - row.aborted), pending=row.unfinished,
+        aborted=row.aborted, position=max(row.position, 0), actor=row.actor, reason=row.reason,
+        created_at=timestamp(row.created_at), finished_at=timestamp(row.finished_at),
+        cancelled_by=row.cancelled_by)

@@ -76,3 +76,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     ListEvents = _rpc(lambda ops: ops.events.list)
     GetEvent = _rpc(lambda ops: ops.events.get)
+    ReplayEvents = _rpc(lambda ops: ops.replays.replay)
+    ListReplays = _rpc(lambda ops: ops.replays.list)
+    GetReplay = _rpc(lambda ops: ops.replays.get)
+    CancelReplay = _rpc(lambda ops: ops.replays.cancel)

@@ -9,6 +9,11 @@ REJECTS = Counter(
     "relayq_ingest_rejects_total",
     "Requests or events refused, by reason (auth, batch, event, rate).", ["reason"]
 )
+IGNORED_TRACEPARENTS = Counter(
+    "relayq_ingest_ignored_traceparents_total",
+    "Requests whose metadata traceparent was malformed and ignored (their events were"
+    " stored without it, unless they carried their own).",
+)
 BATCH_EVENTS = Histogram(
     "relayq_ingest_batch_events", "Events per Ingest request.",
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 5000),

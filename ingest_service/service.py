@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ from ingest_service.routes import RouteCache
 from jobsdb.ingest import Stored
 from jobsdb.write_keys import SourceRoute
 from relayq.auth import bearer_token
+from relayq.client import traceparent as tracecontext
 from relayq.rpc import (
     InvalidArgument,
     PermissionDenied,
@@ -24,6 +26,8 @@ from relayq.rpc import (
     handle_errors,
 )
 from relayq.v1 import ingest_pb2, ingest_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 Status = ingest_pb2.EventResult.Status
 _ACCEPTED, _DUPLICATE, _REJECTED = Status.ACCEPTED, Status.DUPLICATE, Status.REJECTED
@@ -60,7 +64,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
 
         received_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         try:
-            prepared = validate.prepare(request, route, self._limits, received_at)
+            prepared = validate.prepare(request, route, self._limits, received_at,
+                                        _metadata_traceparent(context))
         except InvalidArgument:
             metrics.REJECTS.labels("batch").inc()
             raise
@@ -116,6 +121,22 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         except EventsRefused as refused:  # refused again: a fault, not bad data to single out
             raise Unavailable(f"Postgres refused events it had accepted a moment ago: {refused}"
                               "; nothing was stored, send the batch again") from None
+
+
+def _metadata_traceparent(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The request's metadata `traceparent`, the default of its events that carry none. A
+    malformed one is ignored and counted, not refused: it is usually set by a tracing library
+    around the call, not by the application, and the events themselves are sound."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent":
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            if tracecontext.is_valid(text):
+                return text
+            metrics.IGNORED_TRACEPARENTS.inc()
+            log.info("ignored a malformed metadata traceparent: %s",
+                     tracecontext.problem(text))
+            return None
+    return None
 
 
 def _response(

@@ -18,6 +18,7 @@ from google.protobuf import json_format, timestamp_pb2
 from ingest_service.config import Limits
 from jobsdb.ingest import NewEvent
 from jobsdb.write_keys import SourceRoute
+from relayq.client import traceparent as tracecontext
 from relayq.client.limits import MAX_MESSAGE_ID, MAX_NAME, MAX_USER_ID
 from relayq.rpc import InvalidArgument
 from relayq.v1 import ingest_pb2
@@ -63,8 +64,10 @@ def prepare(
     route: SourceRoute,
     limits: Limits,
     received_at: str,
+    default_traceparent: str | None = None,
 ) -> Prepared:
-    """Validate a batch and build each valid event's document.
+    """Validate a batch and build each valid event's document. `default_traceparent` (the
+    request's metadata, already checked) is kept with the events that carry none.
 
     Raises InvalidArgument for the batch as a whole: empty, too many events, too many bytes,
     or a message_id repeated within it (a client bug that would otherwise be silently
@@ -90,7 +93,7 @@ def prepare(
     first_seen: dict[str, int] = {}
     for index, event in enumerate(events):
         try:
-            built = build_event(event, route, limits, received_at)
+            built = build_event(event, route, limits, received_at, default_traceparent)
         except EventRejected as exc:
             prepared.rejected[index] = str(exc)
             continue
@@ -105,7 +108,8 @@ def prepare(
 
 
 def build_event(
-    event: ingest_pb2.Event, route: SourceRoute, limits: Limits, received_at: str
+    event: ingest_pb2.Event, route: SourceRoute, limits: Limits, received_at: str,
+    default_traceparent: str | None = None,
 ) -> NewEvent:
     # Each field is read once: every attribute read of a protobuf message builds a new object,
     # and this runs for every event.
@@ -127,6 +131,11 @@ def build_event(
         _check_text("type", kind, MAX_NAME)
     if len(name) > MAX_NAME:
         raise EventRejected(f"event: longer than {MAX_NAME} characters")
+    traceparent = event.traceparent
+    if traceparent:
+        problem = tracecontext.problem(traceparent)
+        if problem is not None:
+            raise EventRejected(f"traceparent: {problem}")
 
     properties, _ = _properties(event, limits)
     context = event.context_json
@@ -167,6 +176,7 @@ def build_event(
         user_id=user_id or anonymous_id,
         document=text,
         destinations=_destinations(event, route),
+        traceparent=traceparent or default_traceparent,
     )
 
 

@@ -55,6 +55,10 @@ class Connection(NamedTuple):
     destination_key: int
     slot: int
     event_filter: str | None
+    # A backfilled connection takes from the log only events after this id (0: every one),
+    # and none while its backfill's rows are being written.
+    backfill_after: int = 0
+    backfilling: bool = False
 
 
 async def load_connections(conn: AsyncConnection[Any]) -> list[Connection]:

@@ -34,6 +34,8 @@ class LoggedEvent(NamedTuple):
     # The destinations the producer named (None: every connection of the source).
     destinations: list[int] | None
     document: str
+    # The sender's W3C traceparent (None: sent without one); deliveries carry it on.
+    traceparent: str | None = None
 
 
 class Wanted(NamedTuple):

@@ -35,6 +35,8 @@ class NewEvent(NamedTuple):
     document: str
     # The connected destinations the producer named; None: every connection of the source.
     destinations: tuple[int, ...] | None = None
+    # The sender's W3C traceparent, checked by ingest (None: sent without one).
+    traceparent: str | None = None
 
 
 @dataclass(slots=True)
@@ -71,6 +73,7 @@ async def store_events(
     partition_texts: dict[str, str] = {}
     partitions: list[str] = []
     named: list[str] = []
+    traced = False
     for event, _ in unique:
         user = event.user_id
         text = partition_texts.get(user)
@@ -78,6 +81,7 @@ async def store_events(
             text = partition_texts[user] = str(partition_of(user, ordering_partitions))
         partitions.append(text)
         named.append(";".join(map(str, event.destinations)) if event.destinations else "")
+        traced = traced or event.traceparent is not None
     params = {
         "message_ids": _joined([e.message_id for e, _ in unique]),
         "source_keys": ",".join([str(e.source_key) for e, _ in unique]),
@@ -86,6 +90,8 @@ async def store_events(
         "user_ids": _joined([e.user_id for e, _ in unique]),
         "documents": _joined([e.document for e, _ in unique]),
         "destinations": ",".join(named),
+        # '' when no event has one: an empty array, which unnest pads with NULLs for free.
+        "traceparents": ",".join([e.traceparent or "" for e, _ in unique]) if traced else "",
         "notify": ",".join(sorted(set(partition_texts.values()), key=int)),
     }
     await conn.execute(query("ingest.sql", "lock_generations"), {"lock": locks.DEDUP_GENERATIONS})

@@ -79,6 +79,8 @@ class JobRow:
     updated_at: datetime
     first_attempt_at: datetime | None
     payload: str | None
+    # The event's W3C traceparent (None: sent without one).
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +320,7 @@ async def _logged_jobs(conn: Conn, event_id: int, slots: Sequence[int], scope: i
                              {"event_id": event_id, "slots": list(slots), "scope": scope})
     found: dict[int, JobRow | NotAJob] = {}
     for (_, created_at, user_id, message_id, named, document, _, _, destination_key,
-         enabled, event_filter, cursor, tenant_id, source_id, destination_id,
+         enabled, event_filter, cursor, tenant_id, source_id, destination_id, traceparent,
          slot) in await cur.fetchall():
         if named is not None and destination_key not in named:
             found[slot] = NotAJob("named", event_id)
@@ -332,7 +334,8 @@ async def _logged_jobs(conn: Conn, event_id: int, slots: Sequence[int], scope: i
             found[slot] = JobRow(job_id_of(event_id, slot), tenant_id, source_id,
                                  destination_id, user_id, message_id,
                                  "pending" if pending else "succeeded", 0 if pending else 1,
-                                 None, None, None, created_at, created_at, None, document)
+                                 None, None, None, created_at, created_at, None, document,
+                                 traceparent)
     return found
 
 

@@ -37,6 +37,8 @@ class Candidate(NamedTuple):
     ordering_partition: int
     # The root job holding this one (None: nothing earlier of its key is failed or waiting).
     held_by: int | None
+    # The event's W3C traceparent (None: sent without one).
+    traceparent: str | None = None
 
 
 class Outcome(NamedTuple):

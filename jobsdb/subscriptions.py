@@ -49,6 +49,12 @@ def condition(connections: Iterable[tuple[int, int, str]], params: list[Any]) ->
     return sql.SQL("(CASE {} ELSE true END)").format(sql.SQL(" ").join(branches))
 
 
+def job_filter(node: Node, params: list[Any]) -> sql.Composable:
+    """A parsed connection filter (the events language) as a condition over `j.payload`,
+    its values appended to `params`: the replay worker's selection (jobsdb.replays)."""
+    return compile_node(_as_job_filter(node), params)
+
+
 def _as_job_filter(node: Node) -> Node:
     """A connection filter's tree, its fields made paths into the delivered document."""
     if isinstance(node, And | Or):

@@ -56,11 +56,13 @@ def _webhook_endpoint(value: str) -> None:
 
 
 # Headers the router sets on every webhook request itself: the body's type and length, what
-# relayq calls the job, and the Standard Webhooks signature. A destination cannot set them.
+# relayq calls the job, the Standard Webhooks signature and the event's trace context. A
+# destination cannot set them.
 WEBHOOK_OWN_HEADERS = frozenset({
     "content-length", "content-type", "transfer-encoding", "connection",
     "x-relayq-message-id", "x-relayq-job-id", "x-relayq-attempt",
     "webhook-id", "webhook-timestamp", "webhook-signature",
+    "traceparent", "x-relayq-traceparents",
 })
 
 

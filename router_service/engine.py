@@ -45,6 +45,7 @@ from router_service.membership import Membership
 from router_service.model import Job
 from router_service.outcomes import OutcomeFlusher, Roots
 from router_service.reads import Reader
+from router_service.replays import ReplayWorker
 from router_service.resolver import Resolver
 from router_service.routing import Routing, document
 from router_service.senders import Sender, SenderContext
@@ -109,6 +110,7 @@ class Engine:
                              fan_out=self._fan_out, on_stalled=self._stalled,
                              ensure_config=self.ensure_config)
         self.cursors = CursorWriter(pool, self.positions, settings.router_id)
+        self.replays = ReplayWorker(pool)
         self._taking: set[int] = set()
         # The connections' version this router's routing was loaded at, and one load at a
         # time.
@@ -159,6 +161,7 @@ class Engine:
         self.reader.start()
         self.log.start()
         self.cursors.start()
+        self.replays.start()
         await self._first_beat()
         for coro, name in ((self.membership.run(), "membership"), (self._poll(), "poll"),
                            (self._watch_config(), "config"), (self._watch_loop(), "loop-lag")):
@@ -175,6 +178,7 @@ class Engine:
             if time.monotonic() >= deadline:
                 break
         await cancel_and_wait(self._tasks)
+        await self.replays.close()
         await self.log.close()
         for lane in list(self.lanes.values()):
             await lane.close()  # cancels what is still in flight: those jobs stay pending
@@ -281,6 +285,8 @@ class Engine:
                 key = route.destination_key
                 if named is not None and key not in named:
                     continue
+                if event_id <= route.after:
+                    continue  # a backfill's: written as a row
                 if not positions.follows(key, partition):
                     continue
                 if positions.is_settled(key, partition, event_id):
@@ -456,14 +462,27 @@ class Engine:
                 await self._load_destinations()
 
     async def _load_destinations(self) -> None:
+        released: dict[tuple[int, str], int] = {}
         async with transaction(self.pool) as conn:
             version, found = await destinations_db.load_if_changed(
                 conn, self._destinations_digest)
+            if found is not None:
+                # Destinations whose backfill's rows are all written now, or that this
+                # router sees backfilled for the first time (its backfill may be done
+                # already): who waits behind which of those rows, read in the same
+                # snapshot, before they take anything from the log.
+                holding = {c.destination_key for c in found.connections if c.backfilling}
+                backfilled = {c.destination_key for c in found.connections
+                              if c.backfill_after and _after(self.routing, c) != c.backfill_after}
+                for key in sorted((self.routing.holding - holding) | backfilled):
+                    released.update(await eventlog.blocked_users(
+                        conn, sorted(self.positions.position), destination_key=key))
         if found is None:
             self.config_version = max(self.config_version, version)
             return
         self._destinations_digest, loaded, connections = found
-        self.routing = Routing(connections)
+        old_routing, self.routing = self.routing, Routing(connections)
+        self._backfills_changed(old_routing, released)
         self.config_version = max(self.config_version, version)
         for key, row in loaded.items():
             lane = self.lanes.get(key)
@@ -481,6 +500,26 @@ class Engine:
         self.destinations = loaded
         metrics.DESTINATIONS.set(len(loaded))
         metrics.CIRCUITS_OPEN.set(sum(d.circuit_opened_at is not None for d in loaded.values()))
+
+    def _backfills_changed(self, old: Routing, released: dict[tuple[int, str], int]) -> None:
+        """A connection backfilled since the last load takes the log from its backfill's end
+        on: where this router has read past that (with the connections as they were), the
+        destination reads its share on its own from there. A backfill whose rows are all
+        written lets its destination read: who waits behind its rows is known first."""
+        positions = self.positions
+        for pair, route in self.routing.by_pair.items():
+            before = old.by_pair.get(pair)
+            if not route.after or (before is not None and before.after == route.after):
+                continue
+            for partition, position in positions.position.items():
+                if position > route.after:
+                    positions.rewind(route.destination_key, partition, route.after)
+        self.blocked.update(released)
+        for key in old.holding - self.routing.holding:
+            if (lane := self.lanes.get(key)) is not None:
+                lane.wake.set()
+        self._lag_readers()
+        self.cursors.changed()
 
     async def _close_idle_lanes(self) -> None:
         now = time.monotonic()
@@ -581,6 +620,12 @@ class Engine:
                 self._unknown_types.add(destination.destination_key)
                 log.error("%s; its jobs wait", exc, extra={"destination": destination.id})
             return None
+
+
+def _after(routing: Routing, connection: destinations_db.Connection) -> int | None:
+    """Where `routing` has the connection take the log from (None: not connected there)."""
+    route = routing.by_pair.get((connection.source_key, connection.destination_key))
+    return route.after if route is not None else None
 
 
 def _keys(payload: str) -> list[int]:

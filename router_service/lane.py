@@ -160,7 +160,8 @@ class Lane:
     def takes_logged(self) -> bool:
         """Whether the shared read may hand it jobs now (a paused destination lags: it reads
         its share when it resumes)."""
-        return not self.destination.paused and not self.context.stopping()
+        return (not self.destination.paused and not self.context.stopping()
+                and self.destination_key not in self.context.routing().holding)
 
     def due_at(self, when: datetime) -> None:
         """A retry comes due then; read again at that time."""
@@ -309,7 +310,8 @@ class Lane:
 
     def _should_read_own(self) -> bool:
         settings = self.context.settings
-        return (self.room >= min(settings.batch, settings.max_held // 4)
+        return (self.destination_key not in self.context.routing().holding
+                and self.room >= min(settings.batch, settings.max_held // 4)
                 and len(self.barrier.ready)
                 < self.destination.concurrency * max(1, self.sender.max_batch)
                 and bool(self.context.positions.lagging(self.destination_key)))
@@ -366,7 +368,8 @@ class Lane:
         for event in events:
             route = routing.by_pair.get((event.source_key, key))
             partition = event.partition
-            if (route is None or not positions.reading(partition)
+            if (route is None or event.event_id <= route.after
+                    or not positions.reading(partition)
                     or positions.is_held(key, partition, event.event_id)
                     or positions.is_settled(key, partition, event.event_id)):
                 continue

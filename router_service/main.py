@@ -66,6 +66,7 @@ class RouterApp(ServiceApp[RouterConfig]):
             # Notifications sent while we were disconnected are lost: look everywhere.
             engine.on_config_notification()
             engine.on_events_notification()
+            engine.replays.wake()
             engine.discover()
 
         listener = Listener(
@@ -73,7 +74,8 @@ class RouterApp(ServiceApp[RouterConfig]):
             {"relayq_events": engine.on_events_notification,
              "relayq_jobs": engine.on_jobs_notification,
              "relayq_reorder": engine.on_reorder_notification,
-             "relayq_config": engine.on_config_notification},
+             "relayq_config": engine.on_config_notification,
+             "relayq_replays": engine.replays.wake},
             application_name=APP_NAME, on_reconnect=reconnected,
         )
         self._tasks.append(asyncio.create_task(listener.run(), name="listener"))

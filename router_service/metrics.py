@@ -86,3 +86,8 @@ FILTERED = Counter(
     "Events a connection's filter kept from its destination, by destination id.",
     ["destination"],
 )
+REPLAY_ROWS = Counter(
+    "relayq_router_replay_rows_total",
+    "Job rows replays and backfills wrote (router_service.replays), by kind.",
+    ["kind"],
+)

@@ -44,14 +44,16 @@ class Job:
     event_id: int = 0
     source_key: int = 0
     tenant_key: int = 0
+    # The event's W3C traceparent (None: sent without one): senders pass it on.
+    traceparent: str | None = None
 
     @classmethod
     def from_candidate(cls, c: Candidate) -> Job:
         return cls(c.job_id, c.user_id, c.message_id, c.attempts + 1, c.payload, c.created_at,
-                   c.first_attempt_at, c.ordering_partition)
+                   c.first_attempt_at, c.ordering_partition, traceparent=c.traceparent)
 
     @classmethod
     def from_event(cls, event: LoggedEvent, slot: int) -> Job:
         return cls(make_job_id(event.event_id, slot), event.user_id, event.message_id, 1,
                    event.document, event.created_at, None, event.partition, Phase.QUEUED,
-                   True, event.event_id, event.source_key, event.tenant_key)
+                   True, event.event_id, event.source_key, event.tenant_key, event.traceparent)

@@ -32,14 +32,18 @@ class Route:
     slot: int
     # None: every event.
     filter: EventFilter | None
+    # Events at or below this id are not taken from the log (a backfill wrote them as rows).
+    after: int = 0
 
 
 class Routing:
     def __init__(self, connections: Iterable[Connection] = ()) -> None:
+        loaded = list(connections)
         routes: dict[int, list[Route]] = {}
-        for c in connections:
+        for c in loaded:
             routes.setdefault(c.source_key, []).append(
-                Route(c.destination_key, c.slot, _compiled(c) if c.event_filter else None))
+                Route(c.destination_key, c.slot, _compiled(c) if c.event_filter else None,
+                      c.backfill_after))
         self._routes: dict[int, tuple[Route, ...]] = {s: tuple(r) for s, r in routes.items()}
         self.sources_of: dict[int, tuple[int, ...]] = {}
         for source, source_routes in self._routes.items():
@@ -48,6 +52,10 @@ class Routing:
                     *self.sources_of.get(route.destination_key, ()), source)
         self.by_pair: dict[tuple[int, int], Route] = {
             (s, r.destination_key): r for s, rs in self._routes.items() for r in rs}
+        # Destinations whose backfill's rows are still being written: they take nothing from
+        # the log meanwhile (they lag, and read their share once the rows are all there).
+        self.holding: frozenset[int] = frozenset(
+            c.destination_key for c in loaded if c.backfilling)
 
     def routes(self, source_key: int) -> tuple[Route, ...]:
         return self._routes.get(source_key, ())

@@ -156,6 +156,13 @@ class Positions:
             return True
         return False
 
+    def rewind(self, destination: int, partition: int, to: int) -> None:
+        """The destination reads the partition on its own from `to` (a backfilled connection
+        made after this router read past it, with the connections as they were before)."""
+        track = self.track(destination, partition)
+        if track.read_to is None or track.read_to > to:
+            track.read_to = to
+
     def lagging_count(self) -> int:
         """Destination-partitions reading on their own."""
         return sum(t.read_to is not None for tracks in self.tracks.values()

@@ -169,6 +169,8 @@ class GrpcSink(Recorder, destination_pb2_grpc.DestinationServicer):
         Recorder.__init__(self)
         self.oks: list[Received] = []
         self.batches: list[list[int]] = []
+        # Each delivery's Delivery.traceparent, by job id (the latest attempt's).
+        self.traceparents: dict[int, str] = {}
         self._server: grpc.aio.Server | None = None
         self.port = 0
         self.scheme = ""
@@ -199,6 +201,7 @@ class GrpcSink(Recorder, destination_pb2_grpc.DestinationServicer):
         results = []
         delay = 0.0
         for d in request.deliveries:
+            self.traceparents[d.job_id] = d.traceparent
             delivery = Received(d.job_id, d.message_id, d.user_id, d.attempt,
                                 json.loads(d.payload_json), metadata)
             answer = self.record(delivery)

@@ -30,6 +30,7 @@ from relayq.cli import render, units
 from relayq.cli.destinations import parse_header
 from relayq.ports import free_port
 from relayq.v1 import ingest_pb2
+from tests import factories
 from tests.helpers import auth, event
 from tests.pipeline import World, send
 from tests.poll import eventually
@@ -548,6 +549,41 @@ async def test_a_failed_delivery_seen_and_retried(relayq: Relayq, world: World) 
         assert retried.out == "retried 1 job\n", retried.err
         await world.webhook.wait_for(lambda: len(world.webhook.oks) == 1, within=20)
     assert world.webhook.oks[0].job_id == job
+
+
+async def test_events_replay_and_a_backfill_from_the_cli(relayq: Relayq, world: World) -> None:
+    """The README's walk-through: a dry run, a replay with a reason, followed to its end; a
+    new destination connected with a backfill, followed with `replays get --watch`."""
+    await world.destination("hook")
+    async with ingest(world.database) as service, router(world.database):
+        await send(service, world.source, [event(f"m{i}", f"u{i % 2}", n=i) for i in range(6)])
+        await world.webhook.wait_for(lambda: len(world.webhook.oks) == 6)
+
+        dry = await relayq("events", "replay", "web", "hook", "--filter", "properties.n >= 3",
+                           "--dry-run")
+        assert dry.out == "dry run: would send 3 events again; nothing changed\n", dry.err
+        refused = await relayq("events", "replay", "web", "hook")
+        assert refused.code == 1
+        assert "reason: required" in refused.error
+        done = await relayq("events", "replay", "web", "hook", "--filter", "properties.n >= 3",
+                            "--reason", "the receiver lost them", "--watch")
+        assert done.code == 0, done.err
+        first = done.out.splitlines()[0]
+        assert re.fullmatch(r"replay rpl-[0-9a-f]{12} started: 3 events", first), done.out
+        assert "done, 3/3 delivered" in done.out
+        await world.webhook.wait_for(lambda: len(world.webhook.oks) == 9)
+
+        await factories.destination(world.conn, world.tenant, "late",
+                                    endpoint=world.webhook.url, kind="webhook")
+        connected = await relayq("connections", "connect", "web", "late",
+                                 "--backfill-from", "earliest")
+        backfill = re.search(r"backfill (bkf-[0-9a-f]{12}) started", connected.out)
+        assert backfill is not None, connected.out
+        watched = await relayq("replays", "get", backfill.group(1), "--watch")
+        assert "progress" in watched.out
+        await world.webhook.wait_for(lambda: len(world.webhook.oks) == 15)
+        listed = await relayq("replays", "list")
+        assert [row[1] for row in listed.rows()] == ["backfill", "replay"]
 
 
 async def _until(relayq: Relayq, filter_: str, within: float = 20.0) -> None:

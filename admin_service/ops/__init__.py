@@ -15,6 +15,7 @@ from admin_service.ops.connections import Connections
 from admin_service.ops.destinations import Destinations
 from admin_service.ops.events import Events
 from admin_service.ops.jobs import Jobs
+from admin_service.ops.replays import Replays
 from admin_service.ops.sources import Sources
 from admin_service.ops.stats import Stats
 from admin_service.ops.tenants import AdminTokens, Tenants
@@ -32,3 +33,4 @@ class Operations:
         self.jobs = Jobs(pool)
         self.stats = Stats(pool)
         self.events = Events(pool)
+        self.replays = Replays(pool)

@@ -7,6 +7,7 @@ from typing import Any
 from psycopg import AsyncConnection
 
 from admin_service import convert, validate
+from admin_service.ops import replays
 from admin_service.ops.base import Concern, changed, filters_exist
 from jobsdb import catalog
 from jobsdb.pool import transaction
@@ -21,15 +22,25 @@ class Connections(Concern):
     async def connect(self, caller: Caller, request: admin_pb2.ConnectSourceRequest
                       ) -> admin_pb2.Connection:
         ids, event_filter = _pair_ids(request), _filter_given(request)
+        backfill_from = request.backfill_from.strip()
+        when = replays.parse_backfill_from(backfill_from) if backfill_from else None
+        backfill_id = ""
         async with transaction(self._pool) as conn:
             source, destination = await _pair(conn, caller, ids)
             if source.tenant_key != destination.tenant_key:
                 raise validate.bad("destination_id",
                                    "a source connects only to destinations of its own tenant")
+            if backfill_from:
+                await replays.check_backfill(conn, source, destination)
             row = await catalog.connect(conn, source, destination, event_filter)
+            if backfill_from:
+                backfill_id = await replays.start_backfill(conn, caller, source, destination,
+                                                           when, backfill_from)
         changed(caller, "connected", tenant=source.tenant_id, source=source.id,
-                destination=destination.id, filter=row.filter)
-        return convert.connection(row)
+                destination=destination.id, filter=row.filter, backfill=backfill_id)
+        connection = convert.connection(row)
+        connection.backfill_id = backfill_id
+        return connection
 
     async def update(self, caller: Caller, request: admin_pb2.UpdateConnectionRequest
                      ) -> admin_pb2.Connection:

@@ -24,8 +24,14 @@ ORDER BY d.destination_key;
 
 -- name: load_connections
 -- Every enabled connection, with its number within its source (its jobs' ids' low bits) and
--- its event filter: what a router needs to fan out the events it reads from the log.
-SELECT source_key, destination_key, slot, event_filter
-FROM connections
-WHERE enabled
-ORDER BY source_key, destination_key;
+-- its event filter: what a router needs to fan out the events it reads from the log. A
+-- backfilled one takes from the log only the events after `backfill_after`, and none at all
+-- while its backfill's rows are still being written (migration 0017, jobsdb.replays).
+SELECT c.source_key, c.destination_key, c.slot, c.event_filter,
+       coalesce(c.backfill_after, 0) AS backfill_after,
+       EXISTS (SELECT 1 FROM replays r
+               WHERE r.destination_key = c.destination_key AND r.source_key = c.source_key
+                 AND r.kind = 'backfill' AND r.state = 'running') AS backfilling
+FROM connections c
+WHERE c.enabled
+ORDER BY c.source_key, c.destination_key;

@@ -19,7 +19,7 @@ SELECT set_config('relayq.horizon', event_log_horizon()::text, true)::bigint AS 
 -- connections in this same snapshot (migration 0012): a router whose connections are older
 -- reloads them before it hands these events out.
 SELECT e.event_id, e.ordering_partition, e.source_key, e.tenant_key, e.created_at,
-       e.user_id, e.message_id, e.destinations, e.document,
+       e.user_id, e.message_id, e.destinations, e.document, e.traceparent,
        (SELECT version FROM relayq_config_version) AS config_version
 FROM unnest(%(partitions)s::smallint[], %(afters)s::bigint[], %(limits)s::integer[])
      AS w(partition, after, lim)
@@ -40,7 +40,7 @@ ORDER BY e.ordering_partition, e.event_id;
 -- partition). `upto` is at most where the router's shared read has been, which is below the
 -- horizon already. Sources travel as ';'-joined keys, one text per wanted row.
 SELECT w.destination_key, e.event_id, e.ordering_partition, e.source_key, e.tenant_key,
-       e.created_at, e.user_id, e.message_id, e.destinations, e.document,
+       e.created_at, e.user_id, e.message_id, e.destinations, e.document, e.traceparent,
        (SELECT version FROM relayq_config_version) AS config_version
 FROM unnest(%(destination_keys)s::integer[], %(partitions)s::smallint[],
             %(afters)s::bigint[], %(uptos)s::bigint[], %(limits)s::integer[],

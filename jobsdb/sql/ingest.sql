@@ -17,7 +17,9 @@ SELECT pg_advisory_xact_lock_shared(%(lock)s), lock_event_log_writer();
 -- Inputs are strings split in SQL: binding arrays of thousands of strings costs more in the
 -- driver than everything else. Text fields are joined by the unit separator, which valid JSON
 -- never contains and ingest refuses in ids. An event's named destinations are ';'-joined
--- ('' for none: every connection), events ','-joined.
+-- ('' for none: every connection), events ','-joined. Traceparents (lowercase hex and '-')
+-- are ','-joined, '' for an event without one; the whole list is '' when no event has one
+-- (an empty array, which unnest pads with NULLs).
 --
 -- Claiming: a pair claimed by a concurrent transaction makes ON CONFLICT wait for it: if it
 -- commits the pair is a duplicate here, if it rolls back the pair is ours. Older generations
@@ -33,16 +35,17 @@ SELECT pg_advisory_xact_lock_shared(%(lock)s), lock_event_log_writer();
 WITH event AS (
     SELECT e.position, e.message_id, e.source_key::integer AS source_key,
            e.tenant_key::integer AS tenant_key, e.partition::smallint AS partition,
-           e.user_id, e.document, e.destinations
+           e.user_id, e.document, e.destinations, nullif(e.traceparent, '') AS traceparent
     FROM unnest(string_to_array(%(message_ids)s, E'\x1f'),
                 string_to_array(%(source_keys)s, ','),
                 string_to_array(%(tenant_keys)s, ','),
                 string_to_array(%(partitions)s, ','),
                 string_to_array(%(user_ids)s, E'\x1f'),
                 string_to_array(%(documents)s, E'\x1f'),
-                string_to_array(%(destinations)s, ','))
+                string_to_array(%(destinations)s, ','),
+                string_to_array(%(traceparents)s, ','))
          WITH ORDINALITY AS e(message_id, source_key, tenant_key, partition, user_id, document,
-                              destinations, position)
+                              destinations, traceparent, position)
 ),
 claimed AS (
     INSERT INTO dedup_keys (source_key, message_id, generation)
@@ -69,9 +72,9 @@ numbered AS (
 ),
 inserted AS (
     INSERT INTO events (event_id, source_key, tenant_key, ordering_partition, user_id,
-                        message_id, destinations, document)
+                        message_id, destinations, document, traceparent)
     SELECT event_id, source_key, tenant_key, partition, user_id, message_id,
-           nullif(string_to_array(destinations, ';'), '{}')::integer[], document
+           nullif(string_to_array(destinations, ';'), '{}')::integer[], document, traceparent
     FROM numbered
 )
 SELECT

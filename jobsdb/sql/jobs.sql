@@ -22,7 +22,7 @@
 (SELECT r.job_id, r.destination_key, r.tenant_key, r.source_key, r.ordering_partition,
         r.user_id, r.message_id, r.state, r.attempts, r.retry_at, r.blocked_by, r.error_code,
         r.created_at, r.updated_at, r.first_attempt_at, e.document,
-        e.document::jsonb AS payload, true AS has_row
+        e.document::jsonb AS payload, true AS has_row, e.traceparent
  FROM jobs r
  JOIN events e ON e.event_id = r.job_id >> 16
  WHERE {rows}
@@ -38,10 +38,12 @@
                    THEN 0 ELSE 1 END AS attempts,
               NULL::timestamptz AS retry_at, NULL::bigint AS blocked_by, NULL::text AS error_code,
               e.created_at, e.created_at AS updated_at, NULL::timestamptz AS first_attempt_at,
-              e.document, e.document::jsonb AS payload, false AS has_row
+              e.document, e.document::jsonb AS payload, false AS has_row, e.traceparent
        FROM events e
        JOIN connections c ON c.source_key = e.source_key AND c.enabled
                          AND (e.destinations IS NULL OR c.destination_key = ANY(e.destinations))
+                         -- A backfill wrote rows for the events up to here (migration 0017).
+                         AND e.event_id > coalesce(c.backfill_after, 0)
        JOIN router_leases l ON l.partition = e.ordering_partition
        LEFT JOIN destination_cursors dc ON dc.destination_key = c.destination_key
                                        AND dc.partition = e.ordering_partition
@@ -68,7 +70,7 @@ SELECT coalesce(max(event_id), 0) FROM events;
 SELECT j.job_id, t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, j.user_id,
        j.message_id, j.state::text AS state, j.attempts, j.retry_at, j.blocked_by,
        j.error_code, j.created_at, j.updated_at, j.first_attempt_at,
-       CASE WHEN %s THEN j.document END AS payload
+       CASE WHEN %s THEN j.document END AS payload, j.traceparent
 FROM {view} j
 JOIN tenants t ON t.tenant_key = j.tenant_key
 JOIN sources s ON s.source_key = j.source_key
@@ -83,7 +85,8 @@ LIMIT %s;
 -- Jobs that have a row (of one event), with its document.
 SELECT j.job_id, t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, j.user_id,
        j.message_id, j.state::text AS state, j.attempts, j.retry_at, j.blocked_by,
-       j.error_code, j.created_at, j.updated_at, j.first_attempt_at, e.document AS payload
+       j.error_code, j.created_at, j.updated_at, j.first_attempt_at, e.document AS payload,
+       e.traceparent
 FROM jobs j
 JOIN events e ON e.event_id = j.job_id >> 16
 JOIN tenants t ON t.tenant_key = j.tenant_key
@@ -99,7 +102,7 @@ WHERE j.job_id = ANY(%(job_ids)s::bigint[])
 SELECT e.event_id, e.created_at, e.user_id, e.message_id, e.destinations, e.document,
        e.source_key, e.tenant_key, c.destination_key, c.enabled, c.event_filter,
        coalesce(dc.position, l.frontier) AS cursor,
-       t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, c.slot
+       t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, e.traceparent, c.slot
 FROM events e
 JOIN connections c ON c.source_key = e.source_key AND c.slot = ANY(%(slots)s::integer[])
 JOIN router_leases l ON l.partition = e.ordering_partition
@@ -109,6 +112,7 @@ JOIN tenants t ON t.tenant_key = e.tenant_key
 JOIN sources s ON s.source_key = e.source_key
 JOIN destinations d ON d.destination_key = c.destination_key
 WHERE e.event_id = %(event_id)s
+  AND e.event_id > coalesce(c.backfill_after, 0)
   AND (%(scope)s::integer IS NULL OR e.tenant_key = %(scope)s);
 
 -- name: history

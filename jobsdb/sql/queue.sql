@@ -63,9 +63,11 @@ chosen AS (
     ) c
 )
 SELECT c.destination_key, c.job_id, c.user_id, c.message_id, c.state::text, c.attempts,
-       c.first_attempt_at, c.created_at, e.document, c.ordering_partition, held.holder
+       c.first_attempt_at, c.created_at, e.document, c.ordering_partition, held.holder,
+       e.traceparent
 FROM chosen c
--- The document is the event's, in the log (the job id's high bits are the event id).
+-- The document and traceparent are the event's, in the log (the job id's high bits are the
+-- event id).
 JOIN events e ON e.event_id = c.job_id >> 16
 LEFT JOIN LATERAL job_holder(c.destination_key, c.user_id, c.job_id) held ON true
 ORDER BY c.destination_key, c.job_id;

@@ -28,6 +28,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             cmd.add_argument("--filter", default=None, metavar="FILTER", help=_FILTER_HELP
                              + " Without it, a new connection takes every event and an"
                              " existing one keeps its filter.")
+            cmd.add_argument("--backfill-from", default="", metavar="WHEN",
+                             help="first send the source's retained events from then on:"
+                                  " 'earliest', an RFC 3339 time, or a duration such as 7d"
+                                  " (follow it with relayq replays get)")
         elif name == "update":
             cmd.add_argument("--filter", required=True, metavar="FILTER",
                              help=_FILTER_HELP + " '' takes every event.")
@@ -47,8 +51,8 @@ _FILTER_HELP = ("only events matching this filter, over type, event, user_id, an
 
 def connect(admin: Admin, args: argparse.Namespace) -> int:
     return _show(admin.call(admin.stub.ConnectSource, admin_pb2.ConnectSourceRequest(
-        source_id=args.source_id, destination_id=args.destination_id, filter=args.filter)),
-        args)
+        source_id=args.source_id, destination_id=args.destination_id, filter=args.filter,
+        backfill_from=args.backfill_from)), args)
 
 
 def update(admin: Admin, args: argparse.Namespace) -> int:
@@ -83,6 +87,9 @@ def _show(connection: admin_pb2.Connection, args: argparse.Namespace) -> int:
         state = "connected" if connection.enabled else "disconnected"
         shown = f", filter: {connection.filter}" if connection.filter else ""
         print(f"{connection.source_id} -> {connection.destination_id}: {state}{shown}")
+        if connection.backfill_id:
+            print(f"backfill {connection.backfill_id} started"
+                  f" (relayq replays get {connection.backfill_id} --watch)")
     return 0
 
 

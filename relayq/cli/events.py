@@ -1,8 +1,8 @@
-"""relayq events list|get: find events in the log and where each stands at its destinations.
+"""relayq events list|get|replay: find events in the log, where each stands at its
+destinations, and send them again (replay: relayq.cli.replays).
 
 `register` builds the `events` group and hands its subparsers to every function in
-`COMMANDS`; a new subcommand (such as `events replay`) is one more function there, in its own
-module if it likes: `def add_replay(sub, common): ...`.
+`COMMANDS`; a new subcommand is one more function there, in its own module if it likes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeAlias
 
-from relayq.cli import render
+from relayq.cli import render, replays
 from relayq.cli.client import Admin, admin_command, options
 from relayq.v1 import admin_pb2
 
@@ -56,8 +56,13 @@ def add_get(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     cmd.set_defaults(run=admin_command(get_event))
 
 
+def add_replay(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    replays.add_replay_command(sub)
+
+
 # The `events` subcommands, in help order.
-COMMANDS: list[Callable[[Subparsers, argparse.ArgumentParser], None]] = [add_list, add_get]
+COMMANDS: list[Callable[[Subparsers, argparse.ArgumentParser], None]] = [
+    add_list, add_get, add_replay]
 
 
 def list_events(admin: Admin, args: argparse.Namespace) -> int:

@@ -100,6 +100,7 @@ def get_job(admin: Admin, args: argparse.Namespace) -> int:
         ("destination", job.destination_id),
         ("user", job.user_id or render.EMPTY),
         ("message id", job.message_id),
+        ("traceparent", job.traceparent or render.EMPTY),
         ("attempts", str(job.attempts)),
         ("error", job.error_code or render.EMPTY),
         ("blocked by", str(job.blocked_by) if job.blocked_by else render.EMPTY),

@@ -13,6 +13,7 @@ Fields (snake_case, or the camelCase of Segment and RudderStack exports):
 | `message_id` / `messageId` | string | de-duplication key; generated (UUIDv7) when absent |
 | `timestamp` | string | ISO 8601 with a time zone; now when absent |
 | `destination_ids` / `destinationIds` | list of strings | only to these connected destinations |
+| `traceparent` | string | the sender's W3C traceparent, sent on with every delivery |
 
 Any other field is refused: a typo would otherwise be dropped without a word. Blank lines
 are skipped.
@@ -30,6 +31,7 @@ FIELDS = {
     "event": "event", "type": "type", "properties": "properties", "context": "context",
     "message_id": "message_id", "messageId": "message_id", "timestamp": "timestamp",
     "destination_ids": "destination_ids", "destinationIds": "destination_ids",
+    "traceparent": "traceparent",
 }
 _EXPECTED = ", ".join(sorted(set(FIELDS.values())))
 

@@ -5,6 +5,11 @@ sink may process a batch in any order, concurrently, and still see every user's 
 
 `grpcs://` endpoints are reached over TLS (router_service.trust), and the destination's headers
 travel as call metadata: a third-party sink's credentials usually go there.
+
+Trace context (router_service.tracing): each Delivery carries its event's W3C traceparent
+(Delivery.traceparent); when every delivery of a call carries the same one, the call's
+metadata `traceparent` names it too, so a sink instrumented with OpenTelemetry's gRPC
+instrumentation joins the trace without reading the field.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from jobsdb.catalog import Destination
 from relayq import endpoints
 from relayq.netpolicy import IPAddress
 from relayq.v1 import destination_pb2, destination_pb2_grpc
+from router_service import tracing
 from router_service.model import Job
 from router_service.resolver import BlockedAddress
 from router_service.retry import Result, Verdict
@@ -79,6 +85,12 @@ class GrpcSender:
         return self._stub
 
     async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
+        with tracing.start("grpc", self._destination_id, jobs) as attempt:
+            results = await self._deliver(jobs, attempt)
+            attempt.finish(results)
+        return results
+
+    async def _deliver(self, jobs: Sequence[Job], attempt: tracing.Attempt) -> list[Result]:
         if self._unusable is not None:
             return [Result(Verdict.RETRY, "config", self._unusable)] * len(jobs)
         try:
@@ -93,13 +105,17 @@ class GrpcSender:
             deliveries=[
                 destination_pb2.Delivery(job_id=j.job_id, message_id=j.message_id,
                                          user_id=j.user_id, attempt=j.attempt,
-                                         payload_json=j.payload)
-                for j in jobs
+                                         payload_json=j.payload, traceparent=t or "")
+                for j, t in zip(jobs, attempt.traceparents, strict=True)
             ],
         )
+        metadata = self._metadata
+        shared = attempt.shared()
+        if shared is not None:
+            metadata = (*[m for m in metadata if m[0] != "traceparent"],
+                        ("traceparent", shared))
         try:
-            response = await stub.Deliver(request, timeout=self._timeout,
-                                                metadata=self._metadata)
+            response = await stub.Deliver(request, timeout=self._timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code(), exc.details() or ""
             verdict = Verdict.ABORT if code in _ABORT_CODES else Verdict.RETRY

@@ -38,6 +38,7 @@ from nats.js import JetStreamContext
 from jobsdb.catalog import Destination
 from relayq import destination_types
 from relayq.netpolicy import IPAddress
+from router_service import tracing
 from router_service.model import Job
 from router_service.resolver import BlockedAddress
 from router_service.retry import Result, Verdict
@@ -99,6 +100,13 @@ class NatsSender:
         return self._server
 
     async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
+        with tracing.start("nats", self._destination_id, jobs) as attempt:
+            results = await self._deliver(jobs, attempt.traceparents)
+            attempt.finish(results)
+        return results
+
+    async def _deliver(self, jobs: Sequence[Job], traceparents: list[str | None]
+                       ) -> list[Result]:
         if self._subject is None:
             return [Result(Verdict.RETRY, "config", self._unusable)] * len(jobs)
         try:
@@ -113,12 +121,13 @@ class NatsSender:
         except _Unreachable as exc:
             return [Result(Verdict.RETRY, exc.code, exc.reason)] * len(jobs)
         if len(jobs) == 1:
-            return [await self._publish(client, js, self._subject, jobs[0])]
+            return [await self._publish(client, js, self._subject, jobs[0], traceparents[0])]
         return list(await asyncio.gather(
-            *(self._publish(client, js, self._subject, job) for job in jobs)))
+            *(self._publish(client, js, self._subject, job, traceparent)
+              for job, traceparent in zip(jobs, traceparents, strict=True))))
 
     async def _publish(self, client: Client, js: JetStreamContext, template: _Subject,
-                       job: Job) -> Result:
+                       job: Job, traceparent: str | None) -> Result:
         subject = template.render(job)
         payload = job.payload.encode()
         own = {
@@ -128,6 +137,8 @@ class NatsSender:
             "X-Relayq-Attempt": str(job.attempt),
             "X-Relayq-User-Id": job.user_id,
         }
+        if traceparent is not None:
+            own["traceparent"] = traceparent
         # The server closes the connection (failing every publish on it) on a message over
         # its max_payload, headers counted; nats-py checks the payload alone. So check here.
         size = len(payload) + _HEADER_FRAME + self._header_bytes + _header_bytes(own)

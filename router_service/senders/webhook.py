@@ -15,6 +15,13 @@ user's jobs may travel several in one array (in order), never with or ahead of a
 of theirs that failed. Its `webhook-id` is `msg_b<first job id>_<digest of the job ids>`: the
 same when the same jobs are retried together; the events in it carry their own messageId.
 X-Relayq-Job-Ids and X-Relayq-Attempts list each event's job id and attempt, in array order.
+
+Trace context (router_service.tracing): a job whose event came with a W3C traceparent is sent
+with header `traceparent`, so the receiver's trace joins the sender's. A batch lists every
+event's in `X-Relayq-Traceparents`, comma-separated in array order, empty for an event sent
+without one (headers rather than the body: the body is the events' documents exactly as
+ingested, which receivers parse and verify as they are); when all the events share one, it
+is also the batch's `traceparent`.
 The answer is the whole batch's: 2xx all succeeded, a retryable status retries all, another
 4xx gives all up.
 
@@ -37,7 +44,7 @@ from datetime import UTC, datetime
 
 from jobsdb.catalog import Destination
 from relayq.destination_types import WEBHOOK_OWN_HEADERS
-from router_service import httpclient, signing
+from router_service import httpclient, signing, tracing
 from router_service.model import Job
 from router_service.resolver import BlockedAddress
 from router_service.retry import Result, Verdict, classify_http, parse_retry_after
@@ -65,6 +72,7 @@ class WebhookSender:
         self.max_batch = destination.batch_max_events
         self.per_user = destination.batch_max_events
         self.max_bytes: int | None = destination.batch_max_bytes if self.batched else None
+        self._destination_id = destination.id
         self._pool = context.http
         self._timeout = destination.timeout_ms / 1000
         # A row the admin service would have refused (written by hand, or before a rule):
@@ -85,26 +93,38 @@ class WebhookSender:
                                      if self._refused is None else "")
 
     async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
-        if self.batched:
-            return [await self._post_batch(jobs)] * len(jobs)
-        return [await self._post(job) for job in jobs]
+        with tracing.start("webhook", self._destination_id, jobs) as attempt:
+            traceparents = attempt.traceparents
+            if self.batched:
+                results = [await self._post_batch(jobs, attempt)] * len(jobs)
+            else:
+                results = [await self._post(job, traceparents[index])
+                           for index, job in enumerate(jobs)]
+            attempt.finish(results)
+        return results
 
-    async def _post_batch(self, jobs: Sequence[Job]) -> Result:
+    async def _post_batch(self, jobs: Sequence[Job], attempt: tracing.Attempt) -> Result:
         ids = [job.job_id for job in jobs]
         msg_id = batch_id(ids)
         body = ("[" + ",".join([job.payload for job in jobs]) + "]").encode()
-        result = await self._send(
-            msg_id, body,
-            f"X-Relayq-Job-Ids: {','.join(map(str, ids))}\r\n"
-            f"X-Relayq-Attempts: {','.join([str(job.attempt) for job in jobs])}\r\n")
+        lines = (f"X-Relayq-Job-Ids: {','.join(map(str, ids))}\r\n"
+                 f"X-Relayq-Attempts: {','.join([str(job.attempt) for job in jobs])}\r\n")
+        if any(attempt.traceparents):
+            lines += ("X-Relayq-Traceparents:"
+                      f" {','.join([t or '' for t in attempt.traceparents])}\r\n")
+            shared = attempt.shared()
+            if shared is not None:
+                lines += f"traceparent: {shared}\r\n"
+        result = await self._send(msg_id, body, lines)
         # Every job's history says which request carried it.
         return dataclasses.replace(result, batch=msg_id)
 
-    async def _post(self, job: Job) -> Result:
-        return await self._send(
-            webhook_id(job.job_id), job.payload.encode(),
-            f"X-Relayq-Message-Id: {job.message_id}\r\nX-Relayq-Job-Id: {job.job_id}\r\n"
-            f"X-Relayq-Attempt: {job.attempt}\r\n")
+    async def _post(self, job: Job, traceparent: str | None) -> Result:
+        lines = (f"X-Relayq-Message-Id: {job.message_id}\r\nX-Relayq-Job-Id: {job.job_id}\r\n"
+                 f"X-Relayq-Attempt: {job.attempt}\r\n")
+        if traceparent is not None:
+            lines += f"traceparent: {traceparent}\r\n"
+        return await self._send(webhook_id(job.job_id), job.payload.encode(), lines)
 
     async def _send(self, msg_id: str, body: bytes, lines: str) -> Result:
         """One signed POST of `body` (one event's document here; a batch's JSON array would

@@ -74,18 +74,22 @@ class Producer:
         properties: Mapping[str, Any] | None = None, type: str | None = None,
         message_id: str | None = None, timestamp: datetime | str | None = None,
         context: Mapping[str, Any] | None = None, anonymous_id: str | None = None,
-        destination_ids: Sequence[str] = (),
+        destination_ids: Sequence[str] = (), traceparent: str | None = None,
     ) -> concurrent.futures.Future[SendResult]:
         """Queue one event; returns a future of ingest's answer for it.
 
         Raises InvalidEvent (nothing queued) for an event ingest would refuse, BufferFull,
         or ProducerClosed. message_id defaults to a new UUIDv7, kept through every retry.
+        traceparent (W3C Trace Context) is kept with the event and sent on with its
+        deliveries; None takes the current OpenTelemetry span's when opentelemetry-api is
+        installed and a span is current, "" sends none.
         """
         encoded = encode(
             self._ids, message_id=message_id,
             user_id=user_id, anonymous_id=anonymous_id, event=event, type=type,
             properties=properties, context=context, timestamp=timestamp,
-            destination_ids=destination_ids, max_event_bytes=self.options.max_event_bytes)
+            destination_ids=destination_ids, max_event_bytes=self.options.max_event_bytes,
+            traceparent=traceparent)
         handle: Handle[SendResult] = Handle(*encoded)
         if self._engine.submit(handle):
             return handle

@@ -16,6 +16,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from relayq.client import jsontext
+from relayq.client import traceparent as tracecontext
 from relayq.client.errors import InvalidEvent
 from relayq.client.ids import MessageIds
 from relayq.client.limits import MAX_MESSAGE_ID, MAX_NAME, MAX_USER_ID
@@ -44,12 +45,14 @@ def encode(
     timestamp: datetime | str | None,
     destination_ids: Sequence[str],
     max_event_bytes: int,
+    traceparent: str | None = None,
 ) -> tuple[bytes, str, str]:
     """Check an event as ingest would (sizes, required fields) and serialise it; returns
     (frame, message_id, ordering key), what a lanes.Item carries.
 
     Raises InvalidEvent naming the field. A message id of None is made here (and, being
-    ours, not checked).
+    ours, not checked). A traceparent of None is the current OpenTelemetry span's, if any
+    (tracecontext.current); "" sends none.
     """
     if message_id is None:
         message_id = ids.new()
@@ -77,11 +80,21 @@ def encode(
     if destination_ids and (not isinstance(destination_ids, list | tuple) or not all(
             isinstance(d, str) and d for d in destination_ids)):
         raise InvalidEvent("destination_ids: expected a list of destination ids")
-    if anonymous_id or context_json or destination_ids:
+    if traceparent is None:
+        traceparent = tracecontext.current()
+    elif traceparent:
+        if not isinstance(traceparent, str):
+            raise InvalidEvent(
+                f"traceparent: expected text, got {traceparent.__class__.__name__}")
+        problem = tracecontext.problem(traceparent)
+        if problem is not None:
+            raise InvalidEvent(f"traceparent: {problem}")
+    if anonymous_id or context_json or destination_ids or traceparent:
         message = ingest_pb2.Event(
             message_id=message_id, user_id=user_id or "", anonymous_id=anonymous_id or "",
             type=type or "", event=event or "", timestamp=_timestamp(timestamp),
-            payload_json=payload, context_json=context_json, destination_ids=destination_ids)
+            payload_json=payload, context_json=context_json, destination_ids=destination_ids,
+            traceparent=traceparent or "")
     else:  # the usual event: fewer arguments make a measurably cheaper constructor call
         message = ingest_pb2.Event(
             message_id=message_id, user_id=key, type=type or "", event=event or "",
