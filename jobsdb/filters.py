@@ -26,6 +26,7 @@ Semantics worth knowing (they follow SQL's three-valued logic, as an SQL-like la
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ from filterlang.nodes import (
     ORDERING,
     And,
     Compare,
+    Field,
     InList,
     IsNull,
     Like,
@@ -67,13 +69,21 @@ JOBS: Final = Language(
 )
 
 
-# The fields of an event of the log, for ListEvents (its source is the request's).
+# The fields of an event of the log, for ListEvents (its source is the request's): its
+# columns, payload.<path>, and the fields of connection and replay filters (filterlang.events:
+# type, event, anonymous_id, properties.<path>, context.<path>, paths into the document), so a
+# replay's filter lists what it would send. user_id is the column (the ordering key: the
+# event's userId, or its anonymousId when it has none).
 EVENT_FIELDS: Final = ("event_id", "user_id", "message_id", "created_at", "payload")
+_IN_DOCUMENT: Final = {"type": ("type",), "event": ("event",),
+                       "anonymous_id": ("anonymousId",), "properties": ("properties",),
+                       "context": ("context",)}
 
 EVENTS: Final = Language(
-    fields=frozenset(EVENT_FIELDS) - {"payload"},
-    documents=frozenset({"payload"}),
-    expected="a field (event_id, user_id, message_id, created_at or payload.<key>)",
+    fields=frozenset(EVENT_FIELDS) - {"payload"} | {"type", "event", "anonymous_id"},
+    documents=frozenset({"payload", "properties", "context"}),
+    expected="a field (event_id, user_id, message_id, created_at, type, event, anonymous_id, "
+             "properties.<key>, context.<key> or payload.<key>)",
 )
 
 
@@ -178,6 +188,10 @@ def _node(node: Node, params: list[Any]) -> sql.Composable:
             sql.SQL(" AND ").join(_node(n, params) for n in node.operands))
     if isinstance(node, Not):
         return sql.SQL("(NOT {})").format(_node(node.operand, params))
+    if node.field.name in _IN_DOCUMENT:  # events only (EVENTS): a path into the document
+        field = node.field
+        node = dataclasses.replace(node, field=Field(
+            "payload", (*_IN_DOCUMENT[field.name], *field.path), field.position))
     if node.field.name == "payload":
         return _payload(node, params)
     return _column(node, _COLUMNS[node.field.name], params)

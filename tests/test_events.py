@@ -163,6 +163,9 @@ async def test_list_events_by_filter_and_page(sent: Sent) -> None:
     assert await listed() == ["m1", "m2", "m3"]
     assert await listed("user_id = 'u1'") == ["m1", "m2"]
     assert await listed("payload.properties.n = 1") == ["m1", "m3"]
+    # The fields of connection and replay filters too: a replay's filter previews here.
+    assert await listed("event = 'Order Completed' AND properties.n = 1 AND type = 'track'"
+                        " AND anonymous_id IS NULL") == ["m1", "m3"]
     assert await listed(f"event_id > {ids['m1']} AND message_id LIKE 'm%'") == ["m2", "m3"]
     assert await listed("created_at > '2000-01-01' AND created_at < '2000-01-02'") == []
     seen: list[str] = []

@@ -37,7 +37,6 @@ _MODULES: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], N
     sources.register,
     destinations.register,
     connections.register,
-    events.register,
     replays.register,
     tokens.register,
     send.register,
