@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from datetime import datetime
 
 import orjson
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from jobsdb import catalog
+from jobsdb import catalog, eventlog
+from jobsdb import events as eventsdb
 from jobsdb import jobs as jobsdb
 from jobsdb import replays as jobsdb_replays
+from jobsdb.keyspace import event_of
 from relayq.v1 import admin_pb2, common_pb2
 
 STATES = {
@@ -107,6 +110,46 @@ def status(row: jobsdb.StatusRow) -> common_pb2.JobStatus:
         duration_ms=row.duration_ms or 0, retry_at=timestamp(row.retry_at), actor=row.actor,
         reason=row.reason or "", batch_id=row.batch or "")
 
+
+def logged_event(row: eventsdb.EventRow) -> admin_pb2.LoggedEvent:
+    message = admin_pb2.LoggedEvent(
+        event_id=row.event_id, tenant_id=row.tenant_id, source_id=row.source_id,
+        user_id=row.user_id, message_id=row.message_id, created_at=timestamp(row.created_at),
+        destination_ids=row.destination_ids)
+    if row.document is not None:
+        message.payload.CopyFrom(payload(row.document))
+    return message
+
+
+EVENT_STATUSES = {
+    "pending": admin_pb2.EVENT_STATUS_PENDING,
+    "delivered": admin_pb2.EVENT_STATUS_DELIVERED,
+    "failed": admin_pb2.EVENT_STATUS_FAILED,
+    "waiting": admin_pb2.EVENT_STATUS_WAITING,
+    "aborted": admin_pb2.EVENT_STATUS_ABORTED,
+    "filtered_out": admin_pb2.EVENT_STATUS_FILTERED_OUT,
+    "not_connected": admin_pb2.EVENT_STATUS_NOT_CONNECTED,
+}
+
+
+def at_destination(row: eventsdb.AtDestination) -> admin_pb2.EventAtDestination:
+    message = admin_pb2.EventAtDestination(destination_id=row.destination_id,
+                                           status=EVENT_STATUSES[row.status], reason=row.reason)
+    if row.job is not None:
+        # The event's document is the event's, shown once.
+        message.job.CopyFrom(job(dataclasses.replace(row.job, payload=None), row.history))
+        if row.status == "waiting" and row.job.blocked_by:
+            message.waiting_behind_job_id = row.job.blocked_by
+            message.waiting_behind_event_id = event_of(row.job.blocked_by)
+    return message
+
+
+def event_log(size: eventlog.LogSize) -> admin_pb2.EventLogStats:
+    if size.oldest is None:
+        return admin_pb2.EventLogStats(bytes=size.bytes, events=size.events)
+    return admin_pb2.EventLogStats(bytes=size.bytes, events=size.events,
+                                   oldest_event_id=size.oldest[0],
+                                   oldest_event_at=timestamp(size.oldest[1]))
 
 def replay(row: jobsdb_replays.Replay) -> admin_pb2.Replay:
     return admin_pb2.Replay(

@@ -74,6 +74,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     AbortJobs = _rpc(lambda ops: ops.jobs.abort)
     GetStats = _rpc(lambda ops: ops.stats.get)
 
+    ListEvents = _rpc(lambda ops: ops.events.list)
+    GetEvent = _rpc(lambda ops: ops.events.get)
     ReplayEvents = _rpc(lambda ops: ops.replays.replay)
     ListReplays = _rpc(lambda ops: ops.replays.list)
     GetReplay = _rpc(lambda ops: ops.replays.get)

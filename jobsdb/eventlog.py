@@ -332,3 +332,36 @@ def _epochs(times: Sequence[datetime]) -> list[str]:
         out.append(f"{delta.days * 86400 + delta.seconds}.{delta.microseconds:06d}")
     return out
 
+
+
+# --- how far back the log reaches ----------------------------------------------------------
+
+async def oldest_retained(conn: Conn) -> tuple[int, datetime] | None:
+    """The oldest retained event's id and time: every event accepted from it on is still in
+    the log (None: the log is empty). Replay and backfill reach back to it, no further.
+
+    Maintenance keeps events for RELAYQ_EVENT_RETENTION_SECONDS (jobsdb.partitions.sweep)
+    and raises the log's floor whenever it removes any (a dropped partition, a compaction),
+    so an older event kept below a hole (a partition held by one unfinished job) is not
+    counted: the answer is where the log is whole from (migration 0016,
+    event_log_oldest_retained(), which SQL callers can use in the same snapshot)."""
+    cur = await conn.execute(query("eventlog.sql", "oldest_retained"))
+    row = await cur.fetchone()
+    return (int(row[0]), row[1]) if row else None
+
+
+@dataclass(frozen=True, slots=True)
+class LogSize:
+    bytes: int
+    # From each partition's id span (ids of rolled back ingest transactions count too).
+    events: int
+    oldest: tuple[int, datetime] | None
+
+
+async def size(conn: Conn) -> LogSize:
+    """The log's size on disk and in events, and its oldest retained event (no row read but
+    two index probes per partition): for GetStats and `relayq stats`."""
+    cur = await conn.execute(query("eventlog.sql", "size"))
+    row = await cur.fetchone()
+    assert row is not None
+    return LogSize(int(row[0]), int(row[1]), await oldest_retained(conn))

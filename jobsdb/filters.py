@@ -26,6 +26,7 @@ Semantics worth knowing (they follow SQL's three-valued logic, as an SQL-like la
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ from filterlang.nodes import (
     ORDERING,
     And,
     Compare,
+    Field,
     InList,
     IsNull,
     Like,
@@ -65,6 +67,35 @@ JOBS: Final = Language(
     expected="a field (job_id, tenant, source, destination, user_id, message_id, state, "
              "attempts, error_code, created_at, updated_at or payload.<key>)",
 )
+
+
+# The fields of an event of the log, for ListEvents (its source is the request's): its
+# columns, payload.<path>, and the fields of connection and replay filters (filterlang.events:
+# type, event, anonymous_id, properties.<path>, context.<path>, paths into the document), so a
+# replay's filter lists what it would send. user_id is the column (the ordering key: the
+# event's userId, or its anonymousId when it has none).
+EVENT_FIELDS: Final = ("event_id", "user_id", "message_id", "created_at", "payload")
+_IN_DOCUMENT: Final = {"type": ("type",), "event": ("event",),
+                       "anonymous_id": ("anonymousId",), "properties": ("properties",),
+                       "context": ("context",)}
+
+EVENTS: Final = Language(
+    fields=frozenset(EVENT_FIELDS) - {"payload"} | {"type", "event", "anonymous_id"},
+    documents=frozenset({"payload", "properties", "context"}),
+    expected="a field (event_id, user_id, message_id, created_at, type, event, anonymous_id, "
+             "properties.<key>, context.<key> or payload.<key>)",
+)
+
+
+def compile_event_list_filter(text: str) -> Compiled | None:
+    """An operator's filter over the log's events (EVENTS), as a WHERE fragment on `j`, an
+    event with its document as `j.payload`; None for an empty one (every event)."""
+    if is_empty(text):
+        return None
+    node = parse_language(text, EVENTS)
+    params: list[Any] = []
+    where = _node(node, params)
+    return Compiled(sql.Composed([where]), params, node)
 
 
 def parse(text: str) -> Node:
@@ -116,6 +147,8 @@ _INT64: Final = (-(2**63), 2**63 - 1)
 # (jobs_pending_idx and friends lead with destination_key); the subquery is a handful of rows.
 _COLUMNS: Final[dict[str, _Column]] = {
     "job_id": _Column("integer", "j.job_id", "%s::bigint", "%s::bigint[]", bounds=_INT64),
+    # Events only (EVENTS): jobs are filtered by job_id.
+    "event_id": _Column("integer", "j.event_id", "%s::bigint", "%s::bigint[]", bounds=_INT64),
     "attempts": _Column("integer", "j.attempts", "%s::integer", "%s::integer[]", bounds=_INT32),
     "tenant": _Column("key", "j.tenant_key", lookup="SELECT tenant_key FROM tenants"),
     "source": _Column("key", "j.source_key", lookup="SELECT source_key FROM sources"),
@@ -155,6 +188,10 @@ def _node(node: Node, params: list[Any]) -> sql.Composable:
             sql.SQL(" AND ").join(_node(n, params) for n in node.operands))
     if isinstance(node, Not):
         return sql.SQL("(NOT {})").format(_node(node.operand, params))
+    if node.field.name in _IN_DOCUMENT:  # events only (EVENTS): a path into the document
+        field = node.field
+        node = dataclasses.replace(node, field=Field(
+            "payload", (*_IN_DOCUMENT[field.name], *field.path), field.position))
     if node.field.name == "payload":
         return _payload(node, params)
     return _column(node, _COLUMNS[node.field.name], params)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, LiteralString
@@ -26,6 +27,7 @@ from filterlang.events import compile_event_filter
 from jobsdb import subscriptions
 from jobsdb.errors import NotFound
 from jobsdb.keyspace import SLOT_BITS, event_of, slot_of
+from jobsdb.keyspace import job_id as job_id_of
 from jobsdb.sqlfile import query
 
 Conn = AsyncConnection[Any]
@@ -236,52 +238,105 @@ async def _list_window(conn: Conn, selection: Selection, scope: int | None, *, a
     return await cur.fetchall()
 
 
+@dataclass(frozen=True, slots=True)
+class NotAJob:
+    """Why an (event, connection) pair is no job at its destination: `missing` (no such
+    event or connection in the caller's scope), `named` (the event named other
+    destinations), `disabled` (the connection is disabled and its routers have not read it),
+    `filtered` (the connection's filter keeps it out), `settled` (read there and settled
+    without a delivery: its filter or the connections at the time kept it out)."""
+
+    why: str
+    event_id: int
+
+    def message(self, job_id: int) -> str:
+        if self.why in ("missing", "named", "disabled", "filtered"):
+            return f"job {job_id} not found"
+        return (f"job {job_id} not found (event {self.event_id} was not delivered to that"
+                " destination: its connection's filter or the destinations it named kept"
+                " it out)")
+
+
 async def get_job(conn: Conn, job_id: int, scope: int | None) -> tuple[JobRow, list[StatusRow]]:
-    """One job with every attempt and operator action: a job with a row has its history in
-    job_statuses; a job delivered from the log has its delivery's record (deliveries)."""
+    """One job with every attempt and operator action (see job_status); NotFound when the
+    pair is no job."""
+    found = await job_status(conn, job_id, scope)
+    if isinstance(found, NotAJob):
+        raise NotFound(found.message(job_id))
+    return found
+
+
+async def job_status(conn: Conn, job_id: int, scope: int | None
+                     ) -> tuple[JobRow, list[StatusRow]] | NotAJob:
+    """What became of one (event, destination) pair: event_standing for one slot."""
+    found = await event_standing(conn, event_of(job_id), [slot_of(job_id)], scope)
+    return found[slot_of(job_id)]
+
+
+async def event_standing(conn: Conn, event_id: int, slots: Sequence[int], scope: int | None
+                         ) -> dict[int, tuple[JobRow, list[StatusRow]] | NotAJob]:
+    """What became of an event at the connections of these slots (its jobs there), the one
+    definition GetJob and GetEvent share, in four statements however many slots: a job with
+    a row has its history in job_statuses; a job delivered from the log has its delivery's
+    record (deliveries); one without either is pending above its destination's cursor, or
+    no job at all (NotAJob says why)."""
+    job_ids = [job_id_of(event_id, slot) for slot in slots]
     cur = conn.cursor(row_factory=class_row(JobRow))
-    await cur.execute(query("jobs.sql", "get_row"), {"job_id": job_id, "scope": scope})
-    row = await cur.fetchone()
-    history = await _history(conn, job_id)
-    delivered = await _deliveries(conn, job_id)
-    if row is not None:
-        # Its first attempt may have gone well from the log before an operator replayed it.
-        return row, sorted([*delivered, *history], key=lambda s: s.started_at)
-    logged = await _logged_job(conn, job_id, scope)
-    if logged is None:
-        raise NotFound(f"job {job_id} not found")
-    derived, event_id = logged
-    if delivered:
-        first = delivered[0]
-        derived = dataclasses.replace(derived, state="succeeded", attempts=1,
-                           first_attempt_at=first.started_at, updated_at=first.started_at)
-    elif derived.state == "succeeded":
-        # Below the cursor with no delivery on record: a filter took it out then.
-        raise NotFound(f"job {job_id} not found (event {event_id} was not delivered to that"
-                       " destination: its connection's filter or the destinations it named"
-                       " kept it out)")
-    return derived, [*history, *delivered]
+    await cur.execute(query("jobs.sql", "get_row"), {"job_ids": job_ids, "scope": scope})
+    rows = {r.job_id: r for r in await cur.fetchall()}
+    history = await _history(conn, job_ids)
+    delivered = await _deliveries(conn, event_id, slots)
+    logged = await _logged_jobs(conn, event_id, slots, scope)
+    found: dict[int, tuple[JobRow, list[StatusRow]] | NotAJob] = {}
+    for slot, job_id in zip(slots, job_ids, strict=True):
+        row = rows.get(job_id)
+        sent = delivered.get(slot, [])
+        if row is not None:
+            # Its first attempt may have gone well from the log before an operator replayed it.
+            found[slot] = (row, sorted([*sent, *history.get(job_id, [])],
+                                       key=lambda s: s.started_at))
+            continue
+        derived = logged.get(slot, NotAJob("missing", event_id))
+        if isinstance(derived, NotAJob):
+            found[slot] = derived
+        elif sent:
+            first = sent[0]
+            found[slot] = (dataclasses.replace(derived, state="succeeded", attempts=1,
+                                               first_attempt_at=first.started_at,
+                                               updated_at=first.started_at),
+                           [*history.get(job_id, []), *sent])
+        elif derived.state == "succeeded":
+            # Below the cursor with no delivery on record: a filter took it out then.
+            found[slot] = NotAJob("settled", event_id)
+        else:
+            found[slot] = (derived, history.get(job_id, []))
+    return found
 
 
-async def _logged_job(conn: Conn, job_id: int, scope: int | None
-                      ) -> tuple[JobRow, int] | None:
+async def _logged_jobs(conn: Conn, event_id: int, slots: Sequence[int], scope: int | None
+                       ) -> dict[int, JobRow | NotAJob]:
+    """The event's jobs without rows at these slots, as the log and the cursors say."""
     cur = await conn.execute(query("jobs.sql", "get_event_job"),
-                             {"event_id": event_of(job_id), "slot": slot_of(job_id),
-                              "scope": scope})
-    found = await cur.fetchone()
-    if found is None:
-        return None
-    (event_id, created_at, user_id, message_id, named, document, _, _, destination_key,
-     enabled, event_filter, cursor, tenant_id, source_id, destination_id, traceparent) = found
-    if named is not None and destination_key not in named:
-        return None
-    pending = event_id > cursor
-    if pending and (not enabled or not _takes(event_filter, document)):
-        return None
-    row = JobRow(job_id, tenant_id, source_id, destination_id, user_id, message_id,
-                 "pending" if pending else "succeeded", 0 if pending else 1, None, None, None,
-                 created_at, created_at, None, document, traceparent)
-    return row, event_id
+                             {"event_id": event_id, "slots": list(slots), "scope": scope})
+    found: dict[int, JobRow | NotAJob] = {}
+    for (_, created_at, user_id, message_id, named, document, _, _, destination_key,
+         enabled, event_filter, cursor, tenant_id, source_id, destination_id, traceparent,
+         slot) in await cur.fetchall():
+        if named is not None and destination_key not in named:
+            found[slot] = NotAJob("named", event_id)
+            continue
+        pending = event_id > cursor
+        if pending and not enabled:
+            found[slot] = NotAJob("disabled", event_id)
+        elif pending and not _takes(event_filter, document):
+            found[slot] = NotAJob("filtered", event_id)
+        else:
+            found[slot] = JobRow(job_id_of(event_id, slot), tenant_id, source_id,
+                                 destination_id, user_id, message_id,
+                                 "pending" if pending else "succeeded", 0 if pending else 1,
+                                 None, None, None, created_at, created_at, None, document,
+                                 traceparent)
+    return found
 
 
 def _takes(event_filter: str | None, document: str) -> bool:
@@ -300,20 +355,25 @@ def _takes(event_filter: str | None, document: str) -> bool:
     return compiled.matches(parsed)
 
 
-async def _history(conn: Conn, job_id: int) -> list[StatusRow]:
-    cur = conn.cursor(row_factory=class_row(StatusRow))
-    await cur.execute(query("jobs.sql", "history"), {"job_id": job_id})
-    return await cur.fetchall()
+async def _history(conn: Conn, job_ids: list[int]) -> dict[int, list[StatusRow]]:
+    cur = await conn.execute(query("jobs.sql", "history"), {"job_ids": job_ids})
+    found: dict[int, list[StatusRow]] = {}
+    for job_id, *status in await cur.fetchall():
+        found.setdefault(job_id, []).append(StatusRow(*status))
+    return found
 
 
-async def _deliveries(conn: Conn, job_id: int) -> list[StatusRow]:
-    """A job's deliveries from the log, as history entries (its first attempt, or the
-    repeats of one delivered again after a crash)."""
+async def _deliveries(conn: Conn, event_id: int, slots: Sequence[int]
+                      ) -> dict[int, list[StatusRow]]:
+    """The event's deliveries from the log to the destinations of these slots, as history
+    entries (its first attempt, or the repeats of one delivered again after a crash)."""
     cur = await conn.execute(query("jobs.sql", "delivered"),
-                             {"event_id": event_of(job_id), "slot": slot_of(job_id)})
-    return [StatusRow(1, "succeeded", None, status, started_at, duration_ms, None, actor,
-                      None, batch)
-            for _, actor, started_at, duration_ms, status, batch in await cur.fetchall()]
+                             {"event_id": event_id, "slots": list(slots)})
+    found: dict[int, list[StatusRow]] = {}
+    for slot, _, actor, started_at, duration_ms, status, batch in await cur.fetchall():
+        found.setdefault(slot, []).append(StatusRow(1, "succeeded", None, status, started_at,
+                                                    duration_ms, None, actor, None, batch))
+    return found
 
 
 async def peek(conn: Conn, destination_key: int, limit: int) -> list[PeekedRow]:

@@ -23,6 +23,9 @@ class Policy:
     dedupe_window: timedelta
     # Finished job partitions are dropped once nothing in them changed for this long.
     retention: timedelta
+    # ... and once their newest event is this old: the log kept for replay, backfill and
+    # GetEvent (RELAYQ_EVENT_RETENTION_SECONDS). None: the same as `retention`.
+    event_retention: timedelta | None = None
     # An old partition with fewer unfinished jobs than this for the retention period is
     # compacted (jobsdb.partitions.compact); 0 never compacts.
     compact_below: int = 10_000
@@ -40,8 +43,10 @@ async def run_once(dsn: str, policy: Policy, *, application_name: str) -> bool:
             await partitions.ensure(conn)
             await dedupe.rotate(conn, window=policy.dedupe_window)
             await partitions.sweep(conn, retention=policy.retention,
+                                   event_retention=policy.event_retention,
                                    compact_below=policy.compact_below)
             await jobs.fold_counts(conn)
+            await partitions.index_lookups(conn)
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (locks.MAINTENANCE,))
         return True

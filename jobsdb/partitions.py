@@ -101,11 +101,16 @@ class Swept:
 
 async def sweep(
     conn: AsyncConnection[Any], *, retention: timedelta, compact_below: int,
-    keep_newest: int = AHEAD + 1,
+    event_retention: timedelta | None = None, keep_newest: int = AHEAD + 1,
 ) -> Swept:
-    """Drop old partitions that every cursor has passed, whose jobs all finished, and in which
-    nothing changed for `retention`; compact old ones that kept fewer than `compact_below`
-    unfinished jobs for as long (0: never).
+    """Drop old partitions that every cursor has passed, whose jobs all finished, in which
+    nothing changed for `retention` and whose newest event is older than `event_retention`
+    (the log kept for replay and backfill: RELAYQ_EVENT_RETENTION_SECONDS; None: the same as
+    `retention`); compact old ones that kept fewer than `compact_below` unfinished jobs for
+    as long (0: never), keeping the events of the event retention period.
+
+    Whatever removes events raises the log's floor (migration 0016), so
+    jobsdb.eventlog.oldest_retained answers where the log is whole from.
 
     The newest `keep_newest` partitions are left alone. What each round saw is kept in
     job_partitions (migration 0005 says why), so a partition is scanned when it is first seen
@@ -114,6 +119,7 @@ async def sweep(
     """
     if not conn.autocommit:
         raise ValueError("sweep needs an autocommit connection")
+    kept_events = retention if event_retention is None else event_retention
     size = (await settings(conn)).event_partition_size
     cur = await conn.execute(query("partitions.sql", "sequence_position"))
     row = await cur.fetchone()
@@ -140,11 +146,18 @@ async def sweep(
             unfinished = await _unfinished(conn, names, cap=max(compact_below, 1))
             if unfinished == 0:
                 finished_at = seen.finished_at
-                if finished_at is None or finished_at < now - retention:
+                due = finished_at is None or finished_at < now - retention
+                if due and finished_at is not None:
+                    # Its events are kept longer (an index probe): its last change, a scan,
+                    # is read again only once they are old enough to go.
+                    due = await _events_older(conn, names, now - kept_events)
+                if due:
                     # First seen finished, or due: when did it last change? (Again when due:
                     # an operator may have retried a job since, which has finished again.)
                     finished_at = await _last_change(conn, names)
-                if finished_at is None or finished_at < now - retention:
+                if ((finished_at is None or finished_at < now - retention)
+                        and await _events_older(conn, names, now - kept_events)):
+                    await _raise_floor(conn, names)
                     for table in TABLES:
                         await _drop(conn, table, partition_name(table, number))
                         swept.dropped.append(partition_name(table, number))
@@ -159,7 +172,8 @@ async def sweep(
                 # One attempt a round: each holds off every router's writes for a read of a
                 # partition, and those should not come back to back.
                 if due and not tried_compaction:
-                    outcome = await compact(conn, number, retention=retention)
+                    outcome = await compact(conn, number, retention=retention,
+                                            event_retention=kept_events)
                     tried_compaction = outcome is not Compaction.IN_USE
                     if outcome is Compaction.DONE:
                         swept.compacted.append(partition_name("events", number))
@@ -181,6 +195,45 @@ async def sweep(
     for name in swept.dropped:
         log.info("dropped finished partition %s", name)
     return swept
+
+
+def lookup_index_name(number: int) -> str:
+    return f"{partition_name('events', number)}_lookup"
+
+
+async def index_lookups(conn: AsyncConnection[Any], *, at_most: int = 1) -> list[str]:
+    """Build the (source_key, message_id) index GetEvent finds an event by message id with,
+    on up to `at_most` events partitions that ingest has left (every id of the partition is
+    drawn and settled: below the log's horizon), oldest first. Ingest never pays for it: the
+    partition it writes has none (GetEvent scans that one). CONCURRENTLY, so nothing waits;
+    an index a failed build left invalid is dropped and built again. Needs an autocommit
+    connection. Returns the indexes built."""
+    if not conn.autocommit:
+        raise ValueError("index_lookups needs an autocommit connection")
+    size = (await settings(conn)).event_partition_size
+    cur = await conn.execute(query("partitions.sql", "horizon"))
+    row = await cur.fetchone()
+    horizon = int(row[0]) if row else 0
+    cur = await conn.execute(query("partitions.sql", "lookup_indexes"))
+    valid = {name: ok for name, ok in await cur.fetchall()}
+    built: list[str] = []
+    for name, lower in await _existing(conn, "events"):
+        number = lower // size
+        if (number + 1) * size > horizon or len(built) >= at_most:
+            break
+        index = lookup_index_name(number)
+        if valid.get(index):
+            continue
+        if index in valid:
+            await conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                sql.Identifier(index)))
+        started = time.perf_counter()
+        await conn.execute(sql.SQL(query("partitions.sql", "lookup_index")).format(
+            index=sql.Identifier(index), partition=sql.Identifier(name)))
+        log.info("built index %s", index,
+                 extra={"seconds": round(time.perf_counter() - started, 3)})
+        built.append(index)
+    return built
 
 
 def _names(number: int) -> dict[str, sql.Identifier]:
@@ -226,10 +279,12 @@ class Compaction(enum.Enum):
 
 
 async def compact(conn: AsyncConnection[Any], number: int, *, retention: timedelta,
+                  event_retention: timedelta | None = None,
                   lock_timeout_ms: int = 500) -> Compaction:
     """Rewrite partition group `number` with only its unfinished jobs and the jobs that
     changed within `retention`, with their history and their events, and the events and
-    deliveries of the retention period.
+    deliveries of the event retention period (None: `retention`), raising the log's floor
+    past the last event it removes.
 
     What stays is read under an EXCLUSIVE lock, which lets readers (routers' pickups) go on
     and holds off writers: every router's outcome writes wait for one read of the partition
@@ -249,9 +304,10 @@ async def compact(conn: AsyncConnection[Any], number: int, *, retention: timedel
     if row and row[0]:
         log.info("compacting partition %d waits: a long transaction holds it", number)
         return Compaction.IN_USE
+    kept = {"retention": retention,
+            "event_retention": retention if event_retention is None else event_retention}
     cur = await conn.execute(
-        sql.SQL(query("partitions.sql", "removable_exists")).format(**names),
-        {"retention": retention})
+        sql.SQL(query("partitions.sql", "removable_exists")).format(**names), kept)
     row = await cur.fetchone()
     if not row or not row[0]:
         return Compaction.NOTHING_TO_REMOVE
@@ -264,9 +320,10 @@ async def compact(conn: AsyncConnection[Any], number: int, *, retention: timedel
             for step in ("compact_keep", "compact_keep_statuses", "compact_keep_events",
                          "compact_keep_deliveries"):
                 await conn.execute(sql.SQL(query("partitions.sql", step)).format(**names),
-                                   {"retention": retention})
+                                   kept)
             cur = await conn.execute("SELECT count(*) FROM compact_jobs")
-            kept = (await cur.fetchone() or [0])[0]
+            kept_jobs = (await cur.fetchone() or [0])[0]
+            await conn.execute(sql.SQL(query("partitions.sql", "compact_floor")).format(**names))
             # Waiting for this one holds up new readers too: shorter.
             await _lock_timeout(conn, min(lock_timeout_ms, 200))
             await conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(locked))
@@ -275,7 +332,7 @@ async def compact(conn: AsyncConnection[Any], number: int, *, retention: timedel
         log.warning("compacting partition %d given up on for now: %s", number, exc)
         return Compaction.GAVE_UP
     log.info("compacted partition %d", number,
-             extra={"kept": kept, "seconds": round(time.perf_counter() - started, 3)})
+             extra={"kept": kept_jobs, "seconds": round(time.perf_counter() - started, 3)})
     return Compaction.DONE
 
 
@@ -296,6 +353,21 @@ async def _last_change(conn: AsyncConnection[Any], names: dict[str, sql.Identifi
     cur = await conn.execute(sql.SQL(query("partitions.sql", "last_change")).format(**names))
     row = await cur.fetchone()
     return row[0] if row else None
+
+
+async def _events_older(conn: AsyncConnection[Any], names: dict[str, sql.Identifier],
+                        before: datetime) -> bool:
+    """Whether a partition's newest event (by id: one index probe) is older than `before`,
+    or it has none."""
+    cur = await conn.execute(sql.SQL(query("partitions.sql", "newest_event")).format(**names))
+    row = await cur.fetchone()
+    return row is None or row[0] < before
+
+
+async def _raise_floor(conn: AsyncConnection[Any], names: dict[str, sql.Identifier]) -> None:
+    """A partition's events are going: the log is whole only above its newest (an empty
+    partition removes nothing, and raises nothing)."""
+    await conn.execute(sql.SQL(query("partitions.sql", "raise_floor")).format(**names))
 
 
 async def _now(conn: AsyncConnection[Any]) -> datetime:

@@ -31,7 +31,7 @@ from psycopg.rows import class_row, dict_row
 
 from filterlang.events import EVENTS
 from filterlang.parser import parse
-from jobsdb import jobs
+from jobsdb import eventlog, jobs
 from jobsdb.errors import NotFound
 from jobsdb.sqlfile import query
 from jobsdb.subscriptions import job_filter
@@ -119,10 +119,10 @@ async def takes_other_sources(conn: Conn, source_key: int, destination_key: int)
 
 
 async def oldest(conn: Conn) -> tuple[int, datetime] | None:
-    """The oldest retained event's id and time (None: the log is empty)."""
-    cur = await conn.execute(query("replays.sql", "oldest"))
-    row = await cur.fetchone()
-    return (int(row[0]), row[1]) if row else None
+    """The oldest retained event's id and time (None: the log is empty): where the log is
+    whole from (jobsdb.eventlog.oldest_retained: a partition kept by an unfinished job below
+    a dropped one, or a compacted one, is not counted)."""
+    return await eventlog.oldest_retained(conn)
 
 
 async def newest(conn: Conn) -> int:

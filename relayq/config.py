@@ -189,6 +189,8 @@ def maintenance_policy(env: Env) -> maintenance.Policy | None:
             "RELAYQ_DEDUPE_WINDOW_SECONDS", 3600, minimum=60, maximum=30 * 86400)),
         retention=timedelta(seconds=env.integer(
             "RELAYQ_RETENTION_SECONDS", 86400, minimum=60, maximum=3650 * 86400)),
+        event_retention=timedelta(seconds=env.integer(
+            "RELAYQ_EVENT_RETENTION_SECONDS", 7 * 86400, minimum=60, maximum=3650 * 86400)),
         compact_below=env.integer("RELAYQ_COMPACT_BELOW_JOBS", 10_000, minimum=0,
                                   maximum=100_000_000),
     )

@@ -47,7 +47,7 @@ def readme_commands() -> list[tuple[list[str], str | None]]:
 def test_the_readme_documents_list_describe_listjobs_peekjobs_retryjobs() -> None:
     calls = [argv[-1] for argv, _ in readme_commands()]
     assert calls[:2] == ["list", "relayq.v1.Admin"]
-    for method in ("ListJobs", "PeekJobs", "RetryJobs"):
+    for method in ("ListJobs", "PeekJobs", "RetryJobs", "GetEvent", "ListEvents"):
         assert f"relayq.v1.Admin/{method}" in calls
 
 
@@ -63,7 +63,8 @@ async def test_readme_grpcurl_commands_work_through_reflection(world: World) -> 
     env = {"RELAYQ_ADMIN_TOKEN": OPERATOR_TOKEN}
     try:
         async with ingest(world.database) as ingest_service, router(world.database):
-            [job_id] = await send(ingest_service, world.source, [event("m1", "alice")])
+            [job_id] = await send(ingest_service, world.source,
+                                  [event("order-1001", "alice")])
 
             async def failed() -> bool:
                 return (await states(world.conn)).get(job_id) == "failed"
@@ -73,7 +74,7 @@ async def test_readme_grpcurl_commands_work_through_reflection(world: World) -> 
             for argv, stdin in readme_commands():
                 results.append(await asyncio.to_thread(
                     grpcurl, argv, stdin, {DOCUMENTED_ADDRESS: address}, env))
-            listed, described, listed_jobs, peeked, dry, retried = results
+            listed, described, listed_jobs, peeked, dry, retried, found, events = results
             assert "relayq.v1.Admin" in listed
             assert "grpc.health.v1.Health" in listed
             assert {"ListJobs", "PeekJobs", "RetryJobs", "GetStats"} <= set(described)
@@ -84,6 +85,9 @@ async def test_readme_grpcurl_commands_work_through_reflection(world: World) -> 
             assert peek["blockedReason"].startswith("retry at")
             assert dry == {"matched": "1", "dryRun": True}
             assert retried == {"matched": "1", "changed": "1"}
+            assert found["event"]["messageId"] == "order-1001"
+            assert [d["destinationId"] for d in found["destinations"]] == ["demo-flaky"]
+            assert [e["messageId"] for e in events["events"]] == ["order-1001"]
             await world.webhook.wait_for(lambda: len(world.webhook.oks) == 1)
     finally:
         service.close()

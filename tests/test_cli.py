@@ -404,6 +404,39 @@ async def test_jobs_list_pages_and_payloads(relayq: Relayq, database: str) -> No
     assert (nothing.code, nothing.out, nothing.err) == (0, "", "no jobs match\n")
 
 
+async def test_events_list_and_get(relayq: Relayq, database: str) -> None:
+    jobs = await _paused_pipeline(relayq, database, 4)
+    events = [keyspace.event_of(j) for j in jobs]
+
+    listed = await relayq("events", "list", "web", "--filter", "user_id = 'user1'")
+    assert listed.header() == ["EVENT", "USER", "MESSAGE", "CREATED", "DESTINATIONS"]
+    assert [row[:3] for row in listed.rows()] == [
+        [str(events[1]), "user1", "m1"], [str(events[3]), "user1", "m3"]]
+    page = await relayq("events", "list", "web", "--limit", "3", "--json")
+    assert [int(e["eventId"]) for e in page.json()["events"]] == events[:3]
+    everything = await relayq("events", "list", "web", "--limit", "3", "--all", "--json")
+    assert [int(e["eventId"]) for e in everything.json()["events"]] == events
+
+    got = await relayq("events", "get", "--source", "web", "--message-id", "m2")
+    assert fields(got.out)["event"] == str(events[2])
+    table = got.out.split("destinations:\n", 1)[1].splitlines()
+    assert re.split(r" {2,}", table[1].strip())[:3] == ["hook", "pending", str(jobs[2])]
+    as_json = (await relayq("events", "get", str(events[2]), "--json")).json()
+    assert as_json["destinations"][0]["status"] == "EVENT_STATUS_PENDING"
+    assert as_json["event"]["messageId"] == "m2"
+
+    both = await relayq("events", "get", str(events[2]), "--message-id", "m2")
+    assert both.code == 2
+    assert "one of them" in both.err
+    bad = await relayq("events", "list", "web", "--filter", "state = 'failed'")
+    assert bad.code == 1
+    assert "INVALID_ARGUMENT" in bad.error
+    assert "column 1" in bad.error
+    missing = await relayq("events", "get", "--source", "web", "--message-id", "nope")
+    assert missing.code == 1
+    assert "NOT_FOUND" in missing.error
+
+
 async def test_jobs_get_peek_abort_retry(relayq: Relayq, database: str) -> None:
     ids = await _paused_pipeline(relayq, database, 4)
 
@@ -476,6 +509,15 @@ async def test_stats_per_destination_and_tenant(relayq: Relayq, database: str) -
         "OLDEST", "PENDING", "DELIVERED/S", "FAILED/S", "PAUSED"]
     assert destinations.splitlines()[1].split()[:7] == ["hook", "acme", "2", "0", "0", "0", "1"]
     assert tenants.splitlines()[1].split()[:6] == ["acme", "2", "0", "0", "0", "1"]
+
+    # The whole log, for the operator: its size and its oldest event.
+    log = doc["eventLog"]
+    assert log["events"] == "3"
+    assert int(log["bytes"]) > 0
+    assert int(log["oldestEventId"]) == keyspace.event_of(ids[0])
+    everything = await relayq("stats")
+    assert re.search(r"^event log: 3 events, [0-9.]+ [kMG]B; oldest event "
+                     rf"{keyspace.event_of(ids[0])}, 20", everything.out, re.MULTILINE)
 
 
 async def test_a_failed_delivery_seen_and_retried(relayq: Relayq, world: World) -> None:

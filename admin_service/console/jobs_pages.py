@@ -35,7 +35,7 @@ async def browse(request: web.Request) -> web.Response:
                                                          page_token=token))
     except BadFilter as exc:
         return render(request, "jobs.html", status=400, filter=text, jobs=[], next_link="",
-                      bad=_bad_filter(text, exc), state_name=state_name, encode=urlencode,
+                      bad=bad_filter(text, exc), state_name=state_name, encode=urlencode,
                       done="")
     next_link = ("?" + urlencode({"filter": text, "page_token": found.next_page_token})
                  if found.next_page_token else "")
@@ -44,7 +44,7 @@ async def browse(request: web.Request) -> web.Response:
                   done=request.query.get("done", ""))
 
 
-def _bad_filter(text: str, exc: BadFilter) -> dict[str, Any]:
+def bad_filter(text: str, exc: BadFilter) -> dict[str, Any]:
     """The filter split around the column the error names, to mark it where it is."""
     at = max(0, min(exc.position - 1, len(text)))
     return {"message": exc.message.removeprefix("filter: "), "column": exc.position,

@@ -10,7 +10,13 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from admin_service.config import CONSOLE_ADDRESS, ConsoleConfig
-from admin_service.console import catalog_pages, jobs_pages, overview_pages, signin
+from admin_service.console import (
+    catalog_pages,
+    events_pages,
+    jobs_pages,
+    overview_pages,
+    signin,
+)
 from admin_service.console.overview import StatsCache
 from admin_service.console.sessions import Sessions
 from admin_service.console.static import StaticFiles
@@ -44,6 +50,9 @@ def application(parts: Console) -> web.Application:
     app.router.add_post("/jobs/{action:retry|abort}", jobs_pages.apply)
     app.router.add_get("/jobs/{job_id}", jobs_pages.job)
     app.router.add_get("/jobs/{job_id}/live", jobs_pages.job_live)
+    app.router.add_get("/events", events_pages.browse)
+    app.router.add_get("/events/find", events_pages.find)
+    app.router.add_get("/events/{event_id}", events_pages.event)
     app.router.add_get("/tenants", catalog_pages.tenants)
     app.router.add_post("/tenants", catalog_pages.create_tenant)
     app.router.add_get("/sources", catalog_pages.sources)

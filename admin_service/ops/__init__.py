@@ -13,6 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from admin_service.ops.connections import Connections
 from admin_service.ops.destinations import Destinations
+from admin_service.ops.events import Events
 from admin_service.ops.jobs import Jobs
 from admin_service.ops.replays import Replays
 from admin_service.ops.sources import Sources
@@ -31,4 +32,5 @@ class Operations:
         self.connections = Connections(pool)
         self.jobs = Jobs(pool)
         self.stats = Stats(pool)
+        self.events = Events(pool)
         self.replays = Replays(pool)

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 from admin_service import convert, validate
 from admin_service.ops.base import Concern
-from jobsdb import catalog
+from jobsdb import catalog, eventlog
 from jobsdb import jobs as jobsdb
 from jobsdb.pool import transaction
 from relayq.auth import Caller
@@ -33,7 +33,14 @@ class Stats(Concern):
                                       destination_key=destination_key)
             connections = await jobsdb.connection_stats(conn, tenant_key=tenant_key,
                                                         destination_key=destination_key)
-        return await _stats(rows, connections)
+            # The log is every tenant's: its size is the operator's to see.
+            log_size = (await eventlog.size(conn)
+                        if caller.is_operator and not tenant_id and not destination_id
+                        else None)
+        response = await _stats(rows, connections)
+        if log_size is not None:
+            response.event_log.CopyFrom(convert.event_log(log_size))
+        return response
 
 
 # Destinations converted between two yields to the event loop: 10,000 of them take tens of

@@ -342,3 +342,10 @@ WHERE position IS NOT NULL
 ORDER BY destination_key, partition
 ON CONFLICT (destination_key, partition) DO UPDATE
 SET position = excluded.position, updated_at = now();
+
+-- name: oldest_retained
+-- The oldest event from which the log is whole (migration 0016).
+SELECT event_id, created_at FROM event_log_oldest_retained();
+
+-- name: size
+SELECT bytes, events FROM event_log_size();

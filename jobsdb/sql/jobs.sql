@@ -82,7 +82,7 @@ ORDER BY j.job_id
 LIMIT %s;
 
 -- name: get_row
--- One job that has a row, with its event's document.
+-- Jobs that have a row (of one event), with its document.
 SELECT j.job_id, t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, j.user_id,
        j.message_id, j.state::text AS state, j.attempts, j.retry_at, j.blocked_by,
        j.error_code, j.created_at, j.updated_at, j.first_attempt_at, e.document AS payload,
@@ -92,18 +92,19 @@ JOIN events e ON e.event_id = j.job_id >> 16
 JOIN tenants t ON t.tenant_key = j.tenant_key
 JOIN sources s ON s.source_key = j.source_key
 JOIN destinations d ON d.destination_key = j.destination_key
-WHERE j.job_id = %(job_id)s
+WHERE j.job_id = ANY(%(job_ids)s::bigint[])
   AND (%(scope)s::integer IS NULL OR j.tenant_key = %(scope)s);
 
 -- name: get_event_job
--- A job without a row: its event, the connection its id names, and where that destination's
--- cursor is in the event's partition (the caller decides whether it is a job at all).
+-- An event's jobs without a row: the event, the connections of these slots, and where each
+-- destination's cursor is in the event's partition (the caller decides whether each is a
+-- job at all).
 SELECT e.event_id, e.created_at, e.user_id, e.message_id, e.destinations, e.document,
        e.source_key, e.tenant_key, c.destination_key, c.enabled, c.event_filter,
        coalesce(dc.position, l.frontier) AS cursor,
-       t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, e.traceparent
+       t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, e.traceparent, c.slot
 FROM events e
-JOIN connections c ON c.source_key = e.source_key AND c.slot = %(slot)s
+JOIN connections c ON c.source_key = e.source_key AND c.slot = ANY(%(slots)s::integer[])
 JOIN router_leases l ON l.partition = e.ordering_partition
 LEFT JOIN destination_cursors dc ON dc.destination_key = c.destination_key
                                 AND dc.partition = e.ordering_partition
@@ -115,30 +116,30 @@ WHERE e.event_id = %(event_id)s
   AND (%(scope)s::integer IS NULL OR e.tenant_key = %(scope)s);
 
 -- name: history
--- Every attempt and operator action of a job that has (or had) a row, oldest first.
-SELECT attempt, state::text AS state, error_code, response, started_at, duration_ms, retry_at,
-       actor, reason, batch
+-- Every attempt and operator action of jobs that have (or had) a row, oldest first.
+SELECT job_id, attempt, state::text AS state, error_code, response, started_at, duration_ms,
+       retry_at, actor, reason, batch
 FROM job_statuses
-WHERE job_id = %(job_id)s
-ORDER BY recorded_at, attempt;
+WHERE job_id = ANY(%(job_ids)s::bigint[])
+ORDER BY job_id, recorded_at, attempt;
 
 -- name: delivered
--- The deliveries of a job read from the log (its event to the destination of the
--- connection its id names): which request carried it, when, and what the destination
--- answered (the GiST index finds the rows whose span holds the event; the array says
--- whether this event is among theirs).
-SELECT d.recorded_at, d.actor, d.started_at[d.requests[x.n]] AS started_at,
+-- The deliveries of an event read from the log to the destinations of the connections of
+-- these slots: which request carried it, when, and what the destination answered (the GiST
+-- index finds the rows whose span holds the event; the array says whether this event is
+-- among theirs).
+SELECT c.slot, d.recorded_at, d.actor, d.started_at[d.requests[x.n]] AS started_at,
        d.duration_ms[d.requests[x.n]] AS duration_ms, d.status[d.requests[x.n]] AS status,
        nullif(d.batch[d.requests[x.n]], '') AS batch
 FROM events e
-JOIN connections c ON c.source_key = e.source_key AND c.slot = %(slot)s
+JOIN connections c ON c.source_key = e.source_key AND c.slot = ANY(%(slots)s::integer[])
 JOIN deliveries d
   ON box(point(d.destination_key, d.first_event_id), point(d.destination_key, d.last_event_id))
      @> box(point(c.destination_key, e.event_id), point(c.destination_key, e.event_id))
 CROSS JOIN LATERAL (SELECT array_position(d.event_ids, e.event_id) AS n) x
 WHERE e.event_id = %(event_id)s
   AND x.n IS NOT NULL
-ORDER BY d.recorded_at;
+ORDER BY c.slot, d.recorded_at;
 
 -- name: peek
 -- The destination's unfinished jobs in job order, the way its router sees them: its

@@ -50,6 +50,18 @@ SELECT greatest((SELECT max(created_at) FROM {events}),
                 (SELECT max(updated_at) FROM {jobs}),
                 (SELECT max(recorded_at) FROM {deliveries}));
 
+-- name: newest_event
+-- The time of a partition's newest event (its highest id: one probe of its primary key).
+SELECT created_at FROM {events} ORDER BY event_id DESC LIMIT 1;
+
+-- name: raise_floor
+-- A partition's events are going (it is dropped): the log is whole only above its newest
+-- event (migration 0016). One probe of its primary key; nothing for an empty partition.
+UPDATE event_log_floor f
+SET floor = n.last + 1, raised_at = now()
+FROM (SELECT max(event_id) AS last FROM {events}) n
+WHERE n.last IS NOT NULL AND f.floor < n.last + 1;
+
 -- name: watched
 SELECT number, finished_at, sparse_at, compact_after FROM job_partitions;
 
@@ -64,11 +76,11 @@ SET finished_at = excluded.finished_at, sparse_at = excluded.sparse_at,
 DELETE FROM job_partitions WHERE number = ANY(%(numbers)s);
 
 -- name: removable_exists
--- Whether compacting would remove anything: an event older than the retention period that no
--- unfinished or recently changed job row needs.
+-- Whether compacting would remove anything: an event older than the event retention period
+-- that no unfinished or recently changed job row needs.
 SELECT EXISTS (
     SELECT 1 FROM {events} e
-    WHERE e.created_at < now() - %(retention)s
+    WHERE e.created_at < now() - %(event_retention)s
       AND NOT EXISTS (SELECT 1 FROM {jobs} j
                       WHERE j.job_id >> 16 = e.event_id
                         AND (j.state IN ('pending', 'failed', 'waiting')
@@ -104,12 +116,22 @@ SELECT s.* FROM {statuses} s WHERE s.job_id IN (SELECT job_id FROM compact_jobs)
 -- name: compact_keep_events
 CREATE TEMPORARY TABLE compact_events ON COMMIT DROP AS
 SELECT e.* FROM {events} e
-WHERE e.created_at >= now() - %(retention)s
+WHERE e.created_at >= now() - %(event_retention)s
    OR e.event_id IN (SELECT job_id >> 16 FROM compact_jobs);
 
 -- name: compact_keep_deliveries
+-- (Kept as long as the events: GetEvent says when and how an event was delivered.)
 CREATE TEMPORARY TABLE compact_deliveries ON COMMIT DROP AS
-SELECT d.* FROM {deliveries} d WHERE d.recorded_at >= now() - %(retention)s;
+SELECT d.* FROM {deliveries} d
+WHERE d.recorded_at >= now() - greatest(%(retention)s, %(event_retention)s);
+
+-- name: compact_floor
+-- The log is whole only above the last event this compaction removes (migration 0016).
+UPDATE event_log_floor f
+SET floor = r.last + 1, raised_at = now()
+FROM (SELECT max(e.event_id) AS last FROM {events} e
+      WHERE NOT EXISTS (SELECT 1 FROM compact_events k WHERE k.event_id = e.event_id)) r
+WHERE r.last IS NOT NULL AND f.floor < r.last + 1;
 
 -- name: compact_rewrite
 -- ... and, under ACCESS EXCLUSIVE, the partitions emptied (new files: the space goes back to
@@ -145,3 +167,23 @@ FROM pg_inherits i
 WHERE i.inhparent IN ('events'::regclass, 'deliveries'::regclass, 'jobs'::regclass,
                       'job_statuses'::regclass)
 GROUP BY i.inhparent;
+
+-- name: horizon
+-- Every event id below it is settled (migration 0012): a partition that ends at or below it
+-- is written no more.
+SELECT event_log_horizon();
+
+-- name: lookup_indexes
+-- The message-id indexes of events partitions, and whether each is valid (a CREATE INDEX
+-- CONCURRENTLY that failed leaves an invalid one behind).
+SELECT i.relname AS name, x.indisvalid AS valid
+FROM pg_index x
+JOIN pg_class i ON i.oid = x.indexrelid
+JOIN pg_inherits h ON h.inhrelid = x.indrelid
+WHERE h.inhparent = 'events'::regclass
+  AND i.relname LIKE 'events\_p%\_lookup';
+
+-- name: lookup_index
+-- GetEvent by (source, message id) on a partition ingest has left (jobsdb/sql/events.sql
+-- by_message).
+CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {partition} (source_key, message_id);

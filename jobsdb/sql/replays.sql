@@ -18,10 +18,6 @@ SELECT EXISTS (SELECT 1 FROM connections
                WHERE destination_key = %(destination_key)s
                  AND source_key <> %(source_key)s AND enabled) AS shared;
 
--- name: oldest
--- The oldest event still in the log (retention drops whole partitions from the oldest).
-SELECT event_id, created_at FROM events ORDER BY event_id LIMIT 1;
-
 -- name: newest
 -- The newest id below the log's horizon: every event at or below it is committed or gone.
 SELECT event_log_horizon() - 1 AS event_id;

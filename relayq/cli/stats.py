@@ -38,6 +38,11 @@ def stats(admin: Admin, args: argparse.Namespace) -> int:
           _rate(t.delivered_per_second), _rate(t.failed_per_second)]
          for t in answer.tenants],
     )
+    if answer.HasField("event_log"):
+        log = answer.event_log
+        oldest = (f"oldest event {log.oldest_event_id}, {render.when(log.oldest_event_at)}"
+                  if log.HasField("oldest_event_at") else "empty")
+        print(f"\nevent log: {log.events} events, {_bytes(log.bytes)}; {oldest}")
     if answer.connections:
         print()
         render.table(
@@ -60,3 +65,13 @@ def _age(seconds: float) -> str:
 
 def _rate(per_second: float) -> str:
     return f"{per_second:.1f}"
+
+
+def _bytes(count: int) -> str:
+    """1536 -> '1.5 kB' (powers of 1024)."""
+    size, unit = float(count), "B"
+    for bigger in ("kB", "MB", "GB", "TB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{count} B" if unit == "B" else f"{size:.1f} {unit}"
