@@ -56,7 +56,7 @@ test-process: install
 
 # Every benchmark at a size that takes seconds: figures printed, nothing asserted but that
 # they run (CI runs this, so a benchmark cannot rot unnoticed).
-BENCHES := ingest ingest_pair subscriptions router fanout admin outcomes partitions chaos console events
+BENCHES := ingest ingest_pair subscriptions router fanout admin outcomes partitions chaos console events replay
 bench-smoke: install
 	@for bench in $(BENCHES); do \
 		echo "== bench/$$bench.py --smoke"; \

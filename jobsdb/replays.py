@@ -310,8 +310,9 @@ async def write_chunk(conn: Conn, replay: dict[str, Any], *, chunk: int = CHUNK)
     else:
         position, done = int(replay["last_event_id"]), True
     await conn.execute(query("replays.sql", "advance"), {
-        "replay_id": replay["replay_id"], "position": position, "written": written,
-        "done": done})
+        "replay_id": replay["replay_id"], "position": position, "written": written})
+    if done:
+        await conn.execute(query("replays.sql", "finish"), {"replay_id": replay["replay_id"]})
     return Chunk(written, position, done, stopped_at is not None)
 
 

@@ -232,12 +232,21 @@ RETURNING w.job_id;
 -- For these (destination, user) pairs, the job their next events wait behind: the root of
 -- the earliest unfinished row (none: the user is free). Asked after a flush that changed
 -- rows of theirs, in its transaction, so the router's picture of who is held matches it.
-SELECT DISTINCT ON (j.destination_key, j.user_id)
-       j.destination_key, j.user_id, coalesce(j.blocked_by, j.job_id) AS root
-FROM unnest(%(destination_keys)s::integer[], %(user_ids)s::text[]) AS w(destination_key, user_id)
-JOIN jobs j ON j.destination_key = w.destination_key AND j.user_id = w.user_id
-WHERE j.state IN ('pending', 'failed', 'waiting')
-ORDER BY j.destination_key, j.user_id, j.job_id;
+-- One probe of jobs_held_idx per pair for its earliest unfinished row: a user with many
+-- unfinished rows (a replay's, a backfill's) costs no more than one with a single row.
+SELECT w.destination_key, w.user_id, r.root
+FROM (SELECT DISTINCT destination_key, user_id
+      FROM unnest(%(destination_keys)s::integer[], %(user_ids)s::text[])
+           AS u(destination_key, user_id)) w
+CROSS JOIN LATERAL (
+    SELECT coalesce(j.blocked_by, j.job_id) AS root
+    FROM jobs j
+    WHERE j.destination_key = w.destination_key
+      AND j.user_id = w.user_id
+      AND j.state IN ('pending', 'failed', 'waiting')
+    ORDER BY j.job_id
+    LIMIT 1
+) r;
 
 -- name: destinations_with_pending
 -- Destinations that have pending jobs, by a loose index scan of jobs_pending_idx: one probe per

@@ -48,12 +48,16 @@ VALUES (%(replay_id)s, %(kind)s, %(tenant_key)s, %(source_key)s, %(destination_k
         %(actor)s, %(reason)s);
 
 -- name: advance
--- Where a chunk left the replay; done when it reached the end.
+-- Where a chunk left the replay. Not its state: an UPDATE naming the state column fires the
+-- triggers that make every router reload (migration 0017), changed or not.
 UPDATE replays
-SET position = %(position)s,
-    written = written + %(written)s,
-    state = CASE WHEN %(done)s THEN 'done'::replay_state ELSE state END,
-    finished_at = CASE WHEN %(done)s THEN now() ELSE finished_at END
+SET position = %(position)s, written = written + %(written)s
+WHERE replay_id = %(replay_id)s AND state = 'running';
+
+-- name: finish
+-- The last chunk: every row is written (routers reload: a backfill's destination reads on).
+UPDATE replays
+SET state = 'done', finished_at = now()
 WHERE replay_id = %(replay_id)s AND state = 'running';
 
 -- name: cancel
@@ -75,11 +79,14 @@ FROM replays r
 JOIN tenants t ON t.tenant_key = r.tenant_key
 JOIN sources s ON s.source_key = r.source_key
 JOIN destinations d ON d.destination_key = r.destination_key
+-- Counted by state through jobs_replay_idx, so the delivered rows (most of a large replay's,
+-- soon) are never read.
 LEFT JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE j.state IN ('pending', 'failed', 'waiting')) AS unfinished,
-           count(*) FILTER (WHERE j.state = 'aborted') AS aborted
-    FROM jobs j
-    WHERE j.replay_id = r.replay_id
+    SELECT (SELECT count(*) FROM jobs j
+            WHERE j.replay_id = r.replay_id
+              AND j.state IN ('pending', 'failed', 'waiting')) AS unfinished,
+           (SELECT count(*) FROM jobs j
+            WHERE j.replay_id = r.replay_id AND j.state = 'aborted') AS aborted
 ) p ON true
 WHERE (%(scope)s::integer IS NULL OR r.tenant_key = %(scope)s)
   AND (%(replay_id)s::text IS NULL OR r.replay_id = %(replay_id)s)
