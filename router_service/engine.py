@@ -549,7 +549,11 @@ class Engine:
                 lane.drop_partitions(lost)
             lane.wake.set()  # what it holds may be sendable again (after a fence)
         owned = self.membership.owned
-        gone = [p for p in self.positions.position if p not in owned]
+        # A partition lost and taken back in one heartbeat (its lease ran out while Postgres
+        # was unreachable, say) is read again from what Postgres has: what this router did
+        # meanwhile was fenced and is not on record, whatever its memory says.
+        regained = gained & lost
+        gone = [p for p in self.positions.position if p not in owned or p in regained]
         for partition in gone:
             self.positions.drop(partition)
         if gone:

@@ -103,6 +103,9 @@ class _Written(NamedTuple):
     refused: frozenset[int] = frozenset()
     # Users' roots after the write (None: no longer held).
     roots: Roots = {}
+    # Partitions of logged jobs it was to record that this router no longer leased when it
+    # wrote: every statement is fenced, so nothing of them was recorded.
+    fenced: frozenset[int] = frozenset()
 
 
 class OutcomeFlusher:
@@ -225,6 +228,11 @@ class OutcomeFlusher:
                 continue
             lane = entry.lane
             for job, outcome in entry.outcomes:
+                if job.logged and job.partition in written.fenced:
+                    # Not on record: it is read again (by whoever holds the partition now,
+                    # or by this router once it has taken the partition back from Postgres).
+                    undecided[lane].append(job)
+                    continue
                 decided[lane].append(job)
                 if outcome.state in ("succeeded", "aborted"):
                     ended.add(lane)
@@ -278,7 +286,8 @@ class OutcomeFlusher:
             first = await self._commit(entries[:half])  # in order: parks follow their blockers
             second = await self._commit(entries[half:])
             return _Written(first.released + second.released, first.parked | second.parked,
-                            first.refused | second.refused, {**first.roots, **second.roots})
+                            first.refused | second.refused, {**first.roots, **second.roots},
+                            first.fenced | second.fenced)
         (entry,) = entries
         safe = _sanitised(entry, exc)
         job_ids = [o.job_id for _, o in entry.outcomes] + [job.job_id for job, _ in entry.parks]
@@ -346,11 +355,15 @@ class _Writes:
         self.counts: dict[int, list[int]] = {}
         # (destination, user) pairs whose rows this flush may change.
         self.pairs: set[tuple[int, str]] = set()
+        # The partitions of the logged jobs it records (fenced by their leases).
+        self.logged_partitions: set[int] = set()
         for entry in entries:
             destination = entry.lane.destination_key
             # The entry's request, as numbered in each deliveries row it is written to.
             request_index: dict[int, int] = {}
             for job, outcome in entry.outcomes:
+                if job.logged:
+                    self.logged_partitions.add(job.partition)
                 if not job.logged:
                     # A row moved: its user may be held by another job now, or free.
                     self.row_outcomes.append(outcome)
@@ -389,6 +402,11 @@ class _Writes:
                     self.row_parks.append((job.job_id, blocker))
 
     async def run(self, conn: AsyncConnection[Any], owner: str, actor: str) -> _Written:
+        # The partitions still leased, share-locked until commit: every statement below is
+        # fenced by the same leases (and now() is the transaction's), so what this says is
+        # what they keep.
+        leased = await eventlog.leased(conn, owner=owner)
+        fenced = frozenset(self.logged_partitions - leased)
         recorded = await queue.record_outcomes(conn, self.row_outcomes, actor=actor,
                                                owner=owner)
         parked = await queue.hold(conn, self.row_parks, owner=owner)
@@ -401,4 +419,4 @@ class _Writes:
         roots: Roots = dict.fromkeys(self.pairs)
         if self.pairs:
             roots.update(await queue.roots(conn, self.pairs))
-        return _Written(recorded.released, parked, roots=roots)
+        return _Written(recorded.released, parked, roots=roots, fenced=fenced)

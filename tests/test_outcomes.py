@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from psycopg import AsyncConnection
 
-from jobsdb import queue
+from jobsdb import keyspace, queue
 from jobsdb.ingest import NewEvent, store_events
 from jobsdb.pool import open_pool
 from jobsdb.queue import Outcome
@@ -245,3 +245,72 @@ async def test_an_outcome_refused_even_with_safe_texts_holds_only_its_own_job(
     final = await states(world.conn)
     assert final.pop(ids[0]) == "pending"
     assert set(final.values()) == {"succeeded"}
+
+
+class _SplitLane(_Lane):
+    def __init__(self) -> None:
+        super().__init__()
+        self.decided: list[int] = []
+        self.undecided: list[int] = []
+
+    def recorded(self, decided: list[Job], undecided: list[Job]) -> None:
+        self.decided += [j.job_id for j in decided]
+        self.undecided += [j.job_id for j in undecided]
+
+
+async def test_outcomes_of_a_partition_no_longer_leased_are_not_taken_as_recorded(
+    database: str, conn: AsyncConnection[Any]
+) -> None:
+    """Every write is fenced by the lease, so nothing of a partition whose lease ran out is
+    recorded: the flusher must say so (undecided: read again), not that it was recorded, or
+    the router's cursors would move past deliveries and failures that are not on record (the
+    chaos soak's missing events, issue 16)."""
+    tenant = await factories.tenant(conn)
+    source = await factories.source(conn, tenant)
+    destination = await factories.destination(conn, tenant, "d1")
+    await factories.connect(conn, source.key, destination)
+    events = [NewEvent(source.key, tenant, f"m{i}", f"user-{i}", "{}", None) for i in range(60)]
+    async with conn.transaction():
+        stored = await store_events(conn, events, ordering_partitions=64)
+    cur = await conn.execute("SELECT event_id, ordering_partition, user_id FROM events")
+    logged = {int(e): (int(p), u) for e, p, u in await cur.fetchall()}
+    by_partition: dict[int, list[int]] = {}
+    for event_id, (partition, _) in sorted(logged.items()):
+        by_partition.setdefault(partition, []).append(event_id)
+    kept, lapsed = sorted(by_partition, key=lambda p: -len(by_partition[p]))[:2]
+    await conn.execute("UPDATE router_leases SET owner = 't', expires_at = now() + interval '1h'")
+    await conn.execute("UPDATE router_leases SET expires_at = now() - interval '1s'"
+                       " WHERE partition = %s", (lapsed,))
+    assert stored
+
+    def job(event_id: int) -> Job:
+        partition, user = logged[event_id]
+        return Job(keyspace.job_id(event_id, 1), user, f"m{event_id}", 1, "{}", STARTED, None,
+                   partition, logged=True, event_id=event_id, source_key=source.key,
+                   tenant_key=tenant)
+
+    pool = await open_pool(database, application_name="test-outcomes", max_size=2)
+    lane: Any = _SplitLane()
+    lane.destination_key = destination
+    try:
+        flusher = OutcomeFlusher(pool, "t", delay=0.001, max_batch=100)
+        flusher.start()
+        for partition in (kept, lapsed):
+            ok, failed = by_partition[partition][:2]
+            flusher.add(lane, job(ok), Outcome(keyspace.job_id(ok, 1), 1, "succeeded",
+                                               STARTED, 1))
+            flusher.add(lane, job(failed), Outcome(
+                keyspace.job_id(failed, 1), 1, "failed", STARTED, 1, "503", None,
+                STARTED + timedelta(minutes=1)))
+        await asyncio.wait_for(flusher.drain(), 30)
+        await flusher.close()
+    finally:
+        await pool.close()
+    kept_jobs = {keyspace.job_id(e, 1) for e in by_partition[kept][:2]}
+    lapsed_jobs = {keyspace.job_id(e, 1) for e in by_partition[lapsed][:2]}
+    assert set(lane.decided) == kept_jobs
+    assert set(lane.undecided) == lapsed_jobs
+    cur = await conn.execute("SELECT job_id FROM jobs")
+    assert {r[0] for r in await cur.fetchall()} == {keyspace.job_id(by_partition[kept][1], 1)}
+    cur = await conn.execute("SELECT unnest(event_ids) FROM deliveries")
+    assert {r[0] for r in await cur.fetchall()} == {by_partition[kept][0]}
