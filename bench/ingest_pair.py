@@ -1,17 +1,18 @@
 """CPU per ingested event of two checkouts side by side: this one and another (an older commit).
 
     .venv/bin/python bench/ingest_pair.py --before ../wt-base [--rate 5000] [--seconds 30]
+                                          [--destinations 1]
     .venv/bin/python bench/ingest_pair.py --smoke     # a few seconds, this checkout twice
 
 On a machine shared with other work, CPU per event swings with whatever else runs (a busy
 neighbour evicts caches and steals cycles), and runs taken one after the other compare two
 different machines. Here both relayq-ingest servers run *at the same time*, each from its
 own checkout (its own virtualenv, its own fresh database on the same Postgres), each fed the
-same paced load by its own client process: 100-event requests (~330-byte payloads, one
-destination) at `--rate` events/s, serialised before the clock starts. Both pay for the same
-neighbours, so the ratio of their CPU per event holds where lone figures do not. The rate
-should leave both servers idle part of the time, so that neither falls behind (the figures
-say if one did).
+same paced load by its own client process: 100-event requests (~330-byte payloads, a source
+connected to `--destinations` destinations) at `--rate` events/s, serialised before the clock
+starts. Both pay for the same neighbours, so the ratio of their CPU per event holds where
+lone figures do not. The rate should leave both servers idle part of the time, so that
+neither falls behind (the figures say if one did).
 
 Prints, for each side, events/s acknowledged and CPU per event of the ingest process (with
 its children, should it run workers) and of its Postgres backends, and the after/before
@@ -95,7 +96,7 @@ def _tree_cpu(pid: int) -> float:
 class Side:
     """One checkout's relayq-ingest with its own database and write key."""
 
-    def __init__(self, label: str, checkout: Path) -> None:
+    def __init__(self, label: str, checkout: Path, destinations: int = 1) -> None:
         self.label = label
         self.checkout = checkout
         self.name = _empty_database()
@@ -111,8 +112,9 @@ class Side:
             cwd=checkout, env=env)
         wait_ready(self.port, 60)
         with psycopg.connect(dsn_for(self.name), autocommit=True) as conn:
-            self.write_key, *_ = add_source(conn, "bench", "web",
-                                            {"d1": ("webhook", "http://127.0.0.1:9/")})
+            self.write_key, *_ = add_source(
+                conn, "bench", "web", {f"d{n}": ("webhook", "http://127.0.0.1:9/")
+                                       for n in range(1, destinations + 1)})
 
     def backends(self) -> list[int]:
         with psycopg.connect(SERVER, autocommit=True) as conn:
@@ -166,8 +168,8 @@ def paced_client(port: int, write_key: str, prefix: str, rate: float, seconds: f
     results.put((prefix, accepted, duplicates, finished, count * BATCH))
 
 
-def compare(before: Path, rate: float, seconds: float) -> None:
-    sides = [Side("before", before), Side("after", ROOT)]
+def compare(before: Path, rate: float, seconds: float, destinations: int = 1) -> None:
+    sides = [Side("before", before, destinations), Side("after", ROOT, destinations)]
     try:
         context = multiprocessing.get_context("spawn")
         results = context.Queue()
@@ -220,6 +222,8 @@ def main() -> None:
                         help="the other checkout (with its own .venv, `make install` there)")
     parser.add_argument("--rate", type=float, default=5000, help="events/s for each side")
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--destinations", type=int, default=1,
+                        help="destinations each side's source is connected to (default 1)")
     parser.add_argument("--smoke", action="store_true",
                         help="a few seconds, this checkout against itself")
     args = parser.parse_args()
@@ -227,7 +231,7 @@ def main() -> None:
         args.before, args.rate, args.seconds = ROOT, 1000, 3
     if args.before is None:
         parser.error("--before CHECKOUT (or --smoke)")
-    compare(args.before.resolve(), args.rate, args.seconds)
+    compare(args.before.resolve(), args.rate, args.seconds, args.destinations)
 
 
 if __name__ == "__main__":
