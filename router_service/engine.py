@@ -2,11 +2,12 @@
 
 New events come from the log: ingest's `NOTIFY relayq_events` wakes the shared read
 (router_service.logread), which reads each partition this router leases once and fans each
-event out to the destinations its source is connected to (`_fan_out`): a job per destination
-that takes it, handed to that destination's lane. Jobs with rows (retries, released waiters,
-operators' retries) are found as before: `NOTIFY relayq_jobs` names the destinations, a lane
-knows when the retries it recorded come due, and a poll every few seconds (two loose index
-scans) catches anything a lost notification or another router left behind. Lanes exist only
+event out to the destinations its source is connected to (router_service.fanout): a job per
+destination that takes it, handed to that destination's lane. Jobs with rows (retries,
+released waiters, operators' retries, replays) are found as before: `NOTIFY relayq_jobs` names
+the destinations, a lane knows when the retries it recorded come due, and a poll every few
+seconds (two loose index scans) catches anything a lost notification or another router left
+behind. Lanes exist only
 for destinations that had work, and are closed after a while without any, so ten thousand
 quiet destinations cost next to nothing.
 """
@@ -28,7 +29,6 @@ from jobsdb import catalog, eventlog, partitions, queue
 from jobsdb import destinations as destinations_db
 from jobsdb.catalog import Destination
 from jobsdb.errors import JobsDBError
-from jobsdb.eventlog import LoggedEvent
 from jobsdb.keyspace import partition_of
 from jobsdb.pool import transaction
 from jobsdb.queue import RESPONSE_LIMIT
@@ -37,17 +37,17 @@ from relayq.tasks import cancel_and_wait
 from router_service import metrics, senders
 from router_service.channels import GrpcChannels
 from router_service.fairness import FairScheduler
+from router_service.fanout import FanOut
 from router_service.httpclient import HttpPool
 from router_service.identity import Identity
 from router_service.lane import Lane, LaneContext, LaneSettings
 from router_service.logread import CursorWriter, LogReader
 from router_service.membership import Membership
-from router_service.model import Job
 from router_service.outcomes import OutcomeFlusher, Roots
 from router_service.reads import Reader
 from router_service.replays import ReplayWorker
 from router_service.resolver import Resolver
-from router_service.routing import Routing, document
+from router_service.routing import Routing
 from router_service.senders import Sender, SenderContext
 from router_service.tracks import Positions
 from router_service.trust import Trust
@@ -107,9 +107,14 @@ class Engine:
                              window=settings.log_window or settings.batch,
                              poll_seconds=settings.poll_seconds,
                              usable=lambda: self.membership.usable(),
-                             fan_out=self._fan_out, on_stalled=self._stalled,
+                             fan_out=lambda events: self.fan_out(events),
+                             on_stalled=lambda p, holders: self.fan_out.stalled(p, holders),
                              ensure_config=self.ensure_config)
         self.cursors = CursorWriter(pool, self.positions, settings.router_id)
+        self.fan_out = FanOut(positions=self.positions, cursors=self.cursors,
+                              blocked=self.blocked, routing=lambda: self.routing,
+                              destinations=lambda: self.destinations, lanes=lambda: self.lanes,
+                              lane=self.lane)
         self.replays = ReplayWorker(pool)
         self._taking: set[int] = set()
         # The connections' version this router's routing was loaded at, and one load at a
@@ -261,72 +266,6 @@ class Engine:
 
     # --- the event log ---------------------------------------------------------------------
 
-    def _fan_out(self, events: list[LoggedEvent]) -> None:
-        """Events the shared read found, in id order per partition: a job for each
-        destination that follows its partition and takes it (its source is connected to it,
-        the event names it or no destination, the connection's filter matches), handed to
-        that destination's lane. A destination that cannot take jobs now (no lane, paused,
-        full) lags from this event on and reads its share itself later."""
-        positions = self.positions
-        routing = self.routing
-        blocked = self.blocked
-        handed: dict[int, list[tuple[Job, int | None]]] = {}
-        room: dict[int, int] = {}
-        filtered = self.cursors.filtered
-        for event in events:
-            routes = routing.routes(event.source_key)
-            if not routes:
-                continue
-            partition = event.partition
-            event_id = event.event_id
-            named = event.destinations
-            parsed = None
-            for route in routes:
-                key = route.destination_key
-                if named is not None and key not in named:
-                    continue
-                if event_id <= route.after:
-                    continue  # a backfill's: written as a row
-                if not positions.follows(key, partition):
-                    continue
-                if positions.is_settled(key, partition, event_id):
-                    continue
-                if route.filter is not None:
-                    if parsed is None:
-                        parsed = document(event.document)
-                    if route.filter.evaluate(parsed) is not True:
-                        filtered[event.source_key, key] += 1
-                        if (kept := self.destinations.get(key)) is not None:
-                            metrics.FILTERED.labels(kept.id).inc()
-                        continue
-                space = room.get(key)
-                if space is None:
-                    lane = self.lane(key)
-                    space = room[key] = (lane.room if lane is not None and lane.takes_logged
-                                         else 0)
-                if space <= 0:
-                    positions.lag(key, partition, event_id - 1)
-                    continue
-                room[key] = space - 1
-                positions.held(key, partition, event_id)
-                handed.setdefault(key, []).append(
-                    (Job.from_event(event, route.slot), blocked.get((key, event.user_id))))
-        for key, jobs in handed.items():
-            self.lanes[key].admit_logged(jobs)
-        self.cursors.changed()
-
-    def _stalled(self, partition: int, holders: list[int]) -> None:
-        """These destinations have held a partition's window full for a while: they lag
-        from here (reading their share themselves), so the others' events flow."""
-        for key in holders:
-            self.positions.lag(key, partition, self.positions.position[partition])
-            lane = self.lanes.get(key)
-            if lane is not None:
-                lane.wake.set()
-        log.info("destinations lag in a partition of the log", extra={
-            "partition": partition, "destinations": holders})
-        self.cursors.changed()
-
     def _roots(self, roots: Roots) -> None:
         """Who waits behind which row now, after a flush that changed rows."""
         for pair, root in roots.items():
@@ -363,21 +302,10 @@ class Engine:
             self.positions.take(partition, taken.frontiers.get(partition, 0), cursors, settled)
         for pair, root in taken.blocked.items():
             self.blocked[pair] = root
-        self._lag_readers()
+        self.fan_out.lag_readers()
         self.log.wake()
         for lane in self.lanes.values():
             lane.wake.set()
-
-    def _lag_readers(self) -> None:
-        """A lane for every destination that reads a partition on its own (a cursor of its
-        own, taken over with the partition): nothing else would make one, since the shared
-        read passes such destinations by."""
-        for tracks in self.positions.tracks.values():
-            for key, track in tracks.items():
-                if track.read_to is not None and key not in self.lanes:
-                    lane = self.lane(key)
-                    if lane is not None:
-                        lane.wake.set()
 
     # --- loops ---------------------------------------------------------------------------
 
@@ -417,7 +345,7 @@ class Engine:
                 lane = self.lane(key)
                 if lane is not None:
                     lane.due_at(when)
-            self._lag_readers()
+            self.fan_out.lag_readers()
             await self._close_idle_lanes()
 
     async def _watch_loop(self) -> None:
@@ -482,7 +410,7 @@ class Engine:
             return
         self._destinations_digest, loaded, connections = found
         old_routing, self.routing = self.routing, Routing(connections)
-        self._backfills_changed(old_routing, released)
+        self.fan_out.backfills_changed(old_routing, released)
         self.config_version = max(self.config_version, version)
         for key, row in loaded.items():
             lane = self.lanes.get(key)
@@ -500,26 +428,6 @@ class Engine:
         self.destinations = loaded
         metrics.DESTINATIONS.set(len(loaded))
         metrics.CIRCUITS_OPEN.set(sum(d.circuit_opened_at is not None for d in loaded.values()))
-
-    def _backfills_changed(self, old: Routing, released: dict[tuple[int, str], int]) -> None:
-        """A connection backfilled since the last load takes the log from its backfill's end
-        on: where this router has read past that (with the connections as they were), the
-        destination reads its share on its own from there. A backfill whose rows are all
-        written lets its destination read: who waits behind its rows is known first."""
-        positions = self.positions
-        for pair, route in self.routing.by_pair.items():
-            before = old.by_pair.get(pair)
-            if not route.after or (before is not None and before.after == route.after):
-                continue
-            for partition, position in positions.position.items():
-                if position > route.after:
-                    positions.rewind(route.destination_key, partition, route.after)
-        self.blocked.update(released)
-        for key in old.holding - self.routing.holding:
-            if (lane := self.lanes.get(key)) is not None:
-                lane.wake.set()
-        self._lag_readers()
-        self.cursors.changed()
 
     async def _close_idle_lanes(self) -> None:
         now = time.monotonic()
