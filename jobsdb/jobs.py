@@ -19,7 +19,7 @@ from typing import Any, LiteralString
 
 import orjson
 from psycopg import AsyncConnection, sql
-from psycopg.rows import class_row
+from psycopg.rows import class_row, kwargs_row
 
 from filterlang.errors import FilterError
 from filterlang.events import compile_event_filter
@@ -176,9 +176,8 @@ async def _view(conn: Conn, selection: Selection, *, after_job: int = 0,
         params.extend((event_of(after_job), upto_event))
     else:
         log = sql.SQL("true")
-    cur = await conn.execute(query("jobs.sql", "subscriptions"))
     subscribed_params: list[Any] = []
-    subscribed = subscriptions.condition(await cur.fetchall(), subscribed_params)
+    subscribed = subscriptions.condition(await subscriptions.filtered(conn), subscribed_params)
     composed = sql.SQL(query("jobs.sql", "view")).format(rows=rows, log=log,
                                                          subscribed=subscribed)
     return _View(composed, [*params, *subscribed_params])
@@ -263,23 +262,45 @@ async def get_job(conn: Conn, job_id: int, scope: int | None) -> tuple[JobRow, l
 
 async def _logged_job(conn: Conn, job_id: int, scope: int | None
                       ) -> tuple[JobRow, int] | None:
-    cur = await conn.execute(query("jobs.sql", "get_event_job"),
-                             {"event_id": event_of(job_id), "slot": slot_of(job_id),
-                              "scope": scope})
+    cur = conn.cursor(row_factory=class_row(_EventJob))
+    await cur.execute(query("jobs.sql", "get_event_job"),
+                      {"event_id": event_of(job_id), "slot": slot_of(job_id), "scope": scope})
     found = await cur.fetchone()
     if found is None:
         return None
-    (event_id, created_at, user_id, message_id, named, document, _, _, destination_key,
-     enabled, event_filter, cursor, tenant_id, source_id, destination_id) = found
-    if named is not None and destination_key not in named:
+    if found.destinations is not None and found.destination_key not in found.destinations:
         return None
-    pending = event_id > cursor
-    if pending and (not enabled or not _takes(event_filter, document)):
+    pending = found.event_id > found.cursor
+    if pending and (not found.enabled or not _takes(found.event_filter, found.document)):
         return None
-    row = JobRow(job_id, tenant_id, source_id, destination_id, user_id, message_id,
-                 "pending" if pending else "succeeded", 0 if pending else 1, None, None, None,
-                 created_at, created_at, None, document)
-    return row, event_id
+    row = JobRow(job_id=job_id, tenant_id=found.tenant_id, source_id=found.source_id,
+                 destination_id=found.destination_id, user_id=found.user_id,
+                 message_id=found.message_id, state="pending" if pending else "succeeded",
+                 attempts=0 if pending else 1, retry_at=None, blocked_by=None, error_code=None,
+                 created_at=found.created_at, updated_at=found.created_at,
+                 first_attempt_at=None, payload=found.document)
+    return row, found.event_id
+
+
+@dataclass(frozen=True, slots=True)
+class _EventJob:
+    """A job without a row, as sql/jobs.sql `get_event_job` finds it."""
+
+    event_id: int
+    created_at: datetime
+    user_id: str
+    message_id: str
+    # The destinations the event named (None: every connection).
+    destinations: list[int] | None
+    document: str
+    destination_key: int
+    enabled: bool
+    event_filter: str | None
+    # Where the destination's cursor is in the event's partition.
+    cursor: int
+    tenant_id: str
+    source_id: str
+    destination_id: str
 
 
 def _takes(event_filter: str | None, document: str) -> bool:
@@ -307,11 +328,18 @@ async def _history(conn: Conn, job_id: int) -> list[StatusRow]:
 async def _deliveries(conn: Conn, job_id: int) -> list[StatusRow]:
     """A job's deliveries from the log, as history entries (its first attempt, or the
     repeats of one delivered again after a crash)."""
-    cur = await conn.execute(query("jobs.sql", "delivered"),
-                             {"event_id": event_of(job_id), "slot": slot_of(job_id)})
-    return [StatusRow(1, "succeeded", None, status, started_at, duration_ms, None, actor,
-                      None, batch)
-            for _, actor, started_at, duration_ms, status, batch in await cur.fetchall()]
+    cur = conn.cursor(row_factory=kwargs_row(_delivered))
+    await cur.execute(query("jobs.sql", "delivered"),
+                      {"event_id": event_of(job_id), "slot": slot_of(job_id)})
+    return await cur.fetchall()
+
+
+def _delivered(*, actor: str, started_at: datetime, duration_ms: int | None,
+               status: str | None, batch: str | None) -> StatusRow:
+    """A delivery from the log as a history entry: the first attempt, succeeded."""
+    return StatusRow(attempt=1, state="succeeded", error_code=None, response=status,
+                     started_at=started_at, duration_ms=duration_ms, retry_at=None,
+                     actor=actor, reason=None, batch=batch)
 
 
 async def peek(conn: Conn, destination_key: int, limit: int) -> list[PeekedRow]:
@@ -319,14 +347,19 @@ async def peek(conn: Conn, destination_key: int, limit: int) -> list[PeekedRow]:
         "SELECT array_agg(source_key) FROM connections WHERE destination_key = %s AND enabled",
         (destination_key,))
     sources = (await cur.fetchone() or [None])[0] or []
-    cur = await conn.execute(query("jobs.sql", "subscriptions"))
     subscribed_params: list[Any] = []
     subscribed = subscriptions.condition(
-        [c for c in await cur.fetchall() if c[1] == destination_key], subscribed_params)
+        [c for c in await subscriptions.filtered(conn) if c.destination_key == destination_key],
+        subscribed_params)
     params = (destination_key, limit, destination_key, sources, destination_key, limit,
               destination_key, *subscribed_params, limit)
-    cur = await conn.execute(_with("peek", subscribed=subscribed), params, prepare=False)
-    return [PeekedRow(JobRow(*row[:-1]), row[-1]) for row in await cur.fetchall()]
+    cur = conn.cursor(row_factory=kwargs_row(_peeked))
+    await cur.execute(_with("peek", subscribed=subscribed), params, prepare=False)
+    return await cur.fetchall()
+
+
+def _peeked(*, holder: int | None, **job: Any) -> PeekedRow:
+    return PeekedRow(JobRow(**job), holder)
 
 
 async def retry(conn: Conn, selection: Selection, scope: int | None, *, actor: str,
@@ -360,11 +393,12 @@ async def abort(conn: Conn, selection: Selection, scope: int | None, *, actor: s
 
 async def _change(conn: Conn, name: LiteralString, view: _View, selection: Selection,
                   params: tuple[Any, ...]) -> Change:
-    cur = await conn.execute(_with(name, view=view.composed, where=selection.where),
-                             (*view.params, *params), prepare=False)
+    cur = conn.cursor(row_factory=class_row(Change))
+    await cur.execute(_with(name, view=view.composed, where=selection.where),
+                      (*view.params, *params), prepare=False)
     row = await cur.fetchone()
     assert row is not None
-    return Change(matched=int(row[0]), job_ids=row[1], destination_keys=row[2])
+    return row
 
 
 async def _notify(conn: Conn, channel: str, destination_keys: str) -> None:
@@ -377,9 +411,8 @@ async def _notify(conn: Conn, channel: str, destination_keys: str) -> None:
 
 async def stats(conn: Conn, *, tenant_key: int | None, destination_key: int | None
                 ) -> list[DestinationStatsRow]:
-    cur = await conn.execute(query("jobs.sql", "subscriptions"))
     subscribed_params: list[Any] = []
-    subscribed = subscriptions.condition(await cur.fetchall(), subscribed_params)
+    subscribed = subscriptions.condition(await subscriptions.filtered(conn), subscribed_params)
     scope = (destination_key, destination_key, tenant_key, tenant_key)
     cur = conn.cursor(row_factory=class_row(DestinationStatsRow))
     # Never prepared (as every query here over the log): a generic plan cannot know which

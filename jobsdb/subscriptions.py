@@ -14,29 +14,47 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
-from psycopg import sql
+from psycopg import AsyncConnection, sql
+from psycopg.rows import class_row
 
 from filterlang.errors import FilterError
 from filterlang.events import DOCUMENT_FIELDS, EVENTS, TEXT_FIELDS
 from filterlang.nodes import And, Compare, Field, InList, Node, Not, Or
 from filterlang.parser import parse
 from jobsdb.filters import compile_node
+from jobsdb.sqlfile import query
 
 STATES: Final = frozenset({"pending", "failed", "waiting", "succeeded", "aborted"})
 # What a job without a row can be.
 LOG_STATES: Final = frozenset({"pending", "succeeded"})
 
 
-def condition(connections: Iterable[tuple[int, int, str]], params: list[Any]) -> sql.Composable:
+class Subscription(NamedTuple):
+    """An enabled connection that has a filter (sql/jobs.sql `subscriptions`)."""
+
+    source_key: int
+    destination_key: int
+    event_filter: str
+
+
+async def filtered(conn: AsyncConnection[Any]) -> list[Subscription]:
+    """The enabled connections that have a filter (the others take every event)."""
+    cur = conn.cursor(row_factory=class_row(Subscription))
+    await cur.execute(query("jobs.sql", "subscriptions"))
+    return await cur.fetchall()
+
+
+def condition(connections: Iterable[Subscription], params: list[Any]) -> sql.Composable:
     """`true` for every job whose connection takes it: for each (source, destination, filter)
     given, that filter over `j.payload`; other connections take every event. A filter that no
     longer compiles takes nothing, as routers treat it."""
     branches: list[sql.Composable] = []
-    for source_key, destination_key, text in connections:
+    for subscription in connections:
+        source_key, destination_key = subscription.source_key, subscription.destination_key
         try:
-            node: Node | None = _as_job_filter(parse(text, EVENTS))
+            node: Node | None = _as_job_filter(parse(subscription.event_filter, EVENTS))
         except FilterError:
             node = None
         params.extend((source_key, destination_key))

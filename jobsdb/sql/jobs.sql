@@ -96,7 +96,7 @@ WHERE j.job_id = %(job_id)s
 -- A job without a row: its event, the connection its id names, and where that destination's
 -- cursor is in the event's partition (the caller decides whether it is a job at all).
 SELECT e.event_id, e.created_at, e.user_id, e.message_id, e.destinations, e.document,
-       e.source_key, e.tenant_key, c.destination_key, c.enabled, c.event_filter,
+       c.destination_key, c.enabled, c.event_filter,
        coalesce(dc.position, l.frontier) AS cursor,
        t.id AS tenant_id, s.id AS source_id, d.id AS destination_id
 FROM events e
@@ -123,7 +123,7 @@ ORDER BY recorded_at, attempt;
 -- connection its id names): which request carried it, when, and what the destination
 -- answered (the GiST index finds the rows whose span holds the event; the array says
 -- whether this event is among theirs).
-SELECT d.recorded_at, d.actor, d.started_at[d.requests[x.n]] AS started_at,
+SELECT d.actor, d.started_at[d.requests[x.n]] AS started_at,
        d.duration_ms[d.requests[x.n]] AS duration_ms, d.status[d.requests[x.n]] AS status,
        nullif(d.batch[d.requests[x.n]], '') AS batch
 FROM events e
@@ -277,9 +277,9 @@ logged AS (
     SELECT job_id, attempts, state, now(), %s, %s
     FROM both_
 )
-SELECT (SELECT count(*) FROM target),
-       coalesce(array_agg(job_id), ARRAY[]::bigint[]),
-       coalesce(string_agg(DISTINCT destination_key::text, ','), '')
+SELECT (SELECT count(*) FROM target) AS matched,
+       coalesce(array_agg(job_id), ARRAY[]::bigint[]) AS job_ids,
+       coalesce(string_agg(DISTINCT destination_key::text, ','), '') AS destination_keys
 FROM both_;
 
 -- name: abort
@@ -334,9 +334,9 @@ counted AS (
     ORDER BY destination_key
     ON CONFLICT (destination_key, bucket) DO UPDATE SET aborted = c.aborted + excluded.aborted
 )
-SELECT (SELECT count(*) FROM target),
-       coalesce(array_agg(job_id), ARRAY[]::bigint[]),
-       coalesce(string_agg(DISTINCT destination_key::text, ','), '')
+SELECT (SELECT count(*) FROM target) AS matched,
+       coalesce(array_agg(job_id), ARRAY[]::bigint[]) AS job_ids,
+       coalesce(string_agg(DISTINCT destination_key::text, ','), '') AS destination_keys
 FROM both_;
 
 -- name: notify
