@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-process lint proto up clean bench-smoke browser console-screenshots
+.PHONY: install test test-unit test-process lint proto up clean bench-smoke browser console-screenshots
 
 # Two distributions, both editable: relayq-client (client/: relayq.client and the generated
 # relayq.v1) and relayq (the services), which depends on it.
@@ -49,6 +49,11 @@ console-screenshots: install browser
 			pngquant --force --skip-if-larger --quality=70-90 --output "$$f" "$$f" || true; \
 		done; \
 	fi
+
+# The pure unit tests (marked `unit`: no Postgres, no processes), in well under a minute.
+test-unit: install
+	@echo "make test-unit: the pure unit tests, usually 20-30 seconds"
+	$(BIN)/pytest -q -m unit
 
 # Only the tests that start, kill -9 and restart service processes.
 test-process: install

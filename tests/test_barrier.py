@@ -16,6 +16,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +24,9 @@ from jobsdb.queue import Candidate, Outcome
 from router_service.barrier import Barrier, Park
 from router_service.model import Job, Phase
 from router_service.retry import Result, RetryPolicy, Verdict
+
+# Pure unit tests: no Postgres, no processes (make test-unit).
+pytestmark = pytest.mark.unit
 
 T0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 POLICY = RetryPolicy(min_backoff=1.0, max_backoff=4.0, max_attempts=3,

@@ -14,6 +14,9 @@ import pytest
 from filterlang.errors import FilterError
 from filterlang.events import compile_event_filter
 
+# Pure unit tests: no Postgres, no processes (make test-unit).
+pytestmark = pytest.mark.unit
+
 ORDER: dict[str, Any] = orjson.loads(orjson.dumps({
     "type": "track",
     "event": "Order Completed",

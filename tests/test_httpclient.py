@@ -19,6 +19,9 @@ from router_service.httpclient import HttpPool, InvalidURL, parse_target
 from tests.helpers import loopback_resolver
 from tests.sinks import serve_post
 
+# Pure unit tests: no Postgres, no processes (make test-unit).
+pytestmark = pytest.mark.unit
+
 Script = Callable[["Request", asyncio.StreamWriter], Awaitable[bool]]
 
 
