@@ -2,7 +2,7 @@
 
 A job is an (event, destination) pair, and most have no row: sql/jobs.sql `view` derives every
 job's state from the rows there are and the cursors. Selections come as a `Selection`: a SQL
-condition on the job `j` built from fixed fragments with positional parameters (jobsdb.filters
+condition on the job `j` built from fixed fragments with named parameters (jobsdb.filters
 compiles operators' filters to one; `by_ids` makes one from job ids), with the states it can
 match, so a selection of failed or waiting jobs reads only rows. `scope` is None for the
 operator or the tenant_key of a tenant-scoped caller. Retry and abort are compare-and-set
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, LiteralString
@@ -25,6 +26,7 @@ from filterlang.errors import FilterError
 from filterlang.events import compile_event_filter
 from jobsdb import subscriptions
 from jobsdb.errors import NotFound
+from jobsdb.filters import Params
 from jobsdb.keyspace import SLOT_BITS, event_of, slot_of
 from jobsdb.sqlfile import query
 
@@ -45,19 +47,20 @@ _MOST_PER_PAGE = 500_000
 @dataclass(frozen=True, slots=True)
 class Selection:
     where: sql.Composable
-    params: tuple[Any, ...]
+    # Its parameters by name (jobsdb.filters.Params names them f0, f1, ...).
+    params: Mapping[str, Any]
     # The states it can match (a filter on state narrows them).
     states: frozenset[str] = subscriptions.STATES
     # Only these jobs (by_ids).
     job_ids: tuple[int, ...] | None = None
 
 
-EVERYTHING = Selection(sql.SQL("true"), ())
+EVERYTHING = Selection(sql.SQL("true"), {})
 
 
 def by_ids(job_ids: list[int]) -> Selection:
-    return Selection(sql.SQL("j.job_id = ANY(%s::bigint[])"), (job_ids,),
-                     job_ids=tuple(job_ids))
+    return Selection(sql.SQL("j.job_id = ANY(%(selected_ids)s::bigint[])"),
+                     {"selected_ids": job_ids}, job_ids=tuple(job_ids))
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +152,7 @@ class _View:
     """The job view (sql/jobs.sql `view`) for one query, and its parameters."""
 
     composed: sql.Composable
-    params: list[Any] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 async def _view(conn: Conn, selection: Selection, *, after_job: int = 0,
@@ -157,30 +160,30 @@ async def _view(conn: Conn, selection: Selection, *, after_job: int = 0,
     """The view narrowed to what `selection` can match: rows only when it wants no pending
     or succeeded job; by ids, the log only at their events; else, with `upto_event`, the log
     only in (after_job's event, upto_event)."""
-    params: list[Any] = []
+    params: dict[str, Any] = {}
     if selection.job_ids is not None:
-        rows = sql.SQL("r.job_id = ANY(%s::bigint[])")
-        params.append(list(selection.job_ids))
+        rows = sql.SQL("r.job_id = ANY(%(view_job_ids)s::bigint[])")
+        params["view_job_ids"] = list(selection.job_ids)
     elif upto_event is not None:
-        rows = sql.SQL("r.job_id > %s AND r.job_id < %s")
-        params.extend((after_job, upto_event << SLOT_BITS))
+        rows = sql.SQL("r.job_id > %(view_after_job)s AND r.job_id < %(view_before_job)s")
+        params.update(view_after_job=after_job, view_before_job=upto_event << SLOT_BITS)
     else:
         rows = sql.SQL("true")
     if not selection.states & subscriptions.LOG_STATES:
         log = sql.SQL("false")
     elif selection.job_ids is not None:
-        log = sql.SQL("e.event_id = ANY(%s::bigint[])")
-        params.append(sorted({event_of(j) for j in selection.job_ids}))
+        log = sql.SQL("e.event_id = ANY(%(view_event_ids)s::bigint[])")
+        params["view_event_ids"] = sorted({event_of(j) for j in selection.job_ids})
     elif upto_event is not None:
-        log = sql.SQL("e.event_id >= %s AND e.event_id < %s")
-        params.extend((event_of(after_job), upto_event))
+        log = sql.SQL("e.event_id >= %(view_from_event)s AND e.event_id < %(view_upto_event)s")
+        params.update(view_from_event=event_of(after_job), view_upto_event=upto_event)
     else:
         log = sql.SQL("true")
-    subscribed_params: list[Any] = []
-    subscribed = subscriptions.condition(await subscriptions.filtered(conn), subscribed_params)
+    subscribed = Params("c")
+    condition = subscriptions.condition(await subscriptions.filtered(conn), subscribed)
     composed = sql.SQL(query("jobs.sql", "view")).format(rows=rows, log=log,
-                                                         subscribed=subscribed)
-    return _View(composed, [*params, *subscribed_params])
+                                                         subscribed=condition)
+    return _View(composed, {**params, **subscribed.values})
 
 
 def _with(name: LiteralString, **slots: sql.Composable) -> sql.Composed:
@@ -226,7 +229,8 @@ async def _list_window(conn: Conn, selection: Selection, scope: int | None, *, a
                        upto_event: int | None, limit: int, include_payload: bool
                        ) -> list[JobRow]:
     view = await _view(conn, selection, after_job=after, upto_event=upto_event)
-    params = (include_payload, *view.params, after, scope, scope, *selection.params, limit)
+    params = {**view.params, **selection.params, "include_payload": include_payload,
+              "after": after, "scope": scope, "limit": limit}
     cur = conn.cursor(row_factory=class_row(JobRow))
     await cur.execute(_with("list", view=view.composed, where=selection.where), params,
                       prepare=False)
@@ -347,14 +351,14 @@ async def peek(conn: Conn, destination_key: int, limit: int) -> list[PeekedRow]:
         "SELECT array_agg(source_key) FROM connections WHERE destination_key = %s AND enabled",
         (destination_key,))
     sources = (await cur.fetchone() or [None])[0] or []
-    subscribed_params: list[Any] = []
-    subscribed = subscriptions.condition(
+    subscribed = Params("c")
+    condition = subscriptions.condition(
         [c for c in await subscriptions.filtered(conn) if c.destination_key == destination_key],
-        subscribed_params)
-    params = (destination_key, limit, destination_key, sources, destination_key, limit,
-              destination_key, *subscribed_params, limit)
+        subscribed)
+    params = {"destination_key": destination_key, "sources": sources, "limit": limit,
+              **subscribed.values}
     cur = conn.cursor(row_factory=kwargs_row(_peeked))
-    await cur.execute(_with("peek", subscribed=subscribed), params, prepare=False)
+    await cur.execute(_with("peek", subscribed=condition), params, prepare=False)
     return await cur.fetchall()
 
 
@@ -369,8 +373,8 @@ async def retry(conn: Conn, selection: Selection, scope: int | None, *, actor: s
     replayed job coming back goes in front of newer jobs of its user)."""
     view = await _view(conn, selection)
     change = await _change(conn, "retry", view, selection,
-                           (scope, scope, *selection.params, replay, replay, apply, apply,
-                            actor, reason))
+                           {"scope": scope, "replay": replay, "apply": apply, "actor": actor,
+                            "reason": reason})
     await _notify(conn, REORDER_CHANNEL, change.destination_keys)
     await _notify(conn, JOBS_CHANNEL, change.destination_keys)
     return change
@@ -383,7 +387,7 @@ async def abort(conn: Conn, selection: Selection, scope: int | None, *, actor: s
     routers, which learn which jobs they have not read yet are aborted."""
     view = await _view(conn, selection)
     change = await _change(conn, "abort", view, selection,
-                           (scope, scope, *selection.params, apply, apply, actor, reason))
+                           {"scope": scope, "apply": apply, "actor": actor, "reason": reason})
     if change.job_ids:
         await conn.execute(query("queue.sql", "release"), {"job_ids": change.job_ids})
     await _notify(conn, REORDER_CHANNEL, change.destination_keys)
@@ -392,10 +396,10 @@ async def abort(conn: Conn, selection: Selection, scope: int | None, *, actor: s
 
 
 async def _change(conn: Conn, name: LiteralString, view: _View, selection: Selection,
-                  params: tuple[Any, ...]) -> Change:
+                  params: dict[str, Any]) -> Change:
     cur = conn.cursor(row_factory=class_row(Change))
     await cur.execute(_with(name, view=view.composed, where=selection.where),
-                      (*view.params, *params), prepare=False)
+                      {**view.params, **selection.params, **params}, prepare=False)
     row = await cur.fetchone()
     assert row is not None
     return row
@@ -411,14 +415,14 @@ async def _notify(conn: Conn, channel: str, destination_keys: str) -> None:
 
 async def stats(conn: Conn, *, tenant_key: int | None, destination_key: int | None
                 ) -> list[DestinationStatsRow]:
-    subscribed_params: list[Any] = []
-    subscribed = subscriptions.condition(await subscriptions.filtered(conn), subscribed_params)
-    scope = (destination_key, destination_key, tenant_key, tenant_key)
+    subscribed = Params("c")
+    condition = subscriptions.condition(await subscriptions.filtered(conn), subscribed)
     cur = conn.cursor(row_factory=class_row(DestinationStatsRow))
     # Never prepared (as every query here over the log): a generic plan cannot know which
     # of its `x IS NULL OR` conditions hold, and reads the whole log to be safe.
-    await cur.execute(_with("stats", subscribed=subscribed),
-                      (*scope, *subscribed_params, *scope), prepare=False)
+    await cur.execute(_with("stats", subscribed=condition),
+                      {"destination_key": destination_key, "tenant_key": tenant_key,
+                       **subscribed.values}, prepare=False)
     return await cur.fetchall()
 
 

@@ -23,7 +23,7 @@ from filterlang.errors import FilterError
 from filterlang.events import DOCUMENT_FIELDS, EVENTS, TEXT_FIELDS
 from filterlang.nodes import And, Compare, Field, InList, Node, Not, Or
 from filterlang.parser import parse
-from jobsdb.filters import compile_node
+from jobsdb.filters import Params, compile_node
 from jobsdb.sqlfile import query
 
 STATES: Final = frozenset({"pending", "failed", "waiting", "succeeded", "aborted"})
@@ -46,7 +46,7 @@ async def filtered(conn: AsyncConnection[Any]) -> list[Subscription]:
     return await cur.fetchall()
 
 
-def condition(connections: Iterable[Subscription], params: list[Any]) -> sql.Composable:
+def condition(connections: Iterable[Subscription], params: Params) -> sql.Composable:
     """`true` for every job whose connection takes it: for each (source, destination, filter)
     given, that filter over `j.payload`; other connections take every event. A filter that no
     longer compiles takes nothing, as routers treat it."""
@@ -57,11 +57,12 @@ def condition(connections: Iterable[Subscription], params: list[Any]) -> sql.Com
             node: Node | None = _as_job_filter(parse(subscription.event_filter, EVENTS))
         except FilterError:
             node = None
-        params.extend((source_key, destination_key))
+        source = params.add(source_key, "integer")
+        destination = params.add(destination_key, "integer")
         test = (sql.SQL("coalesce({}, false)").format(compile_node(node, params))
                 if node is not None else sql.SQL("false"))
-        branches.append(sql.SQL("WHEN j.source_key = %s AND j.destination_key = %s THEN {}")
-                        .format(test))
+        branches.append(sql.SQL("WHEN j.source_key = {} AND j.destination_key = {} THEN {}")
+                        .format(source, destination, test))
     if not branches:
         return sql.SQL("true")
     return sql.SQL("(CASE {} ELSE true END)").format(sql.SQL(" ").join(branches))
