@@ -187,7 +187,9 @@ async def _view(conn: Conn, selection: Selection, *, after_job: int = 0,
 
 
 def _with(name: LiteralString, **slots: sql.Composable) -> sql.Composed:
-    return sql.SQL(query("jobs.sql", name)).format(**slots)
+    """A query of sql/jobs.sql with its slots filled, {job_columns} among them."""
+    return sql.SQL(query("jobs.sql", name)).format(
+        job_columns=sql.SQL(query("jobs.sql", "job_columns")), **slots)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +243,7 @@ async def get_job(conn: Conn, job_id: int, scope: int | None) -> tuple[JobRow, l
     """One job with every attempt and operator action: a job with a row has its history in
     job_statuses; a job delivered from the log has its delivery's record (deliveries)."""
     cur = conn.cursor(row_factory=class_row(JobRow))
-    await cur.execute(query("jobs.sql", "get_row"), {"job_id": job_id, "scope": scope})
+    await cur.execute(_with("get_row"), {"job_id": job_id, "scope": scope})
     row = await cur.fetchone()
     history = await _history(conn, job_id)
     delivered = await _deliveries(conn, job_id)

@@ -59,6 +59,15 @@ FROM connections
 WHERE enabled AND event_filter IS NOT NULL
 ORDER BY source_key, destination_key;
 
+-- name: job_columns
+-- The columns of a job as operators see it (jobsdb.jobs.JobRow, in its order) but its
+-- payload, which each query chooses: from the job `j`, its tenant `t`, source `s` and
+-- destination `d`. The queries below that answer JobRows put it in as {job_columns}, so the
+-- list is written once.
+j.job_id, t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, j.user_id,
+j.message_id, j.state::text AS state, j.attempts, j.retry_at, j.blocked_by, j.error_code,
+j.created_at, j.updated_at, j.first_attempt_at
+
 -- name: log_head
 -- The newest event id (where a listing's windows end).
 SELECT coalesce(max(event_id), 0) FROM events;
@@ -67,9 +76,7 @@ SELECT coalesce(max(event_id), 0) FROM events;
 -- Keyset pagination in job order: a page starts after the last job_id of the previous one, so
 -- pages stay stable while jobs are added (new ids are larger) and delivered (a job that
 -- changes state is either on its page or not; no other job moves between pages).
-SELECT j.job_id, t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, j.user_id,
-       j.message_id, j.state::text AS state, j.attempts, j.retry_at, j.blocked_by,
-       j.error_code, j.created_at, j.updated_at, j.first_attempt_at,
+SELECT {job_columns},
        CASE WHEN %(include_payload)s THEN j.document END AS payload
 FROM {view} j
 JOIN tenants t ON t.tenant_key = j.tenant_key
@@ -83,9 +90,7 @@ LIMIT %(limit)s;
 
 -- name: get_row
 -- One job that has a row, with its event's document.
-SELECT j.job_id, t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, j.user_id,
-       j.message_id, j.state::text AS state, j.attempts, j.retry_at, j.blocked_by,
-       j.error_code, j.created_at, j.updated_at, j.first_attempt_at, e.document AS payload
+SELECT {job_columns}, e.document AS payload
 FROM jobs j
 JOIN events e ON e.event_id = j.job_id >> 16
 JOIN tenants t ON t.tenant_key = j.tenant_key
@@ -187,9 +192,7 @@ chosen AS (
     ORDER BY job_id
     LIMIT %(limit)s
 )
-SELECT j.job_id, t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, j.user_id,
-       j.message_id, j.state::text AS state, j.attempts, j.retry_at, j.blocked_by,
-       j.error_code, j.created_at, j.updated_at, j.first_attempt_at, NULL::text AS payload,
+SELECT {job_columns}, NULL::text AS payload,
        CASE WHEN j.state = 'waiting' THEN j.blocked_by
             WHEN j.has_row THEN held.holder
             ELSE root.holder END AS holder
