@@ -4,7 +4,7 @@ A job without a row exists only if its connection's filter takes its event, so t
 that list, count or change jobs ask each connection's filter in SQL: a connection filter (over
 the event: `event`, `properties.x`, ...) is the same condition as a job filter over the
 delivered document (`payload.event`, `payload.properties.x`, ...), which jobsdb.filters
-compiles; tests/test_subscriptions.py holds the two evaluations equal on random events.
+compiles; tests/integration/test_subscriptions.py holds the two evaluations equal on random events.
 
 And which states a job filter can match at all: a filter that wants only failed, waiting or
 aborted jobs needs only the rows, never a scan of the log.

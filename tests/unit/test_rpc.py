@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import grpc
-import pytest
 from psycopg import errors as pgerrors
 
 from jobsdb import errors
 from relayq.rpc import status_of
-
-# Pure unit tests: no Postgres, no processes (make test-unit).
-pytestmark = pytest.mark.unit
 
 
 def test_each_database_error_has_its_status_and_a_conflict_is_aborted() -> None:

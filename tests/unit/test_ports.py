@@ -5,12 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import pytest
-
 from relayq import ports
-
-# Pure unit tests: no Postgres, no processes (make test-unit).
-pytestmark = pytest.mark.unit
 
 
 def ephemeral_range() -> tuple[int, int]:

@@ -27,9 +27,6 @@ from relayq.client.lanes import Item, Lanes, Offer
 from relayq.client.retry import Retryable, retry_after, waits
 from relayq.rpc import to_status
 
-# Pure unit tests: no Postgres, no processes (make test-unit).
-pytestmark = pytest.mark.unit
-
 
 def test_message_ids_are_uuidv7_unique_and_sorted_in_the_order_made() -> None:
     ids = MessageIds()

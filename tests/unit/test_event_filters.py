@@ -1,7 +1,8 @@
 """Connection filters as ingest evaluates them: filterlang.events on hand-made events.
 
 The random comparison with Postgres (the job filters' SQL on the same documents) is in
-tests/test_subscriptions.py; here each rule is spelled out once, with the event it is about.
+tests/integration/test_subscriptions.py; here each rule is spelled out once, with the event it
+is about.
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ import pytest
 
 from filterlang.errors import FilterError
 from filterlang.events import compile_event_filter
-
-# Pure unit tests: no Postgres, no processes (make test-unit).
-pytestmark = pytest.mark.unit
 
 ORDER: dict[str, Any] = orjson.loads(orjson.dumps({
     "type": "track",

@@ -25,9 +25,6 @@ from relayq.logs import Throttled
 from relayq.rpc import InvalidArgument
 from relayq.v1 import ingest_pb2
 
-# Pure unit tests: no Postgres, no processes (make test-unit).
-pytestmark = pytest.mark.unit
-
 ROUTE = SourceRoute(source_key=3, source_id="web", tenant_key=1, tenant_id="acme",
                     enabled=True, rate_per_second=0.0, rate_burst=0,
                     destinations={"d1": 10, "d2": 11},

@@ -7,14 +7,10 @@ destinations made to lag in; and once everything is decided, it catches up compl
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router_service.tracks import Plan, Positions
-
-# Pure unit tests: no Postgres, no processes (make test-unit).
-pytestmark = pytest.mark.unit
 
 
 def _take(frontier: int = 0, cursors: dict[int, int] | None = None,

@@ -18,9 +18,6 @@ from relayq.supervision import keeper
 from router_service.config import RouterConfig, worker_id
 from tests.helpers import TEST_SECRET_KEY
 
-# Pure unit tests: no Postgres, no processes (make test-unit).
-pytestmark = pytest.mark.unit
-
 
 def test_the_cgroup_quota_caps_the_cpus_and_no_quota_leaves_them(tmp_path: Path) -> None:
     v2 = tmp_path / "cpu.max"

@@ -27,9 +27,6 @@ from router_service.retry import (
 from router_service.senders import SENDERS
 from tests.poll import eventually
 
-# Pure unit tests: no Postgres, no processes (make test-unit).
-pytestmark = pytest.mark.unit
-
 POLICY = RetryPolicy(min_backoff=1.0, max_backoff=60.0, max_attempts=5,
                      max_retry_window=timedelta(hours=1))
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)

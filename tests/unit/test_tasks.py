@@ -8,9 +8,6 @@ import pytest
 
 from relayq.tasks import cancel_and_wait
 
-# Pure unit tests: no Postgres, no processes (make test-unit).
-pytestmark = pytest.mark.unit
-
 
 async def test_a_task_that_lost_a_cancellation_is_cancelled_again() -> None:
     """As a loop inside Python 3.11's wait_for can: it goes on as if never cancelled."""

@@ -6,7 +6,7 @@ rows (what jobsdb/sql/queue.sql's pickup, hold and record_outcomes do to them), 
 reads, sends, answers and commits at random the way the lane and the flusher can, and checks
 what a receiver would see: no job is sent while an earlier job of its user is unfinished, and
 each user's accepted jobs are in job order. The same property runs end to end through real
-lanes, Postgres and sinks in tests/test_router.py.
+lanes, Postgres and sinks in tests/integration/test_router.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,9 +23,6 @@ from jobsdb.queue import Candidate, Outcome
 from router_service.barrier import Barrier, Park
 from router_service.model import Job, Phase
 from router_service.retry import Result, RetryPolicy, Verdict
-
-# Pure unit tests: no Postgres, no processes (make test-unit).
-pytestmark = pytest.mark.unit
 
 T0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 POLICY = RetryPolicy(min_backoff=1.0, max_backoff=4.0, max_attempts=3,

@@ -12,9 +12,6 @@ import standardwebhooks
 from jobsdb.keys import new_signing_secret
 from router_service.signing import BadSecret, Signer
 
-# Pure unit tests: no Postgres, no processes (make test-unit).
-pytestmark = pytest.mark.unit
-
 
 def _headers(msg_id: str, timestamp: int, signature: str) -> dict[str, str]:
     return {"webhook-id": msg_id, "webhook-timestamp": str(timestamp),

@@ -8,7 +8,6 @@ JetStream's de-duplication" are checked where a consumer would see them.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -19,7 +18,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -55,6 +53,7 @@ from tests import factories
 from tests.certs import self_signed
 from tests.helpers import event, loopback_resolver
 from tests.pipeline import FAST_RETRIES, World, send, states, wait_until_finished
+from tests.poll import eventually, wait_until
 from tests.services import Admin, admin, ingest, router, router_process
 
 NATS_URL = os.environ.get("RELAYQ_TEST_NATS_URL", "nats://127.0.0.1:4222")
@@ -94,11 +93,13 @@ class Stream:
                 for seq in range(state.first_seq, state.last_seq + 1)]
 
     async def wait_for(self, count: int, within: float = 30.0) -> None:
-        deadline = asyncio.get_running_loop().time() + within
-        while (have := await self.count()) < count:
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"{have} of {count} messages in stream {self.name}")
-            await asyncio.sleep(0.05)
+        async def enough() -> bool:
+            return await self.count() >= count
+
+        async def described() -> str:
+            return f"{count} messages in stream {self.name} (it has {await self.count()})"
+
+        await eventually(enough, within=within, every=0.05, what=described)
 
 
 def unique_names() -> tuple[str, str]:
@@ -185,11 +186,13 @@ async def failures(conn: AsyncConnection[Any], code: str) -> int:
 async def wait_for_error(conn: AsyncConnection[Any], code: str, *, more_than: int = 0,
                          within: float = 30.0) -> None:
     """Until more than `more_than` attempts have failed with `code`."""
-    deadline = asyncio.get_running_loop().time() + within
-    while await failures(conn, code) <= more_than:
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"no attempt failed with {code!r}: {await error_codes(conn)}")
-        await asyncio.sleep(0.05)
+    async def failed() -> bool:
+        return await failures(conn, code) > more_than
+
+    async def described() -> str:
+        return f"an attempt failed with {code!r} (errors: {await error_codes(conn)})"
+
+    await eventually(failed, within=within, every=0.05, what=described)
 
 
 # --- pure parts: endpoint, encoding, subjects ---------------------------------------------------
@@ -509,16 +512,16 @@ class PrivateNats:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen([NATS_SERVER, "-c", str(self.config)],
                                             stdout=log, stderr=log)
-        deadline = time.monotonic() + 20
-        while True:
-            if self.process.poll() is not None:
+        process = self.process
+
+        def listening() -> bool:
+            if process.poll() is not None:
                 raise RuntimeError(f"nats-server exited: {self.log.read_text()[-2000:]}")
             with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nats-server not listening: {self.log.read_text()[-2000:]}")
-            time.sleep(0.05)
+                return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until(listening, within=20, every=0.05,
+                   what=lambda: f"nats-server listening: {self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
         """A clean shutdown (its store is flushed), as an operator's restart would be."""
