@@ -91,10 +91,11 @@ async def tx(store_database: str) -> AsyncIterator[psycopg.AsyncConnection[objec
     """A connection inside a transaction that is rolled back after the test, as River's store
     tests do: for tests of SQL that need no commit and no second session, a clean database
     costs a BEGIN rather than a copy (~0.1 s). Inside it now() stands still and sequences
-    still move; code that opens `conn.transaction()` gets a savepoint; notifications are never
-    sent. A test that needs another session to see its rows takes `database` and `conn`."""
-    async with await psycopg.AsyncConnection.connect(store_database) as connection:
-        try:
-            yield connection
-        finally:
-            await connection.rollback()
+    still move; code that opens `conn.transaction()` gets a savepoint (and one that commits
+    fails); notifications are never sent. A test that needs another session to see its rows,
+    or commits, takes `database` and `conn`."""
+    # The transaction is opened here, not by the test's first statement: a
+    # `conn.transaction()` the code under test opened first would be the outer one, and commit.
+    connection = await psycopg.AsyncConnection.connect(store_database)
+    async with connection, connection.transaction(force_rollback=True):
+        yield connection

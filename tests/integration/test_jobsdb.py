@@ -176,17 +176,17 @@ def test_ordering_partitions_are_stable_and_spread() -> None:
 
 
 async def test_old_delivery_counts_fold_into_one_row_per_destination_keeping_totals(
-        tx: AsyncConnection[Any]) -> None:
-    tenant = await factories.tenant(tx)
-    key = await factories.destination(tx, tenant, "hook")
-    await tx.execute(
+        conn: AsyncConnection[Any]) -> None:
+    tenant = await factories.tenant(conn)
+    key = await factories.destination(conn, tenant, "hook")
+    await conn.execute(
         "INSERT INTO delivery_counts (destination_key, bucket, succeeded, failed, aborted)"
         " SELECT %s, now() - make_interval(mins => m), 10, 2, 1"
         " FROM generate_series(0, 30) AS m", (key,))
-    await tx.commit()
-    await jobs.fold_counts(tx)
-    await jobs.fold_counts(tx)  # folding again changes nothing
-    cur = await tx.execute(
+    await conn.commit()
+    await jobs.fold_counts(conn)
+    await jobs.fold_counts(conn)  # folding again changes nothing
+    cur = await conn.execute(
         "SELECT count(*), sum(succeeded)::int, sum(failed)::int, sum(aborted)::int,"
         " count(*) FILTER (WHERE bucket = '-infinity') FROM delivery_counts")
     # Buckets of the last ten minutes stay (for recent rates); 21 older ones became one row.
