@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-process lint proto up clean bench-smoke browser console-screenshots
+.PHONY: install test test-unit test-process lint proto up clean bench-smoke browser console-screenshots
 
 # Two distributions, both editable: relayq-client (client/: relayq.client and the generated
 # relayq.v1) and relayq (the services), which depends on it.
@@ -30,7 +30,7 @@ test: install
 	@echo "make test: the whole suite, usually 8-10 minutes on 2 cores (pytest prints the time at the end)"
 	$(BIN)/python -m tools.testdb $(BIN)/pytest
 
-# Debian's Chromium and its driver, for the console's browser tests (tests/test_console.py),
+# Debian's Chromium and its driver, for the console's browser tests (tests/integration/test_console.py),
 # installed only when missing: nothing is downloaded at test time.
 browser:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
@@ -43,14 +43,20 @@ browser:
 # Quantised with pngquant when it is installed (Debian's pngquant), to keep them small.
 console-screenshots: install browser
 	RELAYQ_CONSOLE_SCREENSHOTS=docs/console $(BIN)/python -m tools.testdb \
-		$(BIN)/pytest tests/test_console.py
+		$(BIN)/pytest tests/integration/test_console.py
 	@if command -v pngquant >/dev/null; then \
 		for f in docs/console/*.png; do \
 			pngquant --force --skip-if-larger --quality=70-90 --output "$$f" "$$f" || true; \
 		done; \
 	fi
 
-# Only the tests that start, kill -9 and restart service processes.
+# The pure unit tests (tests/unit: no Postgres, no processes), in well under a minute.
+test-unit: install
+	@echo "make test-unit: the pure unit tests (tests/unit), usually 20-30 seconds"
+	$(BIN)/pytest -q tests/unit
+
+# Only the tests that start, kill -9 and restart service processes: tests/process, and the
+# few marked `process` among the integration tests.
 test-process: install
 	$(BIN)/python -m tools.testdb $(BIN)/pytest -m process
 

@@ -13,7 +13,7 @@ change), into nested closures over the event document: matching an event walks n
 parses no text. `compile_event_filter` refuses what the SQL compiler of job filters refuses for
 payload paths, with the same messages, and the evaluation has the same three-valued meaning,
 so `properties.x = '10'` means here what `payload.properties.x = '10'` means in a job filter
-(tests/test_subscriptions.py checks one against the other on random events and filters):
+(tests/integration/test_subscriptions.py checks one against the other on random events and filters):
 
 - A comparison with a missing field, or with JSON null, is unknown: neither `x = v` nor
   `x != v` nor `NOT x = v` matches. An event matches only when the whole filter is true, so a

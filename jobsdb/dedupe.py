@@ -9,15 +9,28 @@ from __future__ import annotations
 
 import itertools
 import logging
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection, sql
+from psycopg.rows import class_row
 
 from jobsdb import locks
 from jobsdb.sqlfile import query
 
 log = logging.getLogger(__name__)
+
+
+class Generation(NamedTuple):
+    generation: int
+    started_at: datetime
+    age: timedelta
+
+
+async def _generations(conn: AsyncConnection[Any]) -> list[Generation]:
+    cur = conn.cursor(row_factory=class_row(Generation))
+    await cur.execute(query("dedupe.sql", "generations"))
+    return await cur.fetchall()
 
 
 async def rotate(conn: AsyncConnection[Any], *, window: timedelta) -> bool:
@@ -28,16 +41,14 @@ async def rotate(conn: AsyncConnection[Any], *, window: timedelta) -> bool:
     slice_length = window / 4
     async with conn.transaction():
         await conn.execute("SET LOCAL lock_timeout = '5s'")
-        cur = await conn.execute(query("dedupe.sql", "generations"))
-        rows = await cur.fetchall()
-        if not rows or rows[-1][2] < slice_length:
+        rows = await _generations(conn)
+        if not rows or rows[-1].age < slice_length:
             return False
         await conn.execute(query("dedupe.sql", "lock_rotation"), {"lock": locks.DEDUP_GENERATIONS})
-        cur = await conn.execute(query("dedupe.sql", "generations"))
-        rows = await cur.fetchall()
-        if rows[-1][2] < slice_length:
+        rows = await _generations(conn)
+        if rows[-1].age < slice_length:
             return False  # another process rotated while we waited
-        current = int(rows[-1][0])
+        current = rows[-1].generation
         await conn.execute(
             sql.SQL("CREATE TABLE {name} PARTITION OF dedup_keys FOR VALUES IN ({value})").format(
                 name=sql.Identifier(f"dedup_keys_g{current + 1}"),
@@ -46,8 +57,9 @@ async def rotate(conn: AsyncConnection[Any], *, window: timedelta) -> bool:
         )
         await conn.execute(query("dedupe.sql", "add_generation"), {"generation": current + 1})
         # rows[i + 1] is the generation after rows[i]; the new one is younger than any.
-        for (generation, _, _), (_, _, next_age) in itertools.pairwise(rows):
-            if next_age > window:
+        for older, newer in itertools.pairwise(rows):
+            generation = older.generation
+            if newer.age > window:
                 await conn.execute(
                     sql.SQL("DROP TABLE {name}").format(
                         name=sql.Identifier(f"dedup_keys_g{generation}")

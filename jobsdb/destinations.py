@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any, LiteralString, NamedTuple
 
 from psycopg import AsyncConnection
-from psycopg.rows import kwargs_row, namedtuple_row
+from psycopg.rows import class_row, kwargs_row
 
 from jobsdb import sealing
 from jobsdb.catalog import Destination, SigningSecret
@@ -62,9 +62,9 @@ class Connection(NamedTuple):
 
 
 async def load_connections(conn: AsyncConnection[Any]) -> list[Connection]:
-    cur = conn.cursor(row_factory=namedtuple_row)
+    cur = conn.cursor(row_factory=class_row(Connection))
     await cur.execute(query("destinations.sql", "load_connections"))
-    return [Connection(*row) for row in await cur.fetchall()]
+    return await cur.fetchall()
 
 
 def _digest_of(name: str) -> LiteralString:

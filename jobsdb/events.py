@@ -10,7 +10,7 @@ uses it too). This module only adds what is not a job: why an event is none at a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -176,7 +176,7 @@ async def list_events(conn: Conn, source_key: int, selection: Compiled | None, *
         return EventPage([], None)
     after = max(after, int(first_id) - 1)
     where: sql.Composable = selection.where if selection else sql.SQL("true")
-    params: Sequence[Any] = selection.params if selection else ()
+    params: Mapping[str, Any] = selection.params if selection else {}
     statement = sql.SQL(query("events.sql", "list")).format(where=where)
     found: list[EventRow] = []
     first = start = after
@@ -184,8 +184,9 @@ async def list_events(conn: Conn, source_key: int, selection: Compiled | None, *
     while start < head and start - first < _MOST_PER_PAGE:
         upto = start + window + 1
         cur2 = conn.cursor(row_factory=class_row(EventRow))
-        await cur2.execute(statement, (include_payload, source_key, start, upto, *params,
-                                       limit - len(found)), prepare=False)
+        await cur2.execute(statement, {**params, "include_payload": include_payload,
+                                       "source_key": source_key, "after": start, "upto": upto,
+                                       "limit": limit - len(found)}, prepare=False)
         found += await cur2.fetchall()
         if len(found) >= limit:
             return EventPage(found, found[-1].event_id)

@@ -93,9 +93,9 @@ def compile_event_list_filter(text: str) -> Compiled | None:
     if is_empty(text):
         return None
     node = parse_language(text, EVENTS)
-    params: list[Any] = []
+    params = Params()
     where = _node(node, params)
-    return Compiled(sql.Composed([where]), params, node)
+    return Compiled(sql.Composed([where]), params.values, node)
 
 
 def parse(text: str) -> Node:
@@ -104,12 +104,29 @@ def parse(text: str) -> Node:
     return parse_language(text, JOBS)
 
 
+class Params:
+    """The values of a composed statement, each under a name of its own (`<prefix><n>`), so
+    the fragments that make a statement and the statement's own named parameters can be put
+    together in any order without a value landing on another's placeholder. Fragments made
+    for one statement use one Params, or Params of different prefixes."""
+
+    def __init__(self, prefix: str = "f") -> None:
+        self.prefix = prefix
+        self.values: dict[str, Any] = {}
+
+    def add(self, value: Any, cast: LiteralString) -> sql.Composed:
+        """`%(<name>)s::<cast>` for a new parameter holding `value`."""
+        name = f"{self.prefix}{len(self.values)}"
+        self.values[name] = value
+        return sql.SQL("{}::" + cast).format(sql.Placeholder(name))
+
+
 @dataclass(frozen=True)
 class Compiled:
-    """A WHERE fragment on `jobs j` with positional %s placeholders, and their values in order."""
+    """A WHERE fragment on `jobs j` with named placeholders (f0, f1, ...), and their values."""
 
     where: sql.Composed
-    params: list[Any]
+    params: dict[str, Any]
     # The parsed filter (None: every job).
     node: Node | None = None
 
@@ -119,9 +136,9 @@ def compile_filter(text: str) -> Compiled | None:
     if is_empty(text):
         return None
     node = parse(text)
-    params: list[Any] = []
+    params = Params()
     where = _node(node, params)
-    return Compiled(sql.Composed([where]), params, node)
+    return Compiled(sql.Composed([where]), params.values, node)
 
 
 ColumnKind: TypeAlias = Literal["key", "state", "integer", "text", "timestamp"]
@@ -131,8 +148,8 @@ ColumnKind: TypeAlias = Literal["key", "state", "integer", "text", "timestamp"]
 class _Column:
     kind: ColumnKind
     column: LiteralString
-    param: LiteralString = "%s::text"
-    array: LiteralString = "%s::text[]"
+    # The type its values are cast to.
+    cast: LiteralString = "text"
     nullable: bool = False
     # For tenant/source/destination: the key lookup by the text id operators type.
     lookup: LiteralString = ""
@@ -146,10 +163,10 @@ _INT64: Final = (-(2**63), 2**63 - 1)
 # configuration tables, keeps the predicate on jobs' own columns, where its indexes are
 # (jobs_pending_idx and friends lead with destination_key); the subquery is a handful of rows.
 _COLUMNS: Final[dict[str, _Column]] = {
-    "job_id": _Column("integer", "j.job_id", "%s::bigint", "%s::bigint[]", bounds=_INT64),
+    "job_id": _Column("integer", "j.job_id", "bigint", bounds=_INT64),
     # Events only (EVENTS): jobs are filtered by job_id.
-    "event_id": _Column("integer", "j.event_id", "%s::bigint", "%s::bigint[]", bounds=_INT64),
-    "attempts": _Column("integer", "j.attempts", "%s::integer", "%s::integer[]", bounds=_INT32),
+    "event_id": _Column("integer", "j.event_id", "bigint", bounds=_INT64),
+    "attempts": _Column("integer", "j.attempts", "integer", bounds=_INT32),
     "tenant": _Column("key", "j.tenant_key", lookup="SELECT tenant_key FROM tenants"),
     "source": _Column("key", "j.source_key", lookup="SELECT source_key FROM sources"),
     "destination": _Column(
@@ -157,9 +174,9 @@ _COLUMNS: Final[dict[str, _Column]] = {
     "user_id": _Column("text", "j.user_id"),
     "message_id": _Column("text", "j.message_id"),
     "error_code": _Column("text", "j.error_code", nullable=True),
-    "state": _Column("state", "j.state", "%s::job_state", "%s::job_state[]"),
-    "created_at": _Column("timestamp", "j.created_at", "%s::timestamptz", "%s::timestamptz[]"),
-    "updated_at": _Column("timestamp", "j.updated_at", "%s::timestamptz", "%s::timestamptz[]"),
+    "state": _Column("state", "j.state", "job_state"),
+    "created_at": _Column("timestamp", "j.created_at", "timestamptz"),
+    "updated_at": _Column("timestamp", "j.updated_at", "timestamptz"),
 }
 
 _ALL_OPERATORS: Final = "=, !=, <, <=, >, >=, IN, NOT IN, LIKE, NOT LIKE"
@@ -173,13 +190,13 @@ _ALLOWED: Final[dict[ColumnKind, str]] = {
 }
 
 
-def compile_node(node: Node, params: list[Any]) -> sql.Composable:
-    """A parsed filter (of the jobs language) as a WHERE fragment on `j`, its values appended
-    to `params` in order."""
+def compile_node(node: Node, params: Params) -> sql.Composable:
+    """A parsed filter (of the jobs language) as a WHERE fragment on `j`, its values added
+    to `params`."""
     return _node(node, params)
 
 
-def _node(node: Node, params: list[Any]) -> sql.Composable:
+def _node(node: Node, params: Params) -> sql.Composable:
     # Every composite is parenthesised, so the fragment can be ANDed into any WHERE as is.
     if isinstance(node, Or):
         return sql.SQL("({})").format(sql.SQL(" OR ").join(_node(n, params) for n in node.operands))
@@ -197,7 +214,7 @@ def _node(node: Node, params: list[Any]) -> sql.Composable:
     return _column(node, _COLUMNS[node.field.name], params)
 
 
-def _column(node: Predicate, column: _Column, params: list[Any]) -> sql.Composable:
+def _column(node: Predicate, column: _Column, params: Params) -> sql.Composable:
     allowed = _ALLOWED[column.kind] + (", IS NULL, IS NOT NULL" if column.nullable else "")
     name = node.field.name
     if isinstance(node, IsNull):
@@ -212,7 +229,7 @@ def _column(node: Predicate, column: _Column, params: list[Any]) -> sql.Composab
         reject_operator(node, allowed)
     convert = _converter(name, column)
     target = sql.SQL("id") if column.kind == "key" else sql.SQL(column.column)
-    condition = _condition(target, node, convert, column.param, column.array, params)
+    condition = _condition(target, node, convert, column.cast, params)
     if column.kind == "key":
         # `id != 'd1'` inside the lookup is the same set as outside it (every job's key names a
         # row and ids are unique), so one shape serves every operator.
@@ -222,21 +239,21 @@ def _column(node: Predicate, column: _Column, params: list[Any]) -> sql.Composab
 
 
 def _condition(target: sql.Composable, node: Compare | InList | Like,
-               convert: Callable[[Value], Any], param: LiteralString, array: LiteralString,
-               params: list[Any]) -> sql.Composable:
-    """`target <op> %s` for one predicate, appending the converted value(s) to params."""
+               convert: Callable[[Value], Any], cast: LiteralString,
+               params: Params) -> sql.Composable:
+    """`target <op> <parameter>` for one predicate, its converted value(s) added to params."""
     if isinstance(node, Compare):
-        params.append(convert(node.value))
-        return sql.SQL("{} {} {}").format(target, sql.SQL(node.op), sql.SQL(param))
+        value = params.add(convert(node.value), cast)
+        return sql.SQL("{} {} {}").format(target, sql.SQL(node.op), value)
     if isinstance(node, InList):
         # One array parameter instead of n placeholders: the statement text is the same for
         # every list length, which keeps pg_stat_statements and prepared plans to one entry.
-        params.append([convert(v) for v in node.values])
+        values = params.add([convert(v) for v in node.values], cast + "[]")
         shape = "{} <> ALL({})" if node.negated else "{} = ANY({})"
-        return sql.SQL(shape).format(target, sql.SQL(array))
-    params.append(convert(node.pattern))
+        return sql.SQL(shape).format(target, values)
+    pattern = params.add(convert(node.pattern), cast)
     return sql.SQL("{} {} {}").format(
-        target, sql.SQL("NOT LIKE" if node.negated else "LIKE"), sql.SQL(param))
+        target, sql.SQL("NOT LIKE" if node.negated else "LIKE"), pattern)
 
 
 def _converter(name: str, column: _Column) -> Callable[[Value], Any]:
@@ -281,25 +298,24 @@ def _timestamp(name: str, value: Value) -> datetime:
 
 # payload expressions. The path is a text[] parameter; a number or boolean is compared only
 # when the value at the path has that JSON type (CASE guarantees the cast never sees another).
-_PAYLOAD_TEXT: Final = "(j.payload #>> %s::text[])"
+_PAYLOAD_TEXT: Final = "(j.payload #>> {path})"
 _PAYLOAD_NUMBER: Final = (
-    "(CASE WHEN jsonb_typeof(j.payload #> %s::text[]) = 'number' "
-    "THEN (j.payload #> %s::text[])::numeric END)")
+    "(CASE WHEN jsonb_typeof(j.payload #> {path}) = 'number' "
+    "THEN (j.payload #> {path})::numeric END)")
 _PAYLOAD_BOOLEAN: Final = (
-    "(CASE WHEN jsonb_typeof(j.payload #> %s::text[]) = 'boolean' "
-    "THEN (j.payload #> %s::text[])::boolean END)")
+    "(CASE WHEN jsonb_typeof(j.payload #> {path}) = 'boolean' "
+    "THEN (j.payload #> {path})::boolean END)")
 
 
-def _payload(node: Predicate, params: list[Any]) -> sql.Composable:
+def _payload(node: Predicate, params: Params) -> sql.Composable:
     path = list(node.field.path)
     if isinstance(node, IsNull):
         # #>> yields SQL NULL both for a missing key and for JSON null.
-        params.append(path)
-        return sql.SQL("{} {}").format(
-            sql.SQL(_PAYLOAD_TEXT), sql.SQL("IS NOT NULL" if node.negated else "IS NULL"))
+        text = sql.SQL(_PAYLOAD_TEXT).format(path=params.add(path, "text[]"))
+        return sql.SQL("{} {}").format(text, sql.SQL("IS NOT NULL" if node.negated else "IS NULL"))
     if isinstance(node, Like):
-        params.append(path)
-        return _condition(sql.SQL(_PAYLOAD_TEXT), node, _text, "%s::text", "%s::text[]", params)
+        text = sql.SQL(_PAYLOAD_TEXT).format(path=params.add(path, "text[]"))
+        return _condition(text, node, _text, "text", params)
     values = node.values if isinstance(node, InList) else (node.value,)
     kind = values[0].kind
     for value in values:
@@ -308,17 +324,15 @@ def _payload(node: Predicate, params: list[Any]) -> sql.Composable:
             reject_value(value, f"a {kind} like the first value (the values of an IN list on "
                                  "payload share one JSON type)")
     if kind == "string":
-        params.append(path)
-        return _condition(sql.SQL(_PAYLOAD_TEXT), node, _text, "%s::text", "%s::text[]", params)
+        text = sql.SQL(_PAYLOAD_TEXT).format(path=params.add(path, "text[]"))
+        return _condition(text, node, _text, "text", params)
     if kind == "number":
-        params.extend((path, path))
-        return _condition(sql.SQL(_PAYLOAD_NUMBER), node, _number, "%s::numeric",
-                          "%s::numeric[]", params)
+        number = sql.SQL(_PAYLOAD_NUMBER).format(path=params.add(path, "text[]"))
+        return _condition(number, node, _number, "numeric", params)
     if isinstance(node, Compare) and node.op in ORDERING:
         reject_operator(node, "=, !=, IN, NOT IN", " to compare with TRUE or FALSE")
-    params.extend((path, path))
-    return _condition(sql.SQL(_PAYLOAD_BOOLEAN), node, _boolean, "%s::boolean",
-                      "%s::boolean[]", params)
+    boolean = sql.SQL(_PAYLOAD_BOOLEAN).format(path=params.add(path, "text[]"))
+    return _condition(boolean, node, _boolean, "boolean", params)
 
 
 def _text(value: Value) -> str:

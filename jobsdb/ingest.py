@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import AsyncConnection
+from psycopg.rows import class_row
 
 from jobsdb import locks
 from jobsdb.keyspace import partition_of
@@ -44,6 +45,14 @@ class Stored:
     duplicate: bool
     # The event's id in the log (None for a duplicate).
     event_id: int | None = None
+
+
+class _StoredBatch(NamedTuple):
+    """What store_events answers (sql/ingest.sql): positions and ids, comma-joined."""
+
+    duplicates: str
+    event_ids: str
+    notified: object  # pg_notify's void
 
 
 async def store_events(
@@ -95,10 +104,11 @@ async def store_events(
         "notify": ",".join(sorted(set(partition_texts.values()), key=int)),
     }
     await conn.execute(query("ingest.sql", "lock_generations"), {"lock": locks.DEDUP_GENERATIONS})
-    cur = await conn.execute(query("ingest.sql", "store_events"), params)
+    cur = conn.cursor(row_factory=class_row(_StoredBatch))
+    await cur.execute(query("ingest.sql", "store_events"), params)
     row = await cur.fetchone()
     assert row is not None
-    duplicates, event_ids = row[0], row[1]
+    duplicates, event_ids = row.duplicates, row.event_ids
 
     for position in duplicates.split(",") if duplicates else ():
         unique[int(position) - 1][1].duplicate = True

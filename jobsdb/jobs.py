@@ -2,7 +2,7 @@
 
 A job is an (event, destination) pair, and most have no row: sql/jobs.sql `view` derives every
 job's state from the rows there are and the cursors. Selections come as a `Selection`: a SQL
-condition on the job `j` built from fixed fragments with positional parameters (jobsdb.filters
+condition on the job `j` built from fixed fragments with named parameters (jobsdb.filters
 compiles operators' filters to one; `by_ids` makes one from job ids), with the states it can
 match, so a selection of failed or waiting jobs reads only rows. `scope` is None for the
 operator or the tenant_key of a tenant-scoped caller. Retry and abort are compare-and-set
@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, LiteralString
 
 import orjson
 from psycopg import AsyncConnection, sql
-from psycopg.rows import class_row
+from psycopg.rows import class_row, dict_row, kwargs_row
 
 from filterlang.errors import FilterError
 from filterlang.events import compile_event_filter
 from jobsdb import subscriptions
 from jobsdb.errors import NotFound
+from jobsdb.filters import Params
 from jobsdb.keyspace import SLOT_BITS, event_of, slot_of
 from jobsdb.keyspace import job_id as job_id_of
 from jobsdb.sqlfile import query
@@ -47,19 +48,20 @@ _MOST_PER_PAGE = 500_000
 @dataclass(frozen=True, slots=True)
 class Selection:
     where: sql.Composable
-    params: tuple[Any, ...]
+    # Its parameters by name (jobsdb.filters.Params names them f0, f1, ...).
+    params: Mapping[str, Any]
     # The states it can match (a filter on state narrows them).
     states: frozenset[str] = subscriptions.STATES
     # Only these jobs (by_ids).
     job_ids: tuple[int, ...] | None = None
 
 
-EVERYTHING = Selection(sql.SQL("true"), ())
+EVERYTHING = Selection(sql.SQL("true"), {})
 
 
 def by_ids(job_ids: list[int]) -> Selection:
-    return Selection(sql.SQL("j.job_id = ANY(%s::bigint[])"), (job_ids,),
-                     job_ids=tuple(job_ids))
+    return Selection(sql.SQL("j.job_id = ANY(%(selected_ids)s::bigint[])"),
+                     {"selected_ids": job_ids}, job_ids=tuple(job_ids))
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +155,7 @@ class _View:
     """The job view (sql/jobs.sql `view`) for one query, and its parameters."""
 
     composed: sql.Composable
-    params: list[Any] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 async def _view(conn: Conn, selection: Selection, *, after_job: int = 0,
@@ -161,35 +163,36 @@ async def _view(conn: Conn, selection: Selection, *, after_job: int = 0,
     """The view narrowed to what `selection` can match: rows only when it wants no pending
     or succeeded job; by ids, the log only at their events; else, with `upto_event`, the log
     only in (after_job's event, upto_event)."""
-    params: list[Any] = []
+    params: dict[str, Any] = {}
     if selection.job_ids is not None:
-        rows = sql.SQL("r.job_id = ANY(%s::bigint[])")
-        params.append(list(selection.job_ids))
+        rows = sql.SQL("r.job_id = ANY(%(view_job_ids)s::bigint[])")
+        params["view_job_ids"] = list(selection.job_ids)
     elif upto_event is not None:
-        rows = sql.SQL("r.job_id > %s AND r.job_id < %s")
-        params.extend((after_job, upto_event << SLOT_BITS))
+        rows = sql.SQL("r.job_id > %(view_after_job)s AND r.job_id < %(view_before_job)s")
+        params.update(view_after_job=after_job, view_before_job=upto_event << SLOT_BITS)
     else:
         rows = sql.SQL("true")
     if not selection.states & subscriptions.LOG_STATES:
         log = sql.SQL("false")
     elif selection.job_ids is not None:
-        log = sql.SQL("e.event_id = ANY(%s::bigint[])")
-        params.append(sorted({event_of(j) for j in selection.job_ids}))
+        log = sql.SQL("e.event_id = ANY(%(view_event_ids)s::bigint[])")
+        params["view_event_ids"] = sorted({event_of(j) for j in selection.job_ids})
     elif upto_event is not None:
-        log = sql.SQL("e.event_id >= %s AND e.event_id < %s")
-        params.extend((event_of(after_job), upto_event))
+        log = sql.SQL("e.event_id >= %(view_from_event)s AND e.event_id < %(view_upto_event)s")
+        params.update(view_from_event=event_of(after_job), view_upto_event=upto_event)
     else:
         log = sql.SQL("true")
-    cur = await conn.execute(query("jobs.sql", "subscriptions"))
-    subscribed_params: list[Any] = []
-    subscribed = subscriptions.condition(await cur.fetchall(), subscribed_params)
+    subscribed = Params("c")
+    condition = subscriptions.condition(await subscriptions.filtered(conn), subscribed)
     composed = sql.SQL(query("jobs.sql", "view")).format(rows=rows, log=log,
-                                                         subscribed=subscribed)
-    return _View(composed, [*params, *subscribed_params])
+                                                         subscribed=condition)
+    return _View(composed, {**params, **subscribed.values})
 
 
 def _with(name: LiteralString, **slots: sql.Composable) -> sql.Composed:
-    return sql.SQL(query("jobs.sql", name)).format(**slots)
+    """A query of sql/jobs.sql with its slots filled, {job_columns} among them."""
+    return sql.SQL(query("jobs.sql", name)).format(
+        job_columns=sql.SQL(query("jobs.sql", "job_columns")), **slots)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +234,8 @@ async def _list_window(conn: Conn, selection: Selection, scope: int | None, *, a
                        upto_event: int | None, limit: int, include_payload: bool
                        ) -> list[JobRow]:
     view = await _view(conn, selection, after_job=after, upto_event=upto_event)
-    params = (include_payload, *view.params, after, scope, scope, *selection.params, limit)
+    params = {**view.params, **selection.params, "include_payload": include_payload,
+              "after": after, "scope": scope, "limit": limit}
     cur = conn.cursor(row_factory=class_row(JobRow))
     await cur.execute(_with("list", view=view.composed, where=selection.where), params,
                       prepare=False)
@@ -282,7 +286,7 @@ async def event_standing(conn: Conn, event_id: int, slots: Sequence[int], scope:
     no job at all (NotAJob says why)."""
     job_ids = [job_id_of(event_id, slot) for slot in slots]
     cur = conn.cursor(row_factory=class_row(JobRow))
-    await cur.execute(query("jobs.sql", "get_row"), {"job_ids": job_ids, "scope": scope})
+    await cur.execute(_with("get_row"), {"job_ids": job_ids, "scope": scope})
     rows = {r.job_id: r for r in await cur.fetchall()}
     history = await _history(conn, job_ids)
     delivered = await _deliveries(conn, event_id, slots)
@@ -316,27 +320,53 @@ async def event_standing(conn: Conn, event_id: int, slots: Sequence[int], scope:
 async def _logged_jobs(conn: Conn, event_id: int, slots: Sequence[int], scope: int | None
                        ) -> dict[int, JobRow | NotAJob]:
     """The event's jobs without rows at these slots, as the log and the cursors say."""
-    cur = await conn.execute(query("jobs.sql", "get_event_job"),
-                             {"event_id": event_id, "slots": list(slots), "scope": scope})
+    cur = conn.cursor(row_factory=class_row(_EventJob))
+    await cur.execute(query("jobs.sql", "get_event_job"),
+                      {"event_id": event_id, "slots": list(slots), "scope": scope})
     found: dict[int, JobRow | NotAJob] = {}
-    for (_, created_at, user_id, message_id, named, document, _, _, destination_key,
-         enabled, event_filter, cursor, tenant_id, source_id, destination_id, traceparent,
-         slot) in await cur.fetchall():
-        if named is not None and destination_key not in named:
-            found[slot] = NotAJob("named", event_id)
+    for job in await cur.fetchall():
+        if job.destinations is not None and job.destination_key not in job.destinations:
+            found[job.slot] = NotAJob("named", event_id)
             continue
-        pending = event_id > cursor
-        if pending and not enabled:
-            found[slot] = NotAJob("disabled", event_id)
-        elif pending and not _takes(event_filter, document):
-            found[slot] = NotAJob("filtered", event_id)
+        pending = event_id > job.cursor
+        if pending and not job.enabled:
+            found[job.slot] = NotAJob("disabled", event_id)
+        elif pending and not _takes(job.event_filter, job.document):
+            found[job.slot] = NotAJob("filtered", event_id)
         else:
-            found[slot] = JobRow(job_id_of(event_id, slot), tenant_id, source_id,
-                                 destination_id, user_id, message_id,
-                                 "pending" if pending else "succeeded", 0 if pending else 1,
-                                 None, None, None, created_at, created_at, None, document,
-                                 traceparent)
+            found[job.slot] = JobRow(
+                job_id=job_id_of(event_id, job.slot), tenant_id=job.tenant_id,
+                source_id=job.source_id, destination_id=job.destination_id,
+                user_id=job.user_id, message_id=job.message_id,
+                state="pending" if pending else "succeeded", attempts=0 if pending else 1,
+                retry_at=None, blocked_by=None, error_code=None, created_at=job.created_at,
+                updated_at=job.created_at, first_attempt_at=None, payload=job.document,
+                traceparent=job.traceparent)
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class _EventJob:
+    """A job without a row, as sql/jobs.sql `get_event_job` finds it."""
+
+    event_id: int
+    created_at: datetime
+    user_id: str
+    message_id: str
+    # The destinations the event named (None: every connection).
+    destinations: list[int] | None
+    document: str
+    destination_key: int
+    enabled: bool
+    event_filter: str | None
+    # Where the destination's cursor is in the event's partition.
+    cursor: int
+    tenant_id: str
+    source_id: str
+    destination_id: str
+    traceparent: str | None
+    # The connection's number within its source (the job id's low bits).
+    slot: int
 
 
 def _takes(event_filter: str | None, document: str) -> bool:
@@ -356,10 +386,12 @@ def _takes(event_filter: str | None, document: str) -> bool:
 
 
 async def _history(conn: Conn, job_ids: list[int]) -> dict[int, list[StatusRow]]:
-    cur = await conn.execute(query("jobs.sql", "history"), {"job_ids": job_ids})
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(query("jobs.sql", "history"), {"job_ids": job_ids})
     found: dict[int, list[StatusRow]] = {}
-    for job_id, *status in await cur.fetchall():
-        found.setdefault(job_id, []).append(StatusRow(*status))
+    for row in await cur.fetchall():
+        job_id = row.pop("job_id")
+        found.setdefault(job_id, []).append(StatusRow(**row))
     return found
 
 
@@ -367,12 +399,14 @@ async def _deliveries(conn: Conn, event_id: int, slots: Sequence[int]
                       ) -> dict[int, list[StatusRow]]:
     """The event's deliveries from the log to the destinations of these slots, as history
     entries (its first attempt, or the repeats of one delivered again after a crash)."""
-    cur = await conn.execute(query("jobs.sql", "delivered"),
-                             {"event_id": event_id, "slots": list(slots)})
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(query("jobs.sql", "delivered"), {"event_id": event_id, "slots": list(slots)})
     found: dict[int, list[StatusRow]] = {}
-    for slot, _, actor, started_at, duration_ms, status, batch in await cur.fetchall():
-        found.setdefault(slot, []).append(StatusRow(1, "succeeded", None, status, started_at,
-                                                    duration_ms, None, actor, None, batch))
+    for row in await cur.fetchall():
+        found.setdefault(row["slot"], []).append(StatusRow(
+            attempt=1, state="succeeded", error_code=None, response=row["status"],
+            started_at=row["started_at"], duration_ms=row["duration_ms"], retry_at=None,
+            actor=row["actor"], reason=None, batch=row["batch"]))
     return found
 
 
@@ -381,14 +415,19 @@ async def peek(conn: Conn, destination_key: int, limit: int) -> list[PeekedRow]:
         "SELECT array_agg(source_key) FROM connections WHERE destination_key = %s AND enabled",
         (destination_key,))
     sources = (await cur.fetchone() or [None])[0] or []
-    cur = await conn.execute(query("jobs.sql", "subscriptions"))
-    subscribed_params: list[Any] = []
-    subscribed = subscriptions.condition(
-        [c for c in await cur.fetchall() if c[1] == destination_key], subscribed_params)
-    params = (destination_key, limit, destination_key, sources, destination_key, limit,
-              destination_key, *subscribed_params, limit)
-    cur = await conn.execute(_with("peek", subscribed=subscribed), params, prepare=False)
-    return [PeekedRow(JobRow(*row[:-1]), row[-1]) for row in await cur.fetchall()]
+    subscribed = Params("c")
+    condition = subscriptions.condition(
+        [c for c in await subscriptions.filtered(conn) if c.destination_key == destination_key],
+        subscribed)
+    params = {"destination_key": destination_key, "sources": sources, "limit": limit,
+              **subscribed.values}
+    cur = conn.cursor(row_factory=kwargs_row(_peeked))
+    await cur.execute(_with("peek", subscribed=condition), params, prepare=False)
+    return await cur.fetchall()
+
+
+def _peeked(*, holder: int | None, **job: Any) -> PeekedRow:
+    return PeekedRow(JobRow(**job), holder)
 
 
 async def retry(conn: Conn, selection: Selection, scope: int | None, *, actor: str,
@@ -398,8 +437,8 @@ async def retry(conn: Conn, selection: Selection, scope: int | None, *, actor: s
     replayed job coming back goes in front of newer jobs of its user)."""
     view = await _view(conn, selection)
     change = await _change(conn, "retry", view, selection,
-                           (scope, scope, *selection.params, replay, replay, apply, apply,
-                            actor, reason))
+                           {"scope": scope, "replay": replay, "apply": apply, "actor": actor,
+                            "reason": reason})
     await _notify(conn, REORDER_CHANNEL, change.destination_keys)
     await _notify(conn, JOBS_CHANNEL, change.destination_keys)
     return change
@@ -412,7 +451,7 @@ async def abort(conn: Conn, selection: Selection, scope: int | None, *, actor: s
     routers, which learn which jobs they have not read yet are aborted."""
     view = await _view(conn, selection)
     change = await _change(conn, "abort", view, selection,
-                           (scope, scope, *selection.params, apply, apply, actor, reason))
+                           {"scope": scope, "apply": apply, "actor": actor, "reason": reason})
     if change.job_ids:
         await conn.execute(query("queue.sql", "release"), {"job_ids": change.job_ids})
     await _notify(conn, REORDER_CHANNEL, change.destination_keys)
@@ -421,12 +460,13 @@ async def abort(conn: Conn, selection: Selection, scope: int | None, *, actor: s
 
 
 async def _change(conn: Conn, name: LiteralString, view: _View, selection: Selection,
-                  params: tuple[Any, ...]) -> Change:
-    cur = await conn.execute(_with(name, view=view.composed, where=selection.where),
-                             (*view.params, *params), prepare=False)
+                  params: dict[str, Any]) -> Change:
+    cur = conn.cursor(row_factory=class_row(Change))
+    await cur.execute(_with(name, view=view.composed, where=selection.where),
+                      {**view.params, **selection.params, **params}, prepare=False)
     row = await cur.fetchone()
     assert row is not None
-    return Change(matched=int(row[0]), job_ids=row[1], destination_keys=row[2])
+    return row
 
 
 async def _notify(conn: Conn, channel: str, destination_keys: str) -> None:
@@ -439,15 +479,14 @@ async def _notify(conn: Conn, channel: str, destination_keys: str) -> None:
 
 async def stats(conn: Conn, *, tenant_key: int | None, destination_key: int | None
                 ) -> list[DestinationStatsRow]:
-    cur = await conn.execute(query("jobs.sql", "subscriptions"))
-    subscribed_params: list[Any] = []
-    subscribed = subscriptions.condition(await cur.fetchall(), subscribed_params)
-    scope = (destination_key, destination_key, tenant_key, tenant_key)
+    subscribed = Params("c")
+    condition = subscriptions.condition(await subscriptions.filtered(conn), subscribed)
     cur = conn.cursor(row_factory=class_row(DestinationStatsRow))
     # Never prepared (as every query here over the log): a generic plan cannot know which
     # of its `x IS NULL OR` conditions hold, and reads the whole log to be safe.
-    await cur.execute(_with("stats", subscribed=subscribed),
-                      (*scope, *subscribed_params, *scope), prepare=False)
+    await cur.execute(_with("stats", subscribed=condition),
+                      {"destination_key": destination_key, "tenant_key": tenant_key,
+                       **subscribed.values}, prepare=False)
     return await cur.fetchall()
 
 

@@ -10,9 +10,10 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection
+from psycopg.rows import class_row
 
 from jobsdb import locks
 from jobsdb.sqlfile import query
@@ -39,8 +40,9 @@ class LiveRouter:
 
 
 async def live_routers(conn: AsyncConnection[Any]) -> list[LiveRouter]:
-    cur = await conn.execute(query("leases.sql", "live_routers"))
-    return [LiveRouter(r[0], r[1], r[2], int(r[3])) for r in await cur.fetchall()]
+    cur = conn.cursor(row_factory=class_row(LiveRouter))
+    await cur.execute(query("leases.sql", "live_routers"))
+    return await cur.fetchall()
 
 
 async def claim_identity(conn: AsyncConnection[Any], router_id: str) -> bool:
@@ -52,11 +54,11 @@ async def claim_identity(conn: AsyncConnection[Any], router_id: str) -> bool:
 
 
 async def heartbeat(conn: AsyncConnection[Any], router_id: str, lease: timedelta) -> Membership:
-    cur = await conn.execute(query("leases.sql", "heartbeat"),
-                             {"router_id": router_id, "lease": lease})
+    cur = conn.cursor(row_factory=class_row(Membership))
+    await cur.execute(query("leases.sql", "heartbeat"), {"router_id": router_id, "lease": lease})
     row = await cur.fetchone()
     assert row is not None
-    return Membership(live_routers=int(row[0]), partitions=int(row[1]), at=row[2])
+    return row
 
 
 async def renew(conn: AsyncConnection[Any], router_id: str, lease: timedelta) -> set[int]:
@@ -89,5 +91,12 @@ async def forget_dead(conn: AsyncConnection[Any]) -> None:
 
 
 async def owners(conn: AsyncConnection[Any]) -> dict[int, str | None]:
-    cur = await conn.execute(query("leases.sql", "owners"))
-    return {int(p): o for p, o, _ in await cur.fetchall()}
+    cur = conn.cursor(row_factory=class_row(_Lease))
+    await cur.execute(query("leases.sql", "owners"))
+    return {row.partition: row.owner for row in await cur.fetchall()}
+
+
+class _Lease(NamedTuple):
+    partition: int
+    owner: str | None
+    expires_at: datetime | None

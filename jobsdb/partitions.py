@@ -18,10 +18,11 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import AsyncConnection, sql
+from psycopg.rows import class_row, kwargs_row
 
 from jobsdb import locks
 from jobsdb.keyspace import SLOT_BITS
@@ -46,12 +47,18 @@ class Settings:
 
 
 async def settings(conn: AsyncConnection[Any]) -> Settings:
-    cur = await conn.execute(query("partitions.sql", "settings"))
-    values = dict(await cur.fetchall())
+    cur = conn.cursor(row_factory=class_row(_Setting))
+    await cur.execute(query("partitions.sql", "settings"))
+    values = {row.name: row.value for row in await cur.fetchall()}
     return Settings(
         ordering_partitions=int(values["ordering_partitions"]),
         event_partition_size=int(values["event_partition_size"]),
     )
+
+
+class _Setting(NamedTuple):
+    name: str
+    value: str
 
 
 def partition_name(table: str, number: int) -> str:
@@ -74,7 +81,7 @@ async def ensure(conn: AsyncConnection[Any], *, upto_event_id: int | None = None
         position = max(int(row[0]) if row else 0, upto_event_id or 0)
         wanted = range(position // size, position // size + AHEAD + 1)
         for table in TABLES:
-            have = {_number(table, lower, size) for _, lower in await _existing(conn, table)}
+            have = {_number(table, p.lower, size) for p in await _existing(conn, table)}
             for number in wanted:
                 if number not in have:
                     await _create(conn, table, number, size)
@@ -91,6 +98,10 @@ class Watch:
     finished_at: datetime | None = None
     sparse_at: datetime | None = None
     compact_after: datetime | None = None
+
+
+def _watched(*, number: int, **noted: datetime | None) -> tuple[int, Watch]:
+    return number, Watch(**noted)
 
 
 @dataclass(frozen=True)
@@ -128,14 +139,15 @@ async def sweep(
     cur = await conn.execute(query("partitions.sql", "cursors_passed"))
     row = await cur.fetchone()
     passed = int(row[0]) if row and row[0] is not None else -1
-    cur = await conn.execute(query("partitions.sql", "watched"))
-    watched = {r[0]: Watch(*r[1:]) for r in await cur.fetchall()}
+    cur = conn.cursor(row_factory=kwargs_row(_watched))
+    await cur.execute(query("partitions.sql", "watched"))
+    watched = dict(await cur.fetchall())
     now = await _now(conn)
     swept = Swept()
     gone: list[int] = []
     tried_compaction = False
-    for _, lower in await _existing(conn, "events"):
-        number = lower // size
+    for partition in await _existing(conn, "events"):
+        number = partition.lower // size
         if number > current - keep_newest:
             continue
         seen = watched.pop(number, Watch())
@@ -253,7 +265,7 @@ async def _drop_legacy(conn: AsyncConnection[Any], before: datetime) -> list[str
         return []
     dropped: list[str] = []
     remaining = 0
-    for name, _ in await _existing(conn, "jobs_v1"):
+    for name in [p.name for p in await _existing(conn, "jobs_v1")]:
         cur = await conn.execute(sql.SQL(query("partitions.sql", "legacy_last_change")).format(
             partition=sql.Identifier(name)))
         row = await cur.fetchone()
@@ -387,19 +399,36 @@ class Storage:
     sparse: int
 
 
+class _TableStorage(NamedTuple):
+    parent: str
+    partitions: int
+    bytes: int
+    finished: int
+    sparse: int
+
+
 async def storage(conn: AsyncConnection[Any]) -> Storage:
     """What job storage takes; cheap enough for every metrics scrape (catalog and file sizes)."""
-    cur = await conn.execute(query("partitions.sql", "storage"))
+    cur = conn.cursor(row_factory=class_row(_TableStorage))
+    await cur.execute(query("partitions.sql", "storage"))
     rows = await cur.fetchall()
-    return Storage(partitions={r[0]: int(r[1]) for r in rows},
-                   bytes={r[0]: int(r[2]) for r in rows},
-                   finished=int(rows[0][3]) if rows else 0,
-                   sparse=int(rows[0][4]) if rows else 0)
+    return Storage(partitions={r.parent: int(r.partitions) for r in rows},
+                   bytes={r.parent: int(r.bytes) for r in rows},
+                   finished=int(rows[0].finished) if rows else 0,
+                   sparse=int(rows[0].sparse) if rows else 0)
 
 
-async def _existing(conn: AsyncConnection[Any], table: str) -> list[tuple[str, int]]:
-    cur = await conn.execute(query("partitions.sql", "existing"), {"parent": table})
-    return [(name, int(lower)) for name, lower in await cur.fetchall()]
+class Existing(NamedTuple):
+    """One partition of a table: its name and the lower bound of its range."""
+
+    name: str
+    lower: int
+
+
+async def _existing(conn: AsyncConnection[Any], table: str) -> list[Existing]:
+    cur = conn.cursor(row_factory=class_row(Existing))
+    await cur.execute(query("partitions.sql", "existing"), {"parent": table})
+    return await cur.fetchall()
 
 
 def _number(table: str, lower: int, size: int) -> int:

@@ -11,7 +11,9 @@ from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
 from psycopg import AsyncConnection
+from psycopg.rows import class_row
 
+from jobsdb.rows import check_columns
 from jobsdb.sqlfile import query
 
 # Destination answers are cut to this many characters before they are stored
@@ -64,6 +66,13 @@ class Recorded:
     released: int
 
 
+class _Recording(NamedTuple):
+    """What record_outcomes answers (sql/queue.sql)."""
+
+    moved: list[int] | None
+    released: int
+
+
 class Wanted(NamedTuple):
     """One destination's share of a `pickup_many`: up to `limit` of its runnable jobs."""
 
@@ -103,10 +112,15 @@ async def pickup_many(
             "exclude": ",".join([str(job_id) for job_id in exclude]),
         },
     )
+    # The hot path: tuples, their columns checked against Candidate's fields once.
+    check_columns(cur, "queue.sql pickup", _PICKUP_COLUMNS)
     found: dict[int, list[Candidate]] = {w.destination_key: [] for w in wanted}
     for row in await cur.fetchall():
-        found[row[0]].append(Candidate(*row[1:]))
+        found[row[0]].append(Candidate._make(row[1:]))
     return found
+
+
+_PICKUP_COLUMNS = ("destination_key", *Candidate._fields)
 
 
 async def hold(conn: AsyncConnection[Any], held: Sequence[tuple[int, int]], *,
@@ -140,7 +154,8 @@ async def record_outcomes(
         plain = (o.state == "succeeded" and o.error_code is None and o.response is None
                  and o.retry_at is None and o.reason is None)
         (ok if plain else rest).append(o)
-    cur = await conn.execute(
+    cur = conn.cursor(row_factory=class_row(_Recording))
+    await cur.execute(
         query("queue.sql", "record_outcomes"),
         {
             "ok_job_ids": ",".join([str(o.job_id) for o in ok]),
@@ -169,7 +184,7 @@ async def record_outcomes(
     )
     row = await cur.fetchone()
     assert row is not None
-    return Recorded(frozenset(row[0] or ()), int(row[1]))
+    return Recorded(frozenset(row.moved or ()), int(row.released))
 
 
 def _epochs(times: Sequence[datetime]) -> list[str]:
@@ -221,9 +236,16 @@ async def roots(conn: AsyncConnection[Any], pairs: Iterable[tuple[int, str]]
     """(destination, user) -> the job the user's next events wait behind, for the pairs
     that have an unfinished row; the others are free."""
     pairs = list(pairs)
-    cur = await conn.execute(query("queue.sql", "roots"), {
+    cur = conn.cursor(row_factory=class_row(_Root))
+    await cur.execute(query("queue.sql", "roots"), {
         "destination_keys": [d for d, _ in pairs], "user_ids": [u for _, u in pairs]})
-    return {(int(d), user): int(root) for d, user, root in await cur.fetchall()}
+    return {(r.destination_key, r.user_id): r.root for r in await cur.fetchall()}
+
+
+class _Root(NamedTuple):
+    destination_key: int
+    user_id: str
+    root: int
 
 
 async def destinations_with_pending(conn: AsyncConnection[Any]) -> set[int]:
@@ -232,5 +254,11 @@ async def destinations_with_pending(conn: AsyncConnection[Any]) -> set[int]:
 
 
 async def earliest_retries(conn: AsyncConnection[Any]) -> dict[int, datetime]:
-    cur = await conn.execute(query("queue.sql", "earliest_retries"))
-    return {int(row[0]): row[1] for row in await cur.fetchall()}
+    cur = conn.cursor(row_factory=class_row(_Retry))
+    await cur.execute(query("queue.sql", "earliest_retries"))
+    return {row.destination_key: row.retry_at for row in await cur.fetchall()}
+
+
+class _Retry(NamedTuple):
+    destination_key: int
+    retry_at: datetime

@@ -33,6 +33,7 @@ from filterlang.events import EVENTS
 from filterlang.parser import parse
 from jobsdb import eventlog, jobs
 from jobsdb.errors import NotFound
+from jobsdb.filters import Params
 from jobsdb.sqlfile import query
 from jobsdb.subscriptions import job_filter
 
@@ -167,11 +168,12 @@ async def id_range(conn: Conn, *, oldest_id: int, newest_id: int,
 
 
 def _with_filters(statement: LiteralString, filters: Sequence[str | None],
-                  params: list[Any]) -> sql.Composed:
+                  params: Params) -> sql.Composed:
     """A statement with the filters' conditions over the event document (`j.payload`, as
     jobsdb.subscriptions makes connection filters into job filters) in its {where}, their
-    values appended to `params`. Only filters that compile reach here (the admin service
-    checks them), and one unknown for an event (a missing field) does not take it."""
+    values added to `params` (named r0, r1, ...). Only filters that compile reach here (the
+    admin service checks them), and one unknown for an event (a missing field) does not take
+    it."""
     parts: list[sql.Composable] = []
     for text in filters:
         if text:
@@ -195,11 +197,12 @@ async def count(conn: Conn, *, source_key: int, destination_key: int, range_: Ra
                 filters: Sequence[str | None]) -> int:
     """The events a replay of this range and these filters would write rows for (a dry
     run's answer): of the source, naming the destination or none."""
-    params: list[Any] = [range_.after, range_.last, source_key, destination_key,
-                         range_.from_time, range_.from_time, range_.to_time, range_.to_time]
-    where_params: list[Any] = []
+    where_params = Params("r")
     statement = _with_filters(_COUNT, filters, where_params)
-    cur = await conn.execute(statement, [*params, *where_params])
+    cur = await conn.execute(statement, {
+        **where_params.values, "after": range_.after, "last": range_.last,
+        "source_key": source_key, "destination_key": destination_key,
+        "from_time": range_.from_time, "to_time": range_.to_time})
     row = await cur.fetchone()
     return int(row[0]) if row else 0
 
@@ -208,11 +211,11 @@ _COUNT: LiteralString = """
 SELECT count(*)
 FROM (SELECT e.document::jsonb AS payload
       FROM events e
-      WHERE e.event_id > %s AND e.event_id <= %s
-        AND e.source_key = %s
-        AND (e.destinations IS NULL OR %s = ANY(e.destinations))
-        AND (%s::timestamptz IS NULL OR e.created_at >= %s)
-        AND (%s::timestamptz IS NULL OR e.created_at < %s)) j
+      WHERE e.event_id > %(after)s AND e.event_id <= %(last)s
+        AND e.source_key = %(source_key)s
+        AND (e.destinations IS NULL OR %(destination_key)s = ANY(e.destinations))
+        AND (%(from_time)s::timestamptz IS NULL OR e.created_at >= %(from_time)s)
+        AND (%(to_time)s::timestamptz IS NULL OR e.created_at < %(to_time)s)) j
 WHERE {where}
 """
 
@@ -221,27 +224,25 @@ WHERE {where}
 # time range, naming the destination or none, matching the filters, become rows: new ones
 # pending, ones that ended (delivered, aborted) pending again, unfinished ones left as they
 # are (they are to be delivered anyway). Each row written gets a status saying who and why.
-# Parameters, in order: position, last, source, chunk, destination, clamp, destination,
-# from, from, to, to, {where}'s, slot, destination, source, attempts, replay, actor, reason.
 _CHUNK: LiteralString = """
 WITH taken AS (
     SELECT e.event_id, e.tenant_key, e.ordering_partition, e.created_at, e.user_id,
            e.message_id, e.destinations, e.document
     FROM events e
-    WHERE e.event_id > %s AND e.event_id <= %s
-      AND e.source_key = %s
+    WHERE e.event_id > %(position)s AND e.event_id <= %(last)s
+      AND e.source_key = %(source_key)s
     ORDER BY e.event_id
-    LIMIT %s
+    LIMIT %(chunk)s
 ),
 placed AS (
     SELECT t.*, coalesce(dc.position, l.frontier, 0) AS passed
     FROM taken t
     LEFT JOIN router_leases l ON l.partition = t.ordering_partition
-    LEFT JOIN destination_cursors dc ON dc.destination_key = %s
+    LEFT JOIN destination_cursors dc ON dc.destination_key = %(destination_key)s
                                     AND dc.partition = t.ordering_partition
 ),
 stop AS (
-    SELECT min(event_id) AS at FROM placed WHERE %s AND event_id > passed
+    SELECT min(event_id) AS at FROM placed WHERE %(clamp)s AND event_id > passed
 ),
 chosen AS (
     SELECT * FROM placed
@@ -250,9 +251,9 @@ chosen AS (
 j AS (
     SELECT c.*, c.document::jsonb AS payload
     FROM chosen c
-    WHERE (c.destinations IS NULL OR %s = ANY(c.destinations))
-      AND (%s::timestamptz IS NULL OR c.created_at >= %s)
-      AND (%s::timestamptz IS NULL OR c.created_at < %s)
+    WHERE (c.destinations IS NULL OR %(destination_key)s = ANY(c.destinations))
+      AND (%(from_time)s::timestamptz IS NULL OR c.created_at >= %(from_time)s)
+      AND (%(to_time)s::timestamptz IS NULL OR c.created_at < %(to_time)s)
 ),
 matching AS (
     SELECT * FROM j WHERE {where}
@@ -260,8 +261,9 @@ matching AS (
 written AS (
     INSERT INTO jobs AS r (job_id, destination_key, tenant_key, source_key, ordering_partition,
                            state, attempts, created_at, user_id, message_id, replay_id)
-    SELECT (m.event_id << 16) | %s, %s, m.tenant_key, %s, m.ordering_partition, 'pending',
-           %s, m.created_at, m.user_id, m.message_id, %s
+    SELECT (m.event_id << 16) | %(slot)s, %(destination_key)s, m.tenant_key, %(source_key)s,
+           m.ordering_partition, 'pending', %(attempts)s, m.created_at, m.user_id,
+           m.message_id, %(replay_id)s
     FROM matching m
     ORDER BY m.event_id
     ON CONFLICT (job_id) DO UPDATE
@@ -272,7 +274,7 @@ written AS (
 ),
 logged AS (
     INSERT INTO job_statuses (job_id, attempt, state, started_at, actor, reason)
-    SELECT job_id, attempts, 'pending', now(), %s, %s
+    SELECT job_id, attempts, 'pending', now(), %(actor)s, %(reason)s
     FROM written
 )
 SELECT (SELECT count(*) FROM written) AS written,
@@ -287,19 +289,16 @@ async def write_chunk(conn: Conn, replay: dict[str, Any], *, chunk: int = CHUNK)
     in the same transaction) and record how far it went."""
     is_replay = replay["kind"] == "replay"
     filters = [replay["connection_filter"], replay["filter"]]
-    where_params: list[Any] = []
+    where_params = Params("r")
     statement = _with_filters(_CHUNK, filters, where_params)
-    destination_key = replay["destination_key"]
-    params: list[Any] = [
-        replay["position"], replay["last_event_id"], replay["source_key"], chunk,
-        destination_key, is_replay, destination_key,
-        replay["from_time"], replay["from_time"], replay["to_time"], replay["to_time"],
-        *where_params,
-        replay["slot"], destination_key, replay["source_key"], 1 if is_replay else 0,
-        replay["replay_id"], replay["actor"], f"{replay['kind']} {replay['replay_id']}: "
-                                             f"{replay['reason']}",
-    ]
-    cur = await conn.execute(statement, params)
+    cur = await conn.execute(statement, {
+        **where_params.values, "position": replay["position"],
+        "last": replay["last_event_id"], "source_key": replay["source_key"], "chunk": chunk,
+        "destination_key": replay["destination_key"], "clamp": is_replay,
+        "from_time": replay["from_time"], "to_time": replay["to_time"],
+        "slot": replay["slot"], "attempts": 1 if is_replay else 0,
+        "replay_id": replay["replay_id"], "actor": replay["actor"],
+        "reason": f"{replay['kind']} {replay['replay_id']}: {replay['reason']}"})
     row = await cur.fetchone()
     assert row is not None
     written, stopped_at, taken, last_taken = int(row[0]), row[1], int(row[2]), row[3]

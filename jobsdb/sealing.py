@@ -25,13 +25,14 @@ import hmac
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from psycopg import AsyncConnection
+from psycopg.rows import class_row
 
 from jobsdb.errors import KeysRefused, SealError, translate
 from jobsdb.sqlfile import query
@@ -190,23 +191,43 @@ async def check_keys(conn: AsyncConnection[Any], keyring: Keyring) -> None:
             f" ({', '.join(keyring.ids)}): a wrong or missing key; nothing is sent unsigned")
 
 
+class _StoredSecret(NamedTuple):
+    secret_id: int
+    secret: str | None
+    sealed: bytes | None
+
+
+class _StoredDestination(NamedTuple):
+    destination_key: int
+    endpoint: str
+    headers: dict[str, str]
+    sealed_endpoint: bytes | None
+    sealed_headers: bytes | None
+
+
 async def seal_all(conn: AsyncConnection[Any], keyring: Keyring, *, rekey: bool) -> int:
     """Seal what is stored in clear (rows written before sealing existed) and, with `rekey`,
     re-seal under the first key what another key sealed. The caller owns the transaction;
     rows are locked as they are read, so two processes doing it at once wait for each
     other. Returns how many values changed."""
     secrets: list[dict[str, Any]] = []
-    cur = conn.cursor()
+    cur = conn.cursor(row_factory=class_row(_StoredSecret))
     await cur.execute(query("secrets.sql", "signing_secrets_to_seal"))
-    for secret_id, secret, sealed in await cur.fetchall():
+    for row in await cur.fetchall():
+        secret_id, secret, sealed = row.secret_id, row.secret, row.sealed
         if sealed is not None and (not rekey or keyring.is_current(sealed)):
             continue
-        plain = secret if sealed is None else keyring.open_text(sealed, SIGNING_SECRET)
+        # One form or the other (a CHECK in migration 0013): in clear, or sealed.
+        plain = keyring.open_text(sealed, SIGNING_SECRET) if sealed is not None else secret
+        assert plain is not None
         secrets.append({"secret_id": secret_id,
                         "sealed": keyring.seal_text(plain, SIGNING_SECRET)})
     rows: list[dict[str, Any]] = []
-    await cur.execute(query("secrets.sql", "destinations_to_seal"))
-    for key, endpoint, headers, sealed_endpoint, sealed_headers in await cur.fetchall():
+    dest_cur = conn.cursor(row_factory=class_row(_StoredDestination))
+    await dest_cur.execute(query("secrets.sql", "destinations_to_seal"))
+    for dest in await dest_cur.fetchall():
+        key, endpoint, headers = dest.destination_key, dest.endpoint, dest.headers
+        sealed_endpoint, sealed_headers = dest.sealed_endpoint, dest.sealed_headers
         stale = [s for s in (sealed_endpoint, sealed_headers) if s is not None
                  and not keyring.is_current(s)]
         clear = bool(headers) or without_credentials(endpoint) != endpoint

@@ -4,7 +4,7 @@ A job without a row exists only if its connection's filter takes its event, so t
 that list, count or change jobs ask each connection's filter in SQL: a connection filter (over
 the event: `event`, `properties.x`, ...) is the same condition as a job filter over the
 delivered document (`payload.event`, `payload.properties.x`, ...), which jobsdb.filters
-compiles; tests/test_subscriptions.py holds the two evaluations equal on random events.
+compiles; tests/integration/test_subscriptions.py holds the two evaluations equal on random events.
 
 And which states a job filter can match at all: a filter that wants only failed, waiting or
 aborted jobs needs only the rows, never a scan of the log.
@@ -14,44 +14,63 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
-from psycopg import sql
+from psycopg import AsyncConnection, sql
+from psycopg.rows import class_row
 
 from filterlang.errors import FilterError
 from filterlang.events import DOCUMENT_FIELDS, EVENTS, TEXT_FIELDS
 from filterlang.nodes import And, Compare, Field, InList, Node, Not, Or
 from filterlang.parser import parse
-from jobsdb.filters import compile_node
+from jobsdb.filters import Params, compile_node
+from jobsdb.sqlfile import query
 
 STATES: Final = frozenset({"pending", "failed", "waiting", "succeeded", "aborted"})
 # What a job without a row can be.
 LOG_STATES: Final = frozenset({"pending", "succeeded"})
 
 
-def condition(connections: Iterable[tuple[int, int, str]], params: list[Any]) -> sql.Composable:
+class Subscription(NamedTuple):
+    """An enabled connection that has a filter (sql/jobs.sql `subscriptions`)."""
+
+    source_key: int
+    destination_key: int
+    event_filter: str
+
+
+async def filtered(conn: AsyncConnection[Any]) -> list[Subscription]:
+    """The enabled connections that have a filter (the others take every event)."""
+    cur = conn.cursor(row_factory=class_row(Subscription))
+    await cur.execute(query("jobs.sql", "subscriptions"))
+    return await cur.fetchall()
+
+
+def condition(connections: Iterable[Subscription], params: Params) -> sql.Composable:
     """`true` for every job whose connection takes it: for each (source, destination, filter)
     given, that filter over `j.payload`; other connections take every event. A filter that no
     longer compiles takes nothing, as routers treat it."""
     branches: list[sql.Composable] = []
-    for source_key, destination_key, text in connections:
+    for subscription in connections:
+        source_key, destination_key = subscription.source_key, subscription.destination_key
         try:
-            node: Node | None = _as_job_filter(parse(text, EVENTS))
+            node: Node | None = _as_job_filter(parse(subscription.event_filter, EVENTS))
         except FilterError:
             node = None
-        params.extend((source_key, destination_key))
+        source = params.add(source_key, "integer")
+        destination = params.add(destination_key, "integer")
         test = (sql.SQL("coalesce({}, false)").format(compile_node(node, params))
                 if node is not None else sql.SQL("false"))
-        branches.append(sql.SQL("WHEN j.source_key = %s AND j.destination_key = %s THEN {}")
-                        .format(test))
+        branches.append(sql.SQL("WHEN j.source_key = {} AND j.destination_key = {} THEN {}")
+                        .format(source, destination, test))
     if not branches:
         return sql.SQL("true")
     return sql.SQL("(CASE {} ELSE true END)").format(sql.SQL(" ").join(branches))
 
 
-def job_filter(node: Node, params: list[Any]) -> sql.Composable:
+def job_filter(node: Node, params: Params) -> sql.Composable:
     """A parsed connection filter (the events language) as a condition over `j.payload`,
-    its values appended to `params`: the replay worker's selection (jobsdb.replays)."""
+    its values added to `params`: the replay worker's selection (jobsdb.replays)."""
     return compile_node(_as_job_filter(node), params)
 
 

@@ -1,7 +1,7 @@
 """The ordering barrier in memory: one destination's jobs between reading and recording.
 
 Pure bookkeeping, no I/O and no event loop, so every rule here has a unit test that runs in
-microseconds (tests/test_barrier.py). The lane (router_service.lane) does the reading, sending
+microseconds (tests/unit/test_barrier.py). The lane (router_service.lane) does the reading, sending
 and writing, and asks this core what may go and what its answers mean.
 
 What it keeps:

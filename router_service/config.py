@@ -19,7 +19,7 @@ from relayq.config import (
     secret_keys,
     workers,
 )
-from router_service.engine import EngineSettings
+from router_service.settings import EngineSettings
 
 # Long enough for any host name and port; workers add `/<number>` to it.
 MAX_ID = 200

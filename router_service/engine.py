@@ -19,9 +19,6 @@ import contextlib
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
-from datetime import timedelta
-from pathlib import Path
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -32,7 +29,6 @@ from jobsdb.errors import JobsDBError
 from jobsdb.keyspace import partition_of
 from jobsdb.pool import transaction
 from jobsdb.queue import RESPONSE_LIMIT
-from relayq.netpolicy import NetworkPolicy
 from relayq.tasks import cancel_and_wait
 from router_service import metrics, senders
 from router_service.channels import GrpcChannels
@@ -49,6 +45,7 @@ from router_service.replays import ReplayWorker
 from router_service.resolver import Resolver
 from router_service.routing import Routing
 from router_service.senders import Sender, SenderContext
+from router_service.settings import EngineSettings
 from router_service.tracks import Positions
 from router_service.trust import Trust
 
@@ -56,36 +53,6 @@ log = logging.getLogger(__name__)
 
 # The longest a missed configuration notification can leave a router with stale settings.
 CONFIG_RELOAD_SECONDS = 30.0
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    router_id: str
-    lease: timedelta
-    # Jobs read per pickup, and held in memory per destination at most.
-    batch: int
-    max_held: int
-    # Requests in flight at once over all destinations (shared fairly).
-    permits: int
-    grpc_batch: int
-    poll_seconds: float
-    flush_delay: float
-    # Outcomes and parkings per transaction at most, and such transactions in flight at once.
-    flush_max: int
-    flush_concurrency: int = 2
-    # A lane holding more jobs than this reads alone; the others' reads are grouped.
-    read_alone_above: int = 100
-    # Rows one grouped read may return at most, and grouped reads in flight at once.
-    read_max_rows: int = 50000
-    read_concurrency: int = 2
-    # A lane with nothing to do for this long is closed.
-    lane_idle_seconds: float = 60.0
-    # Events read ahead of what is decided, per partition of the log (0: the batch).
-    log_window: int = 0
-    # Extra certificate authorities for https:// and grpcs:// destinations (router_service.trust).
-    destination_ca_file: Path | None = None
-    # Where destinations may connect (relayq.netpolicy): public addresses and these networks.
-    destination_policy: NetworkPolicy = field(default_factory=NetworkPolicy)
 
 
 class Engine:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from relayq.ports import free_port
+from tests.poll import wait_until
 from tests.services import ServiceProcess, quiet_env
 
 MODULES = {"ingest": "ingest_service.main", "router": "router_service.main",
@@ -50,18 +50,20 @@ def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: s
 
 def wait_ready_tls(service: ServiceProcess, root_certificate: bytes, within: float = 30.0
                    ) -> None:
-    deadline = time.monotonic() + within
     credentials = grpc.ssl_channel_credentials(root_certificates=root_certificate)
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         if service.process.poll() is not None:
             raise RuntimeError(f"service exited early: {service.stderr()}")
         with grpc.secure_channel(f"127.0.0.1:{service.port}", credentials) as channel:
             try:
                 grpc.channel_ready_future(channel).result(timeout=0.5)
-                return
+                return True
             except grpc.FutureTimeoutError:
-                pass
-    raise TimeoutError(f"service on port {service.port} not ready: {service.stderr()}")
+                return False
+
+    wait_until(ready, within=within, every=0,
+               what=lambda: f"service on port {service.port} ready: {service.stderr()}")
 
 
 @contextmanager

@@ -133,8 +133,8 @@ async def states(conn: AsyncConnection[Any],
 
 async def jobs_of(conn: AsyncConnection[Any], destination_key: int) -> dict[int, str]:
     """The states of one destination's jobs."""
-    return await states(conn, jobs.Selection(sql.SQL("j.destination_key = %s"),
-                                             (destination_key,)))
+    return await states(conn, jobs.Selection(sql.SQL("j.destination_key = %(destination)s"),
+                                             {"destination": destination_key}))
 
 
 async def wait_until_finished(conn: AsyncConnection[Any], count: int, within: float = 60

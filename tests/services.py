@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from relayq.v1 import admin_pb2_grpc, ingest_pb2_grpc, router_pb2_grpc
 from router_service.config import RouterConfig
 from router_service.main import RouterApp
 from tests.helpers import LOOPBACK_NETWORKS, TEST_SECRET_KEY
+from tests.poll import wait_until
 
 # The operator token every test admin server is started with.
 OPERATOR_TOKEN = "test-operator-token-0123456789"
@@ -133,19 +133,20 @@ class ServiceProcess:
         )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited early: {self.stderr()}")
             channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
             try:
                 grpc.channel_ready_future(channel).result(timeout=0.5)
-                return
+                return True
             except grpc.FutureTimeoutError:
-                pass
+                return False
             finally:
                 channel.close()
-        raise TimeoutError(f"service on port {self.port} not ready: {self.stderr()}")
+
+        wait_until(ready, within=timeout, every=0,
+                   what=lambda: f"service on port {self.port} ready: {self.stderr()}")
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)

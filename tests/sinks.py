@@ -19,6 +19,7 @@ import grpc
 from aiohttp import web
 
 from relayq.v1 import destination_pb2, destination_pb2_grpc
+from tests.poll import eventually
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,9 @@ class Recorder:
         return self.answer(delivery)
 
     async def wait_for(self, predicate: Callable[[], bool], within: float = 30.0) -> None:
-        """Poll-with-deadline on what has arrived (woken by each arrival)."""
-        deadline = asyncio.get_running_loop().time() + within
-        while not predicate():
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                raise TimeoutError(f"condition not met; {len(self.received)} deliveries so far")
-            self.arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), min(remaining, 0.5))
+        """Until `predicate` holds of what has arrived (checked again at each arrival)."""
+        await eventually(predicate, within=within, every=0.5, woken_by=self.arrived,
+                         what=lambda: f"condition on deliveries ({len(self.received)} so far)")
 
 
 class WebhookSink(Recorder):

@@ -51,7 +51,7 @@ def selection(text: str) -> jobsdb.Selection:
         raise BadFilter(exc) from None
     if compiled is None:
         return jobsdb.EVERYTHING
-    return jobsdb.Selection(compiled.where, tuple(compiled.params),
+    return jobsdb.Selection(compiled.where, compiled.params,
                             subscriptions.states(compiled.node))
 
 

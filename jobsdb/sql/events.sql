@@ -55,19 +55,19 @@ SELECT destination_key, id FROM destinations WHERE destination_key = ANY(%(keys)
 -- name: list
 -- One window of a source's events, (after, upto) by event id, matching `{where}` (a filter
 -- compiled over `j`, the event with its document as j.payload, parsed only if the filter
--- reads it). Parameters: include payload, source, after, upto, the filter's, limit.
+-- reads it). Its own parameters by name, the filter's named f0, f1, ...
 SELECT j.event_id, j.tenant_id, j.source_id, j.source_key, j.user_id, j.message_id,
-       j.created_at, j.destinations, CASE WHEN %s THEN j.document END AS document
+       j.created_at, j.destinations, CASE WHEN %(include_payload)s THEN j.document END AS document
 FROM (SELECT e.*, e.document::jsonb AS payload, t.id AS tenant_id, s.id AS source_id
       FROM events e
       JOIN tenants t ON t.tenant_key = e.tenant_key
       JOIN sources s ON s.source_key = e.source_key) j
-WHERE j.source_key = %s
-  AND j.event_id > %s
-  AND j.event_id < %s
+WHERE j.source_key = %(source_key)s
+  AND j.event_id > %(after)s
+  AND j.event_id < %(upto)s
   AND ({where})
 ORDER BY j.event_id
-LIMIT %s;
+LIMIT %(limit)s;
 
 -- name: first_after
 -- The first event of the log after an id (one probe of each partition's primary key).

@@ -82,7 +82,7 @@ SELECT
      FROM event WHERE position NOT IN (SELECT position FROM fresh)) AS duplicates,
     (SELECT coalesce(string_agg(event_id::text, ',' ORDER BY position), '')
      FROM numbered) AS event_ids,
-    pg_notify('relayq_events', %(notify)s);
+    pg_notify('relayq_events', %(notify)s) AS notified;
 
 -- name: parse_documents
 -- Parses event documents as jsonb and stores nothing: ingest checks documents itself, and a

@@ -13,8 +13,10 @@
 --   the deliveries a moment later), `pending` otherwise.
 --
 -- Queries with `{...}` slots are built by jobsdb.jobs from fixed fragments, every value a
--- parameter; their parameters are therefore positional (%s), in the order the slots and
--- placeholders appear. Every query is limited to a tenant scope (NULL: the operator).
+-- parameter. Every parameter has a name, those of the fragments too (jobsdb.filters.Params:
+-- f0, f1, ... for a filter, c0, c1, ... for the connections' filters, view_* for the view's
+-- windows), so no statement depends on the order its values are given in. Every query is
+-- limited to a tenant scope (NULL: the operator).
 
 -- name: view
 -- `{rows}` and `{log}` narrow each branch (an event id window, a destination; `false` leaves
@@ -59,6 +61,15 @@ FROM connections
 WHERE enabled AND event_filter IS NOT NULL
 ORDER BY source_key, destination_key;
 
+-- name: job_columns
+-- The columns of a job as operators see it (jobsdb.jobs.JobRow, in its order) but its
+-- payload, which each query chooses: from the job `j`, its tenant `t`, source `s` and
+-- destination `d`. The queries below that answer JobRows put it in as {job_columns}, so the
+-- list is written once.
+j.job_id, t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, j.user_id,
+j.message_id, j.state::text AS state, j.attempts, j.retry_at, j.blocked_by, j.error_code,
+j.created_at, j.updated_at, j.first_attempt_at
+
 -- name: log_head
 -- The newest event id (where a listing's windows end).
 SELECT coalesce(max(event_id), 0) FROM events;
@@ -67,26 +78,21 @@ SELECT coalesce(max(event_id), 0) FROM events;
 -- Keyset pagination in job order: a page starts after the last job_id of the previous one, so
 -- pages stay stable while jobs are added (new ids are larger) and delivered (a job that
 -- changes state is either on its page or not; no other job moves between pages).
-SELECT j.job_id, t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, j.user_id,
-       j.message_id, j.state::text AS state, j.attempts, j.retry_at, j.blocked_by,
-       j.error_code, j.created_at, j.updated_at, j.first_attempt_at,
-       CASE WHEN %s THEN j.document END AS payload, j.traceparent
+SELECT {job_columns},
+       CASE WHEN %(include_payload)s THEN j.document END AS payload, j.traceparent
 FROM {view} j
 JOIN tenants t ON t.tenant_key = j.tenant_key
 JOIN sources s ON s.source_key = j.source_key
 JOIN destinations d ON d.destination_key = j.destination_key
-WHERE j.job_id > %s
-  AND (%s::integer IS NULL OR j.tenant_key = %s)
+WHERE j.job_id > %(after)s
+  AND (%(scope)s::integer IS NULL OR j.tenant_key = %(scope)s)
   AND ({where})
 ORDER BY j.job_id
-LIMIT %s;
+LIMIT %(limit)s;
 
 -- name: get_row
--- Jobs that have a row (of one event), with its document.
-SELECT j.job_id, t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, j.user_id,
-       j.message_id, j.state::text AS state, j.attempts, j.retry_at, j.blocked_by,
-       j.error_code, j.created_at, j.updated_at, j.first_attempt_at, e.document AS payload,
-       e.traceparent
+-- Jobs that have a row (of one event), with its document and traceparent.
+SELECT {job_columns}, e.document AS payload, e.traceparent
 FROM jobs j
 JOIN events e ON e.event_id = j.job_id >> 16
 JOIN tenants t ON t.tenant_key = j.tenant_key
@@ -100,7 +106,7 @@ WHERE j.job_id = ANY(%(job_ids)s::bigint[])
 -- destination's cursor is in the event's partition (the caller decides whether each is a
 -- job at all).
 SELECT e.event_id, e.created_at, e.user_id, e.message_id, e.destinations, e.document,
-       e.source_key, e.tenant_key, c.destination_key, c.enabled, c.event_filter,
+       c.destination_key, c.enabled, c.event_filter,
        coalesce(dc.position, l.frontier) AS cursor,
        t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, e.traceparent, c.slot
 FROM events e
@@ -147,29 +153,30 @@ ORDER BY c.slot, d.recorded_at;
 -- partition, each stopping at the limit), each with the job that holds it: a waiting row's
 -- blocker; for a failed or pending row, job_holder() (the barrier rule pickup obeys); for
 -- an event read from the log, the root of its user's earliest unfinished row before it
--- (the router parks it behind that). Params: destination, destination, limit (rows),
--- destination, sources, destination, limit (per partition), {subscribed}'s, limit.
+-- (the router parks it behind that). `limit` bounds the rows, each partition's events, and
+-- the answer.
 WITH unfinished AS (
     (SELECT r.job_id
      FROM jobs r
-     WHERE r.destination_key = %s AND r.state IN ('pending', 'failed', 'waiting')
+     WHERE r.destination_key = %(destination_key)s
+       AND r.state IN ('pending', 'failed', 'waiting')
      ORDER BY r.job_id
-     LIMIT %s)
+     LIMIT %(limit)s)
 ),
 pending AS (
     SELECT e.*
     FROM router_leases l
-    LEFT JOIN destination_cursors dc ON dc.destination_key = %s
+    LEFT JOIN destination_cursors dc ON dc.destination_key = %(destination_key)s
                                     AND dc.partition = l.partition
     CROSS JOIN LATERAL (
         SELECT ev.event_id, ev.ordering_partition, ev.user_id, ev.source_key
         FROM events ev
         WHERE ev.ordering_partition = l.partition
           AND ev.event_id > coalesce(dc.position, l.frontier)
-          AND ev.source_key = ANY(%s::integer[])
-          AND (ev.destinations IS NULL OR %s = ANY(ev.destinations))
+          AND ev.source_key = ANY(%(sources)s::integer[])
+          AND (ev.destinations IS NULL OR %(destination_key)s = ANY(ev.destinations))
         ORDER BY ev.event_id
-        LIMIT %s
+        LIMIT %(limit)s
     ) e
 ),
 logged AS (
@@ -177,7 +184,8 @@ logged AS (
         SELECT (p.event_id << 16) | c.slot AS job_id, c.destination_key, p.source_key,
                ev.document::jsonb AS payload
         FROM pending p
-        JOIN connections c ON c.source_key = p.source_key AND c.destination_key = %s
+        JOIN connections c ON c.source_key = p.source_key
+                          AND c.destination_key = %(destination_key)s
         JOIN events ev ON ev.event_id = p.event_id
         WHERE NOT EXISTS (SELECT 1 FROM jobs r WHERE r.job_id = (p.event_id << 16) | c.slot)
     ) j
@@ -186,11 +194,9 @@ logged AS (
 chosen AS (
     SELECT job_id FROM (SELECT job_id FROM unfinished UNION ALL SELECT job_id FROM logged) u
     ORDER BY job_id
-    LIMIT %s
+    LIMIT %(limit)s
 )
-SELECT j.job_id, t.id AS tenant_id, s.id AS source_id, d.id AS destination_id, j.user_id,
-       j.message_id, j.state::text AS state, j.attempts, j.retry_at, j.blocked_by,
-       j.error_code, j.created_at, j.updated_at, j.first_attempt_at, NULL::text AS payload,
+SELECT {job_columns}, NULL::text AS payload,
        CASE WHEN j.state = 'waiting' THEN j.blocked_by
             WHEN j.has_row THEN held.holder
             ELSE root.holder END AS holder
@@ -234,22 +240,21 @@ ORDER BY j.job_id;
 -- One statement counts what the selection matches and, unless the apply parameter is false
 -- (a dry run), changes it: rows by compare-and-set on the state each was matched in (a router
 -- that changed one meanwhile wins and this skips it), jobs without a row by writing one (a
--- router that wrote one meanwhile wins). Parameters: the view's, scope, scope, the filter's,
--- replay, replay, apply, apply, actor, reason.
+-- router that wrote one meanwhile wins).
 WITH target AS (
     SELECT j.job_id, j.state, j.has_row, j.destination_key, j.tenant_key, j.source_key,
            j.ordering_partition, j.user_id, j.message_id, j.created_at
     FROM {view} j
-    WHERE (%s::integer IS NULL OR j.tenant_key = %s)
+    WHERE (%(scope)s::integer IS NULL OR j.tenant_key = %(scope)s)
       AND ({where})
       AND ((j.has_row
             AND (j.state IN ('failed', 'aborted')
-                 OR (j.state = 'succeeded' AND %s)
+                 OR (j.state = 'succeeded' AND %(replay)s)
                  OR (j.state = 'waiting'
                      AND NOT EXISTS (SELECT 1 FROM jobs b
                                      WHERE b.job_id = j.blocked_by
                                        AND b.state IN ('pending', 'failed', 'waiting')))))
-           OR (NOT j.has_row AND j.state = 'succeeded' AND %s))
+           OR (NOT j.has_row AND j.state = 'succeeded' AND %(replay)s))
 ),
 changed AS (
     UPDATE jobs j
@@ -258,7 +263,7 @@ changed AS (
         blocked_by = NULL,
         updated_at = now()
     FROM target
-    WHERE %s
+    WHERE %(apply)s
       AND target.has_row
       AND j.job_id = target.job_id
       AND j.state = target.state
@@ -270,7 +275,7 @@ written AS (
     SELECT job_id, destination_key, tenant_key, source_key, ordering_partition, 'failed', 1,
            now(), created_at, user_id, message_id
     FROM target
-    WHERE %s AND NOT target.has_row
+    WHERE %(apply)s AND NOT target.has_row
     ON CONFLICT (job_id) DO NOTHING
     RETURNING job_id, attempts, state, destination_key
 ),
@@ -279,12 +284,12 @@ both_ AS (
 ),
 logged AS (
     INSERT INTO job_statuses (job_id, attempt, state, started_at, actor, reason)
-    SELECT job_id, attempts, state, now(), %s, %s
+    SELECT job_id, attempts, state, now(), %(actor)s, %(reason)s
     FROM both_
 )
-SELECT (SELECT count(*) FROM target),
-       coalesce(array_agg(job_id), ARRAY[]::bigint[]),
-       coalesce(string_agg(DISTINCT destination_key::text, ','), '')
+SELECT (SELECT count(*) FROM target) AS matched,
+       coalesce(array_agg(job_id), ARRAY[]::bigint[]) AS job_ids,
+       coalesce(string_agg(DISTINCT destination_key::text, ','), '') AS destination_keys
 FROM both_;
 
 -- name: abort
@@ -294,12 +299,11 @@ FROM both_;
 -- rows are released by a separate statement (queue.sql `release`) in the same transaction:
 -- a router parking jobs behind one of these holds a share lock on it, so this UPDATE waits
 -- for that to commit, and the release, with a newer snapshot, then sees those parked jobs too.
--- Parameters: the view's, scope, scope, the filter's, apply, apply, actor, reason.
 WITH target AS (
     SELECT j.job_id, j.state, j.has_row, j.destination_key, j.tenant_key, j.source_key,
            j.ordering_partition, j.user_id, j.message_id, j.created_at
     FROM {view} j
-    WHERE (%s::integer IS NULL OR j.tenant_key = %s)
+    WHERE (%(scope)s::integer IS NULL OR j.tenant_key = %(scope)s)
       AND ({where})
       AND j.state IN ('pending', 'failed', 'waiting')
 ),
@@ -307,7 +311,7 @@ changed AS (
     UPDATE jobs j
     SET state = 'aborted', retry_at = NULL, blocked_by = NULL, updated_at = now()
     FROM target
-    WHERE %s
+    WHERE %(apply)s
       AND target.has_row
       AND j.job_id = target.job_id
       AND j.state = target.state
@@ -319,7 +323,7 @@ written AS (
     SELECT job_id, destination_key, tenant_key, source_key, ordering_partition, 'aborted', 0,
            created_at, user_id, message_id
     FROM target
-    WHERE %s AND NOT target.has_row
+    WHERE %(apply)s AND NOT target.has_row
     ON CONFLICT (job_id) DO NOTHING
     RETURNING job_id, attempts, destination_key
 ),
@@ -328,7 +332,7 @@ both_ AS (
 ),
 logged AS (
     INSERT INTO job_statuses (job_id, attempt, state, started_at, actor, reason)
-    SELECT job_id, attempts, 'aborted', now(), %s, %s
+    SELECT job_id, attempts, 'aborted', now(), %(actor)s, %(reason)s
     FROM both_
 ),
 counted AS (
@@ -339,9 +343,9 @@ counted AS (
     ORDER BY destination_key
     ON CONFLICT (destination_key, bucket) DO UPDATE SET aborted = c.aborted + excluded.aborted
 )
-SELECT (SELECT count(*) FROM target),
-       coalesce(array_agg(job_id), ARRAY[]::bigint[]),
-       coalesce(string_agg(DISTINCT destination_key::text, ','), '')
+SELECT (SELECT count(*) FROM target) AS matched,
+       coalesce(array_agg(job_id), ARRAY[]::bigint[]) AS job_ids,
+       coalesce(string_agg(DISTINCT destination_key::text, ','), '') AS destination_keys
 FROM both_;
 
 -- name: notify
@@ -355,9 +359,7 @@ SELECT pg_notify(%(channel)s, %(destinations)s);
 -- cursors (`pending`, from the log: only the events above the lowest cursor of each
 -- partition are read, a tail of the log while routers keep up), less its deliveries on record
 -- above the frontiers; the oldest pending job; and delivery counts and recent rates from
--- delivery_counts. Never a scan of settled events. Params: the destination filter twice, the tenant twice, {subscribed}'s,
--- then, for the main query, destination, destination, tenant, tenant (named below as %s in
--- that order).
+-- delivery_counts. Never a scan of settled events.
 WITH tail AS (
     SELECT j.destination_key, count(*) AS pending, min(j.created_at) AS oldest
     FROM (
@@ -380,8 +382,8 @@ WITH tail AS (
         LEFT JOIN destination_cursors dc ON dc.destination_key = c.destination_key
                                         AND dc.partition = l.partition
         WHERE e.event_id > coalesce(dc.position, l.frontier)
-          AND (%s::integer IS NULL OR c.destination_key = %s)
-          AND (%s::integer IS NULL OR e.tenant_key = %s)
+          AND (%(destination_key)s::integer IS NULL OR c.destination_key = %(destination_key)s)
+          AND (%(tenant_key)s::integer IS NULL OR e.tenant_key = %(tenant_key)s)
           AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.job_id = (e.event_id << 16) | c.slot)
     ) j
     WHERE {subscribed}
@@ -446,8 +448,8 @@ LEFT JOIN (
     FROM delivery_counts
     GROUP BY destination_key
 ) c ON c.destination_key = d.destination_key
-WHERE (%s::integer IS NULL OR d.destination_key = %s)
-  AND (%s::integer IS NULL OR d.tenant_key = %s)
+WHERE (%(destination_key)s::integer IS NULL OR d.destination_key = %(destination_key)s)
+  AND (%(tenant_key)s::integer IS NULL OR d.tenant_key = %(tenant_key)s)
 ORDER BY t.id, d.id;
 
 -- name: connection_stats

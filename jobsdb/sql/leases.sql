@@ -7,7 +7,7 @@ WITH me AS (
         SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
     RETURNING router_id
 )
-SELECT 1 + count(*) AS live,
+SELECT 1 + count(*) AS live_routers,
        (SELECT count(*) FROM router_leases) AS partitions,
        now() AS at
 FROM router_nodes

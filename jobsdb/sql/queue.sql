@@ -62,9 +62,9 @@ chosen AS (
         LIMIT w.lim
     ) c
 )
-SELECT c.destination_key, c.job_id, c.user_id, c.message_id, c.state::text, c.attempts,
-       c.first_attempt_at, c.created_at, e.document, c.ordering_partition, held.holder,
-       e.traceparent
+SELECT c.destination_key, c.job_id, c.user_id, c.message_id, c.state::text AS state,
+       c.attempts, c.first_attempt_at, c.created_at, e.document AS payload,
+       c.ordering_partition, held.holder AS held_by, e.traceparent
 FROM chosen c
 -- The document and traceparent are the event's, in the log (the job id's high bits are the
 -- event id).

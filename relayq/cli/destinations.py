@@ -231,7 +231,7 @@ def show(destination: admin_pb2.DestinationConfig, args: argparse.Namespace) -> 
             f" {destination.circuit.reason}" if destination.circuit.open else "")),
         ("circuit policy", _circuit_policy_text(destination.circuit_policy)),
         *([("batches", _batch_policy_text(destination.batch_policy))]
-          if destination.type == "webhook" else []),
+          if _takes_batches(destination.type) else []),
         ("headers", render.header_names(destination.headers)),
         ("created", render.when(destination.created_at)),
         ("updated", render.when(destination.updated_at)),
@@ -240,6 +240,13 @@ def show(destination: admin_pb2.DestinationConfig, args: argparse.Namespace) -> 
     if secret:
         _secret_note()
     return 0
+
+
+def _takes_batches(type_name: str) -> bool:
+    """Does this type take a batch policy (the type registry says; an unknown type, from a
+    newer server, shows none)?"""
+    known = destination_types.TYPES.get(type_name)
+    return known is not None and known.batches
 
 
 def _secret_note() -> None:

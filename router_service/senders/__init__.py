@@ -33,14 +33,12 @@ class UnknownType(LookupError):
     version, or by hand)."""
 
 
-class _Unreadable:
+class _Unreadable(Sender):
     """A destination whose sealed secrets, headers or endpoint this router cannot open (a key
     not in its RELAYQ_SECRET_KEYS, as after a rekey by a process with a newer key): every
     attempt fails, to be retried, and nothing is sent, least of all unsigned."""
 
     max_batch = 100
-    per_user = 1
-    max_bytes: int | None = None
 
     def __init__(self, destination: Destination) -> None:
         self._result = Result(Verdict.RETRY, "secret_key",
@@ -48,9 +46,6 @@ class _Unreadable:
 
     async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
         return [self._result] * len(jobs)
-
-    async def close(self) -> None:
-        """Holds nothing."""
 
 
 def make(destination: Destination, context: SenderContext) -> Sender:

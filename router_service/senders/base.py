@@ -8,9 +8,9 @@ destination and closes it when the destination's delivery settings change or its
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Protocol
 
 from jobsdb.catalog import Destination
 from router_service.channels import GrpcChannels
@@ -21,22 +21,28 @@ from router_service.retry import Result
 from router_service.trust import Trust
 
 
-class Sender(Protocol):
+class Sender(ABC):
+    """The base of every sender. What a sender may do beyond delivering one job at a time
+    (batches, byte limits, connections to close) has a default here, the plainest behaviour:
+    a new capability is a new attribute or method with its default in this class, and only
+    the senders that have it change."""
+
     # Jobs per deliver() call at most (1: one job per request).
-    max_batch: int
+    max_batch: int = 1
     # Jobs of one user a call may carry (in order): 1 when the destination may process a
     # batch's jobs in any order or concurrently; more only when it takes a batch whole, in
     # order (a webhook's JSON array).
-    per_user: int
+    per_user: int = 1
     # Payload bytes per call at most (None: no limit beyond max_batch).
-    max_bytes: int | None
+    max_bytes: int | None = None
 
+    @abstractmethod
     async def deliver(self, jobs: Sequence[Job]) -> list[Result]:
         """One result per job, in the jobs' order. Never raises for the destination's
         failures (they are results); a raise is a bug, and the lane retries the jobs."""
-        ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:  # noqa: B027 - a default: most senders hold nothing
+        """Let go of what the sender holds (connections); by default nothing."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from router_service import tracing
 from router_service.model import Job
 from router_service.resolver import BlockedAddress
 from router_service.retry import Result, Verdict
-from router_service.senders.base import SenderContext
+from router_service.senders.base import Sender, SenderContext
 
 # The enum's values as plain ints: reading them through the enum wrapper costs a Python
 # __getattr__ per job (5% of the router's CPU, measured).
@@ -42,10 +42,9 @@ _ABORT_CODES = {grpc.StatusCode.INVALID_ARGUMENT}
 log = logging.getLogger(__name__)
 
 
-class GrpcSender:
-    # A batch never holds two jobs of one user: the sink may process it in any order.
-    per_user: int = 1
-    max_bytes: int | None = None
+class GrpcSender(Sender):
+    # A batch never holds two jobs of one user (the default per_user): the sink may process
+    # it in any order.
 
     def __init__(self, destination: Destination, context: SenderContext) -> None:
         self.max_batch = context.grpc_batch

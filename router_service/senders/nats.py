@@ -42,7 +42,7 @@ from router_service import tracing
 from router_service.model import Job
 from router_service.resolver import BlockedAddress
 from router_service.retry import Result, Verdict
-from router_service.senders.base import SenderContext
+from router_service.senders.base import Sender, SenderContext
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,10 @@ _MSG_TOO_LARGE = 10054
 _HEADER_FRAME = 12
 
 
-class NatsSender:
+class NatsSender(Sender):
+    # Jobs of a batch are published concurrently: never two of one user (the default
+    # per_user).
     max_batch = MAX_BATCH
-    # Jobs of a batch are published concurrently: never two of one user.
-    per_user: int = 1
-    max_bytes: int | None = None
 
     def __init__(self, destination: Destination, context: SenderContext) -> None:
         self._destination_id = destination.id

@@ -48,7 +48,7 @@ from router_service import httpclient, signing, tracing
 from router_service.model import Job
 from router_service.resolver import BlockedAddress
 from router_service.retry import Result, Verdict, classify_http, parse_retry_after
-from router_service.senders.base import SenderContext
+from router_service.senders.base import Sender, SenderContext
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def batch_id(job_ids: Sequence[int]) -> str:
     return f"msg_b{job_ids[0]}_{digest}"
 
 
-class WebhookSender:
+class WebhookSender(Sender):
     def __init__(self, destination: Destination, context: SenderContext) -> None:
         self.batched = destination.batch_max_events > 1
         self.max_batch = destination.batch_max_events

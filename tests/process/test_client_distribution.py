@@ -24,7 +24,7 @@ from tests.services import ingest
 
 pytestmark = pytest.mark.process
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Run by the fresh environment's Python: every installed distribution, and the names each
 # requires (extras and requirements whose markers do not apply left out).

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import secrets
 import signal
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from relayq.server import DATABASE_HEALTH
 from relayq.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 from tests import factories, pginstance
 from tests.helpers import auth, event
-from tests.poll import eventually
+from tests.poll import eventually, wait_until
 from tests.services import (
     OPERATOR_TOKEN,
     ServiceProcess,
@@ -284,11 +283,10 @@ def take_every_connection(instance: pginstance.Instance, dsn: str,
         with psycopg.connect(instance.dsn(), autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                           " WHERE usename = %s", (ROLE,))
-            deadline = time.monotonic() + 10
-            while admin.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s",
-                                (ROLE,)).fetchone() != (0,):
-                assert time.monotonic() < deadline, "the services' sessions did not end"
-                time.sleep(0.05)
+            wait_until(lambda: admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = %s",
+                (ROLE,)).fetchone() == (0,), within=10, every=0.05,
+                what="the services' sessions to end")
         refusal = ""
         while not refusal:
             try:

@@ -4,7 +4,6 @@ router, requests verified by a real HTTP receiver with the independent reference
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 from collections.abc import Callable
@@ -17,11 +16,11 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
 from relayq.v1 import admin_pb2, common_pb2
-from tests.helpers import verifies
+from tests.helpers import event, verifies
 from tests.pipeline import World, router_connects, send, wait_until_finished
+from tests.poll import eventually
 from tests.services import Admin, Ingest, admin, ingest, router
 from tests.sinks import OK, Answer, Received
-from tests.test_ingest import event
 
 AUTH = Admin.auth()
 _numbers = itertools.count()
@@ -44,13 +43,13 @@ async def until_delivered(world: World, service: Ingest, done: Callable[[Receive
                           within: float = 30.0) -> Received:
     """Deliveries, one after another, until one is `done` (a router applies a rotation within
     moments of it, not at the same instant), or the deadline passes."""
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
+    async def one_done() -> Received | None:
         delivery = await deliver_one(world, service)
-        if done(delivery):
-            return delivery
-        assert asyncio.get_running_loop().time() < deadline, "not seen in time"
-        await asyncio.sleep(0.05)
+        return delivery if done(delivery) else None
+
+    found = await eventually(one_done, within=within, every=0.05, what="such a delivery")
+    assert found is not None
+    return found
 
 
 async def until_signed_by(world: World, service: Ingest, count: int) -> Received:

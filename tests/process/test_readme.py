@@ -14,6 +14,7 @@ uses it, when grpcurl is not installed (it has no Debian package).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -22,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from relayq.ports import free_port
 from tests import readme
-from tests.conftest import SERVER_DSN, drop_database
+from tests.databases import SERVER_DSN, drop_database
 from tests.grpcurl import grpcurl
 from tests.poll import wait_until
 
@@ -107,9 +107,10 @@ class Session:
         """SIGTERM to every group (the services drain), then SIGKILL to what is left."""
         for group in self.groups:
             _signal(group, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(_signal(g, 0) for g in self.groups):
-            time.sleep(0.1)
+        # Up to 20 s for them to drain; what is left then is killed.
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not any(_signal(g, 0) for g in self.groups), within=20,
+                       what="the README's services to exit")
         for group in self.groups:
             _signal(group, signal.SIGKILL)
 

@@ -35,11 +35,11 @@ from relayq.v1 import admin_pb2, common_pb2, ingest_pb2
 from router_service import tracing
 from router_service.model import Job
 from tests.helpers import auth, event
+from tests.natsstreams import NATS_URL, connected, made_stream, nats_destination
 from tests.pipeline import World, wait_until_finished
 from tests.poll import eventually
 from tests.services import OPERATOR_TOKEN, Admin, Ingest, admin, ingest, quiet_env, router
 from tests.sinks import Answer
-from tests.test_nats_destination import NATS_URL, connected, made_stream, nats_destination
 
 AUTH = Admin.auth()
 SENDER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

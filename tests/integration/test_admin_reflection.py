@@ -18,7 +18,7 @@ from tests.poll import eventually
 from tests.services import OPERATOR_TOKEN, admin_process, ingest, router
 from tests.sinks import OK, Answer, Received
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 DOCUMENTED_ADDRESS = "127.0.0.1:50052"
 
 

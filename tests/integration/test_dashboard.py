@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from relayq.ports import free_port
-from tests.conftest import create_database, drop_database, dsn_for
+from tests.databases import create_database, drop_database, dsn_for
 from tests.services import ServiceProcess, admin_process, ingest_process, router_process
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "relayq.json"
 

@@ -8,21 +8,16 @@ JetStream's de-duplication" are checked where a consumer would see them.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import json
-import os
 import secrets
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,8 +29,6 @@ import nats
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from nats.aio.client import Client
-from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg, StreamConfig
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
@@ -54,10 +47,18 @@ from router_service.trust import Trust
 from tests import factories
 from tests.certs import self_signed
 from tests.helpers import event, loopback_resolver
-from tests.pipeline import FAST_RETRIES, World, send, states, wait_until_finished
+from tests.natsstreams import (
+    NATS_URL,
+    Stream,
+    connected,
+    made_stream,
+    nats_destination,
+    unique_names,
+)
+from tests.pipeline import World, send, states, wait_until_finished
+from tests.poll import eventually, wait_until
 from tests.services import Admin, admin, ingest, router, router_process
 
-NATS_URL = os.environ.get("RELAYQ_TEST_NATS_URL", "nats://127.0.0.1:4222")
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 needs_nats_server = pytest.mark.skipif(not Path(NATS_SERVER).exists(),
                                        reason="needs the nats-server command")
@@ -73,62 +74,6 @@ def decode(value: str) -> str:
 
 
 # --- the stream ------------------------------------------------------------------------------
-
-
-@dataclass
-class Stream:
-    name: str
-    # Every subject of the stream starts with `prefix.`
-    prefix: str
-    js: JetStreamContext
-
-    async def count(self) -> int:
-        return (await self.js.stream_info(self.name)).state.messages
-
-    async def messages(self) -> list[RawStreamMsg]:
-        """Everything stored, in stream order."""
-        state = (await self.js.stream_info(self.name)).state
-        if not state.messages:
-            return []
-        return [await self.js.get_msg(self.name, seq)
-                for seq in range(state.first_seq, state.last_seq + 1)]
-
-    async def wait_for(self, count: int, within: float = 30.0) -> None:
-        deadline = asyncio.get_running_loop().time() + within
-        while (have := await self.count()) < count:
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"{have} of {count} messages in stream {self.name}")
-            await asyncio.sleep(0.05)
-
-
-def unique_names() -> tuple[str, str]:
-    """(stream name, subject prefix): other sessions share the server."""
-    suffix = f"{os.getpid()}_{secrets.token_hex(4)}"
-    return f"RELAYQ_TEST_{suffix}", f"rqtest{suffix}"
-
-
-@contextlib.asynccontextmanager
-async def connected(url: str = NATS_URL) -> AsyncIterator[Client]:
-    try:
-        client = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
-    except Exception as exc:
-        pytest.fail(f"no NATS server with JetStream at {url} ({exc}); the tests need one")
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@contextlib.asynccontextmanager
-async def made_stream(client: Client, **config: Any) -> AsyncIterator[Stream]:
-    name, prefix = unique_names()
-    js = client.jetstream()
-    await js.add_stream(StreamConfig(name=name, subjects=[f"{prefix}.>"], **config))
-    try:
-        yield Stream(name, prefix, js)
-    finally:
-        with contextlib.suppress(Exception):
-            await js.delete_stream(name)
 
 
 @pytest.fixture
@@ -162,14 +107,6 @@ def ingested_by_user(events: list[ingest_pb2.Event], ids: list[int]) -> dict[str
     return dict(by_user)
 
 
-async def nats_destination(world: World, destination_id: str, endpoint: str,
-                           **columns: Any) -> int:
-    key = await factories.destination(world.conn, world.tenant, destination_id, kind="nats",
-                                      endpoint=endpoint, **{**FAST_RETRIES, **columns})
-    await factories.connect(world.conn, world.source.key, key)
-    return key
-
-
 async def error_codes(conn: AsyncConnection[Any]) -> set[str]:
     cur = await conn.execute(
         "SELECT DISTINCT error_code FROM job_statuses WHERE error_code IS NOT NULL"
@@ -185,11 +122,13 @@ async def failures(conn: AsyncConnection[Any], code: str) -> int:
 async def wait_for_error(conn: AsyncConnection[Any], code: str, *, more_than: int = 0,
                          within: float = 30.0) -> None:
     """Until more than `more_than` attempts have failed with `code`."""
-    deadline = asyncio.get_running_loop().time() + within
-    while await failures(conn, code) <= more_than:
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"no attempt failed with {code!r}: {await error_codes(conn)}")
-        await asyncio.sleep(0.05)
+    async def failed() -> bool:
+        return await failures(conn, code) > more_than
+
+    async def described() -> str:
+        return f"an attempt failed with {code!r} (errors: {await error_codes(conn)})"
+
+    await eventually(failed, within=within, every=0.05, what=described)
 
 
 # --- pure parts: endpoint, encoding, subjects ---------------------------------------------------
@@ -509,16 +448,16 @@ class PrivateNats:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen([NATS_SERVER, "-c", str(self.config)],
                                             stdout=log, stderr=log)
-        deadline = time.monotonic() + 20
-        while True:
-            if self.process.poll() is not None:
+        process = self.process
+
+        def listening() -> bool:
+            if process.poll() is not None:
                 raise RuntimeError(f"nats-server exited: {self.log.read_text()[-2000:]}")
             with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nats-server not listening: {self.log.read_text()[-2000:]}")
-            time.sleep(0.05)
+                return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until(listening, within=20, every=0.05,
+                   what=lambda: f"nats-server listening: {self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
         """A clean shutdown (its store is flushed), as an operator's restart would be."""

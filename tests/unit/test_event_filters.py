@@ -1,7 +1,8 @@
 """Connection filters as ingest evaluates them: filterlang.events on hand-made events.
 
 The random comparison with Postgres (the job filters' SQL on the same documents) is in
-tests/test_subscriptions.py; here each rule is spelled out once, with the event it is about.
+tests/integration/test_subscriptions.py; here each rule is spelled out once, with the event it
+is about.
 """
 
 from __future__ import annotations

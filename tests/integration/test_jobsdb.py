@@ -110,17 +110,17 @@ async def test_a_key_is_a_duplicate_for_the_whole_window_and_forgotten_after(
 
 
 async def test_a_flush_writes_each_new_event_once_in_input_order_with_its_partition(
-    conn: AsyncConnection[Any],
+    tx: AsyncConnection[Any],
 ) -> None:
     """Named destinations (in the order named), an event for every connection, a duplicate
     within the flush and one already seen: each new event is one row of the log, ids follow
     input order, each in its user's ordering partition, the document as given; no job rows."""
-    tenant = await factories.tenant(conn)
-    source = await factories.source(conn, tenant)
-    d1 = await factories.destination(conn, tenant, "d1")
-    d2 = await factories.destination(conn, tenant, "d2")
-    async with conn.transaction():
-        await store_events(conn, [NewEvent(source.key, tenant, "seen", "u0", "{}", (d1,))],
+    tenant = await factories.tenant(tx)
+    source = await factories.source(tx, tenant)
+    d1 = await factories.destination(tx, tenant, "d1")
+    d2 = await factories.destination(tx, tenant, "d2")
+    async with tx.transaction():
+        await store_events(tx, [NewEvent(source.key, tenant, "seen", "u0", "{}", (d1,))],
                            ordering_partitions=64)
     events = [
         NewEvent(source.key, tenant, "e1", "alice", '{"n": 1}', (d1, d2)),
@@ -129,13 +129,13 @@ async def test_a_flush_writes_each_new_event_once_in_input_order_with_its_partit
         NewEvent(source.key, tenant, "e1", "alice", '{"n": 1}', (d1, d2)),
         NewEvent(source.key, tenant, "e3", "carol", '{"n": 3}', (d2, d1)),
     ]
-    async with conn.transaction():
-        stored = await store_events(conn, events, ordering_partitions=64)
+    async with tx.transaction():
+        stored = await store_events(tx, events, ordering_partitions=64)
     assert [s.duplicate for s in stored] == [False, True, False, True, False]
     assert [s.event_id is None for s in stored] == [False, True, False, True, False]
     ids = [s.event_id for s in stored if s.event_id is not None]
     assert ids == sorted(ids)
-    cur = await conn.execute(
+    cur = await tx.execute(
         "SELECT event_id, source_key, tenant_key, ordering_partition, user_id, message_id,"
         " destinations, document FROM events WHERE event_id = ANY(%s) ORDER BY event_id",
         (ids,))
@@ -146,12 +146,12 @@ async def test_a_flush_writes_each_new_event_once_in_input_order_with_its_partit
         (ids[2], source.key, tenant, partition_of("carol", 64), "carol", "e3", [d2, d1],
          '{"n": 3}'),
     ]
-    assert await count(conn, "events") == 4  # with "seen"
-    assert await count(conn, "jobs") == 0
+    assert await count(tx, "events") == 4  # with "seen"
+    assert await count(tx, "jobs") == 0
     # A new sighting of a stored event is a duplicate whatever destinations it names.
-    async with conn.transaction():
+    async with tx.transaction():
         (again,) = await store_events(
-            conn, [NewEvent(source.key, tenant, "e2", "bob", "{}", (d1,))],
+            tx, [NewEvent(source.key, tenant, "e2", "bob", "{}", (d1,))],
             ordering_partitions=64)
     assert again.duplicate
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from ingest_service.config import IngestConfig
-from relayq import addresses, cpus, supervisor, worker
+from relayq import addresses, cpus, worker
 from relayq.config import MAX_WORKERS, ConfigError, Env, workers
+from relayq.supervision import keeper
 from router_service.config import RouterConfig, worker_id
 from tests.helpers import TEST_SECRET_KEY
 
@@ -74,9 +75,9 @@ def test_each_router_worker_has_its_own_stable_id() -> None:
 
 
 def test_restarts_back_off_after_quick_deaths_and_give_up_after_five() -> None:
-    assert supervisor.restart_delay(0) == 0.0  # it had run a while: at once
-    assert [supervisor.restart_delay(n) for n in range(1, 5)] == [0.5, 1.0, 2.0, 4.0]
-    assert supervisor.restart_delay(supervisor.GIVE_UP_AFTER) is None
+    assert keeper.restart_delay(0) == 0.0  # it had run a while: at once
+    assert [keeper.restart_delay(n) for n in range(1, 5)] == [0.5, 1.0, 2.0, 4.0]
+    assert keeper.restart_delay(keeper.GIVE_UP_AFTER) is None
 
 
 def test_a_process_is_a_worker_only_with_its_number() -> None:

@@ -27,7 +27,7 @@ from jobsdb.keyspace import job_id
 from relayq.ports import free_port
 from relayq.v1 import admin_pb2, admin_pb2_grpc, common_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.browser import BackgroundLoop, Browser, require_chromium
-from tests.conftest import create_database, drop_database, dsn_for
+from tests.databases import create_database, drop_database, dsn_for
 from tests.helpers import auth, event
 from tests.poll import wait_until
 from tests.services import (

@@ -12,7 +12,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.conftest import SERVER_DSN, dsn_for
+from tests.databases import SERVER_DSN, dsn_for
 from tests.helpers import TEST_SECRET_KEY
 from tests.services import ingest
 
@@ -115,7 +115,7 @@ def test_a_database_that_refuses_us_stops_every_process_at_once_with_its_message
                          "RELAYQ_ADMIN_METRICS_ADDRESS": "off",
                          "RELAYQ_ROUTER_METRICS_ADDRESS": "off", "RELAYQ_LOG_FORMAT": "json",
                          "RELAYQ_SECRET_KEYS": TEST_SECRET_KEY,
-                         # One process; tests/test_workers.py has the supervisors' case.
+                         # One process; tests/process/test_workers.py has the supervisors' case.
                          "RELAYQ_INGEST_WORKERS": "1", "RELAYQ_ROUTER_WORKERS": "1"})
     assert time.monotonic() - started < 2.0 + 1.5  # and the interpreter's start
     assert result.returncode == 1, result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -176,12 +177,13 @@ def test_the_brief_example_compiles_to_parameters_only() -> None:
         "AND payload.event = 'Order Completed' AND created_at > '2026-11-01'")
     assert compiled is not None
     assert compiled.where.as_string(None) == (
-        "(j.destination_key IN (SELECT destination_key FROM destinations WHERE id = %s::text)"
-        " AND j.state = ANY(%s::job_state[]) AND j.attempts >= %s::integer"
-        " AND (j.payload #>> %s::text[]) = %s::text AND j.created_at > %s::timestamptz)")
-    assert [str(p) for p in compiled.params] == [
-        "d1", "['failed', 'waiting']", "3", "['event']", "Order Completed",
-        "2026-11-01 00:00:00+00:00"]
+        "(j.destination_key IN (SELECT destination_key FROM destinations"
+        " WHERE id = %(f0)s::text) AND j.state = ANY(%(f1)s::job_state[])"
+        " AND j.attempts >= %(f2)s::integer AND (j.payload #>> %(f3)s::text[]) = %(f4)s::text"
+        " AND j.created_at > %(f5)s::timestamptz)")
+    assert {name: str(p) for name, p in compiled.params.items()} == {
+        "f0": "d1", "f1": "['failed', 'waiting']", "f2": "3", "f3": "['event']",
+        "f4": "Order Completed", "f5": "2026-11-01 00:00:00+00:00"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,9 +285,9 @@ def select_ids(conn: psycopg.Connection[Any], compiled: Compiled | None) -> list
         query_ = sql.SQL("SELECT j.job_id FROM {} j ORDER BY 1").format(VIEW)
         return [r[0] for r in conn.execute(query_)]
     # The way the admin service uses it: the fragment ANDed with more conditions.
-    query_ = sql.SQL("SELECT j.job_id FROM {} j WHERE {} AND j.job_id > %s ORDER BY 1").format(
-        VIEW, compiled.where)
-    return [r[0] for r in conn.execute(query_, [*compiled.params, 0])]
+    query_ = sql.SQL("SELECT j.job_id FROM {} j WHERE {} AND j.job_id > %(after)s ORDER BY 1"
+                     ).format(VIEW, compiled.where)
+    return [r[0] for r in conn.execute(query_, {**compiled.params, "after": 0})]
 
 
 def test_the_seeded_jobs_are_what_operators_see(jobs_db: psycopg.Connection[Any]) -> None:
@@ -377,9 +379,11 @@ _SOUP = st.lists(st.sampled_from(_NOISE) | st.text(max_size=4), max_size=30).map
 
 def _placeholders_match(compiled: Compiled, conn: psycopg.Connection[Any]) -> str:
     text = compiled.where.as_string(conn)
-    # Every value is a parameter: one %s per value, and no other % in the text at all.
-    assert text.count("%s") == len(compiled.params)
-    assert "%" not in text.replace("%s", "")
+    # Every value is a parameter: each named once (a payload path may be read twice), and no
+    # other % in the text at all.
+    named = set(re.findall(r"%\(([a-z0-9]+)\)s", text))
+    assert named == set(compiled.params)
+    assert "%" not in re.sub(r"%\([a-z0-9]+\)s", "", text)
     return text
 
 

@@ -27,7 +27,7 @@ from relayq.ports import free_port
 from relayq.v1 import ingest_pb2, ingest_pb2_grpc, router_pb2, router_pb2_grpc
 from tests import factories
 from tests.cluster import Service, sample, service
-from tests.conftest import dsn_for
+from tests.databases import dsn_for
 from tests.helpers import auth, count, event, first_deliveries_in_order, owners
 from tests.pipeline import World, send, states, wait_until_finished
 from tests.poll import eventually

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from filterlang.events import compile_event_filter
 from relayq.v1 import admin_pb2
 from tests import factories
-from tests.conftest import create_database, drop_database, dsn_for
+from tests.databases import create_database, drop_database, dsn_for
 from tests.helpers import event
 from tests.pipeline import _document, send
 from tests.poll import eventually

@@ -6,7 +6,7 @@ rows (what jobsdb/sql/queue.sql's pickup, hold and record_outcomes do to them), 
 reads, sends, answers and commits at random the way the lane and the flusher can, and checks
 what a receiver would see: no job is sent while an earlier job of its user is unfinished, and
 each user's accepted jobs are in job order. The same property runs end to end through real
-lanes, Postgres and sinks in tests/test_router.py.
+lanes, Postgres and sinks in tests/integration/test_router.py.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from aiohttp import web
 from router_service import httpclient
 from router_service.httpclient import HttpPool, InvalidURL, parse_target
 from tests.helpers import loopback_resolver
+from tests.poll import eventually
 from tests.sinks import serve_post
 
 Script = Callable[["Request", asyncio.StreamWriter], Awaitable[bool]]
@@ -210,10 +211,7 @@ async def test_an_oversized_answer_is_cut_and_its_connection_dropped(pool: HttpP
 
 
 async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
+    await eventually(condition, within=within, every=0.02)
 
 
 async def test_silence_times_out_and_the_connection_goes(pool: HttpPool) -> None:

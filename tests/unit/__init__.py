@@ -1,0 +1,1 @@
+"""Pure unit tests: no Postgres, no service processes (make test-unit, well under a minute)."""
