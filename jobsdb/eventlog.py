@@ -12,8 +12,10 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection
+from psycopg.rows import dict_row
 
 from jobsdb.queue import storable, trimmed
+from jobsdb.rows import check_columns
 from jobsdb.sqlfile import query
 
 Conn = AsyncConnection[Any]
@@ -36,6 +38,12 @@ class LoggedEvent(NamedTuple):
     document: str
     # The sender's W3C traceparent (None: sent without one); deliveries carry it on.
     traceparent: str | None = None
+
+
+# The reads' columns: a LoggedEvent's (and, for read_for, its destination first), then the
+# connections' version; checked once per process against what Postgres returns.
+_READ_COLUMNS = (*LoggedEvent._fields, "config_version")
+_READ_FOR_COLUMNS = ("destination_key", *LoggedEvent._fields, "config_version")
 
 
 class Wanted(NamedTuple):
@@ -80,6 +88,8 @@ async def read(conn: Conn, wanted: Sequence[Wanted]) -> Read:
     row = await horizon_cur.fetchone()
     assert row is not None
     rows = await cur.fetchall()
+    # The hot path: tuples, their columns checked against LoggedEvent's once (jobsdb.rows).
+    check_columns(cur, "eventlog.sql read", _READ_COLUMNS)
     return Read(int(row[0]), [LoggedEvent(*r[:-1]) for r in rows],
                 int(rows[0][-1]) if rows else 0)
 
@@ -98,6 +108,7 @@ async def read_for(conn: Conn, wanted: Sequence[WantedFor]
     }, binary=True)
     found: dict[int, list[LoggedEvent]] = {w.destination_key: [] for w in wanted}
     version = 0
+    check_columns(cur, "eventlog.sql read_for", _READ_FOR_COLUMNS)
     for row in await cur.fetchall():
         found[row[0]].append(LoggedEvent(*row[1:-1]))
         version = int(row[-1])
@@ -127,25 +138,29 @@ async def take_over(conn: Conn, partitions: Sequence[int]) -> Taken:
     if not partitions:
         return taken
     params = {"partitions": list(partitions)}
-    cur = await conn.execute(query("eventlog.sql", "frontiers"), params)
-    taken.frontiers = {int(p): int(f) for p, f in await cur.fetchall()}
-    cur = await conn.execute(query("eventlog.sql", "cursors"), params)
-    taken.cursors = {(int(d), int(p)): int(position) for d, p, position in await cur.fetchall()}
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(query("eventlog.sql", "frontiers"), params)
+    taken.frontiers = {int(r["partition"]): int(r["frontier"]) for r in await cur.fetchall()}
+    await cur.execute(query("eventlog.sql", "cursors"), params)
+    taken.cursors = {(int(r["destination_key"]), int(r["partition"])): int(r["position"])
+                     for r in await cur.fetchall()}
     taken.blocked = await blocked_users(conn, partitions)
     low = min([*taken.frontiers.values(), *taken.cursors.values()], default=0)
-    cur = await conn.execute(query("eventlog.sql", "settled_above"), {**params, "low": low})
-    for destination_key, event_id, partition in await cur.fetchall():
-        taken.settled.setdefault((int(destination_key), int(partition)), set()).add(
-            int(event_id))
+    await cur.execute(query("eventlog.sql", "settled_above"), {**params, "low": low})
+    for r in await cur.fetchall():
+        taken.settled.setdefault((int(r["destination_key"]), int(r["partition"])), set()).add(
+            int(r["event_id"]))
     return taken
 
 
 async def blocked_users(conn: Conn, partitions: Sequence[int], *,
                         destination_key: int | None = None) -> dict[tuple[int, str], int]:
     """(destination, user) -> root job, for users with unfinished rows in these partitions."""
-    cur = await conn.execute(query("eventlog.sql", "blocked_users"),
-                             {"partitions": list(partitions), "destination_key": destination_key})
-    return {(int(d), user): int(root) for d, user, root in await cur.fetchall()}
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(query("eventlog.sql", "blocked_users"),
+                      {"partitions": list(partitions), "destination_key": destination_key})
+    return {(int(r["destination_key"]), r["user_id"]): int(r["root"])
+            for r in await cur.fetchall()}
 
 
 # --- recording -----------------------------------------------------------------------------
@@ -345,9 +360,10 @@ async def oldest_retained(conn: Conn) -> tuple[int, datetime] | None:
     so an older event kept below a hole (a partition held by one unfinished job) is not
     counted: the answer is where the log is whole from (migration 0016,
     event_log_oldest_retained(), which SQL callers can use in the same snapshot)."""
-    cur = await conn.execute(query("eventlog.sql", "oldest_retained"))
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(query("eventlog.sql", "oldest_retained"))
     row = await cur.fetchone()
-    return (int(row[0]), row[1]) if row else None
+    return (int(row["event_id"]), row["created_at"]) if row else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +377,8 @@ class LogSize:
 async def size(conn: Conn) -> LogSize:
     """The log's size on disk and in events, and its oldest retained event (no row read but
     two index probes per partition): for GetStats and `relayq stats`."""
-    cur = await conn.execute(query("eventlog.sql", "size"))
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(query("eventlog.sql", "size"))
     row = await cur.fetchone()
     assert row is not None
-    return LogSize(int(row[0]), int(row[1]), await oldest_retained(conn))
+    return LogSize(int(row["bytes"]), int(row["events"]), await oldest_retained(conn))

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import AsyncConnection, sql
-from psycopg.rows import class_row, kwargs_row
+from psycopg.rows import class_row, dict_row, kwargs_row
 
 from jobsdb import locks
 from jobsdb.keyspace import SLOT_BITS
@@ -226,8 +226,9 @@ async def index_lookups(conn: AsyncConnection[Any], *, at_most: int = 1) -> list
     cur = await conn.execute(query("partitions.sql", "horizon"))
     row = await cur.fetchone()
     horizon = int(row[0]) if row else 0
-    cur = await conn.execute(query("partitions.sql", "lookup_indexes"))
-    valid = {name: ok for name, ok in await cur.fetchall()}
+    lookups = conn.cursor(row_factory=dict_row)
+    await lookups.execute(query("partitions.sql", "lookup_indexes"))
+    valid = {r["name"]: r["valid"] for r in await lookups.fetchall()}
     built: list[str] = []
     for name, lower in await _existing(conn, "events"):
         number = lower // size

@@ -141,13 +141,13 @@ async def first_id_at(conn: Conn, when: datetime, *, low: int, high: int) -> int
     lo, hi = low, high + 1
     while lo < hi:
         mid = (lo + hi) // 2
-        cur = await conn.execute(query("replays.sql", "created_at_or_after"),
-                                 {"event_id": mid})
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(query("replays.sql", "created_at_or_after"), {"event_id": mid})
         row = await cur.fetchone()
-        if row is None or row[1] >= when:
+        if row is None or row["created_at"] >= when:
             hi = mid
         else:
-            lo = int(row[0]) + 1
+            lo = int(row["event_id"]) + 1
     return lo
 
 
@@ -291,7 +291,8 @@ async def write_chunk(conn: Conn, replay: dict[str, Any], *, chunk: int = CHUNK)
     filters = [replay["connection_filter"], replay["filter"]]
     where_params = Params("r")
     statement = _with_filters(_CHUNK, filters, where_params)
-    cur = await conn.execute(statement, {
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(statement, {
         **where_params.values, "position": replay["position"],
         "last": replay["last_event_id"], "source_key": replay["source_key"], "chunk": chunk,
         "destination_key": replay["destination_key"], "clamp": is_replay,
@@ -301,7 +302,8 @@ async def write_chunk(conn: Conn, replay: dict[str, Any], *, chunk: int = CHUNK)
         "reason": f"{replay['kind']} {replay['replay_id']}: {replay['reason']}"})
     row = await cur.fetchone()
     assert row is not None
-    written, stopped_at, taken, last_taken = int(row[0]), row[1], int(row[2]), row[3]
+    written, stopped_at = int(row["written"]), row["stopped_at"]
+    taken, last_taken = int(row["taken"]), row["last_taken"]
     if stopped_at is not None:
         position, done = int(stopped_at) - 1, False
     elif taken >= chunk:

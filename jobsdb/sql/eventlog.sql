@@ -18,8 +18,8 @@ SELECT set_config('relayq.horizon', event_log_horizon()::text, true)::bigint AS 
 -- `lim` each: one index scan per partition (events_partition_idx). With the version of the
 -- connections in this same snapshot (migration 0012): a router whose connections are older
 -- reloads them before it hands these events out.
-SELECT e.event_id, e.ordering_partition, e.source_key, e.tenant_key, e.created_at,
-       e.user_id, e.message_id, e.destinations, e.document, e.traceparent,
+SELECT e.event_id, e.ordering_partition AS partition, e.source_key, e.tenant_key,
+       e.created_at, e.user_id, e.message_id, e.destinations, e.document, e.traceparent,
        (SELECT version FROM relayq_config_version) AS config_version
 FROM unnest(%(partitions)s::smallint[], %(afters)s::bigint[], %(limits)s::integer[])
      AS w(partition, after, lim)
@@ -39,8 +39,9 @@ ORDER BY e.ordering_partition, e.event_id;
 -- that name it or no destination, in (after, upto], up to `lim` per (destination,
 -- partition). `upto` is at most where the router's shared read has been, which is below the
 -- horizon already. Sources travel as ';'-joined keys, one text per wanted row.
-SELECT w.destination_key, e.event_id, e.ordering_partition, e.source_key, e.tenant_key,
-       e.created_at, e.user_id, e.message_id, e.destinations, e.document, e.traceparent,
+SELECT w.destination_key, e.event_id, e.ordering_partition AS partition, e.source_key,
+       e.tenant_key, e.created_at, e.user_id, e.message_id, e.destinations, e.document,
+       e.traceparent,
        (SELECT version FROM relayq_config_version) AS config_version
 FROM unnest(%(destination_keys)s::integer[], %(partitions)s::smallint[],
             %(afters)s::bigint[], %(uptos)s::bigint[], %(limits)s::integer[],
