@@ -14,7 +14,7 @@ everywhere). Maintenance's message-id indexes are built as maintenance builds th
 Then relayq-admin runs as its own process, and GetEvent is called over gRPC, one call at a
 time, for events drawn at random: by event id, by message id in partitions ingest has left
 (indexed), and by message id in the partition ingest is writing (scanned). Each answer holds
-the event and its standing at the five destinations (jobsdb.jobs.job_status for each).
+the event and its standing at the five destinations (jobsdb.standing.job_status for each).
 
     .venv/bin/python bench/events.py --events 10000000 --calls 500
 """

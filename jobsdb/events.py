@@ -2,7 +2,7 @@
 by message id, and where it stands at each destination of its source.
 
 What became of an event at a destination is a job's state: it comes from
-jobsdb.jobs.job_status, the one place that reads it from rows, cursors and deliveries (GetJob
+jobsdb.standing.job_status, the one place that reads it from rows, cursors and deliveries (GetJob
 uses it too). This module only adds what is not a job: why an event is none at a destination
 (filtered out, named elsewhere, not connected at the time).
 """
@@ -18,7 +18,7 @@ from typing import Any
 from psycopg import AsyncConnection, sql
 from psycopg.rows import class_row
 
-from jobsdb import jobs
+from jobsdb import jobs, standing
 from jobsdb.errors import NotFound
 from jobsdb.filters import Compiled
 from jobsdb.sqlfile import query
@@ -126,7 +126,7 @@ async def destinations(conn: Conn, event: EventRow, scope: int | None) -> list[A
     cur = conn.cursor(row_factory=class_row(ConnectionRow))
     await cur.execute(query("events.sql", "connections"), {"source_key": event.source_key})
     connections = await cur.fetchall()
-    found = await jobs.event_standing(conn, event.event_id, [c.slot for c in connections],
+    found = await standing.event_standing(conn, event.event_id, [c.slot for c in connections],
                                       scope)
     return [_at(event, c, found[c.slot]) for c in connections]
 
@@ -136,8 +136,8 @@ _STATUS = {"pending": "pending", "succeeded": "delivered", "failed": "failed",
 
 
 def _at(event: EventRow, connection: ConnectionRow,
-        found: tuple[jobs.JobRow, list[jobs.StatusRow]] | jobs.NotAJob) -> AtDestination:
-    if not isinstance(found, jobs.NotAJob):
+        found: tuple[jobs.JobRow, list[jobs.StatusRow]] | standing.NotAJob) -> AtDestination:
+    if not isinstance(found, standing.NotAJob):
         row, history = found
         return AtDestination(connection.destination_id, _STATUS[row.state], row, history)
     if found.why == "named":

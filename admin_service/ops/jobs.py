@@ -17,7 +17,7 @@ from typing import Any
 from admin_service import convert, metrics, paging, validate
 from admin_service.ops.base import Concern, changed
 from filterlang.errors import FilterError
-from jobsdb import catalog, subscriptions
+from jobsdb import catalog, standing, subscriptions
 from jobsdb import errors as dberrors
 from jobsdb import jobs as jobsdb
 from jobsdb.filters import compile_filter
@@ -75,7 +75,7 @@ class Jobs(Concern):
         if request.job_id <= 0:
             raise validate.bad("job_id", "required (a positive job id)")
         async with transaction(self._pool) as conn:
-            row, history = await jobsdb.get_job(conn, request.job_id, caller.scope)
+            row, history = await standing.get_job(conn, request.job_id, caller.scope)
         return convert.job(row, history)
 
     async def peek(self, caller: Caller, request: admin_pb2.PeekJobsRequest

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from jobsdb import jobs
+from jobsdb import standing
 from jobsdb.ingest import NewEvent, store_events
 from jobsdb.keyspace import partition_of
 from relayq.v1 import admin_pb2, router_pb2
@@ -53,7 +53,7 @@ async def test_events_reach_a_webhook_with_their_metadata(world: World) -> None:
     assert await count(world.conn, "jobs") == 0
     for job_id in ids:
         async with world.conn.transaction():
-            row, history = await jobs.get_job(world.conn, job_id, None)
+            row, history = await standing.get_job(world.conn, job_id, None)
         assert (row.state, row.attempts) == ("succeeded", 1)
         assert [(h.attempt, h.state, h.response, h.actor[:7]) for h in history] == [
             (1, "succeeded", "200", "router:")]
