@@ -134,7 +134,10 @@ async def test_events_never_acknowledged_are_written_to_rejected_and_fail_the_ru
     (record,) = [json.loads(r) for r in rejected.read_text().splitlines()]
     assert record["status"] == "not acknowledged"
     assert record["reason"].startswith("no acknowledgement after")
-    assert "UNAVAILABLE: failed to connect" in record["reason"]
+    # Nothing listens there: refused at once, or, on a loaded machine, not even refused
+    # within the one second a try may take.
+    assert ("UNAVAILABLE: failed to connect" in record["reason"]
+            or "DEADLINE_EXCEEDED" in record["reason"]), record["reason"]
     assert record["event"]["message_id"] == "m1"
 
 
