@@ -42,7 +42,8 @@ from bench.common import (
     wait_ready,
 )
 from bench.ingest import BATCH, client_process
-from bench.router import QUIET, Sink, _backends, stop
+from bench.router_backlog import _backends
+from bench.router_common import QUIET, Sink, stop
 
 
 def run(events: int, destinations: int, kind: str, processes: int = 2, clients: int = 4

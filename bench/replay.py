@@ -70,7 +70,8 @@ from bench.common import (
     wait_ready,
 )
 from bench.ingest import payload
-from bench.router import QUIET, Sink, _backends, _wait_split, stop
+from bench.router_backlog import _backends, _wait_split
+from bench.router_common import QUIET, Sink, stop
 from jobsdb import partitions
 from relayq.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2
 
