@@ -45,6 +45,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    SAMPLE_DOCUMENT,
     add_source,
     create_database,
     drop_database,
@@ -70,7 +71,7 @@ RECORDED_AHEAD = 1 / 8
 
 # An event's source follows its user (i mod 5); its time runs over the last day. Its kind
 # (i / 5 mod 5) and, for a failed job, its attempts (i / 25 mod 5) vary within a source.
-EVENTS = """
+EVENTS = f"""
 INSERT INTO events (event_id, created_at, source_key, tenant_key, ordering_partition, user_id,
                     message_id, document)
 SELECT i, now() - interval '1 day' + i * %(spacing)s * interval '1 millisecond',
@@ -78,17 +79,7 @@ SELECT i, now() - interval '1 day' + i * %(spacing)s * interval '1 millisecond',
        (%(tenant_keys)s::integer[])[1 + i %% %(users)s %% 5],
        ordering_partition_of('user-' || (i %% %(users)s), 64), 'user-' || (i %% %(users)s),
        'msg-' || i,
-       jsonb_build_object(
-           'type', 'track',
-           'event', (ARRAY['Order Completed', 'Product Viewed', 'Cart Updated',
-                           'Checkout Started', 'Signed In'])[1 + i / 5 %% 5],
-           'userId', 'user-' || (i %% %(users)s),
-           'messageId', 'msg-' || i,
-           'timestamp', '2026-11-25T10:00:00.000Z',
-           'properties', jsonb_build_object(
-               'order_id', i, 'sku', 'sku-' || (i %% 997), 'revenue', (i %% 500) / 10.0,
-               'currency', 'EUR', 'coupon', 'WINTER-' || (i %% 13),
-               'note', repeat('x', 120)))::text
+       {SAMPLE_DOCUMENT}
 FROM generate_series(%(start)s, %(stop)s - 1) AS i
 """
 

@@ -108,6 +108,20 @@ def wait_ready(port: int, timeout: float = 30) -> None:
 # Every service one process unless a benchmark asks for workers (RELAYQ_*_WORKERS in `env`):
 # a figure stays comparable with the runs before workers existed, the CPU per event read from
 # one pid is the service's, and a kill -9 (bench/chaos.py) kills what it names.
+# The document of sample event i (user i mod %(users)s) as SQL, for benchmarks that fill the
+# log straight from generate_series: kinds vary within a user (i / 5 mod 5), ~330 bytes.
+SAMPLE_DOCUMENT = """jsonb_build_object(
+           'type', 'track',
+           'event', (ARRAY['Order Completed', 'Product Viewed', 'Cart Updated',
+                           'Checkout Started', 'Signed In'])[1 + i / 5 %% 5],
+           'userId', 'user-' || (i %% %(users)s),
+           'messageId', 'msg-' || i,
+           'timestamp', '2026-11-25T10:00:00.000Z',
+           'properties', jsonb_build_object(
+               'order_id', i, 'sku', 'sku-' || (i %% 997), 'revenue', (i %% 500) / 10.0,
+               'currency', 'EUR', 'coupon', 'WINTER-' || (i %% 13),
+               'note', repeat('x', 120)))::text"""
+
 ONE_PROCESS = {"RELAYQ_INGEST_WORKERS": "1", "RELAYQ_ROUTER_WORKERS": "1"}
 # The benchmarks' sinks are on loopback, which the network policy refuses to destinations by
 # default (relayq.netpolicy): every service they start allows loopback, and only loopback.

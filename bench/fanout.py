@@ -43,7 +43,7 @@ from bench.common import (
 )
 from bench.ingest import BATCH, client_process
 from bench.router_backlog import _backends
-from bench.router_common import QUIET, Sink, stop
+from bench.router_common import QUIET, Sink, stop, wait_recorded
 
 
 def run(events: int, destinations: int, kind: str, processes: int = 2, clients: int = 4
@@ -84,7 +84,7 @@ def run(events: int, destinations: int, kind: str, processes: int = 2, clients: 
         if sum(a[0] for a in acked) != sent:
             raise SystemExit(f"accepted {sum(a[0] for a in acked)} of {sent} events")
         sent_by = max(a[1] for a in acked)
-        done_at = _wait_recorded(name, jobs)
+        done_at = wait_recorded(name, jobs, within=1200)
         elapsed = done_at - start_at
         ingest_used = cpu_since(ingest_cpu, service_cpu(ingest.pid))
         router_used = cpu_since(router_cpu, service_cpu(router.pid))
@@ -104,19 +104,6 @@ def run(events: int, destinations: int, kind: str, processes: int = 2, clients: 
         if sink.process.poll() is None:
             sink.process.kill()
         drop_database(name)
-
-
-def _wait_recorded(name: str, jobs: int, within: float = 1200) -> float:
-    """Until every job's success is counted (delivery_counts); returns when (time.time)."""
-    deadline = time.monotonic() + within
-    with psycopg.connect(dsn_for(name), autocommit=True) as conn:
-        while time.monotonic() < deadline:
-            row = conn.execute("SELECT coalesce(sum(succeeded), 0) FROM delivery_counts"
-                               ).fetchone()
-            if row and row[0] >= jobs:
-                return time.time()
-            time.sleep(0.05)
-    raise SystemExit(f"not all {jobs} jobs were recorded in time")
 
 
 def main() -> None:

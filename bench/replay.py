@@ -57,6 +57,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    SAMPLE_DOCUMENT,
     add_source,
     cpu_seconds,
     cpu_since,
@@ -81,23 +82,13 @@ STEP = 100_000
 
 # Source `a`'s events in the order ingest would number them, each in its user's ordering
 # partition, committed a step at a time.
-EVENTS = """
+EVENTS = f"""
 INSERT INTO events (event_id, source_key, tenant_key, ordering_partition, user_id, message_id,
                     document)
 SELECT nextval('events_event_id_seq'), %(source_key)s, %(tenant_key)s,
        ordering_partition_of('user-' || (i %% %(users)s), 64), 'user-' || (i %% %(users)s),
        'msg-' || i,
-       jsonb_build_object(
-           'type', 'track',
-           'event', (ARRAY['Order Completed', 'Product Viewed', 'Cart Updated',
-                           'Checkout Started', 'Signed In'])[1 + i / 5 %% 5],
-           'userId', 'user-' || (i %% %(users)s),
-           'messageId', 'msg-' || i,
-           'timestamp', '2026-11-25T10:00:00.000Z',
-           'properties', jsonb_build_object(
-               'order_id', i, 'sku', 'sku-' || (i %% 997), 'revenue', (i %% 500) / 10.0,
-               'currency', 'EUR', 'coupon', 'WINTER-' || (i %% 13),
-               'note', repeat('x', 120)))::text
+       {SAMPLE_DOCUMENT}
 FROM generate_series(%(start)s, %(stop)s - 1) AS i
 """
 

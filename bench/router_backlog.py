@@ -30,7 +30,7 @@ from bench.common import (
     workers_of,
 )
 from bench.ingest import payload
-from bench.router_common import QUIET, Sink, stop
+from bench.router_common import QUIET, Sink, stop, wait_recorded
 from jobsdb import partitions
 from jobsdb.ingest import NewEvent, store_events
 
@@ -113,7 +113,7 @@ def throughput(jobs: int, kind: str, destinations: int, tenants: int, workers: s
         router_before, sink_cpu = service_cpu(router.pid), cpu_seconds(sink.process.pid)
         with psycopg.connect(dsn_for(name), autocommit=True) as conn:
             conn.execute("UPDATE destinations SET paused = false")
-        recorded_at = _wait_finished(name, jobs)
+        recorded_at = wait_recorded(name, jobs)
         router_cpu = cpu_since(router_before, service_cpu(router.pid))
         sink_cpu = cpu_seconds(sink.process.pid) - sink_cpu
         pg_cpu = sum(cpu_seconds(p) - backends.get(p, 0.0) for p in _backends(name))
@@ -189,20 +189,6 @@ def _backends(name: str) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
-def _wait_finished(name: str, jobs: int, within: float = 900) -> float:
-    """Wait until every job's success is recorded; returns when that was seen (time.time)."""
-    deadline = time.monotonic() + within
-    with psycopg.connect(dsn_for(name), autocommit=True) as conn:
-        while time.monotonic() < deadline:
-            # What the router counted for GetStats: cheap to read, unlike scanning the jobs.
-            row = conn.execute("SELECT coalesce(sum(succeeded), 0) FROM delivery_counts"
-                               ).fetchone()
-            if row and row[0] >= jobs:
-                return time.time()
-            time.sleep(0.05)
-    raise SystemExit(f"not all {jobs} jobs were delivered in time")
-
-
 # --- history -------------------------------------------------------------------------------
 
 def history(rounds: int, jobs: int, keep: bool) -> None:
@@ -231,7 +217,7 @@ def history(rounds: int, jobs: int, keep: bool) -> None:
             asyncio.run(_next_partition(name))
             preload(name, targets, jobs, seed=number, at_once=True)
             committed = time.time()
-            finished = _wait_finished(name, jobs * (number + 1))
+            finished = wait_recorded(name, jobs * (number + 1))
             size, count = _footprint(name)
             print(f"  {number + 1:5d}  {jobs / (finished - committed):6,.0f}  {size:11,.0f}"
                   f"  {count:14d}  {finished - begun:19.0f}")
@@ -283,7 +269,7 @@ def idle(destinations: int, tenants: int, seconds: float) -> None:
 
         started = time.time()
         asyncio.run(_one_job_each(name, targets))
-        _wait_finished(name, len(targets))
+        wait_recorded(name, len(targets))
         print(f"  one job to each destination: all {len(targets):,} recorded in"
               f" {time.time() - started:.1f}s")
         _idle_cost("just after (a lane per destination)", router.pid, name, seconds)

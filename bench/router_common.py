@@ -9,9 +9,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import psycopg
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import free_port
+from bench.common import dsn_for, free_port
 
 QUIET = {"RELAYQ_MAINTENANCE": "false", "RELAYQ_INGEST_METRICS_ADDRESS": "off",
          "RELAYQ_ROUTER_METRICS_ADDRESS": "off"}
@@ -42,6 +44,20 @@ class Sink:
             seen.setdefault(message_id, float(when))
         self.out.unlink()
         return seen
+
+
+def wait_recorded(name: str, jobs: int, within: float = 900) -> float:
+    """Until every job's success is counted (delivery_counts, what the router counts for
+    GetStats: cheap to read, unlike scanning the jobs); returns when (time.time)."""
+    deadline = time.monotonic() + within
+    with psycopg.connect(dsn_for(name), autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT coalesce(sum(succeeded), 0) FROM delivery_counts"
+                               ).fetchone()
+            if row and row[0] >= jobs:
+                return time.time()
+            time.sleep(0.05)
+    raise SystemExit(f"not all {jobs} jobs were recorded in time")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
