@@ -47,10 +47,6 @@ TIME_MARGIN = timedelta(minutes=10)
 CHUNK = 5000
 
 
-class ReplayRefused(Exception):
-    """A replay that cannot be made as asked (FAILED_PRECONDITION): the message says why."""
-
-
 @dataclass(frozen=True, slots=True)
 class Range:
     """Events of the source with ids in (after, last] and, when given, created in
@@ -68,8 +64,6 @@ class ConnectionState:
     enabled: bool
     event_filter: str | None
     backfill_after: int | None
-    # The destination takes events of another source too.
-    shared: bool
 
 
 @dataclass(frozen=True, slots=True)

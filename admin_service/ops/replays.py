@@ -26,6 +26,8 @@ Conn = AsyncConnection[Any]
 _DURATION = re.compile(r"^(\d{1,6})([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 STATES = ("running", "done", "cancelled")
+# What jobsdb.replays.new_id makes: a replay's or a backfill's id.
+_REPLAY_ID = re.compile(r"(rpl|bkf)-[0-9a-f]{12}")
 
 
 class Replays(Concern):
@@ -203,7 +205,7 @@ def _time(request: admin_pb2.ReplayEventsRequest,
 
 
 def _replay_id(value: str) -> str:
-    if not re.fullmatch(r"(rpl|bkf)-[0-9a-f]{12}", value):
+    if not _REPLAY_ID.fullmatch(value):
         raise validate.bad("replay_id", f"a replay id such as rpl-0123456789ab; got {value!r}")
     return value
 
@@ -216,6 +218,6 @@ def _page_key(after: str) -> tuple[datetime, str] | None:
         when = datetime.fromisoformat(stamp)
     except ValueError:
         when = None
-    if when is None or not re.fullmatch(r"(rpl|bkf)-[0-9a-f]{12}", replay_id):
+    if when is None or not _REPLAY_ID.fullmatch(replay_id):
         raise validate.bad("page_token", "not a page token from this API")
     return when, replay_id

@@ -3,17 +3,14 @@
 -- which carries the replay's filter).
 
 -- name: connection
--- The connection a replay goes through (enabled or not), and whether its destination takes
--- events of another source too (a backfill is refused there: see jobsdb.replays).
-SELECT c.slot, c.enabled, c.event_filter, c.backfill_after,
-       EXISTS (SELECT 1 FROM connections o
-               WHERE o.destination_key = c.destination_key
-                 AND o.source_key <> c.source_key AND o.enabled) AS shared
+-- The connection a replay goes through (enabled or not).
+SELECT c.slot, c.enabled, c.event_filter, c.backfill_after
 FROM connections c
 WHERE c.source_key = %(source_key)s AND c.destination_key = %(destination_key)s;
 
 -- name: other_connections
--- Whether the destination takes events of a source other than this one.
+-- Whether the destination takes events of a source other than this one (a backfill is
+-- refused there: see jobsdb.replays).
 SELECT EXISTS (SELECT 1 FROM connections
                WHERE destination_key = %(destination_key)s
                  AND source_key <> %(source_key)s AND enabled) AS shared;
