@@ -3,6 +3,7 @@
     .venv/bin/python bench/router.py --smoke      # every mode, tiny sizes, about a minute
     .venv/bin/python bench/router.py throughput [--jobs 200000] [--kind grpc|webhook] [--batch N]
                                                 [--destinations 50] [--tenants 1]
+                                                [--start paused|running]
                                                 [--workers 1] [--service-cpus 0,1]
     .venv/bin/python bench/router.py scaling [--jobs 200000] [--rounds 3]
     .venv/bin/python bench/router.py idle [--destinations 10000] [--tenants 100]
@@ -12,7 +13,10 @@
 
 throughput: jobs for 10,000 users and 50 destinations are written straight into a fresh
 database, then one relayq-router delivers them (ordering on, as always) to a sink process that
-answers at once. Jobs/s is measured at the sink, from the first arrival to the last.
+answers at once. Jobs/s is measured at the sink, from the first arrival to the last. The
+destinations are paused until the router is up and then resumed (`--start paused`: every
+destination catches up on its own), or the router starts on the backlog (`--start running`:
+destinations follow the shared read of the log, as after a restart).
 
 scaling: throughput with one router worker on one core, one on two, two on two, in turn.
 
@@ -59,6 +63,9 @@ def main() -> None:
     t.add_argument("--tenants", type=int, default=1)
     t.add_argument("--batch", type=int, default=1,
                    help="webhooks: events per request (the destinations' batch_max_events)")
+    t.add_argument("--start", choices=("paused", "running"), default="paused",
+                   help="paused: destinations resumed once the router is up (each catches up"
+                        " on its own); running: the router starts on the backlog")
     t.add_argument("--workers", default="1",
                    help="RELAYQ_ROUTER_WORKERS (default 1; 'auto': one per CPU it may use)")
     t.add_argument("--service-cpus", metavar="LIST",
@@ -89,6 +96,7 @@ def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if args.smoke:
         throughput(2_000, "grpc", 5, 1)
+        throughput(2_000, "grpc", 5, 1, start="running")
         throughput(1_000, "webhook", 5, 1)
         throughput(1_000, "webhook", 5, 1, batch=10)
         scaling(2_000, 1, SCALING[-1:])
@@ -100,7 +108,7 @@ def main() -> None:
         parser.error("a mode (throughput, scaling, history, idle, latency, fairness) or --smoke")
     elif args.command == "throughput":
         throughput(args.jobs, args.kind, args.destinations, args.tenants, args.workers,
-                   args.service_cpus, args.batch)
+                   args.service_cpus, args.batch, args.start)
     elif args.command == "scaling":
         scaling(args.jobs, args.rounds)
     elif args.command == "history":

@@ -84,16 +84,24 @@ def preload(name: str, targets: list[Target], jobs: int, users: int = 10_000,
 
 
 def throughput(jobs: int, kind: str, destinations: int, tenants: int, workers: str = "1",
-               cpus: str | None = None, batch: int = 1) -> tuple[float, float, float]:
+               cpus: str | None = None, batch: int = 1,
+               start: str = "paused") -> tuple[float, float, float]:
     """One router service (RELAYQ_ROUTER_WORKERS=`workers`, on `cpus` when given) delivers a
     backlog (to webhooks taking `batch` events a request). Returns jobs/s delivered and
-    recorded, and the router's CPU per job (us)."""
+    recorded, and the router's CPU per job (us).
+
+    `start`: "paused", the destinations are paused until the router is up, so that its
+    start-up is not counted and none of the work is done before the counting starts; over
+    the event log that makes every destination catch up on its own when it resumes (the path
+    of a destination resumed after a pause). "running": the router starts on the backlog with
+    every destination taking it, as after a restart (the path of a router that follows the
+    log); its Postgres backends count whole, its own CPU from its first second on, and jobs/s
+    from the first arrival at the sink as always.
+    """
     name = create_database()
     sink = Sink(kind)
     try:
-        # Paused until the router is up, so that its start-up is not counted and none of the
-        # work is done before the counting starts.
-        columns: dict[str, object] = {"paused": True}
+        columns: dict[str, object] = {"paused": start == "paused"}
         if batch > 1:
             columns["batch_max_events"] = batch
         preload(name, configure(name, kind, sink.endpoint, destinations, tenants, **columns),
@@ -109,7 +117,8 @@ def throughput(jobs: int, kind: str, destinations: int, tenants: int, workers: s
         _wait_split(name, len(workers_of(router.pid)) or 1)
         # The router's pool opens connections as it needs them: backends that appear later
         # started from nothing (and are found at the end, before the router lets them go).
-        backends = {p: cpu_seconds(p) for p in _backends(name)}
+        # A router started on the backlog has been at work since it started: count whole.
+        backends = {p: cpu_seconds(p) for p in _backends(name)} if start == "paused" else {}
         router_before, sink_cpu = service_cpu(router.pid), cpu_seconds(sink.process.pid)
         with psycopg.connect(dsn_for(name), autocommit=True) as conn:
             conn.execute("UPDATE destinations SET paused = false")
@@ -124,6 +133,7 @@ def throughput(jobs: int, kind: str, destinations: int, tenants: int, workers: s
         first = min(arrivals.values())
         elapsed = max(arrivals.values()) - first
         shape = (f"{workers} worker(s)" + (f" on CPUs {cpus}" if cpus else "")
+                 + f", started {start}"
                  + f", {kind} sink" + (f" taking batches of {batch}" if batch > 1 else ""))
         print(f"throughput ({shape}, {destinations:,} destinations of"
               f" {tenants:,} tenants, 10,000 users, ordering on):"
