@@ -60,6 +60,12 @@ class Routing:
     def routes(self, source_key: int) -> tuple[Route, ...]:
         return self._routes.get(source_key, ())
 
+    def routes_named(self, source_key: int, named: Iterable[int]) -> list[Route]:
+        """The routes of a source to the destinations an event names: looked up by pair,
+        since an event names a few destinations of a source that may have thousands."""
+        by_pair = self.by_pair
+        return [route for key in named if (route := by_pair.get((source_key, key))) is not None]
+
     def any_filter(self, source_key: int) -> bool:
         return any(r.filter is not None for r in self.routes(source_key))
 
