@@ -183,9 +183,12 @@ class Positions:
         track = tracks.get(destination)
         if track is None or event_id not in track.undecided:
             return
+        # Above its lowest undecided job the prefix stays where it is: nothing to trim.
+        lowest = track.lowest_undecided()
         track.undecided.discard(event_id)
         track.settled.add(event_id)
-        self._trim(destination, partition, track)
+        if event_id == lowest:
+            self._trim(destination, partition, track)
 
     def forget(self, destination: int, partition: int, event_id: int) -> None:
         """A held job left memory undecided (dropped to be read again in Postgres's order,
