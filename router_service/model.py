@@ -24,7 +24,10 @@ class Phase(Enum):
     ENDED = "ended"
 
 
-@dataclass(slots=True)
+# Compared by identity: the barrier finds and removes a job in its user's list by `in` and
+# `remove`, which compared every field of every job ahead of it (payloads included), and a
+# job read again after it was forgotten is another job, not the same one.
+@dataclass(slots=True, eq=False)
 class Job:
     job_id: int
     user_id: str
