@@ -76,6 +76,7 @@ class Engine:
                              usable=lambda: self.membership.usable(),
                              fan_out=lambda events: self.fan_out(events),
                              on_stalled=lambda p, holders: self.fan_out.stalled(p, holders),
+                             full=lambda holders: self.fan_out.full(holders),
                              ensure_config=self.ensure_config)
         self.cursors = CursorWriter(pool, self.positions, settings.router_id)
         self.fan_out = FanOut(positions=self.positions, cursors=self.cursors,

@@ -6,9 +6,9 @@ below the log's horizon (jobsdb.eventlog), and hands the events to the engine's 
 gives each destination following that partition its jobs. It reads a partition only as far
 ahead of what is decided there as its window allows, so memory stays bounded and a
 destination that delivers slowly cannot make the router read the whole log into memory. When
-one destination holds a partition's window full for a while (the others have finished), that
-destination is made to lag (`on_stalled`): it goes on from where it is, reading on its own,
-and the shared read moves on for everyone else.
+one destination holds a partition's window full for a while (the others have finished), or
+at once when its lane is full too, that destination is made to lag (`on_stalled`): it goes
+on from where it is, reading on its own, and the shared read moves on for everyone else.
 
 Destinations that lag read through `read_own`, grouped as the row path's pickups are
 (router_service.reads): the reads waiting at one moment go in one statement.
@@ -62,7 +62,8 @@ class LogReader:
         poll_seconds: float,
         usable: Callable[[], Collection[int]],
         fan_out: Callable[[list[LoggedEvent]], None],
-        on_stalled: Callable[[int, list[int]], None],
+        on_stalled: Callable[[int, list[int]], bool],
+        full: Callable[[list[int]], bool],
         ensure_config: Callable[[int], Awaitable[None]],
     ) -> None:
         self._pool = pool
@@ -74,6 +75,7 @@ class LogReader:
         self._usable = usable
         self._fan_out = fan_out
         self._on_stalled = on_stalled
+        self._full = full
         # Loads the connections again when a read saw a newer version of them.
         self.ensure_config = ensure_config
         self._wake = asyncio.Event()
@@ -169,14 +171,16 @@ class LogReader:
     def _stalled(self, partition: int, candidate: int, now: float) -> None:
         stall = self._stalls.get(partition)
         if stall is None or stall.candidate != candidate:
-            self._stalls[partition] = _Stall(now, candidate)
+            self._stalls[partition] = stall = _Stall(now, candidate)
+        holders = self._positions.holders(partition)
+        if not holders:
             return
-        if now - stall.since >= STALL_SECONDS:
-            holders = self._positions.holders(partition)
-            if holders:
-                self._on_stalled(partition, holders)
-            self._stalls.pop(partition, None)
-            self._wake.set()
+        if now - stall.since >= STALL_SECONDS or self._full(holders):
+            if self._on_stalled(partition, holders):
+                self._stalls.pop(partition, None)
+                self._wake.set()
+            else:  # nobody would gain: look again in a while
+                stall.since = now
 
     # --- reads of the destinations that lag --------------------------------------------------
 
