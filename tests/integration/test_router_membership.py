@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+from jobsdb import leases
 from jobsdb.pool import open_pool
 from router_service.membership import Membership
 from tests.poll import eventually
@@ -53,3 +54,29 @@ async def test_heartbeats_keep_the_lease_while_every_pooled_connection_is_busy(
         finally:
             for conn in taken:
                 await engine.pool.putconn(conn)
+
+
+async def test_a_lease_that_ran_out_untaken_is_renewed_and_a_taken_one_is_lost(
+        database: str) -> None:
+    """Postgres unreachable for longer than the lease: the router's leases ran out. Those
+    nobody took are still its own (its writes are fenced by owner), so the next heartbeat
+    renews them and the router keeps them, and what it knows of them, without reading them
+    over again; only the one another router took is lost."""
+    changes: list[tuple[set[int], set[int]]] = []
+    pool = await open_pool(database, application_name="test", min_size=1, max_size=2)
+    try:
+        membership = Membership(pool, "r1", timedelta(seconds=30),
+                                on_change=lambda g, lost: changes.append((g, lost)),
+                                busy=lambda _: False)
+        await membership.beat()
+        assert membership.owned == set(range(64))
+        async with pool.connection() as conn:
+            await conn.execute("UPDATE router_leases SET expires_at = now() - interval '1s'")
+            assert await leases.acquire(conn, "r2", timedelta(seconds=30), 1) == {0}
+        membership._valid_until = 0.0  # its heartbeats failed meanwhile: fenced
+        await membership.beat()
+        assert changes[1:] == [(set(), {0})]
+        assert membership.owned == set(range(1, 64))
+        assert membership.usable() == frozenset(range(1, 64))
+    finally:
+        await pool.close()
