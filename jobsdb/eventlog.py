@@ -1,7 +1,8 @@
 """The event log as routers read it, and what they record when they have delivered from it.
 
 See sql/eventlog.sql. The caller owns the transaction; every write is fenced by the caller's
-leases (`owner`, a router id).
+leases (`owner`, a router id): by who owns them, not by whether they ran out (docs/design.md,
+Fencing).
 """
 
 from __future__ import annotations
@@ -312,13 +313,14 @@ async def count_filtered(conn: Conn, counts: dict[tuple[int, int], int]) -> None
 
 
 async def leased(conn: Conn, *, owner: str) -> set[int]:
-    """The partitions `owner` still leases, locked until commit against other routers."""
+    """The partitions `owner` still owns (their leases run out or not: nobody took them),
+    locked until commit against other routers' acquire."""
     cur = await conn.execute(query("eventlog.sql", "leased"), {"owner": owner})
     return {int(r[0]) for r in await cur.fetchall()}
 
 
 async def move_frontiers(conn: Conn, frontiers: dict[int, int], *, owner: str) -> set[int]:
-    """Move partitions' frontiers forward; returns the partitions moved (still leased)."""
+    """Move partitions' frontiers forward; returns the partitions moved (still owned)."""
     if not frontiers:
         return set()
     cur = await conn.execute(query("eventlog.sql", "move_frontiers"), {

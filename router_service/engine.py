@@ -425,9 +425,10 @@ class Engine:
                 lane.drop_partitions(lost)
             lane.wake.set()  # what it holds may be sendable again (after a fence)
         owned = self.membership.owned
-        # A partition lost and taken back in one heartbeat (its lease ran out while Postgres
-        # was unreachable, say) is read again from what Postgres has: what this router did
-        # meanwhile was fenced and is not on record, whatever its memory says.
+        # A partition lost and taken back in one heartbeat (another router held it meanwhile:
+        # a lease that merely ran out while nobody took it is renewed, not lost) is read again
+        # from what Postgres has: the other router may have moved it on, and what this router
+        # did meanwhile was fenced and is not on record, whatever its memory says.
         regained = gained & lost
         gone = [p for p in self.positions.position if p not in owned or p in regained]
         for partition in gone:

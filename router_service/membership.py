@@ -6,7 +6,10 @@ too many (a router joined), it first stops reading them, lets what it has in fli
 finish and be recorded, and only then gives them back, so their jobs never go to two routers at
 once. A router that cannot renew in time stops delivering before its leases can expire
 (`usable` turns empty a safety margin early): by the time another router may take them over,
-this one has let go.
+this one has let go. A lease that ran out while nobody took it (Postgres unreachable for
+longer than the lease) is still this router's: the next heartbeat renews it and the router
+goes on with what it knows of the partition, which its owner-fenced writes kept true (see
+jobsdb/sql/leases.sql, renew); only a partition another router took is lost.
 
 Letting go includes what is in flight: when the lease can no longer be proven (`on_fenced`,
 called the moment the validity lapses without a renewal), the router cancels its open

@@ -103,8 +103,9 @@ class _Written(NamedTuple):
     refused: frozenset[int] = frozenset()
     # Users' roots after the write (None: no longer held).
     roots: Roots = {}
-    # Partitions of logged jobs it was to record that this router no longer leased when it
-    # wrote: every statement is fenced, so nothing of them was recorded.
+    # Partitions of logged jobs it was to record that this router no longer owned when it
+    # wrote (another router took them): every statement is fenced, so nothing of them was
+    # recorded.
     fenced: frozenset[int] = frozenset()
 
 
@@ -402,9 +403,9 @@ class _Writes:
                     self.row_parks.append((job.job_id, blocker))
 
     async def run(self, conn: AsyncConnection[Any], owner: str, actor: str) -> _Written:
-        # The partitions still leased, share-locked until commit: every statement below is
-        # fenced by the same leases (and now() is the transaction's), so what this says is
-        # what they keep.
+        # The partitions still owned (leases run out or not), share-locked until commit: no
+        # other router can take them before this commits, and every statement below is
+        # fenced by the same owner, so what this says is what they keep.
         leased = await eventlog.leased(conn, owner=owner)
         fenced = frozenset(self.logged_partitions - leased)
         recorded = await queue.record_outcomes(conn, self.row_outcomes, actor=actor,

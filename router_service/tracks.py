@@ -274,7 +274,7 @@ class Positions:
         return Plan(frontiers, cursors)
 
     def written(self, plan: Plan, moved: Iterable[int]) -> None:
-        """The plan is committed (for the partitions in `moved`: still leased)."""
+        """The plan is committed (for the partitions in `moved`: still owned)."""
         still = set(moved)
         for partition, frontier in plan.frontiers.items():
             if partition in still and partition in self.frontier:

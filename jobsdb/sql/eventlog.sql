@@ -5,7 +5,14 @@
 -- It records success by moving cursors (`record_log`: the partition's frontier, or the
 -- destination's own cursor) and one `deliveries` row per destination, and writes job rows
 -- only for what must be remembered (a failed or aborted attempt, a job held behind its
--- user's). Everything it writes is fenced by its leases.
+-- user's). Everything it writes is fenced by its leases: by their owner, not their expiry.
+-- Each write locks the lease rows still owned by the router (`owner = %(owner)s ... FOR KEY
+-- SHARE`, or, in move_frontiers, by updating them) and writes only for those partitions. Another
+-- router takes a partition only through acquire (leases.sql), whose FOR UPDATE SKIP LOCKED
+-- passes by a row a writer holds; once its acquire has committed, the old owner's writes match
+-- nothing, and the new owner reads the partition after that commit. So a lease that ran out
+-- while nobody took it (Postgres unreachable for longer than the lease) still fences nothing
+-- off: what its router delivered meanwhile is recorded once (docs/design.md, Fencing).
 
 -- name: set_horizon
 -- The first statement of a read's transaction: which ids are settled (migration 0012,
@@ -117,11 +124,12 @@ WHERE box(point(d.destination_key, d.first_event_id), point(d.destination_key, d
 -- name: insert_rows
 -- Job rows for jobs read from the log that failed or were aborted on their first attempt,
 -- with that attempt's status: from now on the row path retries them (queue.sql). Fenced: only
--- jobs of partitions this router still leases. Returns the jobs written.
+-- jobs of partitions this router still owns (expired or not; see the top). Returns the jobs
+-- written.
 WITH leased AS (
     SELECT partition
     FROM router_leases
-    WHERE owner = %(owner)s AND expires_at > now()
+    WHERE owner = %(owner)s
     FOR KEY SHARE
 ),
 row AS (
@@ -170,7 +178,7 @@ SELECT coalesce(array_agg(job_id), '{}') FROM inserted;
 WITH leased AS (
     SELECT partition
     FROM router_leases
-    WHERE owner = %(owner)s AND expires_at > now()
+    WHERE owner = %(owner)s
     FOR KEY SHARE
 ),
 wanted AS (
@@ -215,21 +223,22 @@ ON CONFLICT (job_id) DO NOTHING
 RETURNING job_id;
 
 -- name: leased
--- The partitions this router still leases, their rows locked until commit (FOR KEY SHARE,
--- as record_outcomes does) so that no other router takes them while this writes.
+-- The partitions this router still owns (their leases expired or not: no other router has
+-- taken them), their rows locked until commit (FOR KEY SHARE, as record_outcomes does) so that
+-- no other router takes them while this writes.
 SELECT partition
 FROM router_leases
-WHERE owner = %(owner)s AND expires_at > now()
+WHERE owner = %(owner)s
 FOR KEY SHARE;
 
 -- name: deliveries
 -- One row per destination (and event partition) of what a flush delivered from the log,
--- each row's lists as ','-joined text; only the events of partitions still leased are kept.
+-- each row's lists as ','-joined text; only the events of partitions still owned are kept.
 -- Counted for GetStats as record_outcomes counts (delivery_counts).
 WITH leased AS (
     SELECT partition
     FROM router_leases
-    WHERE owner = %(owner)s AND expires_at > now()
+    WHERE owner = %(owner)s
     FOR KEY SHARE
 ),
 given AS (
@@ -303,22 +312,23 @@ SET filtered = c.filtered + excluded.filtered;
 
 -- name: move_frontiers
 -- Where each partition is settled for every destination without a cursor of its own. Only
--- forward, and only by the lease holder: a router that lost a partition moves nothing.
+-- forward, and only by the partition's owner (its lease expired or not): a router whose
+-- partition another has taken moves nothing. The update locks the row (FOR NO KEY UPDATE,
+-- which an acquire's FOR UPDATE conflicts with, as with the others' FOR KEY SHARE).
 UPDATE router_leases l
 SET frontier = greatest(l.frontier, f.frontier)
 FROM unnest(%(partitions)s::smallint[], %(frontiers)s::bigint[]) AS f(partition, frontier)
 WHERE l.partition = f.partition
   AND l.owner = %(owner)s
-  AND l.expires_at > now()
 RETURNING l.partition;
 
 -- name: move_cursors
 -- Destinations' own positions: set (a destination that fell behind, moving on) or dropped
--- (it caught up with the frontier, which covers it again). Fenced by the lease.
+-- (it caught up with the frontier, which covers it again). Fenced by the lease's owner.
 WITH leased AS (
     SELECT partition
     FROM router_leases
-    WHERE owner = %(owner)s AND expires_at > now()
+    WHERE owner = %(owner)s
     FOR KEY SHARE
 ),
 given AS (

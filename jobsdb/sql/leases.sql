@@ -16,11 +16,17 @@ WHERE expires_at > now()
 
 -- name: renew
 -- Extend this router's leases; returns what it still owns. A partition whose lease ran out
--- and was taken by another router is simply not returned.
+-- and was taken by another router is simply not returned. One whose lease ran out while
+-- nobody took it (the router could not reach Postgres for longer than the lease) is still its
+-- own, renewed like the others: its writes are fenced by owner, not expiry (eventlog.sql), so
+-- what it did meanwhile is on record and what it knows of the partition is still true; it
+-- stopped delivering at its own deadline all the same (router_service.membership). The owner
+-- changes only through acquire (another router's, or this one's after a release): an acquire
+-- passes by a row this is renewing (SKIP LOCKED), and a renewal that waited for an acquire's
+-- FOR UPDATE re-reads the row once that commits and finds another owner: never two owners.
 UPDATE router_leases
 SET expires_at = now() + %(lease)s
 WHERE owner = %(router_id)s
-  AND expires_at > now()
 RETURNING partition;
 
 -- name: acquire

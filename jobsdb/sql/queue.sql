@@ -81,7 +81,7 @@ ORDER BY c.destination_key, c.job_id;
 WITH leased AS (
     SELECT partition
     FROM router_leases
-    WHERE owner = %(owner)s AND expires_at > now()
+    WHERE owner = %(owner)s
     FOR KEY SHARE
 ),
 wanted AS (
@@ -119,19 +119,22 @@ RETURNING j.job_id;
 -- an array element by element, and that was most of the router's cost of a flush. Failures
 -- and aborts, which carry errors, responses and retry times, come as arrays.
 --
--- Fencing: a job moves only if its partition's lease is still this router's (`owner`; NULL
--- for callers outside a router) and the attempt is later than any recorded. A router that
--- stalled past its lease may still finish deliveries it had started; their attempts are
--- logged but change nothing, and the partition's new owner delivers those jobs again. The
--- lease rows are locked FOR KEY SHARE until this commits: enough to make another router's
--- acquire (FOR UPDATE SKIP LOCKED) pass them by, while this router's own renewals and
--- releases (updates of other columns) go on; FOR SHARE would queue a renewal behind every
--- flush in flight, and with flushes overlapping it might never get through. A write retried
--- after a commit that did in fact happen moves nothing twice.
+-- Fencing: a job moves only if its partition's lease is still owned by this router (`owner`;
+-- NULL for callers outside a router), expired or not, and the attempt is later than any
+-- recorded. A lease that ran out while nobody took it (Postgres unreachable for longer than
+-- the lease) is still this router's: what it delivered is recorded, not delivered again. A
+-- router whose partition another router took meanwhile may still finish deliveries it had
+-- started; their attempts are logged but change nothing, and the partition's new owner
+-- delivers those jobs again. The lease rows are locked FOR KEY SHARE until this commits:
+-- enough to make another router's acquire (FOR UPDATE SKIP LOCKED) pass them by, so the owner
+-- cannot change under this write, while this router's own renewals and releases (updates of
+-- non-key columns) go on; FOR SHARE would queue a renewal behind every flush in flight, and
+-- with flushes overlapping it might never get through. A write retried after a commit that
+-- did in fact happen moves nothing twice. (docs/design.md, Fencing.)
 WITH leased AS (
     SELECT partition
     FROM router_leases
-    WHERE owner = %(owner)s AND expires_at > now()
+    WHERE owner = %(owner)s
     FOR KEY SHARE
 ),
 outcome AS (

@@ -126,42 +126,115 @@ async def test_a_lagging_destination_reads_only_its_share(
     assert [e.message_id for e in found[d2]] == ["to-d2", "other"]
 
 
+async def _write_everything(conn: AsyncConnection[Any], source: factories.Source,
+                            destination: int, event_id: int, owner: str) -> None:
+    """Every write a router makes of the log for `event_id` (of user "u"), as `owner`, in
+    one transaction."""
+    partition = keyspace.partition_of("u", 64)
+    job_id = keyspace.job_id(event_id, 1)
+    async with conn.transaction():
+        await eventlog.record_deliveries(conn, [Delivered(
+            destination, [event_id], [partition], [1],
+            [Request(NOW, 3, "200", "")])], owner=owner, actor="router:" + owner)
+        await eventlog.insert_rows(conn, [NewRow(
+            job_id, destination, source.tenant_key, source.key, partition, "failed", NOW,
+            NOW, 3, NOW, "u", "m", "503", "busy", None, None)], owner=owner, actor=owner)
+        await eventlog.park(conn, [Parked(job_id + 1, destination, source.tenant_key,
+                                          source.key, partition, NOW, "u", "m2")],
+                            owner=owner)
+        await eventlog.move_frontiers(conn, {partition: event_id}, owner=owner)
+        await eventlog.move_cursors(conn, {(destination, partition): event_id},
+                                    owner=owner)
+
+
+async def _written(conn: AsyncConnection[Any]) -> dict[str, int]:
+    """How many rows each table a router writes of the log has, and the highest frontier."""
+    counts = {}
+    for table in ("deliveries", "jobs", "job_statuses", "destination_cursors"):
+        cur = await conn.execute(f"SELECT count(*) FROM {table}")
+        counts[table] = (await cur.fetchone() or [0])[0]
+    cur = await conn.execute("SELECT max(frontier) FROM router_leases")
+    counts["frontier"] = (await cur.fetchone() or [0])[0]
+    return counts
+
+
 async def test_a_router_without_the_lease_writes_nothing(
         database: str, conn: AsyncConnection[Any]) -> None:
     """Everything a router writes of the log is fenced by its leases: a router that lost
-    its partitions (it stalled past its lease) can neither move a cursor nor record a
+    its partitions (another router owns them) can neither move a cursor nor record a
     delivery nor write a row, so the new owner's picture is never changed behind it."""
     source, destination = await _setup(conn)
     [event_id] = await _store(database, source, ["m"])
-    partition = keyspace.partition_of("u", 64)
-    job_id = keyspace.job_id(event_id, 1)
     await leases.acquire(conn, "owner", LEASE, 64)
+    await _write_everything(conn, source, destination, event_id, "stale")
+    assert set((await _written(conn)).values()) == {0}
+    await _write_everything(conn, source, destination, event_id, "owner")
+    assert 0 not in (await _written(conn)).values()
 
-    async def write(owner: str) -> None:
-        async with conn.transaction():
-            await eventlog.record_deliveries(conn, [Delivered(
-                destination, [event_id], [partition], [1],
-                [Request(NOW, 3, "200", "")])], owner=owner, actor="router:" + owner)
-            await eventlog.insert_rows(conn, [NewRow(
-                job_id, destination, source.tenant_key, source.key, partition, "failed", NOW,
-                NOW, 3, NOW, "u", "m", "503", "busy", None, None)], owner=owner, actor=owner)
-            await eventlog.park(conn, [Parked(job_id + 1, destination, source.tenant_key,
-                                              source.key, partition, NOW, "u", "m2")],
-                                owner=owner)
-            await eventlog.move_frontiers(conn, {partition: event_id}, owner=owner)
-            await eventlog.move_cursors(conn, {(destination, partition): event_id},
-                                        owner=owner)
 
-    await write("stale")
-    for table in ("deliveries", "jobs", "job_statuses", "destination_cursors"):
-        cur = await conn.execute(f"SELECT count(*) FROM {table}")
-        assert await cur.fetchone() == (0,), table
-    cur = await conn.execute("SELECT max(frontier) FROM router_leases")
-    assert await cur.fetchone() == (0,)
-    await write("owner")
-    for table in ("deliveries", "jobs", "job_statuses", "destination_cursors"):
-        cur = await conn.execute(f"SELECT count(*) FROM {table}")
-        assert await cur.fetchone() != (0,), table
+async def _expire(conn: AsyncConnection[Any]) -> None:
+    """Every lease runs out, as when its router could not renew (Postgres unreachable)."""
+    await conn.execute("UPDATE router_leases SET expires_at = now() - interval '1 second'"
+                       " WHERE owner IS NOT NULL")
+
+
+async def test_a_lease_that_ran_out_untaken_still_fences_in_its_owner(
+        database: str, conn: AsyncConnection[Any]) -> None:
+    """Fenced by owner, not expiry: a router whose leases ran out while Postgres could not
+    be reached, and that nobody took meanwhile, records what it delivered (else it would be
+    delivered again). Once another router has taken them, it records nothing more."""
+    source, destination = await _setup(conn)
+    first, second = await _store(database, source, ["m", "n"])
+    await leases.acquire(conn, "old", LEASE, 64)
+    await _expire(conn)
+    assert await eventlog.leased(conn, owner="old") == set(range(64))
+    await _write_everything(conn, source, destination, first, "old")
+    recorded = await _written(conn)
+    assert 0 not in recorded.values()
+    assert recorded["frontier"] == first
+    assert await leases.acquire(conn, "new", LEASE, 64) == set(range(64))
+    assert await eventlog.leased(conn, owner="old") == set()
+    await _write_everything(conn, source, destination, second, "old")
+    assert await _written(conn) == recorded
+
+
+async def test_acquire_passes_by_a_lease_a_writer_holds_and_the_writer_waits_for_acquire(
+        database: str, conn: AsyncConnection[Any]) -> None:
+    """Why fencing by owner is safe, against real Postgres: a writer's FOR KEY SHARE on its
+    lease rows makes another router's acquire (FOR UPDATE SKIP LOCKED) pass them by, expired
+    as they are, until the writer commits; the owner's own renewals go on meanwhile. And a
+    writer that comes while an acquire is open waits for it, then finds the owner changed
+    and writes nothing (READ COMMITTED re-checks the row it waited for)."""
+    source, _ = await _setup(conn)
+    first, second = await _store(database, source, ["m", "n"])
+    partition = keyspace.partition_of("u", 64)
+    await leases.acquire(conn, "old", LEASE, 64)
+    await _expire(conn)
+    await conn.execute("SET lock_timeout = '5s'")
+    async with await AsyncConnection.connect(database) as writer, \
+            await AsyncConnection.connect(database) as acquirer:
+        assert await eventlog.leased(writer, owner="old") == set(range(64))  # not committed
+        assert await leases.acquire(conn, "new", LEASE, 64) == set()
+        # A renewal (an update of a non-key column) does not wait for the writer, and the
+        # writer's lock stays on the row's new version: still passed by once it ran out.
+        await conn.execute("UPDATE router_leases SET expires_at = now() + interval '1 hour'")
+        await _expire(conn)
+        assert await leases.acquire(conn, "new", LEASE, 64) == set()
+        assert await eventlog.move_frontiers(writer, {partition: first},
+                                             owner="old") == {partition}
+        await writer.commit()
+        # The other way round: an acquire not yet committed, and the old owner writes.
+        assert await leases.acquire(acquirer, "new", LEASE, 64) == set(range(64))
+        waiting = asyncio.create_task(eventlog.move_frontiers(writer, {partition: second},
+                                                              owner="old"))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        await acquirer.commit()
+        assert await asyncio.wait_for(waiting, 5) == set()
+        await writer.commit()
+    cur = await conn.execute("SELECT frontier, owner FROM router_leases WHERE partition = %s",
+                             (partition,))
+    assert await cur.fetchone() == (first, "new")
 
 
 async def test_taking_over_finds_what_is_settled_above_the_frontier(

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from psycopg import AsyncConnection
 
-from jobsdb import keyspace, queue
+from jobsdb import keyspace, leases, queue
 from jobsdb.ingest import NewEvent, store_events
 from jobsdb.pool import open_pool
 from jobsdb.queue import Outcome
@@ -258,11 +258,14 @@ class _SplitLane(_Lane):
         self.undecided += [j.job_id for j in undecided]
 
 
-async def test_outcomes_of_a_partition_no_longer_leased_are_not_taken_as_recorded(
+async def test_outcomes_of_a_partition_another_router_took_are_not_taken_as_recorded(
     database: str, conn: AsyncConnection[Any]
 ) -> None:
-    """Every write is fenced by the lease, so nothing of a partition whose lease ran out is
-    recorded: the flusher must say so (undecided: read again), not that it was recorded, or
+    """Every write is fenced by the lease's owner. A partition whose lease ran out while
+    nobody took it (Postgres was unreachable for longer than the lease) is still this
+    router's: what it delivered is recorded, not delivered again. Nothing of a partition
+    another router took is recorded: the flusher must say so (undecided: read again), not that
+    it was recorded, or
     the router's cursors would move past deliveries and failures that are not on record (the
     chaos soak's missing events, issue 16)."""
     tenant = await factories.tenant(conn)
@@ -277,10 +280,13 @@ async def test_outcomes_of_a_partition_no_longer_leased_are_not_taken_as_recorde
     by_partition: dict[int, list[int]] = {}
     for event_id, (partition, _) in sorted(logged.items()):
         by_partition.setdefault(partition, []).append(event_id)
-    kept, lapsed = sorted(by_partition, key=lambda p: -len(by_partition[p]))[:2]
+    kept, *ran_out = sorted(by_partition, key=lambda p: -len(by_partition[p]))[:3]
     await conn.execute("UPDATE router_leases SET owner = 't', expires_at = now() + interval '1h'")
     await conn.execute("UPDATE router_leases SET expires_at = now() - interval '1s'"
-                       " WHERE partition = %s", (lapsed,))
+                       " WHERE partition = ANY(%s)", (ran_out,))
+    # Of the two whose lease ran out, another router takes one; the other is still t's.
+    (taken,) = await leases.acquire(conn, "other", timedelta(minutes=1), 1)
+    (lapsed,) = set(ran_out) - {taken}
     assert stored
 
     def job(event_id: int) -> Job:
@@ -295,7 +301,7 @@ async def test_outcomes_of_a_partition_no_longer_leased_are_not_taken_as_recorde
     try:
         flusher = OutcomeFlusher(pool, "t", delay=0.001, max_batch=100)
         flusher.start()
-        for partition in (kept, lapsed):
+        for partition in (kept, lapsed, taken):
             ok, failed = by_partition[partition][:2]
             flusher.add(lane, job(ok), Outcome(keyspace.job_id(ok, 1), 1, "succeeded",
                                                STARTED, 1))
@@ -306,11 +312,12 @@ async def test_outcomes_of_a_partition_no_longer_leased_are_not_taken_as_recorde
         await flusher.close()
     finally:
         await pool.close()
-    kept_jobs = {keyspace.job_id(e, 1) for e in by_partition[kept][:2]}
-    lapsed_jobs = {keyspace.job_id(e, 1) for e in by_partition[lapsed][:2]}
-    assert set(lane.decided) == kept_jobs
-    assert set(lane.undecided) == lapsed_jobs
+    mine = {keyspace.job_id(e, 1) for p in (kept, lapsed) for e in by_partition[p][:2]}
+    taken_jobs = {keyspace.job_id(e, 1) for e in by_partition[taken][:2]}
+    assert set(lane.decided) == mine
+    assert set(lane.undecided) == taken_jobs
     cur = await conn.execute("SELECT job_id FROM jobs")
-    assert {r[0] for r in await cur.fetchall()} == {keyspace.job_id(by_partition[kept][1], 1)}
+    assert {r[0] for r in await cur.fetchall()} == {
+        keyspace.job_id(by_partition[p][1], 1) for p in (kept, lapsed)}
     cur = await conn.execute("SELECT unnest(event_ids) FROM deliveries")
-    assert {r[0] for r in await cur.fetchall()} == {by_partition[kept][0]}
+    assert {r[0] for r in await cur.fetchall()} == {by_partition[p][0] for p in (kept, lapsed)}

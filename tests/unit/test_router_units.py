@@ -300,8 +300,8 @@ def test_the_router_has_a_sender_for_every_destination_type_admin_accepts() -> N
 
 async def test_a_partition_lost_and_taken_back_in_one_heartbeat_is_read_again_from_postgres(
 ) -> None:
-    """Its lease ran out (Postgres unreachable, say) and the same router took it back: what
-    the router did meanwhile was fenced, so its memory of that partition is dropped and the
+    """Another router held it meanwhile and the same router took it back: what the router
+    did meanwhile was fenced, so its memory of that partition is dropped and the
     partition taken over from what Postgres has, like any partition newly gained; one kept
     all along stays as it is (the chaos soak's lost events, issue 16)."""
     from psycopg_pool import AsyncConnectionPool
