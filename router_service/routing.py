@@ -52,6 +52,8 @@ class Routing:
                     *self.sources_of.get(route.destination_key, ()), source)
         self.by_pair: dict[tuple[int, int], Route] = {
             (s, r.destination_key): r for s, rs in self._routes.items() for r in rs}
+        self._by_destination: dict[int, dict[int, Route]] = {
+            s: {r.destination_key: r for r in rs} for s, rs in self._routes.items()}
         # Destinations whose backfill's rows are still being written: they take nothing from
         # the log meanwhile (they lag, and read their share once the rows are all there).
         self.holding: frozenset[int] = frozenset(
@@ -61,10 +63,12 @@ class Routing:
         return self._routes.get(source_key, ())
 
     def routes_named(self, source_key: int, named: Iterable[int]) -> list[Route]:
-        """The routes of a source to the destinations an event names: looked up by pair,
-        since an event names a few destinations of a source that may have thousands."""
-        by_pair = self.by_pair
-        return [route for key in named if (route := by_pair.get((source_key, key))) is not None]
+        """The routes of a source to the destinations an event names: looked up one by
+        one, since an event names a few destinations of a source that may have thousands."""
+        routes = self._by_destination.get(source_key)
+        if routes is None:
+            return []
+        return [route for key in named if (route := routes.get(key)) is not None]
 
     def any_filter(self, source_key: int) -> bool:
         return any(r.filter is not None for r in self.routes(source_key))

@@ -2,11 +2,11 @@
 section of docs/benchmarks.md): it runs the checkout's own `bench.router` with patches.
 
     (cd CHECKOUT && .venv/bin/python <main>/bench/patches/diag_router.py KIND JOBS DESTINATIONS
-                                     TENANTS [unpaused] [nolog] [workers=N])
+                                     TENANTS [unpaused] [nolog] [workers=N] [batch=N])
 
 - By default every statement's duration is logged for the run's database only
   (`ALTER DATABASE ... SET log_min_duration_statement = 0`), to sum from the server's log.
-- `workers=N`: RELAYQ_ROUTER_WORKERS (default 1).
+- `workers=N`: RELAYQ_ROUTER_WORKERS (default 1); `batch=N`: webhooks take N events a request.
 - `unpaused`: the destinations are not paused while the router starts, so that they follow
   the shared read of the log from the first event instead of lagging (what a paused start
   does). The router then delivers before the benchmark's clock starts: its Postgres backends
@@ -78,7 +78,8 @@ def main() -> None:
         router.configure = unpaused
         router._backends = backends_after_the_first_look
     workers = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("workers=")), "1")
-    router.throughput(jobs, kind, destinations, tenants, workers)
+    batch = int(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("batch=")), "1"))
+    router.throughput(jobs, kind, destinations, tenants, workers, None, batch)
 
 
 if __name__ == "__main__":
