@@ -209,7 +209,7 @@ class Engine:
                              if pair[0] in wanted})
         for (destination, partition), events in taken.settled.items():
             if destination in wanted and self.positions.reading(partition):
-                self.positions.track(destination, partition).settled |= events
+                self.positions.track(destination, partition).settle(events)
         for key in keys:
             lane = self.lanes.get(key)
             if lane is not None:

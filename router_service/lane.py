@@ -475,13 +475,21 @@ class Lane:
         succeeded: list[tuple[Job, Outcome]] = []
         answered = ""
         counts: Counter[Verdict] = Counter()
-        for job, result in zip(jobs, results, strict=True):
-            counts[result.verdict] += 1
-            if result.error_code == "429":
-                self.rate.too_many_requests(result.retry_after)
-            change = self.breaker.record(result, mono)
-            if change is not None:
+        # Every job answered OK (the usual case): the breaker and the counts hear it once,
+        # as they would have job by job.
+        all_ok = all(result.verdict is Verdict.OK for result in results)
+        if all_ok and results:
+            counts[Verdict.OK] = len(results)
+            if (change := self.breaker.record(results[0], mono)) is not None:
                 self._circuit(change)
+        for job, result in zip(jobs, results, strict=True):
+            if not all_ok:
+                counts[result.verdict] += 1
+                if result.error_code == "429":
+                    self.rate.too_many_requests(result.retry_after)
+                change = self.breaker.record(result, mono)
+                if change is not None:
+                    self._circuit(change)
             # An open circuit says the destination is down: its jobs wait, none is given up.
             settled = self.barrier.settle(job, result, started=started, now=now,
                                           duration_ms=duration_ms, policy=self.policy,

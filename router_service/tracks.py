@@ -40,8 +40,11 @@ class Track:
     # Events read and held in memory, not yet decided: a heap with lazy deletion.
     _heap: list[int] = field(default_factory=list)
     undecided: set[int] = field(default_factory=set)
-    # Events above the prefix whose fate is committed.
+    # Events above the prefix whose fate is committed; with a heap, so that trimming what the
+    # prefix passed costs what it removes (rebuilding the set each time the prefix moved was
+    # quadratic in a partition whose jobs are decided out of order).
     settled: set[int] = field(default_factory=set)
+    _settled_heap: list[int] = field(default_factory=list)
     # Its cursor in Postgres (None: none; the frontier covers it).
     cursor: int | None = None
 
@@ -54,6 +57,18 @@ class Track:
         while heap and heap[0] not in self.undecided:
             heapq.heappop(heap)
         return heap[0] if heap else None
+
+    def settle(self, event_ids: Iterable[int]) -> None:
+        for event_id in event_ids:
+            if event_id not in self.settled:
+                self.settled.add(event_id)
+                heapq.heappush(self._settled_heap, event_id)
+
+    def trim_settled(self, prefix: int) -> None:
+        """Forget the settled events at or below the prefix."""
+        heap = self._settled_heap
+        while heap and heap[0] <= prefix:
+            self.settled.discard(heapq.heappop(heap))
 
     def add(self, event_id: int) -> None:
         if event_id not in self.undecided:
@@ -91,7 +106,7 @@ class Positions:
             tracks[destination] = Track(read_to=position, cursor=position)
         for destination, events in settled.items():
             track = tracks.setdefault(destination, Track())
-            track.settled |= events
+            track.settle(events)
         self.tracks[partition] = tracks
 
     def drop(self, partition: int) -> None:
@@ -186,7 +201,7 @@ class Positions:
         # Above its lowest undecided job the prefix stays where it is: nothing to trim.
         lowest = track.lowest_undecided()
         track.undecided.discard(event_id)
-        track.settled.add(event_id)
+        track.settle((event_id,))
         if event_id == lowest:
             self._trim(destination, partition, track)
 
@@ -221,8 +236,7 @@ class Positions:
     def _trim(self, destination: int, partition: int, track: Track) -> None:
         """Forget settled events at or below the prefix, and a track with nothing to say."""
         prefix = self._prefix(partition, track)
-        if track.settled:
-            track.settled = {e for e in track.settled if e > prefix}
+        track.trim_settled(prefix)
         if (not track.undecided and not track.settled and track.read_to is None
                 and track.cursor is None):
             del self.tracks[partition][destination]
