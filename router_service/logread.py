@@ -49,6 +49,9 @@ STALL_SECONDS = 1.0
 class _Stall:
     since: float
     candidate: int
+    # When its holders' lanes were last looked at (finding the holders walks the partition's
+    # destinations: thousands, with thousands of destinations).
+    looked: float = float("-inf")
 
 
 class LogReader:
@@ -172,10 +175,14 @@ class LogReader:
         stall = self._stalls.get(partition)
         if stall is None or stall.candidate != candidate:
             self._stalls[partition] = stall = _Stall(now, candidate)
+        lasted = now - stall.since >= STALL_SECONDS
+        if not lasted and now - stall.looked < STALL_SECONDS / 4:
+            return
+        stall.looked = now
         holders = self._positions.holders(partition)
         if not holders:
             return
-        if now - stall.since >= STALL_SECONDS or self._full(holders):
+        if lasted or self._full(holders):
             if self._on_stalled(partition, holders):
                 self._stalls.pop(partition, None)
                 self._wake.set()

@@ -92,6 +92,13 @@ class Positions:
         self.position: dict[int, int] = {}
         self.frontier: dict[int, int] = {}
         self.tracks: dict[int, dict[int, Track]] = {}  # partition -> destination -> track
+        # partition -> (event, destination) of undecided jobs of following destinations, a
+        # heap with lazy deletion: the candidate is read at every read of the log, and
+        # walking every track for it cost a sixth of the router's CPU at 10,000 destinations.
+        self._following: dict[int, list[tuple[int, int]]] = {}
+        # destination -> the partitions where it has a track: a lane asks where it lags at
+        # every turn, and with thousands of destinations most have a track in few partitions.
+        self._partitions_of: dict[int, set[int]] = {}
 
     # --- partitions ------------------------------------------------------------------------
 
@@ -108,13 +115,18 @@ class Positions:
             track = tracks.setdefault(destination, Track())
             track.settle(events)
         self.tracks[partition] = tracks
+        self._following[partition] = []
+        for destination in tracks:
+            self._partitions_of.setdefault(destination, set()).add(partition)
 
     def drop(self, partition: int) -> None:
         """The partition is no longer ours: forget it (what is in flight finishes unrecorded
         or fenced; the next owner reads it again from what is committed)."""
         self.position.pop(partition, None)
         self.frontier.pop(partition, None)
-        self.tracks.pop(partition, None)
+        self._following.pop(partition, None)
+        for destination in self.tracks.pop(partition, {}):
+            self._untrack(destination, partition)
 
     def reading(self, partition: int) -> bool:
         return partition in self.position
@@ -126,7 +138,15 @@ class Positions:
         track = tracks.get(destination)
         if track is None:
             track = tracks[destination] = Track()
+            self._partitions_of.setdefault(destination, set()).add(partition)
         return track
+
+    def _untrack(self, destination: int, partition: int) -> None:
+        partitions = self._partitions_of.get(destination)
+        if partitions is not None:
+            partitions.discard(partition)
+            if not partitions:
+                del self._partitions_of[destination]
 
     def follows(self, destination: int, partition: int) -> bool:
         track = self.tracks[partition].get(destination)
@@ -143,7 +163,10 @@ class Positions:
 
     def held(self, destination: int, partition: int, event_id: int) -> None:
         """A job was handed to the destination's lane: undecided until recorded."""
-        self.track(destination, partition).add(event_id)
+        track = self.track(destination, partition)
+        track.add(event_id)
+        if track.read_to is None:
+            heapq.heappush(self._following[partition], (event_id, destination))
 
     def is_held(self, destination: int, partition: int, event_id: int) -> bool:
         track = self.tracks[partition].get(destination)
@@ -168,6 +191,9 @@ class Positions:
         track.read_to = max(track.read_to, upto)
         if track.read_to >= self.position[partition]:
             track.read_to = None
+            following = self._following[partition]
+            for event_id in track.undecided:
+                heapq.heappush(following, (event_id, destination))
             return True
         return False
 
@@ -185,8 +211,9 @@ class Positions:
 
     def lagging(self, destination: int) -> dict[int, int]:
         """Partition -> read_to, of the partitions the destination reads on its own."""
-        return {p: t.read_to for p, tracks in self.tracks.items()
-                if (t := tracks.get(destination)) is not None and t.read_to is not None}
+        tracks = self.tracks
+        return {p: t.read_to for p in self._partitions_of.get(destination, ())
+                if (t := tracks[p][destination]).read_to is not None}
 
     # --- deciding --------------------------------------------------------------------------
 
@@ -240,16 +267,22 @@ class Positions:
         if (not track.undecided and not track.settled and track.read_to is None
                 and track.cursor is None):
             del self.tracks[partition][destination]
+            self._untrack(destination, partition)
 
     # --- what holds the shared read back ---------------------------------------------------
 
     def candidate(self, partition: int) -> int:
-        """How far the partition is decided for every destination following it."""
-        low = self.position[partition]
-        for track in self.tracks[partition].values():
-            if track.read_to is None:
-                low = min(low, self._prefix(partition, track))
-        return low
+        """How far the partition is decided for every destination following it: below the
+        lowest undecided job of a following destination, and no further than read."""
+        following = self._following[partition]
+        tracks = self.tracks[partition]
+        while following:
+            event_id, destination = following[0]
+            track = tracks.get(destination)
+            if track is not None and track.read_to is None and event_id in track.undecided:
+                return min(self.position[partition], event_id - 1)
+            heapq.heappop(following)
+        return self.position[partition]
 
     def holders(self, partition: int) -> list[int]:
         """The following destinations whose undecided jobs hold the candidate back."""

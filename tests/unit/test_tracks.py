@@ -144,6 +144,11 @@ def test_what_is_written_never_passes_an_undecided_job(data: st.DataObject) -> N
             lagging = positions.lagging(d)
             if lagging:
                 positions.read_own(d, 0, lagging[0], end)
+        # The candidate (kept as a heap) is what walking every following track says.
+        walked = min([positions.position[0]] + [
+            positions.prefix(d, 0) for d, t in positions.tracks[0].items()
+            if t.read_to is None])
+        assert positions.candidate(0) == walked
         plan = positions.plan()
         positions.written(plan, {0})
         written["frontier"] = positions.frontier[0]
