@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 STALL_SECONDS = 1.0
 
 
+def event_size(event: LoggedEvent) -> int:
+    """About what an event read costs in memory: its document and its other fields (the jobs
+    made of it for each destination come on top)."""
+    return len(event.document) + 256
+
+
 @dataclass
 class _Stall:
     since: float
@@ -62,6 +68,7 @@ class LogReader:
         *,
         batch: int,
         window: int,
+        window_bytes: int,
         poll_seconds: float,
         usable: Callable[[], Collection[int]],
         fan_out: Callable[[list[LoggedEvent]], None],
@@ -72,8 +79,10 @@ class LogReader:
         self._pool = pool
         self._positions = positions
         self._batch = batch
-        # Events read ahead of what is decided, per partition, at most.
+        # Events read ahead of what is decided, per partition, at most; and their bytes,
+        # over all partitions.
         self._window = window
+        self._window_bytes = window_bytes
         self._poll_seconds = poll_seconds
         self._usable = usable
         self._fan_out = fan_out
@@ -132,14 +141,22 @@ class LogReader:
         to read at once)."""
         positions = self._positions
         wanted: list[Wanted] = []
+        # Which taking of each partition this read is for: one dropped and taken again
+        # while the read ran starts over from its frontier, and this read is not its.
+        taken: dict[int, int] = {}
         now = time.monotonic()
-        for partition in sorted(self._usable()):
+        usable = sorted(self._usable())
+        # Each partition's share of the bytes: one with many large events cannot starve the
+        # others of their reads.
+        share = self._window_bytes // max(1, len(usable))
+        for partition in usable:
             if not positions.reading(partition):
                 continue
-            candidate = positions.candidate(partition)
-            room = self._window - (positions.position[partition] - candidate)
+            taken[partition] = positions.taken(partition)
+            count, size = positions.ahead(partition)
+            room = self._window - count if size < share else 0
             if room <= 0:
-                self._stalled(partition, candidate, now)
+                self._stalled(partition, positions.candidate(partition), now)
                 continue
             self._stalls.pop(partition, None)
             wanted.append(Wanted(partition, positions.position[partition],
@@ -151,24 +168,29 @@ class LogReader:
         self.horizon = read.horizon
         self.reads += 1
         metrics.LOG_READ_EVENTS.observe(len(read.events))
-        by_partition: dict[int, int] = Counter(e.partition for e in read.events)
-        last: dict[int, int] = {}
-        for event in read.events:
-            last[event.partition] = event.event_id
-        full = False
-        for w in wanted:
-            if not positions.reading(w.partition):
-                continue  # lost while reading
-            if by_partition.get(w.partition, 0) >= w.limit:
-                positions.read_shared(w.partition, last[w.partition])
-                full = True
-            else:
-                positions.read_shared(w.partition, read.horizon - 1)
         if read.events:
             await self.ensure_config(read.config_version)
-        events = [e for e in read.events if positions.reading(e.partition)]
-        if events:
-            self._fan_out(events)
+        # From here on nothing awaits: the positions move and the events are handed out
+        # together, so a cursor write never sees events read but not yet held as decided.
+        current = {w.partition for w in wanted
+                   if positions.reading(w.partition)
+                   and positions.taken(w.partition) == taken[w.partition]}
+        found: dict[int, list[tuple[int, int]]] = {}
+        for event in read.events:
+            found.setdefault(event.partition, []).append((event.event_id, event_size(event)))
+        full = False
+        for w in wanted:
+            if w.partition not in current:
+                continue  # lost (or lost and taken again) while reading
+            events = found.get(w.partition, [])
+            if len(events) >= w.limit:
+                positions.read_shared(w.partition, events[-1][0], events)
+                full = True
+            else:
+                positions.read_shared(w.partition, read.horizon - 1, events)
+        handed = [e for e in read.events if e.partition in current]
+        if handed:
+            self._fan_out(handed)
         return full
 
     def _stalled(self, partition: int, candidate: int, now: float) -> None:

@@ -26,6 +26,8 @@ which loads them from Postgres) never delivers them twice.
 from __future__ import annotations
 
 import heapq
+import itertools
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -96,6 +98,16 @@ class Positions:
         # heap with lazy deletion: the candidate is read at every read of the log, and
         # walking every track for it cost a sixth of the router's CPU at 10,000 destinations.
         self._following: dict[int, list[tuple[int, int]]] = {}
+        # partition -> the events the shared read read there above the candidate, in order,
+        # as (id, size), and their sizes' sum: the window counts events and bytes, not ids
+        # (ids are shared by all partitions, so a window of 500 ids held about 8 events of
+        # each of 64 partitions).
+        self._ahead: dict[int, deque[tuple[int, int]]] = {}
+        self._ahead_bytes: dict[int, int] = {}
+        # partition -> which taking of it this is (a partition dropped and taken again is
+        # read again from its frontier: what was read for the earlier taking is not its).
+        self._taken: dict[int, int] = {}
+        self._takings = itertools.count(1)
         # destination -> the partitions where it has a track: a lane asks where it lags at
         # every turn, and with thousands of destinations most have a track in few partitions.
         self._partitions_of: dict[int, set[int]] = {}
@@ -116,6 +128,9 @@ class Positions:
             track.settle(events)
         self.tracks[partition] = tracks
         self._following[partition] = []
+        self._ahead[partition] = deque()
+        self._ahead_bytes[partition] = 0
+        self._taken[partition] = next(self._takings)
         for destination in tracks:
             self._partitions_of.setdefault(destination, set()).add(partition)
 
@@ -125,11 +140,18 @@ class Positions:
         self.position.pop(partition, None)
         self.frontier.pop(partition, None)
         self._following.pop(partition, None)
+        self._ahead.pop(partition, None)
+        self._ahead_bytes.pop(partition, None)
+        self._taken.pop(partition, None)
         for destination in self.tracks.pop(partition, {}):
             self._untrack(destination, partition)
 
     def reading(self, partition: int) -> bool:
         return partition in self.position
+
+    def taken(self, partition: int) -> int:
+        """Which taking of the partition this is (it changes when it is taken again)."""
+        return self._taken[partition]
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -152,10 +174,28 @@ class Positions:
         track = self.tracks[partition].get(destination)
         return track is None or track.read_to is None
 
-    def read_shared(self, partition: int, upto: int) -> None:
-        """The shared read has read the partition through `upto`."""
+    def read_shared(self, partition: int, upto: int,
+                    events: Iterable[tuple[int, int]] = ()) -> None:
+        """The shared read has read the partition through `upto`, finding these events
+        (id, size)."""
         if upto > self.position[partition]:
             self.position[partition] = upto
+        ahead = self._ahead[partition]
+        for event in events:
+            ahead.append(event)
+            self._ahead_bytes[partition] += event[1]
+
+    def ahead(self, partition: int) -> tuple[int, int]:
+        """The events (how many, and their size) the shared read holds in the partition
+        above its candidate."""
+        ahead = self._ahead[partition]
+        candidate = self.candidate(partition)
+        passed = 0
+        while ahead and ahead[0][0] <= candidate:
+            passed += ahead.popleft()[1]
+        if passed:
+            self._ahead_bytes[partition] -= passed
+        return len(ahead), self._ahead_bytes[partition]
 
     def is_settled(self, destination: int, partition: int, event_id: int) -> bool:
         track = self.tracks[partition].get(destination)

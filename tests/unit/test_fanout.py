@@ -63,7 +63,8 @@ def _event(event_id: int, *named: int) -> LoggedEvent:
 
 def _reader(positions: Positions, fan_out: FanOut) -> LogReader:
     pool: Any = None
-    return LogReader(pool, positions, batch=10, window=10, poll_seconds=1.0,
+    return LogReader(pool, positions, batch=10, window=10, window_bytes=1 << 20,
+                     poll_seconds=1.0,
                      usable=lambda: {0}, fan_out=fan_out, on_stalled=fan_out.stalled,
                      full=fan_out.full, ensure_config=lambda version: _nothing())
 

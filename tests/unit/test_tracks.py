@@ -172,3 +172,16 @@ def test_what_is_written_never_passes_an_undecided_job(data: st.DataObject) -> N
     positions.written(plan, {0})
     assert positions.frontier[0] == end
     assert positions.tracks[0] == {}
+
+
+def test_the_window_counts_events_and_bytes_read_above_the_candidate_not_ids() -> None:
+    """Ids are shared by every partition: a window of ids held a few events of each."""
+    positions = _take()
+    positions.read_shared(0, 1000, [(10, 100), (500, 100), (900, 50)])
+    positions.held(7, 0, 10)
+    positions.held(7, 0, 500)
+    assert positions.ahead(0) == (3, 250)
+    positions.decided(7, 0, 10)
+    assert positions.ahead(0) == (2, 150)
+    positions.decided(7, 0, 500)
+    assert positions.ahead(0) == (0, 0)
