@@ -73,7 +73,7 @@ class RouterConfig:
                                               maximum=8),
                 read_alone_above=env.integer("RELAYQ_ROUTER_READ_ALONE_ABOVE", 100, minimum=0,
                                              maximum=1_000_000),
-                log_window=env.integer("RELAYQ_ROUTER_LOG_WINDOW", 4 * batch, minimum=1,
+                log_window=env.integer("RELAYQ_ROUTER_LOG_WINDOW", batch, minimum=1,
                                        maximum=1_000_000),
                 log_window_bytes=env.integer("RELAYQ_ROUTER_LOG_WINDOW_MB", 64, minimum=1,
                                              maximum=1_000_000) * 1024 * 1024,

@@ -71,7 +71,7 @@ class Engine:
         # (destination, user) -> the job row that user's next events there wait behind.
         self.blocked: dict[tuple[int, str], int] = {}
         self.log = LogReader(pool, self.positions, batch=settings.batch,
-                             window=settings.log_window or 4 * settings.batch,
+                             window=settings.log_window or settings.batch,
                              window_bytes=settings.log_window_bytes,
                              poll_seconds=settings.poll_seconds,
                              usable=lambda: self.membership.usable(),

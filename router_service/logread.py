@@ -153,10 +153,17 @@ class LogReader:
             if not positions.reading(partition):
                 continue
             taken[partition] = positions.taken(partition)
-            count, size = positions.ahead(partition)
-            room = self._window - count if size < share else 0
+            # The window is counted in ids above the candidate (ids are shared by every
+            # partition, so it holds a few events of each at a time), and bounded in bytes.
+            # Counted in events instead (ae1367e), it let a destination with sparse traffic
+            # collect several jobs per request, but a flooding tenant's events filled it and
+            # another tenant's waited seconds behind them: docs/benchmarks.md.
+            candidate = positions.candidate(partition)
+            _, size = positions.ahead(partition)
+            room = (self._window - (positions.position[partition] - candidate)
+                    if size < share else 0)
             if room <= 0:
-                self._stalled(partition, positions.candidate(partition), now)
+                self._stalled(partition, candidate, now)
                 continue
             self._stalls.pop(partition, None)
             wanted.append(Wanted(partition, positions.position[partition],

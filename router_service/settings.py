@@ -33,8 +33,8 @@ class EngineSettings:
     read_concurrency: int = 2
     # A lane with nothing to do for this long is closed.
     lane_idle_seconds: float = 60.0
-    # Events read ahead of what is decided, per partition of the log (0: four batches), and
-    # their documents' bytes over all partitions at most (router_service.logread).
+    # Ids read ahead of what is decided, per partition of the log (0: the batch), and the
+    # documents' bytes read ahead over all partitions at most (router_service.logread).
     log_window: int = 0
     log_window_bytes: int = 64 * 1024 * 1024
     # Extra certificate authorities for https:// and grpcs:// destinations (router_service.trust).
