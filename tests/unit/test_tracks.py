@@ -174,8 +174,9 @@ def test_what_is_written_never_passes_an_undecided_job(data: st.DataObject) -> N
     assert positions.tracks[0] == {}
 
 
-def test_the_window_counts_events_and_bytes_read_above_the_candidate_not_ids() -> None:
-    """Ids are shared by every partition: a window of ids held a few events of each."""
+def test_what_is_read_ahead_is_the_events_above_the_candidate_and_their_bytes() -> None:
+    """What bounds the shared read in bytes: the events it read that a following
+    destination has not decided, counted down as the candidate passes them."""
     positions = _take()
     positions.read_shared(0, 1000, [(10, 100), (500, 100), (900, 50)])
     positions.held(7, 0, 10)
