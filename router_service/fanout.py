@@ -8,7 +8,8 @@ backfill) lags: it stops following the shared read and reads its share itself la
 (Lane._read_own). A lane that holds many jobs does not lag for that alone: what the shared
 read holds in memory is bounded by its window per partition already, and lagging whenever a
 lane filled turned a backlog into one read of the log per destination (at fan-out 10, each
-destination's share of 64 windows of 500 events is 32,000 jobs, against a lane of 2,000).
+destination's share of a backlog's first read, 500 events in each of 64 partitions, is 32,000
+jobs, against a lane of 2,000).
 A destination too slow for the others is found by the window instead: `stalled` makes the
 destinations that hold a partition's window full lag (at once when their lanes are full,
 after a while otherwise), unless they are all the destinations there are: then the others

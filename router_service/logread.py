@@ -79,8 +79,8 @@ class LogReader:
         self._pool = pool
         self._positions = positions
         self._batch = batch
-        # Events read ahead of what is decided, per partition, at most; and their bytes,
-        # over all partitions.
+        # Ids read ahead of what is decided, per partition, at most; and the bytes of the
+        # events read ahead, over all partitions.
         self._window = window
         self._window_bytes = window_bytes
         self._poll_seconds = poll_seconds

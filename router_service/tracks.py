@@ -99,9 +99,8 @@ class Positions:
         # walking every track for it cost a sixth of the router's CPU at 10,000 destinations.
         self._following: dict[int, list[tuple[int, int]]] = {}
         # partition -> the events the shared read read there above the candidate, in order,
-        # as (id, size), and their sizes' sum: the window counts events and bytes, not ids
-        # (ids are shared by all partitions, so a window of 500 ids held about 8 events of
-        # each of 64 partitions).
+        # as (id, size), and their sizes' sum: what bounds the shared read in bytes (its
+        # window proper is counted in ids, router_service.logread).
         self._ahead: dict[int, deque[tuple[int, int]]] = {}
         self._ahead_bytes: dict[int, int] = {}
         # partition -> which taking of it this is (a partition dropped and taken again is

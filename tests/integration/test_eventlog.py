@@ -381,3 +381,84 @@ async def test_migrating_a_backlog(empty_database: str) -> None:
     assert [m for slot, u, m in seen if slot == 1 and u == "bob"] == ["b2", "b3"]
     assert [m for slot, u, m in seen if slot == 2 and u == "alice"] == ["a1", "a2", "a4"]
     assert [m for slot, u, m in seen if slot == 2 and u == "bob"] == ["b3"]
+
+
+async def _log_reader(database: str, positions: Any, handed: list[Any],
+                      ensure_config: Any) -> tuple[Any, Any]:
+    from psycopg_pool import AsyncConnectionPool
+
+    from router_service.logread import LogReader
+
+    pool = AsyncConnectionPool(database, min_size=1, max_size=2, open=False)
+    await pool.open()
+    reader = LogReader(pool, positions, batch=100, window=1 << 40, window_bytes=1 << 30,
+                       poll_seconds=1.0, usable=lambda: range(64), fan_out=handed.extend,
+                       on_stalled=lambda partition, holders: False,
+                       full=lambda holders: False, ensure_config=ensure_config)
+    return reader, pool
+
+
+async def test_a_read_whose_connections_cannot_be_loaded_moves_no_position(
+        database: str, conn: AsyncConnection[Any]) -> None:
+    """The connections are loaded (when the read saw newer ones) before the read's positions
+    move: a load that fails leaves them where they were, so the read is made again, instead
+    of the partition having been read past events never handed out (which a cursor write
+    would then record as decided)."""
+    from jobsdb.errors import JobsDBError
+    from router_service.tracks import Positions
+
+    source, _ = await _setup(conn)
+    stored = await _store(database, source, ["a", "b"])
+    positions = Positions()
+    for partition in range(64):
+        positions.take(partition, 0, {}, {})
+    handed: list[Any] = []
+
+    async def unreachable(version: int) -> None:
+        raise JobsDBError("the connections could not be loaded")
+
+    reader, pool = await _log_reader(database, positions, handed, unreachable)
+    try:
+        try:
+            await reader._read_once()
+        except JobsDBError:
+            pass
+        assert all(position == 0 for position in positions.position.values())
+        assert handed == []
+
+        async def loaded(version: int) -> None:
+            return None
+
+        reader.ensure_config = loaded
+        await reader._read_once()
+        assert sorted(e.event_id for e in handed) == sorted(stored)
+    finally:
+        await pool.close()
+
+
+async def test_a_read_is_not_applied_to_a_partition_taken_again_while_it_ran(
+        database: str, conn: AsyncConnection[Any]) -> None:
+    """A partition dropped and taken again while a read of it ran starts over from its
+    frontier: what the read found is not handed out for it, nor its position moved."""
+    from router_service.tracks import Positions
+
+    source, _ = await _setup(conn)
+    stored = await _store(database, source, ["a"])
+    positions = Positions()
+    for partition in range(64):
+        positions.take(partition, 0, {}, {})
+    handed: list[Any] = []
+
+    async def retaken_meanwhile(version: int) -> None:
+        for partition in range(64):
+            positions.drop(partition)
+            positions.take(partition, 0, {}, {})
+
+    reader, pool = await _log_reader(database, positions, handed, retaken_meanwhile)
+    try:
+        await reader._read_once()
+        assert handed == []
+        assert all(position == 0 for position in positions.position.values())
+        assert stored
+    finally:
+        await pool.close()
