@@ -62,7 +62,7 @@ test-process: install
 
 # Every benchmark at a size that takes seconds: figures printed, nothing asserted but that
 # they run (CI runs this, so a benchmark cannot rot unnoticed).
-BENCHES := ingest ingest_pair subscriptions router fanout admin outcomes partitions chaos console events replay
+BENCHES := ingest ingest_pair subscriptions router fanout admin outcomes partitions chaos console events replay http_client
 bench-smoke: install
 	@for bench in $(BENCHES); do \
 		echo "== bench/$$bench.py --smoke"; \
