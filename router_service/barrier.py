@@ -247,6 +247,19 @@ class Barrier:
                                          duration_ms, result.error_code, result.response,
                                          None, reason, result.batch))
 
+    def settle_ok(self, jobs: Sequence[Job], results: Sequence[Result], *,
+                  started: datetime, duration_ms: int) -> list[tuple[Job, Outcome]]:
+        """`settle` for a delivery whose every job was answered OK (the usual case), in one
+        call: each job succeeded and its user's next job may go."""
+        finish = self._finish
+        succeeded = []
+        for job, result in zip(jobs, results, strict=True):
+            outcome = Outcome(job.job_id, job.attempt, "succeeded", started, duration_ms,
+                              batch=result.batch)
+            finish(job, outcome)
+            succeeded.append((job, outcome))
+        return succeeded
+
     # --- what Postgres has recorded ------------------------------------------------------
 
     def recorded(self, job_ids: Iterable[int]) -> bool:
@@ -333,7 +346,9 @@ class Barrier:
         job.phase = Phase.ENDED
         jobs = self.keys.get(job.user_id)
         if jobs is not None:
-            if job in jobs:
+            if jobs[0] is job:
+                del jobs[0]  # the usual place: a user's head is the job that goes
+            elif job in jobs:
                 jobs.remove(job)
             if not jobs:
                 del self.keys[job.user_id]

@@ -79,9 +79,7 @@ class FanOut:
                 key = route.destination_key
                 if event_id <= route.after:
                     continue  # a backfill's: written as a row
-                if not positions.follows(key, partition):
-                    continue
-                if positions.is_settled(key, partition, event_id):
+                if not positions.hands(key, partition, event_id):
                     continue
                 if route.filter is not None:
                     if parsed is None:

@@ -475,21 +475,26 @@ class Lane:
         succeeded: list[tuple[Job, Outcome]] = []
         answered = ""
         counts: Counter[Verdict] = Counter()
-        # Every job answered OK (the usual case): the breaker and the counts hear it once,
-        # as they would have job by job.
-        all_ok = all(result.verdict is Verdict.OK for result in results)
-        if all_ok and results:
-            counts[Verdict.OK] = len(results)
+        # Every job answered OK (the usual case): the breaker, the counts and the barrier
+        # hear it once, as they would have job by job.
+        if results and all(result.verdict is Verdict.OK for result in results):
             if (change := self.breaker.record(results[0], mono)) is not None:
                 self._circuit(change)
+            succeeded = self.barrier.settle_ok(jobs, results, started=started,
+                                               duration_ms=duration_ms)
+            metrics.observe_many(self._end_to_end,
+                                 [(now - job.created_at).total_seconds() for job in jobs])
+            answered = next((result.status for result in results if result.status), "")
+            self._hand_over(succeeded, answered, started, duration_ms)
+            metrics.ATTEMPTS.labels(destination.id, Verdict.OK.value).inc(len(results))
+            return
         for job, result in zip(jobs, results, strict=True):
-            if not all_ok:
-                counts[result.verdict] += 1
-                if result.error_code == "429":
-                    self.rate.too_many_requests(result.retry_after)
-                change = self.breaker.record(result, mono)
-                if change is not None:
-                    self._circuit(change)
+            counts[result.verdict] += 1
+            if result.error_code == "429":
+                self.rate.too_many_requests(result.retry_after)
+            change = self.breaker.record(result, mono)
+            if change is not None:
+                self._circuit(change)
             # An open circuit says the destination is down: its jobs wait, none is given up.
             settled = self.barrier.settle(job, result, started=started, now=now,
                                           duration_ms=duration_ms, policy=self.policy,
@@ -515,12 +520,17 @@ class Lane:
                 log.warning("job aborted", extra={
                     "tenant": destination.tenant_id, "destination": destination.id,
                     "job_id": job.job_id, "attempt": job.attempt, "reason": outcome.reason})
+        self._hand_over(succeeded, answered, started, duration_ms)
+        for verdict, count in counts.items():
+            metrics.ATTEMPTS.labels(destination.id, verdict.value).inc(count)
+
+    def _hand_over(self, succeeded: list[tuple[Job, Outcome]], answered: str,
+                   started: datetime, duration_ms: int) -> None:
+        """The successes of one delivery, to the flusher as one request."""
         if succeeded:
             batch = succeeded[0][1].batch or ""
             request = (Request(started, duration_ms, answered, batch) if answered else None)
             self.context.flusher.add_many(self, succeeded, request)
-        for verdict, count in counts.items():
-            metrics.ATTEMPTS.labels(destination.id, verdict.value).inc(count)
 
     def _arm_due(self) -> None:
         if self._due_timer is not None:

@@ -4,6 +4,9 @@ Per-destination labels only on counters: a histogram per destination would be te
 per destination, too many with thousands of them.
 """
 
+from bisect import bisect_left
+from collections.abc import Sequence
+
 from prometheus_client import Counter, Gauge, Histogram
 
 ATTEMPTS = Counter(
@@ -20,6 +23,27 @@ END_TO_END_SECONDS = Histogram(
     "From the job's creation (ingest commit) to the destination's success answer.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )
+
+
+def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """Observe many amounts at once: what `observe` does for each, with a lock taken per
+    bucket touched rather than two per amount (the end-to-end time is observed for every job
+    delivered, tens of thousands a second). It reaches into the histogram's buckets, which
+    prometheus_client does not promise to keep: tests/unit/test_metrics.py checks that it
+    matches `observe`, so an upgrade that changes them fails there rather than in production."""
+    if not amounts:
+        return
+    bounds = histogram._upper_bounds
+    counts: dict[int, int] = {}
+    for amount in amounts:
+        index = bisect_left(bounds, amount)
+        counts[index] = counts.get(index, 0) + 1
+    histogram._sum.inc(sum(amounts))
+    buckets = histogram._buckets
+    for index, count in counts.items():
+        buckets[index].inc(count)
+
+
 # With workers (RELAYQ_ROUTER_WORKERS) the supervisor serves every worker's metrics as one:
 # counters and histograms add up by themselves; a gauge says how (multiprocess_mode), over the
 # workers alive: in flight and partitions add up, every worker knows every destination.

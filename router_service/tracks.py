@@ -196,6 +196,13 @@ class Positions:
             self._ahead_bytes[partition] -= passed
         return len(ahead), self._ahead_bytes[partition]
 
+    def hands(self, destination: int, partition: int, event_id: int) -> bool:
+        """Whether the shared read hands the destination this event: it follows the read
+        there and has not settled the event already (`follows` and not `is_settled`, in one
+        lookup: asked for every job read)."""
+        track = self.tracks[partition].get(destination)
+        return track is None or (track.read_to is None and event_id not in track.settled)
+
     def is_settled(self, destination: int, partition: int, event_id: int) -> bool:
         track = self.tracks[partition].get(destination)
         return track is not None and event_id in track.settled
@@ -264,12 +271,18 @@ class Positions:
         track = tracks.get(destination)
         if track is None or event_id not in track.undecided:
             return
-        # Above its lowest undecided job the prefix stays where it is: nothing to trim.
         lowest = track.lowest_undecided()
         track.undecided.discard(event_id)
-        track.settle((event_id,))
-        if event_id == lowest:
-            self._trim(destination, partition, track)
+        if event_id != lowest:
+            # Above its lowest undecided job the prefix stays where it is: nothing to trim.
+            track.settle((event_id,))
+            return
+        prefix = self._prefix(partition, track)
+        if prefix < event_id:
+            # Rewound below it (a job of its forgotten meanwhile): it is read again from
+            # there, and must not be delivered again.
+            track.settle((event_id,))
+        self._trim(destination, partition, track, prefix)
 
     def forget(self, destination: int, partition: int, event_id: int) -> None:
         """A held job left memory undecided (dropped to be read again in Postgres's order,
@@ -299,10 +312,10 @@ class Positions:
         lowest = track.lowest_undecided()
         return read if lowest is None else min(read, lowest - 1)
 
-    def _trim(self, destination: int, partition: int, track: Track) -> None:
+    def _trim(self, destination: int, partition: int, track: Track,
+              prefix: int | None = None) -> None:
         """Forget settled events at or below the prefix, and a track with nothing to say."""
-        prefix = self._prefix(partition, track)
-        track.trim_settled(prefix)
+        track.trim_settled(self._prefix(partition, track) if prefix is None else prefix)
         if (not track.undecided and not track.settled and track.read_to is None
                 and track.cursor is None):
             del self.tracks[partition][destination]

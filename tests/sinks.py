@@ -166,6 +166,10 @@ class GrpcSink(Recorder, destination_pb2_grpc.DestinationServicer):
         self.batches: list[list[int]] = []
         # Each delivery's Delivery.traceparent, by job id (the latest attempt's).
         self.traceparents: dict[int, str] = {}
+        # What the sink does to its answers before sending them (None: nothing): reorder
+        # them, leave some out.
+        self.rearrange: Callable[[list[destination_pb2.DeliveryResult]],
+                                 list[destination_pb2.DeliveryResult]] | None = None
         self._server: grpc.aio.Server | None = None
         self.port = 0
         self.scheme = ""
@@ -213,6 +217,8 @@ class GrpcSink(Recorder, destination_pb2_grpc.DestinationServicer):
                 retry_after_ms=int((answer.retry_after or 0) * 1000)))
         if delay:
             await asyncio.sleep(delay)
+        if self.rearrange is not None:
+            results = self.rearrange(results)
         return destination_pb2.DeliverResponse(results=results)
 
 

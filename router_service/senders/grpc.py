@@ -99,15 +99,13 @@ class GrpcSender(Sender):
         except OSError as exc:
             return [Result(Verdict.RETRY, "connection", f"{type(exc).__name__}: {exc}")
                     ] * len(jobs)
-        request = destination_pb2.DeliverRequest(
-            destination_id=self._destination_id,
-            deliveries=[
-                destination_pb2.Delivery(job_id=j.job_id, message_id=j.message_id,
-                                         user_id=j.user_id, attempt=j.attempt,
-                                         payload_json=j.payload, traceparent=t or "")
-                for j, t in zip(jobs, attempt.traceparents, strict=True)
-            ],
-        )
+        # Added in place: a Delivery made on its own and then copied into the list costs
+        # three times as much, and this runs for every job.
+        request = destination_pb2.DeliverRequest(destination_id=self._destination_id)
+        add = request.deliveries.add
+        for j, t in zip(jobs, attempt.traceparents, strict=True):
+            add(job_id=j.job_id, message_id=j.message_id, user_id=j.user_id,
+                attempt=j.attempt, payload_json=j.payload, traceparent=t or "")
         metadata = self._metadata
         shared = attempt.shared()
         if shared is not None:
@@ -119,8 +117,13 @@ class GrpcSender(Sender):
             code, details = exc.code(), exc.details() or ""
             verdict = Verdict.ABORT if code in _ABORT_CODES else Verdict.RETRY
             return [Result(verdict, _error_code(code, details), details)] * len(jobs)
-        answers = {r.job_id: r for r in response.results}
-        return [_result(answers.get(j.job_id)) for j in jobs]
+        answers = response.results
+        if len(answers) == len(jobs) and all(
+                a.outcome == _OK and a.job_id == j.job_id
+                for a, j in zip(answers, jobs, strict=True)):
+            return [_SUCCESS] * len(jobs)  # the usual answer: each job OK, in order
+        by_job = {r.job_id: r for r in answers}
+        return [_result(by_job.get(j.job_id)) for j in jobs]
 
     async def close(self) -> None:
         """Lets go of the channel; it closes when no destination uses it any more."""

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobsdb import standing
 from jobsdb.ingest import NewEvent, store_events
 from jobsdb.keyspace import partition_of
-from relayq.v1 import admin_pb2, router_pb2
+from relayq.v1 import admin_pb2, destination_pb2, router_pb2
 from tests import factories
 from tests.helpers import auth, count, event
 from tests.pipeline import (
@@ -108,6 +108,37 @@ async def test_a_batch_waits_its_linger_for_more_events(world: World) -> None:
     (batch_id,) = [r[0] for r in await cur.fetchall()]
     assert batch_id.startswith(f"msg_b{min(first)}_")
     assert {d.headers["webhook-id"] for d in world.webhook.received} == {batch_id}
+
+
+async def test_grpc_answers_are_matched_to_jobs_by_id_and_a_missing_one_is_retried(
+        world: World) -> None:
+    """A sink may answer a batch in any order: each answer goes to the job it names. A job it
+    leaves out is retried (error code "missing"), and only that one, even when another job's
+    answer comes twice in its place (as many answers as jobs, all OK)."""
+    await world.destination("d", kind="grpc")
+    left_out: list[int] = []
+
+    def rearrange(results: list[destination_pb2.DeliveryResult]
+                  ) -> list[destination_pb2.DeliveryResult]:
+        results = results[::-1]
+        if not left_out and len(results) > 2:
+            left_out.append(results[1].job_id)
+            results[1] = results[0]
+        return results
+
+    world.grpc_sink.rearrange = rearrange
+    async with ingest(world.database) as service, router(world.database):
+        ids = await send(service, world.source, [event(f"m{i}", f"u{i}") for i in range(20)])
+        await wait_until_finished(world.conn, len(ids))
+    assert max(len(b) for b in world.grpc_sink.batches) > 2  # a batch did form
+    (missing,) = left_out
+    attempts = await recorded_attempts(world.conn)
+    assert attempts[missing] == 2
+    assert all(attempts.get(j, 1) == 1 for j in ids if j != missing)
+    assert set((await states(world.conn)).values()) == {"succeeded"}
+    cur = await world.conn.execute(
+        "SELECT error_code FROM job_statuses WHERE job_id = %s AND attempt = 1", (missing,))
+    assert await cur.fetchone() == ("missing",)
 
 
 async def test_retry_metadata_is_kept_for_every_attempt(world: World) -> None:

@@ -78,6 +78,11 @@ def test_forgetting_a_held_job_makes_its_destination_read_again_from_its_prefix(
     # A read of its own that raced the rewind does not skip what was rewound.
     assert not positions.read_own(1, 0, 5, 10)
     assert positions.lagging(1) == {0: 1}
+    # Its lowest job decided now is above where it reads again from: remembered as settled,
+    # so that reading again does not deliver it twice.
+    positions.decided(1, 0, 2)
+    assert positions.prefix(1, 0) == 1
+    assert positions.is_settled(1, 0, 2)
 
 
 def test_a_new_owner_starts_from_the_frontier_and_the_cursors_and_skips_what_is_settled() -> None:
@@ -111,6 +116,7 @@ def test_what_is_written_never_passes_an_undecided_job(data: st.DataObject) -> N
     positions = _take()
     destinations = (1, 2, 3)
     undecided: dict[int, set[int]] = {d: set() for d in destinations}
+    decided: dict[int, set[int]] = {d: set() for d in destinations}
     written = {"frontier": 0, "cursors": {}}  # what Postgres has
     end = 0
     for _ in range(data.draw(st.integers(5, 60))):
@@ -132,6 +138,7 @@ def test_what_is_written_never_passes_an_undecided_job(data: st.DataObject) -> N
                 undecided[d].discard(e)
                 if action == "decide":
                     positions.decided(d, 0, e)
+                    decided[d].add(e)
                 else:
                     positions.forget(d, 0, e)
                     positions.held(d, 0, e)  # read again at once (as a read of its own)
@@ -162,6 +169,11 @@ def test_what_is_written_never_passes_an_undecided_job(data: st.DataObject) -> N
         for d in destinations:
             committed = cursors.get(d, written["frontier"])
             assert all(e > committed for e in undecided[d]), (d, committed, undecided[d])
+            # Nothing decided is handed out again: it is below where the destination reads
+            # from, or remembered as settled.
+            prefix = positions.prefix(d, 0)
+            assert all(e <= prefix or positions.is_settled(d, 0, e) for e in decided[d]), (
+                d, prefix, decided[d])
     for d in destinations:
         for e in sorted(undecided[d]):
             positions.decided(d, 0, e)
