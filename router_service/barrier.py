@@ -132,10 +132,26 @@ class Barrier:
         """Take in jobs read from the event log, in job order, each with the job its user
         waits behind at this destination (None: nothing of theirs has an unfinished row)."""
         admitted = Admitted()
+        held = self.held
+        by_partition = self.held_by_partition
+        keys = self.keys
         for job, held_by in jobs:
-            if job.job_id in self.held:
+            job_id = job.job_id
+            if job_id in held:
                 continue  # read again while still held (an overlapping read)
-            self._take_in(job, held_by, admitted)
+            user_jobs = keys.get(job.user_id)
+            if held_by is not None or (user_jobs and user_jobs[-1].job_id > job_id):
+                self._take_in(job, held_by, admitted)
+                continue
+            # The usual case, as _take_in does it: nothing of its user held in Postgres,
+            # and it comes after whatever of its user is held here.
+            held[job_id] = job
+            by_partition[job.partition] += 1
+            if user_jobs:
+                user_jobs.append(job)
+            else:
+                keys[job.user_id] = [job]
+                self._make_ready(job)
         return admitted
 
     def _take_in(self, job: Job, held_by: int | None, admitted: Admitted) -> None:
@@ -174,11 +190,17 @@ class Barrier:
         job larger than it still goes, alone)."""
         batch: list[Job] = []
         size = 0
+        # Whether each partition is still ours, asked once per partition in a take.
+        ours: dict[int, bool] = {}
         while self.ready and len(batch) < limit:
             _, _, job = heapq.heappop(self.ready)
             if job.phase is not Phase.READY:
                 continue  # forgotten meanwhile
-            if not may_deliver(job.partition):
+            partition = job.partition
+            mine = ours.get(partition)
+            if mine is None:
+                mine = ours[partition] = may_deliver(partition)
+            if not mine:
                 self.forget(job)
                 continue
             if job.user_id in self.frozen:
@@ -251,13 +273,24 @@ class Barrier:
                   started: datetime, duration_ms: int) -> list[tuple[Job, Outcome]]:
         """`settle` for a delivery whose every job was answered OK (the usual case), in one
         call: each job succeeded and its user's next job may go."""
-        finish = self._finish
+        keys = self.keys
+        frozen = self.frozen
         succeeded = []
         for job, result in zip(jobs, results, strict=True):
             outcome = Outcome(job.job_id, job.attempt, "succeeded", started, duration_ms,
                               batch=result.batch)
-            finish(job, outcome)
             succeeded.append((job, outcome))
+            # _finish, for a job that was its user's head (every job sent is).
+            user_jobs = keys.get(job.user_id)
+            if user_jobs is None or user_jobs[0] is not job:
+                self._finish(job, outcome)
+                continue
+            job.phase = Phase.ENDED
+            del user_jobs[0]
+            if not user_jobs:
+                del keys[job.user_id]
+            elif job.user_id not in frozen and (head := user_jobs[0]).phase is Phase.QUEUED:
+                self._make_ready(head)
         return succeeded
 
     # --- what Postgres has recorded ------------------------------------------------------

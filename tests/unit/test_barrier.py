@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobsdb.queue import Candidate, Outcome
-from router_service.barrier import Barrier, Park
+from router_service.barrier import Admitted, Barrier, Park
 from router_service.model import Job, Phase
 from router_service.retry import Result, RetryPolicy, Verdict
 
@@ -354,8 +354,16 @@ def test_receivers_see_each_users_jobs_in_order_under_any_interleaving(
             sent = answers.pop(rng.randrange(len(answers)))
             barrier.returned(len(sent))
             verdict = _roll(rng, draining)
-            for job in sent:
-                result = verdict if whole else _roll(rng, draining)
+            results = [verdict if whole else _roll(rng, draining) for _ in sent]
+            if all(result is OK for result in results) and rng.random() < 0.5:
+                # All OK: the lane settles them in one call.
+                for job, outcome in barrier.settle_ok(sent, results, started=now,
+                                                      duration_ms=1):
+                    accepted[queue.rows[job.job_id].user].append(job.job_id)
+                    finished.add(job.job_id)
+                    writes.append((outcome, []))
+                continue
+            for job, result in zip(sent, results, strict=True):
                 settled = barrier.settle(job, result, started=now, now=now, duration_ms=1,
                                          policy=POLICY, rng=rng)
                 if result is OK:
@@ -383,6 +391,40 @@ def test_receivers_see_each_users_jobs_in_order_under_any_interleaving(
         assert job_ids == sorted(job_ids), f"{user} received {job_ids}"
         succeeded = [j for j in ours if queue.rows[j].state == "succeeded"]
         assert sorted(set(job_ids)) == succeeded
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_admitting_logged_jobs_at_once_is_taking_them_in_one_by_one(
+        data: st.DataObject) -> None:
+    """admit_logged's fast path (a user's jobs coming in after what is held of them) leaves
+    the barrier as _take_in, the general rule, does: the same jobs held, in the same order
+    per user, the same frozen users, parks and ready heads."""
+    fast, slow = Barrier(), Barrier()
+    for _ in range(data.draw(st.integers(1, 4))):
+        specs = data.draw(st.lists(st.tuples(st.integers(1, 60), st.sampled_from("abc"),
+                                             st.sampled_from([None, None, None, 7])),
+                                   max_size=12))
+        pairs = [(_logged(job_id, user), held_by) for job_id, user, held_by in specs]
+        got = fast.admit_logged(pairs)
+        want = [(job.job_id, blocker) for job, blocker in got.parks]
+        again = [(_logged(job.job_id, job.user_id), held_by) for job, held_by in pairs]
+        expected = Admitted()
+        for job, held_by in again:
+            if job.job_id not in slow.held:
+                slow._take_in(job, held_by, expected)
+        assert want == [(job.job_id, blocker) for job, blocker in expected.parks]
+        assert set(fast.held) == set(slow.held)
+        assert {u: ids(js) for u, js in fast.keys.items()} == {
+            u: ids(js) for u, js in slow.keys.items()}
+        assert fast.frozen == slow.frozen
+        assert fast.held_by_partition == slow.held_by_partition
+        assert ids(fast.take(100, EVERY_PARTITION)) == ids(slow.take(100, EVERY_PARTITION))
+
+
+def _logged(job_id: int, user: str) -> Job:
+    return Job(job_id, user, f"m{job_id}", 1, "{}", T0, None, job_id % 3, logged=True,
+               event_id=job_id)
 
 
 def test_a_delivery_given_up_on_leaves_memory_with_its_users_queued_jobs() -> None:
