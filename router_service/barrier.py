@@ -139,19 +139,14 @@ class Barrier:
             job_id = job.job_id
             if job_id in held:
                 continue  # read again while still held (an overlapping read)
-            user_jobs = keys.get(job.user_id)
-            if held_by is not None or (user_jobs and user_jobs[-1].job_id > job_id):
+            if held_by is not None or job.user_id in keys:
                 self._take_in(job, held_by, admitted)
                 continue
-            # The usual case, as _take_in does it: nothing of its user held in Postgres,
-            # and it comes after whatever of its user is held here.
+            # The usual case, as _take_in does it: nothing of its user in Postgres or here.
             held[job_id] = job
             by_partition[job.partition] += 1
-            if user_jobs:
-                user_jobs.append(job)
-            else:
-                keys[job.user_id] = [job]
-                self._make_ready(job)
+            keys[job.user_id] = [job]
+            self._make_ready(job)
         return admitted
 
     def _take_in(self, job: Job, held_by: int | None, admitted: Admitted) -> None:
@@ -299,9 +294,16 @@ class Barrier:
         """These jobs' fate is committed: they leave memory, and frozen users may thaw.
         True when users thawed: what of theirs was only queued is dropped, to be read again."""
         thawed: set[str] = set()
+        held = self.held
+        by_partition = self.held_by_partition
         for job_id in job_ids:
-            job = self.held.get(job_id)
+            job = held.get(job_id)
             if job is None:
+                continue
+            if job.phase is Phase.ENDED:
+                # Out of its user's list already (_finish): only the held entry is left.
+                del held[job_id]
+                by_partition[job.partition] -= 1
                 continue
             if job.phase is Phase.WRITING:
                 user = job.user_id

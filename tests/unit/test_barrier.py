@@ -384,6 +384,9 @@ def test_receivers_see_each_users_jobs_in_order_under_any_interleaving(
             now += timedelta(seconds=rng.choice([0.5, 1, 2, 5]))
         elif action == 6 and rng.random() < 0.1:
             barrier.reconsider()
+        # A user's list holds only jobs held and not ended (recorded() relies on it).
+        assert all(j.phase is not Phase.ENDED and barrier.held.get(j.job_id) is j
+                   for user_jobs in barrier.keys.values() for j in user_jobs)
     else:
         raise AssertionError("the queue never drained")
     for user, job_ids in accepted.items():
