@@ -207,7 +207,7 @@ class Barrier:
             job.phase = Phase.FLIGHT
             batch.append(job)
             size += len(job.payload)
-            if per_user > 1:
+            if per_user > 1 and len(self.keys[job.user_id]) > 1:
                 size = self._take_followers(job, batch, limit, per_user, max_bytes, size)
         if per_user > 1:
             batch.sort(key=_job_order)

@@ -97,8 +97,10 @@ class FanOut:
                     positions.lag(key, partition, event_id - 1)
                     continue
                 positions.held(key, partition, event_id)
-                handed.setdefault(key, []).append(
-                    (Job.from_event(event, route.slot), blocked.get((key, event.user_id))))
+                jobs = handed.get(key)
+                if jobs is None:
+                    jobs = handed[key] = []
+                jobs.append((Job.from_event(event, route.slot), blocked.get((key, event.user_id))))
         lanes = self._lanes()
         for key, jobs in handed.items():
             lanes[key].admit_logged(jobs)
