@@ -342,6 +342,16 @@ class Lane:
         if routing.sources_of.get(key, ()) != sources:
             self.wake.set()
             return
+        # A partition rewound below where the read began (a job of it left memory undecided
+        # meanwhile) is read again from there: what the read found in it would go ahead of
+        # the user's jobs read again (seen: a user's later jobs delivered first, the earlier
+        # ones then parked behind the later one's failure, read again and parked again, for
+        # good). Those events are left to the next read.
+        now_lagging = positions.lagging(key)
+        rewound = {w.partition for w in wanted
+                   if now_lagging.get(w.partition, w.after) < w.after}
+        if rewound:
+            events = [e for e in events if e.partition not in rewound]
         read: dict[int, list[LoggedEvent]] = {}
         for event in events:
             read.setdefault(event.partition, []).append(event)

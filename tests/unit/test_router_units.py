@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from jobsdb.catalog import Destination
+from jobsdb.destinations import Connection
+from jobsdb.eventlog import LoggedEvent, WantedFor
 from relayq import destination_types, endpoints
 from router_service.fairness import FairScheduler
 from router_service.lane import Lane, LaneSettings
@@ -24,7 +26,9 @@ from router_service.retry import (
     gives_up,
     parse_retry_after,
 )
+from router_service.routing import Routing
 from router_service.senders import SENDERS
+from router_service.tracks import Positions
 from tests.poll import eventually
 
 POLICY = RetryPolicy(min_backoff=1.0, max_backoff=60.0, max_attempts=5,
@@ -233,16 +237,8 @@ async def test_a_notification_during_a_read_makes_the_lane_read_again() -> None:
     context: Any = SimpleNamespace(settings=LaneSettings(batch=500, max_held=2000),
                                    reader=reader, membership=membership,
                                    stopping=lambda: False, settled=lambda: None)
-    destination = Destination(
-        destination_key=1, id="d", tenant_key=1, tenant_id="t", name="", type="grpc",
-        endpoint="h:1", headers={}, min_backoff_ms=100, max_backoff_ms=1000, max_attempts=3,
-        max_retry_window_s=60, rate_per_second=0.0, rate_burst=0, concurrency=4,
-        timeout_ms=1000, paused=False, created_at=datetime.now(UTC),
-        updated_at=datetime.now(UTC), circuit_after_s=600, circuit_min_failures=20,
-        circuit_probe_s=30, circuit_opened_at=None, circuit_reason=None, batch_max_events=1,
-        batch_max_bytes=1_048_576, batch_linger_ms=0)
     sender: Any = SimpleNamespace(max_batch=1)
-    lane = Lane(context, destination, sender)
+    lane = Lane(context, _destination(), sender)
     try:
         await eventually(lambda: reader.reads == 1, within=5, every=0.01,
                          what="the lane's first read")
@@ -255,6 +251,69 @@ async def test_a_notification_during_a_read_makes_the_lane_read_again() -> None:
     finally:
         lane.task.cancel()
         await asyncio.gather(lane.task, return_exceptions=True)
+
+
+def _destination() -> Destination:
+    return Destination(
+        destination_key=1, id="d", tenant_key=1, tenant_id="t", name="", type="grpc",
+        endpoint="h:1", headers={}, min_backoff_ms=100, max_backoff_ms=1000, max_attempts=3,
+        max_retry_window_s=60, rate_per_second=0.0, rate_burst=0, concurrency=4,
+        timeout_ms=1000, paused=False, created_at=datetime.now(UTC),
+        updated_at=datetime.now(UTC), circuit_after_s=600, circuit_min_failures=20,
+        circuit_probe_s=30, circuit_opened_at=None, circuit_reason=None, batch_max_events=1,
+        batch_max_bytes=1_048_576, batch_linger_ms=0)
+
+
+class GatedLog:
+    """The log's reads of a lagging destination: each held open until released."""
+
+    def __init__(self, events: list[LoggedEvent]) -> None:
+        self.events = events
+        self.wanted: list[WantedFor] = []
+        self.release = asyncio.Event()
+
+    async def read_own(self, wanted: list[WantedFor]) -> list[LoggedEvent]:
+        self.wanted += wanted
+        await self.release.wait()
+        return self.events
+
+    def wake(self) -> None:
+        pass
+
+
+async def test_a_read_of_its_own_rewound_meanwhile_hands_the_lane_nothing_of_that_partition(
+) -> None:
+    """The lane lags in a partition and reads its share from 10; meanwhile a job of its
+    below that (event 4) leaves memory undecided, so the partition is read again from 3.
+    What the read found above 10 must not be taken in: it would go ahead of the user's jobs
+    read again from 3 (seen: a user's later jobs delivered first, the earlier ones then
+    parked behind the later one's failure, read again and parked again for good)."""
+    positions = Positions()
+    positions.take(0, 0, {}, {})
+    positions.read_shared(0, 20)
+    positions.held(1, 0, 4)  # handed to the lane by the shared read
+    positions.lag(1, 0, 10)  # then it could not keep up: it reads (10, 20] on its own
+    now = datetime.now(UTC)
+    log = GatedLog([LoggedEvent(e, 0, 7, 1, now, "alice", f"m{e}", None, "{}")
+                    for e in (12, 15)])
+    membership: Any = SimpleNamespace(usable=lambda: frozenset({0}))
+    context: Any = SimpleNamespace(
+        settings=LaneSettings(batch=500, max_held=2000), membership=membership,
+        stopping=lambda: False, positions=positions, log=log,
+        cursors=SimpleNamespace(changed=lambda: None), blocked={},
+        routing=lambda: Routing([Connection(7, 1, 1, None)]))
+    lane = Lane(context, _destination(), SimpleNamespace(max_batch=1))  # type: ignore[arg-type]
+    lane.task.cancel()  # driven by hand below
+    await asyncio.gather(lane.task, return_exceptions=True)
+    reading = asyncio.create_task(lane._read_own())
+    await eventually(lambda: log.wanted, within=5, every=0.01, what="the lane's read")
+    assert [(w.after, w.upto) for w in log.wanted] == [(10, 20)]
+    positions.forget(1, 0, 4)  # what the flusher's recorded() does for an undecided job
+    log.release.set()
+    await reading
+    assert lane.barrier.held == {}
+    assert not positions.is_held(1, 0, 12)
+    assert positions.lagging(1) == {0: 3}
 
 
 @pytest.mark.parametrize(("text", "target", "tls"), [
