@@ -331,6 +331,7 @@ class Lane:
         each = max(1, self.room // len(lagging))
         wanted = [WantedFor(key, p, after, positions.position[p], each, sources)
                   for p, after in sorted(lagging.items())]
+        taken = {p: positions.taken(p) for p in lagging}
         self._reading_own = True
         try:
             events = await context.log.read_own(wanted) if sources else []
@@ -346,18 +347,22 @@ class Lane:
         # meanwhile) is read again from there: what the read found in it would go ahead of
         # the user's jobs read again (seen: a user's later jobs delivered first, the earlier
         # ones then parked behind the later one's failure, read again and parked again, for
-        # good). Those events are left to the next read.
+        # good). So is one dropped, or dropped and taken again, while the read ran: the new
+        # taking starts from what Postgres has, which another router may have moved on. Those
+        # events are left to the next read.
         now_lagging = positions.lagging(key)
-        rewound = {w.partition for w in wanted
-                   if now_lagging.get(w.partition, w.after) < w.after}
-        if rewound:
-            events = [e for e in events if e.partition not in rewound]
+        stale = {w.partition for w in wanted
+                 if not positions.reading(w.partition)
+                 or positions.taken(w.partition) != taken[w.partition]
+                 or now_lagging.get(w.partition, w.after) < w.after}
+        if stale:
+            events = [e for e in events if e.partition not in stale]
         read: dict[int, list[LoggedEvent]] = {}
         for event in events:
             read.setdefault(event.partition, []).append(event)
         jobs = self._jobs_from(events, routing)
         for w in wanted:
-            if not positions.reading(w.partition):
+            if w.partition in stale:
                 continue
             found = read.get(w.partition, [])
             upto = found[-1].event_id if len(found) >= w.limit else w.upto

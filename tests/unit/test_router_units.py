@@ -316,6 +316,38 @@ async def test_a_read_of_its_own_rewound_meanwhile_hands_the_lane_nothing_of_tha
     assert positions.lagging(1) == {0: 3}
 
 
+async def test_a_read_of_its_own_whose_partition_was_taken_again_meanwhile_hands_nothing(
+) -> None:
+    """The lane reads its share of a partition from 10; meanwhile the partition is lost and
+    taken back, and the new taking starts from Postgres, where another router moved this
+    destination's cursor to 15. The old read's events (12 and 15, which that router delivered)
+    are not this taking's: nothing is taken in, and the lane reads on from 15."""
+    positions = Positions()
+    positions.take(0, 0, {}, {})
+    positions.read_shared(0, 20)
+    positions.lag(1, 0, 10)
+    now = datetime.now(UTC)
+    log = GatedLog([LoggedEvent(e, 0, 7, 1, now, "alice", f"m{e}", None, "{}")
+                    for e in (12, 15)])
+    membership: Any = SimpleNamespace(usable=lambda: frozenset({0}))
+    context: Any = SimpleNamespace(
+        settings=LaneSettings(batch=500, max_held=2000), membership=membership,
+        stopping=lambda: False, positions=positions, log=log,
+        cursors=SimpleNamespace(changed=lambda: None), blocked={},
+        routing=lambda: Routing([Connection(7, 1, 1, None)]))
+    lane = Lane(context, _destination(), SimpleNamespace(max_batch=1))  # type: ignore[arg-type]
+    lane.task.cancel()  # driven by hand below
+    await asyncio.gather(lane.task, return_exceptions=True)
+    reading = asyncio.create_task(lane._read_own())
+    await eventually(lambda: log.wanted, within=5, every=0.01, what="the lane's read")
+    positions.drop(0)
+    positions.take(0, 15, {1: 15}, {})
+    log.release.set()
+    await reading
+    assert lane.barrier.held == {}
+    assert positions.lagging(1) == {0: 15}
+
+
 @pytest.mark.parametrize(("text", "target", "tls"), [
     ("sink.local:7000", "sink.local:7000", False),
     ("grpc://sink.local:7000", "sink.local:7000", False),
