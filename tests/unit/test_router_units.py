@@ -281,6 +281,21 @@ class GatedLog:
         pass
 
 
+async def _lane_reading_alone(positions: Positions, log: GatedLog) -> Lane:
+    """A lane for destination 1 of source 7, over partition 0, its loop stopped so that the
+    test drives its reads by hand."""
+    membership: Any = SimpleNamespace(usable=lambda: frozenset({0}))
+    context: Any = SimpleNamespace(
+        settings=LaneSettings(batch=500, max_held=2000), membership=membership,
+        stopping=lambda: False, positions=positions, log=log,
+        cursors=SimpleNamespace(changed=lambda: None), blocked={},
+        routing=lambda: Routing([Connection(7, 1, 1, None)]))
+    lane = Lane(context, _destination(), SimpleNamespace(max_batch=1))  # type: ignore[arg-type]
+    lane.task.cancel()
+    await asyncio.gather(lane.task, return_exceptions=True)
+    return lane
+
+
 async def test_a_read_of_its_own_rewound_meanwhile_hands_the_lane_nothing_of_that_partition(
 ) -> None:
     """The lane lags in a partition and reads its share from 10; meanwhile a job of its
@@ -296,15 +311,7 @@ async def test_a_read_of_its_own_rewound_meanwhile_hands_the_lane_nothing_of_tha
     now = datetime.now(UTC)
     log = GatedLog([LoggedEvent(e, 0, 7, 1, now, "alice", f"m{e}", None, "{}")
                     for e in (12, 15)])
-    membership: Any = SimpleNamespace(usable=lambda: frozenset({0}))
-    context: Any = SimpleNamespace(
-        settings=LaneSettings(batch=500, max_held=2000), membership=membership,
-        stopping=lambda: False, positions=positions, log=log,
-        cursors=SimpleNamespace(changed=lambda: None), blocked={},
-        routing=lambda: Routing([Connection(7, 1, 1, None)]))
-    lane = Lane(context, _destination(), SimpleNamespace(max_batch=1))  # type: ignore[arg-type]
-    lane.task.cancel()  # driven by hand below
-    await asyncio.gather(lane.task, return_exceptions=True)
+    lane = await _lane_reading_alone(positions, log)
     reading = asyncio.create_task(lane._read_own())
     await eventually(lambda: log.wanted, within=5, every=0.01, what="the lane's read")
     assert [(w.after, w.upto) for w in log.wanted] == [(10, 20)]
@@ -329,15 +336,7 @@ async def test_a_read_of_its_own_whose_partition_was_taken_again_meanwhile_hands
     now = datetime.now(UTC)
     log = GatedLog([LoggedEvent(e, 0, 7, 1, now, "alice", f"m{e}", None, "{}")
                     for e in (12, 15)])
-    membership: Any = SimpleNamespace(usable=lambda: frozenset({0}))
-    context: Any = SimpleNamespace(
-        settings=LaneSettings(batch=500, max_held=2000), membership=membership,
-        stopping=lambda: False, positions=positions, log=log,
-        cursors=SimpleNamespace(changed=lambda: None), blocked={},
-        routing=lambda: Routing([Connection(7, 1, 1, None)]))
-    lane = Lane(context, _destination(), SimpleNamespace(max_batch=1))  # type: ignore[arg-type]
-    lane.task.cancel()  # driven by hand below
-    await asyncio.gather(lane.task, return_exceptions=True)
+    lane = await _lane_reading_alone(positions, log)
     reading = asyncio.create_task(lane._read_own())
     await eventually(lambda: log.wanted, within=5, every=0.01, what="the lane's read")
     positions.drop(0)
