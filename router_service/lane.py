@@ -400,14 +400,22 @@ class Lane:
 
     async def _dispatch(self) -> None:
         """Send ready jobs while the destination's concurrency (requests in flight: a batch
-        is one), its rate limit (jobs per second) and the router's fair scheduler allow."""
+        is one), its rate limit (jobs per second) and the router's fair scheduler allow.
+
+        Nothing once the router is stopping, though a read that began before may have
+        brought jobs in since: the stop waits only for the deliveries in flight when it
+        looks, then cancels the rest, so a delivery started after that would reach the
+        destination and go unrecorded, and the next owner of its partition would deliver it
+        again. What is held and not sent stays as Postgres has it."""
         destination = self.destination
         barrier = self.barrier
-        scheduler = self.context.scheduler
-        may_deliver = self.context.membership.may_deliver
+        context = self.context
+        scheduler = context.scheduler
+        may_deliver = context.membership.may_deliver
         breaker = self.breaker
         sender = self.sender
-        while barrier.ready and len(self._deliveries) < destination.concurrency:
+        while (barrier.ready and len(self._deliveries) < destination.concurrency
+               and not context.stopping()):
             if breaker.is_open:
                 # Open circuit: one probe at a time, one per interval: the next job in order.
                 if barrier.in_flight:
@@ -425,6 +433,10 @@ class Lane:
                 self._wake_in(wait)
                 return
             await scheduler.acquire(destination.tenant_key, destination.destination_key)
+            if context.stopping():  # began while we waited for the permit
+                self.rate.give_back(limit)
+                scheduler.release(destination.tenant_key)
+                return
             # Checked per job as it goes: the partition may have moved while we waited.
             batch = barrier.take(limit, may_deliver, per_user=sender.per_user,
                                  max_bytes=sender.max_bytes)

@@ -13,6 +13,7 @@ import pytest
 from jobsdb.catalog import Destination
 from jobsdb.destinations import Connection
 from jobsdb.eventlog import LoggedEvent, WantedFor
+from jobsdb.queue import Candidate
 from relayq import destination_types, endpoints
 from router_service.fairness import FairScheduler
 from router_service.lane import Lane, LaneSettings
@@ -213,17 +214,20 @@ async def test_one_tenant_alone_is_never_held_back() -> None:
 
 
 class GatedReader:
-    """Holds the lane's first read open until released; every read finds nothing more."""
+    """Holds the lane's first read open until released; it finds `first`, every later read
+    finds nothing more."""
 
-    def __init__(self) -> None:
+    def __init__(self, first: list[Candidate] | None = None) -> None:
         self.reads = 0
         self.release = asyncio.Event()
+        self.first = first or []
 
     async def pickup(self, destination_key: int, limit: int, partitions: frozenset[int],
                      exclude: object) -> Read:
         self.reads += 1
         if self.reads == 1:
             await self.release.wait()
+            return Read(self.first, complete=True)
         return Read([], complete=True)
 
 
@@ -251,6 +255,51 @@ async def test_a_notification_during_a_read_makes_the_lane_read_again() -> None:
     finally:
         lane.task.cancel()
         await asyncio.gather(lane.task, return_exceptions=True)
+
+
+async def test_a_read_that_ends_after_the_router_began_stopping_sends_nothing() -> None:
+    """The router's stop waits only for deliveries in flight when it looks, then cancels the
+    lanes: a delivery a lane started after that (its read was running when the stop began)
+    reached the destination and was cancelled unrecorded, so the next owner of its partition
+    delivered it again (seen: a job OK'd twice in a row in test_several_routers_...)."""
+    reader = GatedReader([Candidate(1 << 16, "alice", "m1", "pending", 2, NOW, NOW, "{}", 0,
+                                    None)])
+    stopping = False
+    sent: list[int] = []
+
+    async def deliver(jobs: list[Any]) -> list[Any]:
+        sent.extend(job.job_id for job in jobs)
+        await asyncio.Event().wait()  # the destination never answers: the stop cancels it
+        raise AssertionError
+
+    async def acquire(tenant: object, destination: object) -> None:
+        pass
+
+    membership: Any = SimpleNamespace(usable=lambda: frozenset({0}),
+                                      may_deliver=lambda partition: True)
+    context: Any = SimpleNamespace(
+        settings=LaneSettings(batch=500, max_held=2000), reader=reader, membership=membership,
+        stopping=lambda: stopping, settled=lambda: None,
+        scheduler=SimpleNamespace(acquire=acquire, release=lambda tenant: None),
+        positions=Positions(), routing=lambda: Routing([Connection(7, 1, 1, None)]))
+    async def close() -> None:
+        pass
+
+    sender: Any = SimpleNamespace(max_batch=1, per_user=1, max_bytes=None, deliver=deliver,
+                                  close=close)
+    lane = Lane(context, _destination(), sender)
+    try:
+        await eventually(lambda: reader.reads == 1, within=5, every=0.01,
+                         what="the lane's first read")
+        stopping = True  # Engine.stop begins, and finds nothing in flight
+        reader.release.set()
+        await eventually(lambda: lane.barrier.held, within=5, every=0.01,
+                         what="the read's job taken in")
+        await asyncio.sleep(0.05)  # what the lane does next, and a delivery's first steps
+        assert sent == []
+        assert lane.in_flight == 0
+    finally:
+        await lane.close()
 
 
 def _destination() -> Destination:
