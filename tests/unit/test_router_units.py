@@ -330,9 +330,14 @@ class GatedLog:
         pass
 
 
-async def _lane_reading_alone(positions: Positions, log: GatedLog) -> Lane:
-    """A lane for destination 1 of source 7, over partition 0, its loop stopped so that the
-    test drives its reads by hand."""
+async def _reading_alone(positions: Positions
+                         ) -> tuple[Lane, GatedLog, asyncio.Task[None]]:
+    """A lane for destination 1 of source 7, lagging in partition 0 from 10, its loop
+    stopped, and its own read of the log started and held open (the log will answer events
+    12 and 15): the test changes what it likes, then releases the read."""
+    now = datetime.now(UTC)
+    log = GatedLog([LoggedEvent(e, 0, 7, 1, now, "alice", f"m{e}", None, "{}")
+                    for e in (12, 15)])
     membership: Any = SimpleNamespace(usable=lambda: frozenset({0}))
     context: Any = SimpleNamespace(
         settings=LaneSettings(batch=500, max_held=2000), membership=membership,
@@ -342,7 +347,9 @@ async def _lane_reading_alone(positions: Positions, log: GatedLog) -> Lane:
     lane = Lane(context, _destination(), SimpleNamespace(max_batch=1))  # type: ignore[arg-type]
     lane.task.cancel()
     await asyncio.gather(lane.task, return_exceptions=True)
-    return lane
+    reading = asyncio.create_task(lane._read_own())
+    await eventually(lambda: log.wanted, within=5, every=0.01, what="the lane's read")
+    return lane, log, reading
 
 
 async def test_a_read_of_its_own_rewound_meanwhile_hands_the_lane_nothing_of_that_partition(
@@ -357,12 +364,7 @@ async def test_a_read_of_its_own_rewound_meanwhile_hands_the_lane_nothing_of_tha
     positions.read_shared(0, 20)
     positions.held(1, 0, 4)  # handed to the lane by the shared read
     positions.lag(1, 0, 10)  # then it could not keep up: it reads (10, 20] on its own
-    now = datetime.now(UTC)
-    log = GatedLog([LoggedEvent(e, 0, 7, 1, now, "alice", f"m{e}", None, "{}")
-                    for e in (12, 15)])
-    lane = await _lane_reading_alone(positions, log)
-    reading = asyncio.create_task(lane._read_own())
-    await eventually(lambda: log.wanted, within=5, every=0.01, what="the lane's read")
+    lane, log, reading = await _reading_alone(positions)
     assert [(w.after, w.upto) for w in log.wanted] == [(10, 20)]
     positions.forget(1, 0, 4)  # what the flusher's recorded() does for an undecided job
     log.release.set()
@@ -382,12 +384,7 @@ async def test_a_read_of_its_own_whose_partition_was_taken_again_meanwhile_hands
     positions.take(0, 0, {}, {})
     positions.read_shared(0, 20)
     positions.lag(1, 0, 10)
-    now = datetime.now(UTC)
-    log = GatedLog([LoggedEvent(e, 0, 7, 1, now, "alice", f"m{e}", None, "{}")
-                    for e in (12, 15)])
-    lane = await _lane_reading_alone(positions, log)
-    reading = asyncio.create_task(lane._read_own())
-    await eventually(lambda: log.wanted, within=5, every=0.01, what="the lane's read")
+    lane, log, reading = await _reading_alone(positions)
     positions.drop(0)
     positions.take(0, 15, {1: 15}, {})
     log.release.set()
