@@ -268,24 +268,12 @@ class Barrier:
                   started: datetime, duration_ms: int) -> list[tuple[Job, Outcome]]:
         """`settle` for a delivery whose every job was answered OK (the usual case), in one
         call: each job succeeded and its user's next job may go."""
-        keys = self.keys
-        frozen = self.frozen
+        end = self._end
         succeeded = []
         for job, result in zip(jobs, results, strict=True):
-            outcome = Outcome(job.job_id, job.attempt, "succeeded", started, duration_ms,
-                              batch=result.batch)
-            succeeded.append((job, outcome))
-            # _finish, for a job that was its user's head (every job sent is).
-            user_jobs = keys.get(job.user_id)
-            if user_jobs is None or user_jobs[0] is not job:
-                self._finish(job, outcome)
-                continue
-            job.phase = Phase.ENDED
-            del user_jobs[0]
-            if not user_jobs:
-                del keys[job.user_id]
-            elif job.user_id not in frozen and (head := user_jobs[0]).phase is Phase.QUEUED:
-                self._make_ready(head)
+            end(job)
+            succeeded.append((job, Outcome(job.job_id, job.attempt, "succeeded", started,
+                                           duration_ms, batch=result.batch)))
         return succeeded
 
     # --- what Postgres has recorded ------------------------------------------------------
@@ -377,6 +365,10 @@ class Barrier:
     # --- inside --------------------------------------------------------------------------
 
     def _finish(self, job: Job, outcome: Outcome) -> Settlement:
+        self._end(job)
+        return Settlement(outcome)
+
+    def _end(self, job: Job) -> None:
         """The job ended (succeeded or aborted): its user's next job may go."""
         job.phase = Phase.ENDED
         jobs = self.keys.get(job.user_id)
@@ -389,7 +381,6 @@ class Barrier:
                 del self.keys[job.user_id]
             elif job.user_id not in self.frozen and jobs[0].phase is Phase.QUEUED:
                 self._make_ready(jobs[0])
-        return Settlement(outcome)
 
     def _make_ready(self, job: Job) -> None:
         job.phase = Phase.READY
